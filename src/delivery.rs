@@ -1,0 +1,128 @@
+//! `Delivery`: one item of a session's outbox.
+//!
+//! A delivery is shared by every session it goes to (an `Arc`), and each
+//! wire form is encoded at most once, lazily, by the first writer that needs
+//! it; the bytes are then shared (`Bytes`) by every other writer.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A pub-sub message as the router carries it between transports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopicMessage {
+    /// The topic, e.g. `RAW/node1`; subscribers match a prefix of it.
+    pub topic: String,
+    /// The publishing node's name (the envelope's `origin`).
+    pub origin: String,
+    /// The payload as raw JSON, never re-parsed by the router.
+    pub data: Box<RawValue>,
+    /// Float Unix seconds when the message was published.
+    pub ts: f64,
+}
+
+impl TopicMessage {
+    /// The Unix-protocol JSON of this message:
+    /// `{"type":"publish","topic":..,"origin":..,"data":..,"ts":..}`.
+    pub fn to_unix_json(&self, out: &mut BytesMut) {
+        out.put_slice(b"{\"type\":\"publish\",\"topic\":");
+        put_json(out, &self.topic);
+        out.put_slice(b",\"origin\":");
+        put_json(out, &self.origin);
+        out.put_slice(b",\"data\":");
+        out.put_slice(self.data.get().as_bytes());
+        out.put_slice(b",\"ts\":");
+        put_json(out, &self.ts);
+        out.put_u8(b'}');
+    }
+}
+
+fn put_json<T: Serialize + ?Sized>(out: &mut BytesMut, v: &T) {
+    let _ = serde_json::to_writer(out.writer(), v);
+}
+
+/// What the router hands to a session's outbox.
+#[derive(Debug, Clone)]
+pub struct Delivery(Arc<Inner>);
+
+#[derive(Debug)]
+enum Inner {
+    /// A routed message, already encoded as a Unix-protocol frame (header
+    /// included) once for all its targets and the hooks.
+    Frame(Bytes),
+    /// A reply meant for one connection only (pong, error, lists): never
+    /// replayed to a later connection of the same name.
+    Reply(Bytes),
+    /// A topic message; its Unix frame is encoded on first use.
+    Topic {
+        /// The message itself, for transports with their own wire form.
+        msg: TopicMessage,
+        /// The Unix frame, made by the first Unix writer that needs it.
+        unix: OnceLock<Bytes>,
+    },
+}
+
+impl Delivery {
+    /// A delivery of a ready Unix frame (4-byte length + JSON).
+    pub fn frame(frame: Bytes) -> Self {
+        Delivery(Arc::new(Inner::Frame(frame)))
+    }
+
+    /// A delivery of a topic message.
+    pub fn topic(msg: TopicMessage) -> Self {
+        Delivery(Arc::new(Inner::Topic {
+            msg,
+            unix: OnceLock::new(),
+        }))
+    }
+
+    /// A reply to one connection (never held for a reconnect).
+    pub fn reply(frame: Bytes) -> Self {
+        Delivery(Arc::new(Inner::Reply(frame)))
+    }
+
+    /// True for a reply (as opposed to routed traffic).
+    pub fn is_reply(&self) -> bool {
+        matches!(&*self.0, Inner::Reply(_))
+    }
+
+    /// The topic message, when this is one.
+    pub fn topic_message(&self) -> Option<&TopicMessage> {
+        match &*self.0 {
+            Inner::Topic { msg, .. } => Some(msg),
+            Inner::Frame(_) | Inner::Reply(_) => None,
+        }
+    }
+
+    /// The Unix-protocol frame (length header + JSON), encoded at most once.
+    pub fn unix_frame(&self) -> &Bytes {
+        match &*self.0 {
+            Inner::Frame(b) | Inner::Reply(b) => b,
+            Inner::Topic { msg, unix } => unix.get_or_init(|| {
+                let mut out = BytesMut::with_capacity(64 + msg.data.get().len());
+                out.put_u32(0);
+                msg.to_unix_json(&mut out);
+                let len = (out.len() - 4) as u32;
+                out[..4].copy_from_slice(&len.to_be_bytes());
+                out.freeze()
+            }),
+        }
+    }
+
+    /// The JSON payload of the Unix frame (without the length header).
+    pub fn unix_json(&self) -> Bytes {
+        self.unix_frame().slice(4..)
+    }
+}
+
+/// Encodes a serializable value as one Unix-protocol frame.
+pub fn encode_frame<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    let mut out = BytesMut::with_capacity(128);
+    out.put_u32(0);
+    put_json(&mut out, value);
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}

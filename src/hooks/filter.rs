@@ -1,0 +1,93 @@
+//! Which events a hook wants. Matching runs on the routing path, so it only
+//! compares borrowed strings and never allocates.
+
+use serde::{Deserialize, Serialize};
+
+use super::event::{HookEvent, HookEventKind};
+
+/// Conditions an event must meet for a hook to run; every condition that is
+/// set must hold, an unset one matches anything.
+///
+/// In `hooks.yaml` this is the `filter:` mapping of a hook entry, e.g.
+/// `{kind: topic, topic_prefix: "md.", transport: zmq}`. Unknown keys are
+/// rejected so that a typo cannot silently widen a filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookFilter {
+    /// Only events of this kind (`message` or `topic`).
+    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<HookEventKind>,
+    /// Only routed messages whose target endpoint is exactly this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Only events whose topic starts with this prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_prefix: Option<String>,
+    /// Only traffic carried by this transport (`unix`, `zmq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+}
+
+impl HookFilter {
+    /// The reference bus's filter: every routed `message`, from any
+    /// transport, to any target. Hooks given as plain paths get this one.
+    pub fn messages() -> HookFilter {
+        HookFilter {
+            kind: Some(HookEventKind::Message),
+            ..HookFilter::any()
+        }
+    }
+
+    /// A filter that matches every event.
+    pub fn any() -> HookFilter {
+        HookFilter {
+            kind: None,
+            to: None,
+            topic_prefix: None,
+            transport: None,
+        }
+    }
+
+    /// Whether an event with these properties passes the filter. Borrowed
+    /// arguments only, so callers can ask before building an event.
+    pub fn matches(
+        &self,
+        kind: HookEventKind,
+        transport: &str,
+        to: Option<&str>,
+        topic: Option<&str>,
+    ) -> bool {
+        if let Some(want) = self.kind {
+            if want != kind {
+                return false;
+            }
+        }
+        if let Some(want) = self.transport.as_deref() {
+            if want != transport {
+                return false;
+            }
+        }
+        if let Some(want) = self.to.as_deref() {
+            if to != Some(want) {
+                return false;
+            }
+        }
+        if let Some(prefix) = self.topic_prefix.as_deref() {
+            match topic {
+                Some(t) if t.starts_with(prefix) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Whether `event` passes the filter.
+    pub fn matches_event(&self, event: &HookEvent) -> bool {
+        self.matches(
+            event.kind,
+            event.transport,
+            event.to.as_deref(),
+            event.topic.as_deref(),
+        )
+    }
+}

@@ -1,0 +1,50 @@
+//! # hermes-bus
+//!
+//! A message bus for local IPC over a Unix socket and for pub-sub over
+//! ZeroMQ, wire-compatible with the Python packages `hermes-bus` (0.3.0,
+//! 0.7.0) and `hermes-zmq` (1.3.0): their unmodified clients work against
+//! this bus, and this crate's clients work against theirs.
+//!
+//! # Layout
+//! - [`message`]: `BusMessage`, the JSON object of the Unix protocol, parsed
+//!   once; unknown fields and `body` are kept as raw JSON.
+//! - [`envelope`]: the pub-sub `Envelope` (topic, origin, data, ts) and the
+//!   `Message` struct model.
+//! - [`codec`]: JSON (default) and MessagePack data encodings.
+//! - [`delivery`]: what the router hands to a session, encoded at most once
+//!   per wire form and shared by reference count.
+//! - [`outbox`]: the bounded per-session queue between router and writer.
+//! - [`router`]: plain state: sessions, endpoint names, held names,
+//!   topic subscriptions, fan-out and counters. Never awaits.
+//! - [`hooks`]: hook resolution and execution, off the routing path.
+//! - [`transport`]: the `Transport` trait and the `Bus` handle every
+//!   transport gets (router + hooks + shutdown).
+//! - [`config`]: paths and environment (`HERMES_BUS_ROOT`, `HERMES_HOME`).
+//! - [`daemon`]: pid file, log, start / stop / status / restart.
+//! - [`transports`]: the Unix-socket transport (server, client) and the
+//!   ZeroMQ transport (proxy, Publisher, Receiver, Node).
+//!
+//! Data flows one way: frame → session → router → outboxes → writer.
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod config;
+pub mod daemon;
+pub mod delivery;
+pub mod envelope;
+pub mod error;
+pub mod hooks;
+pub mod message;
+pub mod outbox;
+pub mod router;
+pub mod stats;
+pub mod transport;
+
+#[path = "../transports/mod.rs"]
+pub mod transports;
+
+pub use delivery::{Delivery, TopicMessage};
+pub use error::ErrorCode;
+pub use message::BusMessage;
+pub use router::{Router, RouterConfig, SessionId};
+pub use transport::{Bus, Transport};

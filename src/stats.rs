@@ -1,0 +1,80 @@
+//! Counters: plain numbers the router keeps, and the snapshot that
+//! `{"type":"stats"}` and `hermes-busd status` show.
+
+use serde::{Deserialize, Serialize};
+
+/// Counters of one session.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionCounters {
+    /// Frames received from this session.
+    pub received: u64,
+    /// Deliveries queued to this session.
+    pub delivered: u64,
+    /// Deliveries meant for this session that a bound dropped.
+    pub dropped: u64,
+    /// Error replies sent to this session.
+    pub errors: u64,
+}
+
+/// Counters of the whole bus.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages and topic publications accepted for routing.
+    pub routed: u64,
+    /// Deliveries queued to sessions (one message to ten sessions is ten).
+    pub delivered: u64,
+    /// Deliveries dropped by a full outbox (slow consumer).
+    pub dropped_slow: u64,
+    /// Messages held for a recently gone name and dropped: the hold bound
+    /// was full, or the name did not come back within the grace period.
+    pub dropped_held: u64,
+    /// Error replies sent.
+    pub errors: u64,
+    /// Sessions closed for silence past the heartbeat timeout.
+    pub evicted: u64,
+    /// Sessions closed because another connection took their name.
+    pub replaced: u64,
+    /// Sessions disconnected by the slow-consumer policy.
+    pub slow_disconnects: u64,
+    /// Connections accepted since start.
+    pub connections: u64,
+}
+
+/// One registered endpoint in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointStats {
+    /// The endpoint name.
+    pub name: String,
+    /// The session id given at register.
+    pub session_id: String,
+    /// Which transport the session uses.
+    pub transport: String,
+    /// Deliveries waiting in its outbox.
+    pub queued: usize,
+    /// Its counters.
+    pub counters: SessionCounters,
+}
+
+/// A name held for a client that went away a moment ago.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldStats {
+    /// The endpoint name.
+    pub name: String,
+    /// Messages waiting for it.
+    pub queued: usize,
+    /// Milliseconds since it went away.
+    pub gone_ms: u64,
+}
+
+/// Everything `status` shows about the router.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterStats {
+    /// Open sessions (registered or not).
+    pub sessions: usize,
+    /// Registered endpoints.
+    pub endpoints: Vec<EndpointStats>,
+    /// Names held for reconnect.
+    pub held: Vec<HeldStats>,
+    /// Totals since start.
+    pub totals: Totals,
+}

@@ -1,0 +1,283 @@
+//! One connection of the Unix-socket transport.
+//!
+//! The reader decodes frames and asks the bus; the writer is the only
+//! task that writes to the socket: it takes everything queued in the
+//! session's outbox and writes it with vectored writes (many frames per
+//! syscall, no copying). What the writer could not write when the peer
+//! went away is handed back to the router, which holds it for the name.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{encode_frame, Delivery};
+use crate::error::{ErrorCode, ProtocolError};
+use crate::message::BusMessage;
+use crate::outbox::OutboxReader;
+use crate::router::{error_frame, unix_now, SessionId};
+use crate::transport::Bus;
+use crate::TopicMessage;
+
+use super::frame::{self, FrameError};
+
+/// The transport name the Unix sessions report.
+pub const TRANSPORT: &str = "unix";
+
+/// Limits a session applies.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// How long the writer may take to drain after the session ends.
+    pub drain_timeout: Duration,
+}
+
+/// Serves one connection until it ends.
+pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
+    let (sid, outbox) = bus.connect(TRANSPORT);
+    let (rd, wr) = stream.into_split();
+    let writer_stop = CancellationToken::new();
+    let writer_done = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(wr, outbox, writer_stop.clone(), writer_done.clone()));
+
+    let end = read_loop(&bus, sid, rd, &limits, &writer_done).await;
+    tracing::debug!(sid, ?end, "session reader ended");
+
+    // Anything still routed to this session's name now waits in the
+    // router for the name to come back; replies already queued still go
+    // out if the peer is listening (e.g. it only half-closed).
+    let held_name = bus.router().disconnect(sid, Instant::now());
+    if tokio::time::timeout(limits.drain_timeout, writer_done.cancelled())
+        .await
+        .is_err()
+    {
+        writer_stop.cancel();
+    }
+    if let Ok(rest) = writer.await {
+        if let Some(name) = held_name {
+            if !rest.is_empty() {
+                bus.router().restore(&name, rest);
+            }
+        }
+    }
+}
+
+/// Why the reader stopped (its fields are shown by the debug log).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum ReadEnd {
+    /// The peer closed its end.
+    Eof,
+    /// The socket failed.
+    Io(std::io::Error),
+    /// The stream cannot stay in sync (oversized length header).
+    Desync(FrameError),
+    /// The writer ended (outbox closed: replaced, evicted, shutdown, or
+    /// the peer stopped reading).
+    WriterDone,
+}
+
+async fn read_loop(bus: &Bus, sid: SessionId, mut rd: OwnedReadHalf, limits: &SessionLimits, writer_done: &CancellationToken) -> ReadEnd {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        loop {
+            match frame::decode(&mut buf, limits.max_frame) {
+                Ok(Some(payload)) => handle_frame(bus, sid, &payload),
+                Ok(None) => break,
+                Err(e) => {
+                    let err = ProtocolError::new(ErrorCode::FrameTooLarge, format!("{e}; closing the connection"));
+                    tracing::warn!(sid, "{err}");
+                    let mut r = bus.router();
+                    r.reply(sid, error_frame(&err, None), true);
+                    return ReadEnd::Desync(e);
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => return ReadEnd::Eof,
+                Ok(_) => {}
+                Err(e) => return ReadEnd::Io(e),
+            },
+            _ = writer_done.cancelled() => return ReadEnd::WriterDone,
+        }
+    }
+}
+
+/// Handles one frame's payload: every outcome is a routing decision or a
+/// reply queued to this session's outbox; nothing here awaits.
+fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
+    let now = Instant::now();
+    bus.router().touch(sid, now);
+    let mut msg = match BusMessage::parse(payload) {
+        Ok(m) => m,
+        Err(e) => return reply_error(bus, sid, &e, None),
+    };
+    let kind = match msg.kind() {
+        Ok(k) => k.into_owned(),
+        Err(e) => return reply_error(bus, sid, &e, msg.raw("id")),
+    };
+    let result = match kind.as_str() {
+        "message" => {
+            // `"ack": true` (ours, opt-in) asks for a receipt, so a
+            // short-lived sender need not wait for a possible error.
+            let ack = msg.remove("ack").is_some_and(|v| v.get() == "true");
+            bus.route(TRANSPORT, sid, &mut msg).map(|_| {
+                if ack {
+                    let mut a = BusMessage::with_type("ack");
+                    if let Some(id) = msg.raw("id") {
+                        a.set_raw("id", id.to_owned());
+                    }
+                    bus.reply(sid, Delivery::reply(a.to_frame()), false);
+                }
+            })
+        }
+        "ping" => {
+            bus.reply(sid, Delivery::reply(encode_frame(&serde_json::json!({"type": "pong"}))), false);
+            Ok(())
+        }
+        "register" => match msg.str_field("endpoint") {
+            Ok(Some(name)) => bus.router().register(sid, &name, now).map(|_| ()),
+            Ok(None) => Err(ProtocolError::new(ErrorCode::MissingField, "register needs a string field 'endpoint'")),
+            Err(e) => Err(e),
+        },
+        "list_endpoints" => {
+            let mut r = bus.router();
+            let map: serde_json::Map<String, serde_json::Value> = r
+                .endpoints()
+                .into_iter()
+                .map(|(n, s)| (n, serde_json::Value::String(s)))
+                .collect();
+            let frame = encode_frame(&serde_json::json!({"type": "endpoints_list", "endpoints": map}));
+            r.reply(sid, Delivery::reply(frame), false);
+            Ok(())
+        }
+        "stats" => {
+            let status = bus.status();
+            let frame = encode_frame(&serde_json::json!({"type": "stats", "stats": status}));
+            bus.reply(sid, Delivery::reply(frame), false);
+            Ok(())
+        }
+        "subscribe" | "unsubscribe" => topic_op(bus, sid, &msg, kind == "subscribe"),
+        "publish" => publish(bus, sid, &mut msg),
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            format!("unknown message type '{other}'"),
+        )),
+    };
+    if let Err(e) = result {
+        reply_error(bus, sid, &e, msg.raw("id"));
+    }
+}
+
+fn reply_error(bus: &Bus, sid: SessionId, e: &ProtocolError, id: Option<&serde_json::value::RawValue>) {
+    tracing::debug!(sid, code = %e.code, detail = %e.detail, "protocol error");
+    bus.reply(sid, error_frame(e, id), true);
+}
+
+fn topic_op(bus: &Bus, sid: SessionId, msg: &BusMessage, subscribe: bool) -> Result<(), ProtocolError> {
+    let topic = msg
+        .str_field("topic")?
+        .map(|t| t.into_owned())
+        .unwrap_or_default();
+    let kind = if subscribe {
+        bus.subscribe(sid, &topic);
+        "subscribed"
+    } else {
+        bus.unsubscribe(sid, &topic);
+        "unsubscribed"
+    };
+    let frame = encode_frame(&serde_json::json!({"type": kind, "topic": topic}));
+    bus.reply(sid, Delivery::reply(frame), false);
+    Ok(())
+}
+
+fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), ProtocolError> {
+    let topic = msg
+        .str_field("topic")?
+        .ok_or_else(|| ProtocolError::new(ErrorCode::MissingField, "publish needs a string field 'topic'"))?
+        .into_owned();
+    let registered = bus.router().name_of(sid).map(str::to_owned);
+    let origin = match registered {
+        Some(n) => n,
+        None => msg
+            .str_field("origin")?
+            .map(|o| o.into_owned())
+            .unwrap_or_else(|| "anonymous".to_owned()),
+    };
+    let data = msg
+        .remove("data")
+        .unwrap_or_else(|| serde_json::value::to_raw_value(&serde_json::Value::Null).unwrap_or_default());
+    let ts = match msg.raw("ts") {
+        Some(raw) => serde_json::from_str::<f64>(raw.get())
+            .map_err(|_| ProtocolError::new(ErrorCode::BadField, "field 'ts' must be a number"))?,
+        None => unix_now(),
+    };
+    bus.publish(TRANSPORT, sid, TopicMessage { topic, origin, data, ts });
+    Ok(())
+}
+
+/// The writer: drains the outbox with vectored writes until it is closed
+/// and empty, the socket fails, or `stop` fires. Returns what it could not
+/// write (to be held for the session's name).
+async fn write_loop(mut wr: OwnedWriteHalf, mut outbox: OutboxReader, stop: CancellationToken, done: CancellationToken) -> VecDeque<Delivery> {
+    const MAX_IOV: usize = 256;
+    let mut pending: VecDeque<Delivery> = VecDeque::new();
+    // Bytes of `pending[0]` already written.
+    let mut offset = 0usize;
+    loop {
+        if pending.is_empty() {
+            offset = 0;
+            tokio::select! {
+                more = outbox.recv_batch(&mut pending) => if !more { break; },
+                _ = stop.cancelled() => break,
+            }
+        }
+        let written = {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(pending.len().min(MAX_IOV));
+            for (i, d) in pending.iter().take(MAX_IOV).enumerate() {
+                let b = d.unix_frame();
+                slices.push(IoSlice::new(if i == 0 { &b[offset..] } else { &b[..] }));
+            }
+            tokio::select! {
+                r = wr.write_vectored(&slices) => r,
+                _ = stop.cancelled() => break,
+            }
+        };
+        match written {
+            Ok(0) | Err(_) => break,
+            Ok(mut n) => {
+                while n > 0 {
+                    let Some(first) = pending.front() else { break };
+                    let left = first.unix_frame().len() - offset;
+                    if n >= left {
+                        n -= left;
+                        offset = 0;
+                        pending.pop_front();
+                    } else {
+                        offset += n;
+                        n = 0;
+                    }
+                }
+                if pending.is_empty() {
+                    outbox.try_recv_batch(&mut pending);
+                }
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+    // Whatever is still queued was never written either.
+    outbox.try_recv_batch(&mut pending);
+    done.cancel();
+    pending
+}

@@ -1,0 +1,861 @@
+//! The proxy ("PostOffice"): an XSUB side facing publishers, an XPUB side
+//! facing subscribers, and an optional capture PUB side, in our own ZMTP
+//! over tokio.
+//!
+//! - Every connection has a reader task and a writer task; nothing is
+//!   awaited while a lock is held.
+//! - A message read from a publisher is one `Bytes` of its wire form; it is
+//!   queued, without copy or re-encoding, to every subscriber whose prefixes
+//!   match (bounded per-subscriber queues: a full queue drops and counts,
+//!   so a stalled subscriber never holds the others back).
+//! - Subscriptions are reference-counted across subscribers and flow
+//!   upstream to every publisher (and are replayed to a new publisher).
+//! - A broken peer (reset, half frame, garbage) ends only its connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio_util::sync::CancellationToken;
+
+use super::endpoint::{Endpoint, Listener, ReadHalf, Stream, WriteHalf};
+use super::queue::{Pushed, WireQueue};
+use super::zmtp::{self, FrameReader, Inbound, RawMessage, SocketType, SubChange, ZmtpError};
+use super::ZmqError;
+use crate::codec::MSGPACK_MARKER;
+use crate::envelope;
+
+/// Default address facing publishers (the reference's `XSUB_ADDR`).
+pub const DEFAULT_FRONTEND: &str = "tcp://127.0.0.1:6000";
+/// Default address facing subscribers (the reference's `XPUB_ADDR`).
+pub const DEFAULT_BACKEND: &str = "tcp://127.0.0.1:6001";
+/// Default capture address (the reference's `DEBUG_ADDR`).
+pub const DEFAULT_CAPTURE: &str = "tcp://127.0.0.1:6002";
+
+/// Limits and addresses of a proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// XSUB side, where publishers connect.
+    pub frontend: String,
+    /// XPUB side, where subscribers connect.
+    pub backend: String,
+    /// Optional PUB side that gets a copy of all traffic.
+    pub capture: Option<String>,
+    /// Largest message accepted (sum of its frames); larger ones are
+    /// skipped and counted (libzmq has no limit by default).
+    pub max_msg_size: usize,
+    /// Per-subscriber queue limit in messages (libzmq's SNDHWM is 1000; we
+    /// hold more so bursts are absorbed, and drop and count beyond it).
+    pub sub_queue: usize,
+    /// Per-subscriber queue limit in bytes.
+    pub sub_queue_bytes: usize,
+    /// How long a peer may take to complete the ZMTP handshake.
+    pub handshake_timeout: Duration,
+    /// Maximum open connections per side; more are closed and counted.
+    pub max_connections: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            frontend: DEFAULT_FRONTEND.into(),
+            backend: DEFAULT_BACKEND.into(),
+            capture: None,
+            max_msg_size: 16 * 1024 * 1024,
+            sub_queue: 100_000,
+            sub_queue_bytes: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Counters of one side of the proxy.
+#[derive(Debug, Default)]
+pub struct SideCounters {
+    /// Messages received (publisher side) or written (subscriber sides).
+    pub messages: AtomicU64,
+    /// Body bytes of those messages.
+    pub bytes: AtomicU64,
+    /// Messages dropped: oversized (publisher side) or a full queue
+    /// (subscriber sides).
+    pub drops: AtomicU64,
+    /// Messages that are not valid hermes envelopes (forwarded anyway, not
+    /// routed), or unusable control messages from subscribers.
+    pub malformed: AtomicU64,
+    /// Connections closed for breaking ZMTP (bad greeting, bad frames).
+    pub protocol_errors: AtomicU64,
+    /// Connections currently open (handshake done).
+    pub open: AtomicU64,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections refused for the connection limit.
+    pub rejected: AtomicU64,
+}
+
+/// A plain copy of [`SideCounters`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct SideSnapshot {
+    /// See [`SideCounters::messages`].
+    pub messages: u64,
+    /// See [`SideCounters::bytes`].
+    pub bytes: u64,
+    /// See [`SideCounters::drops`].
+    pub drops: u64,
+    /// See [`SideCounters::malformed`].
+    pub malformed: u64,
+    /// See [`SideCounters::protocol_errors`].
+    pub protocol_errors: u64,
+    /// See [`SideCounters::open`].
+    pub open: u64,
+    /// See [`SideCounters::accepted`].
+    pub accepted: u64,
+    /// See [`SideCounters::rejected`].
+    pub rejected: u64,
+}
+
+impl SideCounters {
+    /// A plain copy.
+    pub fn snapshot(&self) -> SideSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SideSnapshot {
+            messages: l(&self.messages),
+            bytes: l(&self.bytes),
+            drops: l(&self.drops),
+            malformed: l(&self.malformed),
+            protocol_errors: l(&self.protocol_errors),
+            open: l(&self.open),
+            accepted: l(&self.accepted),
+            rejected: l(&self.rejected),
+        }
+    }
+}
+
+/// All counters of a proxy.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// XSUB side (publishers).
+    pub publishers: SideCounters,
+    /// XPUB side (subscribers).
+    pub subscribers: SideCounters,
+    /// Capture side.
+    pub capture: SideCounters,
+    /// Envelopes handed to the router.
+    pub to_bus: AtomicU64,
+    /// Topic messages from the router forwarded to subscribers.
+    pub from_bus: AtomicU64,
+    /// MessagePack data frames transcoded to JSON for peers that did not
+    /// opt in.
+    pub transcoded: AtomicU64,
+}
+
+/// A plain copy of [`ProxyStats`].
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProxySnapshot {
+    /// Publisher side.
+    pub publishers: SideSnapshot,
+    /// Subscriber side.
+    pub subscribers: SideSnapshot,
+    /// Capture side.
+    pub capture: SideSnapshot,
+    /// See [`ProxyStats::to_bus`].
+    pub to_bus: u64,
+    /// See [`ProxyStats::from_bus`].
+    pub from_bus: u64,
+    /// See [`ProxyStats::transcoded`].
+    pub transcoded: u64,
+}
+
+impl ProxyStats {
+    /// A plain copy of every counter.
+    pub fn snapshot(&self) -> ProxySnapshot {
+        ProxySnapshot {
+            publishers: self.publishers.snapshot(),
+            subscribers: self.subscribers.snapshot(),
+            capture: self.capture.snapshot(),
+            to_bus: self.to_bus.load(Ordering::Relaxed),
+            from_bus: self.from_bus.load(Ordering::Relaxed),
+            transcoded: self.transcoded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where envelopes read from publishers go besides the subscribers (the
+/// router, see `bridge.rs`).
+pub trait EnvelopeSink: Send + Sync + 'static {
+    /// Offers one message from a publisher; returns whether it was a valid
+    /// envelope (invalid ones are counted as malformed).
+    fn offer(&self, msg: &RawMessage) -> bool;
+}
+
+/// Which side a subscriber-like peer is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// XPUB: its subscriptions flow upstream.
+    Backend,
+    /// Capture PUB: its subscriptions stay local.
+    Capture,
+}
+
+/// One subscriber connection as the fan-out sees it.
+#[derive(Debug)]
+struct SubPeer {
+    /// What the writer task drains.
+    queue: WireQueue,
+    /// Whether it accepts MessagePack data frames (said so in READY).
+    msgpack: bool,
+    /// Its side, for the counters.
+    side: Side,
+    /// Messages dropped because its queue was full.
+    drops: AtomicU64,
+}
+
+/// A fan-out target with its prefixes, immutable once published.
+#[derive(Debug, Clone)]
+struct Target {
+    /// The peer.
+    peer: Arc<SubPeer>,
+    /// Its subscription prefixes (a multiset, as ZMQ counts them).
+    prefixes: Arc<[Bytes]>,
+}
+
+/// Mutable connection state, changed only on connect, disconnect and
+/// subscription changes.
+#[derive(Debug, Default)]
+struct Control {
+    /// Next connection id.
+    next_id: u64,
+    /// Subscriber-like peers and their prefixes.
+    subs: HashMap<u64, (Arc<SubPeer>, Vec<Bytes>)>,
+    /// Publishers: the queue of control bytes (subscriptions) to each.
+    pubs: HashMap<u64, Arc<WireQueue>>,
+    /// Union of the backend subscriptions, with reference counts.
+    upstream: HashMap<Bytes, usize>,
+}
+
+/// State shared by all connection tasks of one proxy.
+struct Hub {
+    /// Limits.
+    cfg: ProxyConfig,
+    /// Counters.
+    stats: Arc<ProxyStats>,
+    /// Connection and subscription state.
+    ctl: Mutex<Control>,
+    /// The fan-out targets, rebuilt on every change (copy-on-write) so the
+    /// hot path takes only a read lock and an `Arc` clone.
+    targets: RwLock<Arc<Vec<Target>>>,
+    /// The router bridge, when the proxy runs inside the bus.
+    sink: Option<Arc<dyn EnvelopeSink>>,
+}
+
+impl Hub {
+    fn ctl(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn counters(&self, side: Side) -> &SideCounters {
+        match side {
+            Side::Backend => &self.stats.subscribers,
+            Side::Capture => &self.stats.capture,
+        }
+    }
+
+    /// Rebuilds the fan-out targets; call with the control lock held.
+    fn publish_targets(&self, ctl: &Control) {
+        let mut v: Vec<Target> = ctl
+            .subs
+            .values()
+            .map(|(peer, prefixes)| Target { peer: peer.clone(), prefixes: prefixes.clone().into() })
+            .collect();
+        v.retain(|t| !t.prefixes.is_empty());
+        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
+    }
+
+    /// Sends a subscription change to every publisher.
+    fn broadcast_upstream(ctl: &Control, subscribe: bool, prefix: &[u8]) {
+        let mut b = BytesMut::new();
+        zmtp::put_subscription(&mut b, subscribe, prefix);
+        let b = b.freeze();
+        for q in ctl.pubs.values() {
+            q.push(b.clone());
+        }
+    }
+
+    /// Adds one reference to an upstream subscription.
+    fn upstream_add(ctl: &mut Control, prefix: Bytes) {
+        let n = ctl.upstream.entry(prefix.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            Self::broadcast_upstream(ctl, true, &prefix);
+        }
+    }
+
+    /// Removes one reference to an upstream subscription.
+    fn upstream_remove(ctl: &mut Control, prefix: &Bytes) {
+        if let Some(n) = ctl.upstream.get_mut(prefix) {
+            *n -= 1;
+            if *n == 0 {
+                ctl.upstream.remove(prefix);
+                Self::broadcast_upstream(ctl, false, prefix);
+            }
+        }
+    }
+
+    fn apply_sub_change(&self, id: u64, side: Side, change: SubChange) {
+        let mut ctl = self.ctl();
+        let ctl = &mut *ctl;
+        let Some((_, prefixes)) = ctl.subs.get_mut(&id) else { return };
+        match change {
+            SubChange::Subscribe(p) => {
+                prefixes.push(p.clone());
+                if side == Side::Backend {
+                    Self::upstream_add(ctl, p);
+                }
+            }
+            SubChange::Cancel(p) => {
+                if let Some(i) = prefixes.iter().position(|x| *x == p) {
+                    prefixes.swap_remove(i);
+                    if side == Side::Backend {
+                        Self::upstream_remove(ctl, &p);
+                    }
+                }
+            }
+        }
+        self.publish_targets(ctl);
+    }
+
+    /// Queues one message to every matching subscriber and capture peer.
+    fn dispatch(&self, msg: &RawMessage) {
+        let targets = self.targets.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if targets.is_empty() {
+            return;
+        }
+        let topic = msg.first_frame();
+        let msgpack = is_msgpack_envelope(msg);
+        let mut json_form: Option<Option<Bytes>> = None;
+        for t in targets.iter() {
+            if !t.prefixes.iter().any(|p| topic.starts_with(p)) {
+                continue;
+            }
+            let wire = if msgpack && !t.peer.msgpack {
+                let form = json_form.get_or_insert_with(|| {
+                    let j = transcode_to_json(msg);
+                    if j.is_some() {
+                        self.stats.transcoded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    j
+                });
+                match form {
+                    Some(b) => b.clone(),
+                    None => continue,
+                }
+            } else {
+                msg.wire.clone()
+            };
+            if t.peer.queue.push(wire) != Pushed::Ok {
+                t.peer.drops.fetch_add(1, Ordering::Relaxed);
+                self.counters(t.peer.side).drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Whether a message is a 4-frame envelope whose data frame is MessagePack.
+fn is_msgpack_envelope(msg: &RawMessage) -> bool {
+    msg.frames == 4 && msg.frames().nth(2).and_then(|d| d.first().copied()) == Some(MSGPACK_MARKER)
+}
+
+/// The same envelope with its data frame as JSON (for peers without the
+/// MessagePack opt-in); None when the data cannot be transcoded.
+fn transcode_to_json(msg: &RawMessage) -> Option<Bytes> {
+    let [t, o, d, ts] = msg.frames_n::<4>()?;
+    let raw = crate::codec::to_raw_json(d).ok()?;
+    let mut out = BytesMut::with_capacity(msg.wire.len() + 16);
+    zmtp::put_message(&mut out, &[t, o, raw.get().as_bytes(), ts]);
+    Some(out.freeze())
+}
+
+/// Body bytes of a message, for the counters.
+fn count_bytes(msg: &RawMessage) -> u64 {
+    msg.body_len() as u64
+}
+
+/// The addresses a proxy actually bound.
+#[derive(Debug, Clone)]
+pub struct ProxyEndpoints {
+    /// XSUB side (publishers connect here).
+    pub frontend: Endpoint,
+    /// XPUB side (subscribers connect here).
+    pub backend: Endpoint,
+    /// Capture side, when enabled.
+    pub capture: Option<Endpoint>,
+}
+
+/// The ZeroMQ proxy. Bind it, then run it (standalone, or as the bus's
+/// ZeroMQ transport through `Transport::serve`).
+pub struct ZmqProxy {
+    /// Addresses and limits.
+    cfg: ProxyConfig,
+    /// Bound listeners (front, back, capture), set by [`ZmqProxy::bind`].
+    listeners: Option<(Listener, Listener, Option<Listener>)>,
+    /// Counters, shared with whoever asked for them.
+    stats: Arc<ProxyStats>,
+}
+
+impl ZmqProxy {
+    /// A proxy that binds when it starts serving.
+    pub fn new(cfg: ProxyConfig) -> ZmqProxy {
+        ZmqProxy { cfg, listeners: None, stats: Arc::new(ProxyStats::default()) }
+    }
+
+    /// A proxy bound now (so ports are known, e.g. `tcp://127.0.0.1:0`).
+    pub async fn bind(cfg: ProxyConfig) -> Result<ZmqProxy, ZmqError> {
+        let mut p = ZmqProxy::new(cfg);
+        p.ensure_bound().await?;
+        Ok(p)
+    }
+
+    async fn ensure_bound(&mut self) -> Result<(), ZmqError> {
+        if self.listeners.is_some() {
+            return Ok(());
+        }
+        let front = Listener::bind(&self.cfg.frontend.parse()?).await?;
+        let back = Listener::bind(&self.cfg.backend.parse()?).await?;
+        let cap = match &self.cfg.capture {
+            Some(c) => Some(Listener::bind(&c.parse()?).await?),
+            None => None,
+        };
+        self.listeners = Some((front, back, cap));
+        Ok(())
+    }
+
+    /// The bound addresses (None before binding).
+    pub fn endpoints(&self) -> Option<ProxyEndpoints> {
+        let (f, b, c) = self.listeners.as_ref()?;
+        Some(ProxyEndpoints {
+            frontend: f.local_endpoint().ok()?,
+            backend: b.local_endpoint().ok()?,
+            capture: match c {
+                Some(c) => Some(c.local_endpoint().ok()?),
+                None => None,
+            },
+        })
+    }
+
+    /// The proxy's counters (live).
+    pub fn stats(&self) -> Arc<ProxyStats> {
+        self.stats.clone()
+    }
+
+    /// Serves until `shutdown`. With a `sink`, valid envelopes from
+    /// publishers also go there, and the proxy subscribes publishers to
+    /// everything so the sink sees all traffic. Returns a handle to push
+    /// messages to subscribers from elsewhere (the router bridge) through
+    /// `on_ready` before accepting.
+    pub async fn run_with(
+        mut self,
+        sink: Option<Arc<dyn EnvelopeSink>>,
+        on_ready: impl FnOnce(ProxyHandle),
+        shutdown: CancellationToken,
+    ) -> Result<(), ZmqError> {
+        self.ensure_bound().await?;
+        let Some((front, back, cap)) = self.listeners.take() else {
+            return Err(ZmqError::NotBound);
+        };
+        let all_upstream = sink.is_some();
+        let hub = Arc::new(Hub {
+            cfg: self.cfg.clone(),
+            stats: self.stats.clone(),
+            ctl: Mutex::new(Control::default()),
+            targets: RwLock::new(Arc::new(Vec::new())),
+            sink,
+        });
+        if all_upstream {
+            // The router wants every topic: keep an everything-subscription
+            // upstream for as long as we run.
+            Hub::upstream_add(&mut hub.ctl(), Bytes::new());
+        }
+        on_ready(ProxyHandle { hub: hub.clone() });
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(accept_loop(hub.clone(), front, Role::Publisher, shutdown.clone(), tasks.clone()));
+        tasks.spawn(accept_loop(hub.clone(), back, Role::Subscriber(Side::Backend), shutdown.clone(), tasks.clone()));
+        if let Some(cap) = cap {
+            tasks.spawn(accept_loop(hub.clone(), cap, Role::Subscriber(Side::Capture), shutdown.clone(), tasks.clone()));
+        }
+        shutdown.cancelled().await;
+        tasks.close();
+        // Writers get a moment to flush what is queued.
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        Ok(())
+    }
+
+    /// Serves standalone (no router) until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ZmqError> {
+        self.run_with(None, |_| {}, shutdown).await
+    }
+}
+
+/// Lets other parts of the process (the router bridge) send messages to
+/// the proxy's subscribers.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    /// The running proxy's shared state.
+    hub: Arc<Hub>,
+}
+
+impl ProxyHandle {
+    /// Sends one multipart message to every matching subscriber (and the
+    /// capture side), as if a publisher had sent it.
+    pub fn send(&self, frames: &[&[u8]]) {
+        let mut out = BytesMut::new();
+        zmtp::put_message(&mut out, frames);
+        let msg = RawMessage { wire: out.freeze(), frames: frames.len() };
+        self.hub.dispatch(&msg);
+    }
+
+    /// The proxy's counters.
+    pub fn stats(&self) -> &ProxyStats {
+        &self.hub.stats
+    }
+}
+
+/// What a listener's connections are.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    /// XSUB side.
+    Publisher,
+    /// XPUB or capture side.
+    Subscriber(Side),
+}
+
+async fn accept_loop(
+    hub: Arc<Hub>,
+    listener: Listener,
+    role: Role,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+) {
+    let counters = match role {
+        Role::Publisher => &hub.stats.publishers,
+        Role::Subscriber(side) => hub.counters(side),
+    };
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "zmq proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        counters.accepted.fetch_add(1, Ordering::Relaxed);
+        if counters.open.load(Ordering::Relaxed) >= hub.cfg.max_connections as u64 {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
+        let hub = hub.clone();
+        let sd = shutdown.clone();
+        match role {
+            Role::Publisher => tasks.spawn(publisher_conn(hub, stream, sd)),
+            Role::Subscriber(side) => tasks.spawn(subscriber_conn(hub, stream, side, sd)),
+        };
+    }
+}
+
+/// Counts a connection's end by its cause.
+fn note_end(counters: &SideCounters, err: &ZmtpError) {
+    match err {
+        ZmtpError::Io(_) | ZmtpError::Closed => {}
+        _ => {
+            counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    tracing::debug!(error = %err, "zmq proxy: connection ended");
+}
+
+/// Properties our proxy sides announce in READY: we accept MessagePack.
+const PROXY_PROPS: &[(&str, &[u8])] = &[(zmtp::CODEC_PROPERTY, b"msgpack")];
+
+async fn publisher_conn(hub: Arc<Hub>, stream: Stream, shutdown: CancellationToken) {
+    let c = &hub.stats.publishers;
+    let (mut r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(hub.cfg.max_msg_size);
+    if let Err(e) =
+        zmtp::handshake(&mut r, &mut w, &mut reader, SocketType::XSub, PROXY_PROPS, hub.cfg.handshake_timeout).await
+    {
+        note_end(c, &e);
+        return;
+    }
+    c.open.fetch_add(1, Ordering::Relaxed);
+    let control = Arc::new(WireQueue::new(1 << 16, 64 << 20));
+    let id = {
+        let mut ctl = hub.ctl();
+        ctl.next_id += 1;
+        let id = ctl.next_id;
+        // Replay every current subscription to the new publisher.
+        let mut b = BytesMut::new();
+        for p in ctl.upstream.keys() {
+            zmtp::put_subscription(&mut b, true, p);
+        }
+        if !b.is_empty() {
+            control.push(b.freeze());
+        }
+        ctl.pubs.insert(id, control.clone());
+        id
+    };
+    let conn_done = shutdown.child_token();
+    let writer = tokio::spawn(writer_task(w, control.clone(), None, conn_done.clone()));
+    let res = publisher_read_loop(&hub, &mut r, &mut reader, &control, &conn_done).await;
+    if let Err(e) = res {
+        note_end(c, &e);
+    }
+    hub.ctl().pubs.remove(&id);
+    control.close(true);
+    conn_done.cancel();
+    let _ = writer.await;
+    c.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn publisher_read_loop(
+    hub: &Hub,
+    r: &mut ReadHalf,
+    reader: &mut FrameReader,
+    control: &WireQueue,
+    done: &CancellationToken,
+) -> Result<(), ZmtpError> {
+    let c = &hub.stats.publishers;
+    loop {
+        let (mut n, mut bytes, mut bad, mut big) = (0u64, 0u64, 0u64, 0u64);
+        let mut result = Ok(());
+        loop {
+            match reader.next() {
+                Ok(Some(Inbound::Message(m))) => {
+                    n += 1;
+                    bytes += count_bytes(&m);
+                    hub.dispatch(&m);
+                    let valid = match &hub.sink {
+                        Some(sink) => sink.offer(&m),
+                        None => m.frames_n::<4>().is_some_and(|f| envelope::looks_like_envelope(&f)),
+                    };
+                    if !valid {
+                        bad += 1;
+                    }
+                }
+                Ok(Some(Inbound::Command(name, data))) => {
+                    let mut out = BytesMut::new();
+                    if zmtp::answer_ping(&name, &data, &mut out) {
+                        control.push(out.freeze());
+                    }
+                }
+                Ok(Some(Inbound::Oversized(_))) => big += 1,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if n > 0 {
+            c.messages.fetch_add(n, Ordering::Relaxed);
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if bad > 0 {
+            c.malformed.fetch_add(bad, Ordering::Relaxed);
+        }
+        if big > 0 {
+            c.drops.fetch_add(big, Ordering::Relaxed);
+        }
+        result?;
+        let more = tokio::select! {
+            _ = done.cancelled() => return Ok(()),
+            r = reader.fill(r) => r?,
+        };
+        if !more {
+            return Err(ZmtpError::Closed);
+        }
+    }
+}
+
+async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: CancellationToken) {
+    let c = hub.counters(side);
+    let (mut r, mut w) = stream.into_split();
+    // Subscribers send only subscriptions: a small limit is plenty.
+    let mut reader = FrameReader::new(hub.cfg.max_msg_size.min(1 << 20));
+    let ours = match side {
+        Side::Backend => SocketType::XPub,
+        Side::Capture => SocketType::Pub,
+    };
+    let info = match zmtp::handshake(&mut r, &mut w, &mut reader, ours, PROXY_PROPS, hub.cfg.handshake_timeout).await {
+        Ok(i) => i,
+        Err(e) => {
+            note_end(c, &e);
+            return;
+        }
+    };
+    c.open.fetch_add(1, Ordering::Relaxed);
+    let peer = Arc::new(SubPeer {
+        queue: WireQueue::new(hub.cfg.sub_queue, hub.cfg.sub_queue_bytes),
+        msgpack: info.wants_msgpack(),
+        side,
+        drops: AtomicU64::new(0),
+    });
+    let id = {
+        let mut ctl = hub.ctl();
+        ctl.next_id += 1;
+        let id = ctl.next_id;
+        ctl.subs.insert(id, (peer.clone(), Vec::new()));
+        id
+    };
+    let conn_done = shutdown.child_token();
+    let peer_q = PeerQueue(peer.clone());
+    let writer = tokio::spawn(writer_task(w, peer_q, Some((hub.stats.clone(), side)), conn_done.clone()));
+    let res = subscriber_read_loop(&hub, id, side, &mut r, &mut reader, &peer, &conn_done).await;
+    if let Err(e) = res {
+        note_end(c, &e);
+    }
+    {
+        let mut ctl = hub.ctl();
+        let ctl = &mut *ctl;
+        if let Some((_, prefixes)) = ctl.subs.remove(&id) {
+            if side == Side::Backend {
+                for p in &prefixes {
+                    Hub::upstream_remove(ctl, p);
+                }
+            }
+        }
+        hub.publish_targets(ctl);
+    }
+    peer.queue.close(true);
+    conn_done.cancel();
+    let _ = writer.await;
+    c.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn subscriber_read_loop(
+    hub: &Hub,
+    id: u64,
+    side: Side,
+    r: &mut ReadHalf,
+    reader: &mut FrameReader,
+    peer: &SubPeer,
+    done: &CancellationToken,
+) -> Result<(), ZmtpError> {
+    let c = hub.counters(side);
+    loop {
+        loop {
+            match reader.next()? {
+                Some(item) => {
+                    if let Some(change) = SubChange::from_inbound(&item) {
+                        hub.apply_sub_change(id, side, change);
+                        continue;
+                    }
+                    match item {
+                        Inbound::Command(name, data) => {
+                            let mut out = BytesMut::new();
+                            if zmtp::answer_ping(&name, &data, &mut out) {
+                                peer.queue.push(out.freeze());
+                            }
+                        }
+                        _ => {
+                            c.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                None => break,
+            }
+        }
+        let more = tokio::select! {
+            _ = done.cancelled() => return Ok(()),
+            r = reader.fill(r) => r?,
+        };
+        if !more {
+            return Err(ZmtpError::Closed);
+        }
+    }
+}
+
+/// Something a writer task drains.
+trait Drain: Send + Sync + 'static {
+    fn queue(&self) -> &WireQueue;
+}
+
+impl Drain for Arc<WireQueue> {
+    fn queue(&self) -> &WireQueue {
+        self
+    }
+}
+
+/// A subscriber's queue, seen through its peer.
+struct PeerQueue(Arc<SubPeer>);
+
+impl Drain for PeerQueue {
+    fn queue(&self) -> &WireQueue {
+        &self.0.queue
+    }
+}
+
+/// Writes queued wire bytes in batches (one lock per batch, many messages
+/// per write syscall, flush when the queue is empty), counting messages
+/// and wire bytes per batch on `counters`. Ends on write error, on
+/// `done`, or when the queue closes.
+async fn writer_task<D: Drain>(
+    w: WriteHalf,
+    src: D,
+    counters: Option<(Arc<ProxyStats>, Side)>,
+    done: CancellationToken,
+) {
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    let mut batch = VecDeque::new();
+    loop {
+        let (mut msgs, mut bytes) = (0u64, 0u64);
+        let q = src.queue();
+        if q.is_empty() {
+            if w.flush().await.is_err() {
+                break;
+            }
+            let ready = tokio::select! {
+                _ = done.cancelled() => false,
+                r = q.wait() => r,
+            };
+            if !ready {
+                break;
+            }
+        }
+        q.take_all(&mut batch);
+        let mut failed = false;
+        for item in batch.drain(..) {
+            if write_item(&mut w, &item).await.is_err() {
+                failed = true;
+                break;
+            }
+            msgs += 1;
+            bytes += item.len() as u64;
+        }
+        if let Some((stats, side)) = &counters {
+            let c = match side {
+                Side::Backend => &stats.subscribers,
+                Side::Capture => &stats.capture,
+            };
+            c.messages.fetch_add(msgs, Ordering::Relaxed);
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if failed {
+            break;
+        }
+    }
+    src.queue().close(true);
+    let _ = tokio::time::timeout(Duration::from_millis(200), w.shutdown()).await;
+}
+
+async fn write_item<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, item: &Bytes) -> std::io::Result<()> {
+    w.write_all(item).await
+}

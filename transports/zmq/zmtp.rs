@@ -1,0 +1,631 @@
+//! ZMTP 3.x with the NULL mechanism, over any tokio stream: greeting,
+//! READY with `Socket-Type`, multipart framing (MORE flag, short and long
+//! frames), commands, and subscriptions (`\x01`/`\x00`-prefixed messages of
+//! ZMTP 3.0 and the `SUBSCRIBE`/`CANCEL` commands of ZMTP 3.1).
+//!
+//! We announce version 3.0, so libzmq peers send subscriptions as messages;
+//! we accept both forms. The parser works in place on a `BytesMut` and hands
+//! out each multipart message as one `Bytes` of its wire form (headers
+//! included), so a proxy can forward it to many peers without re-encoding.
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Length of the ZMTP 3 greeting.
+pub const GREETING_LEN: usize = 64;
+const FLAG_MORE: u8 = 0x01;
+const FLAG_LONG: u8 = 0x02;
+const FLAG_COMMAND: u8 = 0x04;
+
+/// Property our peers put in READY to say which data codec they accept
+/// (`msgpack`); reference and libzmq peers never send it.
+pub const CODEC_PROPERTY: &str = "X-Hermes-Codec";
+
+/// Why a ZMTP conversation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ZmtpError {
+    /// The socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer's greeting was not ZMTP 3.x.
+    #[error("bad greeting: {0}")]
+    BadGreeting(&'static str),
+    /// The peer wants a security mechanism other than NULL.
+    #[error("unsupported mechanism {0:?}")]
+    Mechanism(String),
+    /// The peer's READY (or what came instead) was invalid.
+    #[error("bad handshake: {0}")]
+    BadHandshake(String),
+    /// The peer's socket type cannot talk to ours.
+    #[error("incompatible socket type {peer:?} for {ours:?}")]
+    SocketType {
+        /// The type the peer announced.
+        peer: String,
+        /// Our socket type.
+        ours: &'static str,
+    },
+    /// The peer sent an ERROR command.
+    #[error("peer error: {0}")]
+    PeerError(String),
+    /// A frame broke the framing rules (unknown flags, command inside a
+    /// multipart message).
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    /// The handshake did not finish in time.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The peer closed the connection.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// The socket types this crate speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketType {
+    /// Publisher (sends messages, receives subscriptions).
+    Pub,
+    /// Subscriber (sends subscriptions, receives messages).
+    Sub,
+    /// Proxy side facing subscribers.
+    XPub,
+    /// Proxy side facing publishers.
+    XSub,
+}
+
+impl SocketType {
+    /// The name in the `Socket-Type` property.
+    pub fn name(self) -> &'static str {
+        match self {
+            SocketType::Pub => "PUB",
+            SocketType::Sub => "SUB",
+            SocketType::XPub => "XPUB",
+            SocketType::XSub => "XSUB",
+        }
+    }
+
+    /// Whether a peer of type `peer` may talk to us (ZMTP's valid pairs).
+    pub fn accepts(self, peer: &str) -> bool {
+        match self {
+            SocketType::Pub | SocketType::XPub => peer == "SUB" || peer == "XSUB",
+            SocketType::Sub | SocketType::XSub => peer == "PUB" || peer == "XPUB",
+        }
+    }
+}
+
+/// What the peer told us in its handshake.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The peer's ZMTP minor version (0 or 1).
+    pub minor: u8,
+    /// The peer's `Socket-Type`.
+    pub socket_type: String,
+    /// Every READY property (name, value), e.g. `Identity`, our codec one.
+    pub properties: Vec<(String, Vec<u8>)>,
+}
+
+impl PeerInfo {
+    /// A property's value by name (case-insensitive, as ZMTP says).
+    pub fn property(&self, name: &str) -> Option<&[u8]> {
+        self.properties
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Whether the peer accepts MessagePack data frames.
+    pub fn wants_msgpack(&self) -> bool {
+        self.property(CODEC_PROPERTY) == Some(b"msgpack")
+    }
+}
+
+/// Our greeting: signature, version 3.0, NULL, as-server 0, filler.
+pub fn greeting() -> [u8; GREETING_LEN] {
+    let mut g = [0u8; GREETING_LEN];
+    g[0] = 0xFF;
+    g[9] = 0x7F;
+    g[10] = 3;
+    g[11] = 0;
+    g[12..16].copy_from_slice(b"NULL");
+    g
+}
+
+/// Appends one frame (short or long form as its size needs).
+pub fn put_frame(out: &mut BytesMut, more: bool, body: &[u8]) {
+    put_frame_header(out, if more { FLAG_MORE } else { 0 }, body.len());
+    out.put_slice(body);
+}
+
+fn put_frame_header(out: &mut BytesMut, flags: u8, len: usize) {
+    if len <= 255 {
+        out.reserve(2 + len);
+        out.put_u8(flags);
+        out.put_u8(len as u8);
+    } else {
+        out.reserve(9 + len);
+        out.put_u8(flags | FLAG_LONG);
+        out.put_u64(len as u64);
+    }
+}
+
+/// Appends a multipart message.
+pub fn put_message<F: AsRef<[u8]>>(out: &mut BytesMut, frames: &[F]) {
+    let n = frames.len();
+    for (i, f) in frames.iter().enumerate() {
+        put_frame(out, i + 1 < n, f.as_ref());
+    }
+}
+
+/// Appends a command frame (`name` + `data`).
+pub fn put_command(out: &mut BytesMut, name: &str, data: &[u8]) {
+    put_frame_header(out, FLAG_COMMAND, 1 + name.len() + data.len());
+    out.put_u8(name.len() as u8);
+    out.put_slice(name.as_bytes());
+    out.put_slice(data);
+}
+
+/// Appends a READY command with `Socket-Type` and extra properties.
+pub fn put_ready(out: &mut BytesMut, ours: SocketType, extra: &[(&str, &[u8])]) {
+    let mut props = BytesMut::new();
+    let mut prop = |name: &str, value: &[u8]| {
+        props.put_u8(name.len() as u8);
+        props.put_slice(name.as_bytes());
+        props.put_u32(value.len() as u32);
+        props.put_slice(value);
+    };
+    prop("Socket-Type", ours.name().as_bytes());
+    for (n, v) in extra {
+        prop(n, v);
+    }
+    put_command(out, "READY", &props);
+}
+
+/// Appends a subscription (`subscribe` true) or cancel in the ZMTP 3.0
+/// message form, which every 3.x peer accepts.
+pub fn put_subscription(out: &mut BytesMut, subscribe: bool, prefix: &[u8]) {
+    put_frame_header(out, 0, 1 + prefix.len());
+    out.put_u8(u8::from(subscribe));
+    out.put_slice(prefix);
+}
+
+/// A complete multipart message as received: its wire bytes (frame headers
+/// included, ready to forward) and its frame count.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    /// The wire form, shared by every peer it is forwarded to.
+    pub wire: Bytes,
+    /// How many frames it has.
+    pub frames: usize,
+}
+
+impl RawMessage {
+    /// Iterates over the frame bodies.
+    pub fn frames(&self) -> FrameIter<'_> {
+        FrameIter { rest: &self.wire }
+    }
+
+    /// The frame bodies, when there are exactly `N`.
+    pub fn frames_n<const N: usize>(&self) -> Option<[&[u8]; N]> {
+        if self.frames != N {
+            return None;
+        }
+        let mut out = [&[][..]; N];
+        for (slot, f) in out.iter_mut().zip(self.frames()) {
+            *slot = f;
+        }
+        Some(out)
+    }
+
+    /// The first frame's body (the topic of an envelope).
+    pub fn first_frame(&self) -> &[u8] {
+        self.frames().next().unwrap_or(&[])
+    }
+
+    /// Total body bytes (without frame headers).
+    pub fn body_len(&self) -> usize {
+        self.frames().map(<[u8]>::len).sum()
+    }
+}
+
+/// Iterator over the frame bodies of a [`RawMessage`].
+pub struct FrameIter<'a> {
+    /// The wire bytes not yet walked.
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for FrameIter<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let (hdr, len) = parse_header(self.rest)?;
+        let body = self.rest.get(hdr..hdr + len)?;
+        self.rest = &self.rest[hdr + len..];
+        Some(body)
+    }
+}
+
+/// Parses a frame header: (header length, body length).
+fn parse_header(b: &[u8]) -> Option<(usize, usize)> {
+    let flags = *b.first()?;
+    if flags & FLAG_LONG != 0 {
+        let raw: [u8; 8] = b.get(1..9)?.try_into().ok()?;
+        Some((9, usize::try_from(u64::from_be_bytes(raw)).unwrap_or(usize::MAX)))
+    } else {
+        Some((2, *b.get(1)? as usize))
+    }
+}
+
+/// One item read from a peer after the handshake.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A complete multipart message.
+    Message(RawMessage),
+    /// A command: its name and data.
+    Command(String, Bytes),
+    /// A message larger than the limit was skipped entirely (its bytes
+    /// were read and discarded, so the stream stays in sync).
+    Oversized(u64),
+}
+
+/// State of skipping an oversized message.
+#[derive(Debug, Clone, Copy)]
+struct Skip {
+    /// Body bytes of the current frame still to discard.
+    remaining: u64,
+    /// Whether more frames of the message follow the current one.
+    more: bool,
+    /// Total size seen so far (for the report).
+    total: u64,
+}
+
+/// Incremental parser of frames in a read buffer.
+#[derive(Debug)]
+pub struct FrameReader {
+    /// Bytes read and not yet parsed.
+    pub buf: BytesMut,
+    /// Largest message (sum of frame bodies) accepted.
+    max_msg: u64,
+    /// Set while discarding an oversized message.
+    skip: Option<Skip>,
+}
+
+/// Read chunk size: large enough to batch many small messages per syscall.
+const READ_CHUNK: usize = 64 * 1024;
+
+impl FrameReader {
+    /// A reader that skips messages over `max_msg` bytes.
+    pub fn new(max_msg: usize) -> FrameReader {
+        FrameReader {
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max_msg: max_msg as u64,
+            skip: None,
+        }
+    }
+
+    /// Reads more bytes from `r`; `Ok(false)` on a clean end of stream.
+    pub async fn fill<R: AsyncRead + Unpin + ?Sized>(&mut self, r: &mut R) -> Result<bool, ZmtpError> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = r.read_buf(&mut self.buf).await?;
+        Ok(n > 0)
+    }
+
+    /// Parses the next complete item, or None when more bytes are needed.
+    pub fn next(&mut self) -> Result<Option<Inbound>, ZmtpError> {
+        if let Some(done) = self.skip_step()? {
+            return Ok(Some(done));
+        }
+        if self.skip.is_some() {
+            return Ok(None);
+        }
+        let b = &self.buf[..];
+        let mut pos = 0usize;
+        let mut frames = 0usize;
+        let mut total = 0u64;
+        loop {
+            let Some(&flags) = b.get(pos) else { return Ok(None) };
+            if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
+                return Err(ZmtpError::Protocol("reserved flag bits set"));
+            }
+            let Some((hdr, len)) = parse_header(&b[pos..]) else { return Ok(None) };
+            let len64 = len as u64;
+            if flags & FLAG_COMMAND != 0 {
+                if frames > 0 {
+                    return Err(ZmtpError::Protocol("command inside a multipart message"));
+                }
+                if flags & FLAG_MORE != 0 {
+                    return Err(ZmtpError::Protocol("command with MORE flag"));
+                }
+                if len64 > self.max_msg.max(4096) {
+                    return Err(ZmtpError::Protocol("oversized command"));
+                }
+                if b.len() < hdr + len {
+                    self.buf.reserve(hdr + len - b.len());
+                    return Ok(None);
+                }
+                let mut body = self.buf.split_to(hdr + len).freeze();
+                body.advance(hdr);
+                return parse_command(body).map(Some);
+            }
+            total += len64;
+            if total > self.max_msg {
+                // Discard this message: what is buffered now, then the
+                // rest as it arrives.
+                let avail = (b.len() - pos - hdr) as u64;
+                let take = avail.min(len64);
+                self.buf.advance(pos + hdr + take as usize);
+                self.skip = Some(Skip {
+                    remaining: len64 - take,
+                    more: flags & FLAG_MORE != 0,
+                    total,
+                });
+                return match self.skip_step()? {
+                    Some(done) => Ok(Some(done)),
+                    None => Ok(None),
+                };
+            }
+            let end = pos + hdr + len;
+            frames += 1;
+            if b.len() < end {
+                // Make room for the whole message in one buffer.
+                let need = end - b.len();
+                self.buf.reserve(need.max(READ_CHUNK / 4));
+                return Ok(None);
+            }
+            pos = end;
+            if flags & FLAG_MORE == 0 {
+                let wire = self.buf.split_to(pos).freeze();
+                return Ok(Some(Inbound::Message(RawMessage { wire, frames })));
+            }
+        }
+    }
+
+    /// Advances an ongoing skip; returns the report when the oversized
+    /// message has been fully discarded.
+    fn skip_step(&mut self) -> Result<Option<Inbound>, ZmtpError> {
+        while let Some(mut s) = self.skip {
+            if s.remaining > 0 {
+                let take = (self.buf.len() as u64).min(s.remaining);
+                self.buf.advance(take as usize);
+                s.remaining -= take;
+                self.skip = Some(s);
+                if s.remaining > 0 {
+                    return Ok(None);
+                }
+            }
+            if !s.more {
+                self.skip = None;
+                return Ok(Some(Inbound::Oversized(s.total)));
+            }
+            let Some(&flags) = self.buf.first() else { return Ok(None) };
+            if flags & (FLAG_COMMAND | !(FLAG_MORE | FLAG_LONG)) != 0 {
+                return Err(ZmtpError::Protocol("bad frame inside a skipped message"));
+            }
+            let Some((hdr, len)) = parse_header(&self.buf) else { return Ok(None) };
+            self.buf.advance(hdr);
+            self.skip = Some(Skip {
+                remaining: len as u64,
+                more: flags & FLAG_MORE != 0,
+                total: s.total.saturating_add(len as u64),
+            });
+        }
+        Ok(None)
+    }
+}
+
+fn parse_command(mut body: Bytes) -> Result<Inbound, ZmtpError> {
+    let Some(&n) = body.first() else {
+        return Err(ZmtpError::Protocol("empty command"));
+    };
+    let n = n as usize;
+    if body.len() < 1 + n {
+        return Err(ZmtpError::Protocol("truncated command name"));
+    }
+    let name = String::from_utf8_lossy(&body[1..1 + n]).into_owned();
+    body.advance(1 + n);
+    Ok(Inbound::Command(name, body))
+}
+
+/// A subscription change carried by a message or command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubChange {
+    /// Add a prefix.
+    Subscribe(Bytes),
+    /// Remove a prefix (one reference of it).
+    Cancel(Bytes),
+}
+
+impl SubChange {
+    /// Reads a subscription from a single-frame message (`\x01`/`\x00`
+    /// prefix) or a `SUBSCRIBE`/`CANCEL` command; None for anything else.
+    pub fn from_inbound(item: &Inbound) -> Option<SubChange> {
+        match item {
+            Inbound::Message(m) if m.frames == 1 => {
+                let f = m.first_frame();
+                let start = m.wire.len() - f.len();
+                match f.first() {
+                    Some(1) => Some(SubChange::Subscribe(m.wire.slice(start + 1..))),
+                    Some(0) => Some(SubChange::Cancel(m.wire.slice(start + 1..))),
+                    _ => None,
+                }
+            }
+            Inbound::Command(name, data) if name == "SUBSCRIBE" => Some(SubChange::Subscribe(data.clone())),
+            Inbound::Command(name, data) if name == "CANCEL" => Some(SubChange::Cancel(data.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Answers a PING command with a PONG (appended to `out`); true if `cmd`
+/// was a PING.
+pub fn answer_ping(name: &str, data: &Bytes, out: &mut BytesMut) -> bool {
+    if name != "PING" {
+        return false;
+    }
+    // PING: 2-byte TTL then context; PONG echoes the context.
+    let ctx = if data.len() > 2 { &data[2..] } else { &[][..] };
+    put_command(out, "PONG", ctx);
+    true
+}
+
+/// Performs the NULL handshake: sends our greeting and READY, reads and
+/// checks the peer's. Bytes after the handshake stay in `reader.buf`.
+pub async fn handshake<R, W>(
+    r: &mut R,
+    w: &mut W,
+    reader: &mut FrameReader,
+    ours: SocketType,
+    extra: &[(&str, &[u8])],
+    limit: Duration,
+) -> Result<PeerInfo, ZmtpError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let fut = async {
+        let mut out = BytesMut::with_capacity(GREETING_LEN + 64);
+        out.put_slice(&greeting());
+        put_ready(&mut out, ours, extra);
+        w.write_all(&out).await?;
+        w.flush().await?;
+        while reader.buf.len() < GREETING_LEN {
+            if !reader.fill(r).await? {
+                return Err(ZmtpError::Closed);
+            }
+            // Reject non-ZMTP peers as soon as the signature shows it.
+            check_signature(&reader.buf)?;
+        }
+        let g = reader.buf.split_to(GREETING_LEN);
+        check_signature(&g)?;
+        if g[10] < 3 {
+            return Err(ZmtpError::BadGreeting("ZMTP version below 3"));
+        }
+        let mech_end = g[12..32].iter().position(|&c| c == 0).unwrap_or(20);
+        let mech = String::from_utf8_lossy(&g[12..12 + mech_end]).into_owned();
+        if mech != "NULL" {
+            return Err(ZmtpError::Mechanism(mech));
+        }
+        let minor = g[11];
+        loop {
+            match reader.next()? {
+                Some(Inbound::Command(name, data)) if name == "READY" => {
+                    let properties = parse_properties(&data)?;
+                    let mut info = PeerInfo { minor, socket_type: String::new(), properties };
+                    info.socket_type = info
+                        .property("Socket-Type")
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
+                    if !ours.accepts(&info.socket_type) {
+                        return Err(ZmtpError::SocketType { peer: info.socket_type, ours: ours.name() });
+                    }
+                    return Ok(info);
+                }
+                Some(Inbound::Command(name, data)) if name == "ERROR" => {
+                    let reason = data.get(1..).map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
+                    return Err(ZmtpError::PeerError(reason));
+                }
+                Some(_) => return Err(ZmtpError::BadHandshake("expected READY".into())),
+                None => {
+                    if !reader.fill(r).await? {
+                        return Err(ZmtpError::Closed);
+                    }
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ZmtpError::Timeout),
+    }
+}
+
+fn check_signature(b: &[u8]) -> Result<(), ZmtpError> {
+    if let Some(&first) = b.first() {
+        if first != 0xFF {
+            return Err(ZmtpError::BadGreeting("signature"));
+        }
+    }
+    if let Some(&tail) = b.get(9) {
+        if tail & 1 != 1 {
+            return Err(ZmtpError::BadGreeting("signature"));
+        }
+    }
+    Ok(())
+}
+
+fn parse_properties(mut d: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ZmtpError> {
+    let bad = || ZmtpError::BadHandshake("malformed READY properties".into());
+    let mut out = Vec::new();
+    while !d.is_empty() {
+        let n = d[0] as usize;
+        let name = d.get(1..1 + n).ok_or_else(bad)?;
+        let len_bytes: [u8; 4] = d.get(1 + n..5 + n).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+        let vlen = u32::from_be_bytes(len_bytes) as usize;
+        let value = d.get(5 + n..5 + n + vlen).ok_or_else(bad)?;
+        out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+        d = &d[5 + n + vlen..];
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_messages_and_commands() {
+        let mut out = BytesMut::new();
+        put_message(&mut out, &[b"\"a\"".as_slice(), b"x", &[7u8; 300]]);
+        put_command(&mut out, "PING", &[0, 0, 9]);
+        put_subscription(&mut out, true, b"\"RAW/");
+        let mut r = FrameReader::new(1 << 20);
+        let all = out.freeze();
+        // Feed byte by byte: incomplete input is never an error.
+        let mut got = Vec::new();
+        for b in all.iter() {
+            r.buf.put_u8(*b);
+            while let Some(item) = r.next().expect("parse") {
+                got.push(item);
+            }
+        }
+        assert_eq!(got.len(), 3);
+        match &got[0] {
+            Inbound::Message(m) => {
+                assert_eq!(m.frames, 3);
+                let f: Vec<_> = m.frames().collect();
+                assert_eq!(f[0], b"\"a\"");
+                assert_eq!(f[2].len(), 300);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&got[1], Inbound::Command(n, _) if n == "PING"));
+        assert_eq!(SubChange::from_inbound(&got[2]), Some(SubChange::Subscribe(Bytes::from_static(b"\"RAW/"))));
+    }
+
+    #[test]
+    fn oversized_is_skipped_and_stream_stays_in_sync() {
+        let mut out = BytesMut::new();
+        put_message(&mut out, &[&[1u8; 100][..], &[2u8; 5000][..], &[3u8; 10][..]]);
+        put_message(&mut out, &[b"ok".as_slice()]);
+        let all = out.freeze();
+        let mut r = FrameReader::new(1000);
+        let mut got = Vec::new();
+        for chunk in all.chunks(7) {
+            r.buf.put_slice(chunk);
+            while let Some(item) = r.next().expect("parse") {
+                got.push(item);
+            }
+        }
+        assert!(matches!(got[0], Inbound::Oversized(_)));
+        assert!(matches!(&got[1], Inbound::Message(m) if m.first_frame() == b"ok"));
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        let mut r = FrameReader::new(100);
+        r.buf.put_slice(&[0x80, 1, 0]);
+        assert!(r.next().is_err());
+    }
+}
