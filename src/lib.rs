@@ -21,14 +21,19 @@
 //!   transport gets (router + hooks + shutdown).
 //! - [`config`]: paths and environment (`HERMES_BUS_ROOT`, `HERMES_HOME`).
 //! - [`daemon`]: pid file, log, start / stop / status / restart.
+//! - [`serve`]: running the bus in the foreground (signals, ordered shutdown).
+//! - [`cli`]: the command-line options the binaries share.
 //! - [`transports`]: the Unix-socket transport (server, client) and the
 //!   ZeroMQ transport (proxy, Publisher, Receiver, Node).
 //!
 //! Data flows one way: frame → session → router → outboxes → writer.
 #![warn(missing_docs)]
 
+#[cfg(feature = "unix")]
+pub mod cli;
 pub mod codec;
 pub mod config;
+#[cfg(feature = "unix")]
 pub mod daemon;
 pub mod delivery;
 pub mod envelope;
@@ -37,6 +42,8 @@ pub mod hooks;
 pub mod message;
 pub mod outbox;
 pub mod router;
+#[cfg(feature = "unix")]
+pub mod serve;
 pub mod stats;
 pub mod transport;
 

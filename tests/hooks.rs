@@ -113,7 +113,10 @@ fn resolve_env_json_array() {
         Some(&h.home),
     )
     .expect("resolve");
-    assert_eq!(paths(&cfg), vec![PathBuf::from("/opt/a.py"), h.home.join("b.sh")]);
+    assert_eq!(
+        paths(&cfg),
+        vec![PathBuf::from("/opt/a.py"), h.home.join("b.sh")]
+    );
     for spec in &cfg.hooks {
         assert_eq!(spec.filter, HookFilter::messages());
         assert_eq!(spec.timeout, None);
@@ -138,7 +141,11 @@ fn resolve_env_json_array_accepts_entries_with_filters() {
 #[test]
 fn resolve_env_invalid_json_is_an_error() {
     let h = homes();
-    for bad in [r#"["/a.py""#, r#"[1, 2]"#, r#"[{"path": "/a", "filter": {"kinds": "topic"}}]"#] {
+    for bad in [
+        r#"["/a.py""#,
+        r#"[1, 2]"#,
+        r#"[{"path": "/a", "filter": {"kinds": "topic"}}]"#,
+    ] {
         let err = HookConfig::resolve_with(Some(bad), &h.hermes, Some(&h.home))
             .expect_err("invalid env must be an error");
         assert!(matches!(err, HookError::InvalidEnv { .. }), "{bad}: {err}");
@@ -171,8 +178,7 @@ fn resolve_env_none_disables_even_when_hooks_yaml_exists() {
     write_hooks_yaml(&h, "- /opt/a.py\n");
     write_default_callback(&h);
     for value in ["none", "  NONE ", "None"] {
-        let cfg =
-            HookConfig::resolve_with(Some(value), &h.hermes, Some(&h.home)).expect("resolve");
+        let cfg = HookConfig::resolve_with(Some(value), &h.hermes, Some(&h.home)).expect("resolve");
         assert!(cfg.hooks.is_empty(), "{value:?} must disable hooks");
     }
 }
@@ -245,7 +251,14 @@ hooks:
 
 #[test]
 fn resolve_invalid_or_empty_yaml_falls_through_to_default() {
-    for text in ["[: not yaml", "", "[]\n", "hooks: []\n", "hooks: 3\n", "42\n"] {
+    for text in [
+        "[: not yaml",
+        "",
+        "[]\n",
+        "hooks: []\n",
+        "hooks: 3\n",
+        "42\n",
+    ] {
         let h = homes();
         write_hooks_yaml(&h, text);
         let callback = write_default_callback(&h);
@@ -283,13 +296,17 @@ async fn shell_hook_gets_the_message_json_on_stdin() {
         let hook = stdin_copy_script(dir.path(), "hook.sh", &out);
         let engine = HookEngine::start(config(vec![HookSpec::new(&hook)]), Vec::new());
 
-        let json = r#"{"type": "message", "from": "alice", "to": "bob", "body": {"text": "héllo ✓"}}"#;
+        let json =
+            r#"{"type": "message", "from": "alice", "to": "bob", "body": {"text": "héllo ✓"}}"#;
         engine.offer(message_event(json));
         wait_until(|| engine.stats().runs_ok == 1).await;
         assert_eq!(std::fs::read(&out).expect("read output"), json.as_bytes());
 
         let s = engine.stats();
-        assert_eq!((s.offered, s.queued, s.runs_started, s.runs_failed), (1, 1, 1, 0));
+        assert_eq!(
+            (s.offered, s.queued, s.runs_started, s.runs_failed),
+            (1, 1, 1, 0)
+        );
         assert_eq!(s.hooks, vec![hook.display().to_string()]);
         engine.shutdown(Duration::from_secs(5)).await;
     })
@@ -306,7 +323,10 @@ async fn large_message_is_fed_whole_to_stdin() {
 
         // Far larger than a pipe buffer: the engine must write while the
         // hook reads, not before it waits.
-        let json = format!(r#"{{"type":"message","to":"bob","body":"{}"}}"#, "x".repeat(1 << 20));
+        let json = format!(
+            r#"{{"type":"message","to":"bob","body":"{}"}}"#,
+            "x".repeat(1 << 20)
+        );
         engine.offer(message_event(&json));
         wait_until(|| engine.stats().runs_ok == 1).await;
         assert_eq!(std::fs::read(&out).expect("read output"), json.as_bytes());
@@ -346,7 +366,12 @@ async fn non_executable_py_hook_runs_with_python3() {
 async fn failing_missing_and_unrunnable_hooks_are_counted() {
     bounded(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let failing = write_file(dir.path(), "fail.sh", "#!/bin/sh\necho oops >&2\nexit 3\n", 0o755);
+        let failing = write_file(
+            dir.path(),
+            "fail.sh",
+            "#!/bin/sh\necho oops >&2\nexit 3\n",
+            0o755,
+        );
         let unrunnable = write_file(dir.path(), "plain.sh", "#!/bin/sh\n", 0o644);
         let missing = dir.path().join("missing.sh");
         let engine = HookEngine::start(
@@ -416,7 +441,10 @@ async fn hanging_hook_is_killed_at_its_timeout() {
         engine.offer(message_event(r#"{"type":"message","to":"bob"}"#));
         wait_until(|| engine.stats().timeouts == 1).await;
         let s = engine.stats();
-        assert_eq!((s.runs_started, s.runs_ok, s.runs_failed, s.in_flight), (1, 0, 0, 0));
+        assert_eq!(
+            (s.runs_started, s.runs_ok, s.runs_failed, s.in_flight),
+            (1, 0, 0, 0)
+        );
 
         // The hook (our direct child) is killed and reaped: kill(pid, 0)
         // fails. Its own child, the sleep, was killed with the group.
@@ -459,7 +487,9 @@ async fn concurrency_bound_is_respected() {
         let engine = HookEngine::start(cfg, Vec::new());
 
         for i in 0..6 {
-            engine.offer(message_event(&format!(r#"{{"type":"message","to":"bob","n":{i}}}"#)));
+            engine.offer(message_event(&format!(
+                r#"{{"type":"message","to":"bob","n":{i}}}"#
+            )));
         }
         let mut max_in_flight = 0;
         wait_until(|| {
@@ -501,7 +531,9 @@ async fn offer_never_blocks_and_counts_drops() {
         let engine = HookEngine::start(cfg, Vec::new());
 
         for i in 0..10_000 {
-            engine.offer(message_event(&format!(r#"{{"type":"message","to":"bob","n":{i}}}"#)));
+            engine.offer(message_event(&format!(
+                r#"{{"type":"message","to":"bob","n":{i}}}"#
+            )));
         }
         let s = engine.stats();
         assert_eq!(s.offered, 10_000);
@@ -530,11 +562,20 @@ async fn offer_never_blocks_and_counts_drops() {
 
 // ----------------------------------------------------- in-process, filters
 
+/// What a [`Recorder`] saw of one event: kind, transport, to, topic, JSON.
+type Seen = (
+    HookEventKind,
+    &'static str,
+    Option<String>,
+    Option<String>,
+    Bytes,
+);
+
 /// An in-process hook that records what it was called with.
 struct Recorder {
     name: String,
     filter: HookFilter,
-    seen: Mutex<Vec<(HookEventKind, &'static str, Option<String>, Option<String>, Bytes)>>,
+    seen: Mutex<Vec<Seen>>,
 }
 
 impl Recorder {
@@ -561,8 +602,17 @@ impl Hook for Recorder {
         &self.filter
     }
     async fn call(&self, e: &HookEvent) -> Result<(), HookError> {
-        let mut seen = self.seen.lock().map_err(|e| HookError::callback(e.to_string()))?;
-        seen.push((e.kind, e.transport, e.to.clone(), e.topic.clone(), e.json.clone()));
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|e| HookError::callback(e.to_string()))?;
+        seen.push((
+            e.kind,
+            e.transport,
+            e.to.clone(),
+            e.topic.clone(),
+            e.json.clone(),
+        ));
         Ok(())
     }
 }
@@ -607,7 +657,10 @@ async fn topic_prefix_filter_fires_for_matching_topics_only() {
         let default = Recorder::new("default", HookFilter::messages());
         let engine = HookEngine::start(
             HookConfig::default(),
-            vec![md.clone() as Arc<dyn Hook>, default.clone() as Arc<dyn Hook>],
+            vec![
+                md.clone() as Arc<dyn Hook>,
+                default.clone() as Arc<dyn Hook>,
+            ],
         );
 
         assert!(engine.wants(HookEventKind::Topic, "zmq", None, Some("md.btc")));
@@ -616,7 +669,11 @@ async fn topic_prefix_filter_fires_for_matching_topics_only() {
         assert!(engine.wants(HookEventKind::Message, "unix", None, None));
 
         for topic in ["md.btc", "news.x", "md.eth", "mdx"] {
-            engine.offer(HookEvent::topic("zmq", topic.into(), Bytes::from_static(b"{}")));
+            engine.offer(HookEvent::topic(
+                "zmq",
+                topic.into(),
+                Bytes::from_static(b"{}"),
+            ));
         }
         engine.offer(message_event(r#"{"type":"message","to":"bob"}"#));
         wait_until(|| engine.stats().runs_ok == 3).await;
@@ -642,7 +699,11 @@ async fn default_filter_ignores_topics_without_queueing() {
         let hook = stdin_copy_script(dir.path(), "hook.sh", &out);
         let engine = HookEngine::start(config(vec![HookSpec::new(&hook)]), Vec::new());
         assert!(!engine.wants(HookEventKind::Topic, "zmq", None, Some("md.btc")));
-        engine.offer(HookEvent::topic("zmq", "md.btc".into(), Bytes::from_static(b"{}")));
+        engine.offer(HookEvent::topic(
+            "zmq",
+            "md.btc".into(),
+            Bytes::from_static(b"{}"),
+        ));
         let s = engine.stats();
         assert_eq!((s.offered, s.filtered_out, s.queued), (1, 1, 0));
         engine.shutdown(Duration::from_secs(5)).await;

@@ -161,7 +161,9 @@ pub fn resolve_hooks(
     match std::fs::read_to_string(&file) {
         Ok(text) => match parse_hooks_yaml(&text, home_dir) {
             Ok(hooks) if !hooks.is_empty() => return Ok((hooks, HookSource::File(file))),
-            Ok(_) => tracing::warn!(file = %file.display(), "hooks file lists no usable hook; ignored"),
+            Ok(_) => {
+                tracing::warn!(file = %file.display(), "hooks file lists no usable hook; ignored")
+            }
             Err(detail) => {
                 tracing::warn!(file = %file.display(), error = %detail, "invalid hooks file; ignored")
             }
@@ -209,11 +211,12 @@ pub fn parse_env(value: &str, home_dir: Option<&Path>) -> Result<Option<Vec<Hook
                     })
                 }
             };
-            if let Some(spec) = entry
-                .into_spec(home_dir)
-                .map_err(|detail| HookError::InvalidEnv {
-                    detail: format!("entry {i}: {detail}"),
-                })?
+            if let Some(spec) =
+                entry
+                    .into_spec(home_dir)
+                    .map_err(|detail| HookError::InvalidEnv {
+                        detail: format!("entry {i}: {detail}"),
+                    })?
             {
                 hooks.push(spec);
             }
@@ -256,9 +259,9 @@ pub fn parse_hooks_yaml(text: &str, home_dir: Option<&Path>) -> Result<Vec<HookS
     for (i, item) in items.into_iter().enumerate() {
         let entry = match item {
             serde_yaml::Value::String(s) => Ok(Entry::Path(s)),
-            map @ serde_yaml::Value::Mapping(_) => {
-                serde_yaml::from_value::<FullEntry>(map).map(Entry::Full).map_err(|e| e.to_string())
-            }
+            map @ serde_yaml::Value::Mapping(_) => serde_yaml::from_value::<FullEntry>(map)
+                .map(Entry::Full)
+                .map_err(|e| e.to_string()),
             other => Err(format!("expected a path or a mapping, found {other:?}")),
         };
         match entry.and_then(|e| e.into_spec(home_dir)) {
@@ -277,7 +280,9 @@ pub fn parse_hooks_yaml(text: &str, home_dir: Option<&Path>) -> Result<Vec<HookS
 pub fn expand_tilde(path: &str, home_dir: Option<&Path>) -> PathBuf {
     match (home_dir, path.strip_prefix('~')) {
         (Some(home), Some("")) => home.to_path_buf(),
-        (Some(home), Some(rest)) if rest.starts_with('/') => home.join(rest.trim_start_matches('/')),
+        (Some(home), Some(rest)) if rest.starts_with('/') => {
+            home.join(rest.trim_start_matches('/'))
+        }
         _ => PathBuf::from(path),
     }
 }

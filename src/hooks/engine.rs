@@ -17,6 +17,10 @@ use super::hook::Hook;
 use super::stats::{bump, Counters, HookStats};
 
 /// Runs hooks for offered events. Cheap to clone: clones share one engine.
+///
+/// Call [`HookEngine::shutdown`] to stop it in order; when every handle is
+/// dropped without it, queued events are discarded and running hooks are
+/// left to finish within their time limits.
 #[derive(Clone)]
 pub struct HookEngine {
     /// Shared by every clone, and (counters, hooks) by the runner.
@@ -109,7 +113,9 @@ impl HookEngine {
                     tx = Some(sender);
                 }
                 Err(_) => {
-                    tracing::error!("hook engine started outside a tokio runtime; hooks will not run")
+                    tracing::error!(
+                        "hook engine started outside a tokio runtime; hooks will not run"
+                    )
                 }
             }
         }
@@ -295,7 +301,11 @@ impl Runner {
                         while self.tasks.len() >= self.max_concurrent {
                             tokio::select! {
                                 biased;
-                                stop = stop_requested(&mut shutdown) => break 'main stop,
+                                stop = stop_requested(&mut shutdown) => {
+                                    // This event is not (fully) dispatched.
+                                    bump(&self.counters.dropped_at_shutdown);
+                                    break 'main stop;
+                                }
                                 Some(done) = self.tasks.join_next() => self.note(done),
                             }
                         }

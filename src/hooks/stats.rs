@@ -22,7 +22,8 @@ pub struct HookStats {
     pub dropped_closed: u64,
     /// Events accepted into the queue.
     pub queued: u64,
-    /// Queued events still waiting when shutdown began, never run.
+    /// Queued events not (fully) dispatched to their hooks when shutdown
+    /// began; those hooks never ran for them.
     pub dropped_at_shutdown: u64,
     /// Hook runs begun (one per matching hook per event).
     pub runs_started: u64,

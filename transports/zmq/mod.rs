@@ -1,1 +1,69 @@
-//! ZeroMQ transport (in progress).
+//! The ZeroMQ transport: the proxy ("PostOffice") and the `Publisher`,
+//! `Receiver` and `Node` clients of `hermes-zmq` 1.3.0, on our own ZMTP 3.x
+//! (NULL mechanism) over tokio.
+//!
+//! - [`zmtp`]: greeting, READY, frames, subscriptions.
+//! - [`endpoint`]: `tcp://` and `ipc://` endpoints.
+//! - [`proxy`]: the XSUB/XPUB/capture proxy with per-side counters.
+//! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router.
+//! - [`publisher`], [`receiver`], [`node`]: the clients.
+//! - [`cli`]: the `proxy`, `pub` and `sub` subcommands.
+//!
+//! See `README.md` in this directory for why we do not use the `zeromq`
+//! crate's sockets.
+
+pub mod bridge;
+pub mod cli;
+pub mod endpoint;
+pub mod node;
+pub mod proxy;
+pub mod publisher;
+pub mod queue;
+pub mod receiver;
+pub mod zmtp;
+
+pub use bridge::ZmqTransport;
+pub use endpoint::Endpoint;
+pub use node::Node;
+pub use proxy::{ProxyConfig, ProxyEndpoints, ProxySnapshot, ProxyStats, ZmqProxy};
+pub use publisher::{Publisher, PublisherConfig};
+pub use receiver::{Receiver, ReceiverConfig, SlowPolicy};
+
+use std::time::Duration;
+
+/// Errors of the ZeroMQ transport and clients.
+#[derive(Debug, thiserror::Error)]
+pub enum ZmqError {
+    /// An address was not `tcp://host:port` or `ipc://path`.
+    #[error("bad endpoint {0:?} (expected tcp://host:port or ipc://path)")]
+    Endpoint(String),
+    /// Binding a listening address failed.
+    #[error("cannot bind {0}: {1}")]
+    Bind(String, std::io::Error),
+    /// Another socket-level failure.
+    #[error("i/o: {0}")]
+    Io(std::io::Error),
+    /// The proxy was asked to serve without bound listeners.
+    #[error("proxy is not bound")]
+    NotBound,
+    /// An envelope could not be encoded.
+    #[error("envelope: {0}")]
+    Envelope(#[from] crate::envelope::EnvelopeError),
+    /// A client was used before `start()` (or after `stop()`).
+    #[error("{0} is not running")]
+    NotRunning(&'static str),
+    /// The Node has no publisher or no receiver for the call.
+    #[error("node has no {0}")]
+    Missing(&'static str),
+    /// Waiting for something (a connection, a subscriber) timed out.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Reconnect delays of the clients: like libzmq's `ZMQ_RECONNECT_IVL`
+/// (100 ms), backing off to at most this.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// First reconnect delay.
+pub const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// How long a client waits for a connect or handshake to finish.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -79,7 +79,7 @@ impl Default for ProxyConfig {
 pub struct SideCounters {
     /// Messages received (publisher side) or written (subscriber sides).
     pub messages: AtomicU64,
-    /// Body bytes of those messages.
+    /// Wire bytes of those messages (frame headers included).
     pub bytes: AtomicU64,
     /// Messages dropped: oversized (publisher side) or a full queue
     /// (subscriber sides).
@@ -379,9 +379,9 @@ fn transcode_to_json(msg: &RawMessage) -> Option<Bytes> {
     Some(out.freeze())
 }
 
-/// Body bytes of a message, for the counters.
+/// Wire bytes of a message (frame headers included), for the counters.
 fn count_bytes(msg: &RawMessage) -> u64 {
-    msg.body_len() as u64
+    msg.wire.len() as u64
 }
 
 /// The addresses a proxy actually bound.

@@ -1,0 +1,129 @@
+//! Command-line options shared by the binaries (`hermes-bus`,
+//! `hermes-busd`, `hermes-bus-server`), with clap.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::config::Paths;
+use crate::router::{RouterConfig, SlowConsumerPolicy};
+use crate::transports::unix::UnixConfig;
+
+/// Where the bus lives.
+#[derive(Debug, Clone, Args, Default)]
+pub struct PathArgs {
+    /// Bus root directory (default: $HERMES_BUS_ROOT, else ~/.hermes).
+    #[arg(long, global = true)]
+    pub root: Option<PathBuf>,
+    /// Socket path (default: <root>/hermes-bus.sock).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+}
+
+impl PathArgs {
+    /// The resolved paths.
+    pub fn paths(&self) -> Paths {
+        Paths::resolve(self.root.as_deref(), self.socket.as_deref())
+    }
+}
+
+/// How the server behaves: limits, timings, policies, hooks.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Evict a session silent for longer than this many seconds.
+    #[arg(long, default_value_t = 90.0)]
+    pub heartbeat_timeout: f64,
+    /// Check for silent sessions every this many seconds.
+    #[arg(long, default_value_t = 15.0)]
+    pub heartbeat_check: f64,
+    /// Hold messages for a name that went away for this many milliseconds
+    /// (0 disables holding).
+    #[arg(long, default_value_t = 5000)]
+    pub hold_grace_ms: u64,
+    /// Hold at most this many messages per name.
+    #[arg(long, default_value_t = 4096)]
+    pub hold_limit: usize,
+    /// Deliveries queued per session before the slow-consumer policy applies.
+    #[arg(long, default_value_t = 16384)]
+    pub outbox_capacity: usize,
+    /// What a full outbox means: drop (count) or disconnect.
+    #[arg(long, default_value = "drop")]
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Most connections open at once.
+    #[arg(long, default_value_t = 16384)]
+    pub max_connections: usize,
+    /// Largest frame in bytes.
+    #[arg(long, default_value_t = crate::transports::unix::frame::MAX_FRAME)]
+    pub max_frame: usize,
+    /// Accept connections from other users' processes.
+    #[arg(long)]
+    pub allow_other_users: bool,
+    /// Seconds to let sessions drain at shutdown.
+    #[arg(long, default_value_t = 2.0)]
+    pub drain_timeout: f64,
+    /// Hook processes running at once.
+    #[arg(long, default_value_t = 16)]
+    pub hook_concurrency: usize,
+    /// Hook events waiting at most (more are dropped and counted).
+    #[arg(long, default_value_t = 1024)]
+    pub hook_queue: usize,
+    /// Milliseconds a hook may run before it is killed.
+    #[arg(long, default_value_t = 10_000)]
+    pub hook_timeout_ms: u64,
+    /// Write the log to this file (trimmed to its last half past 500 KB).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Remove this pid file at exit if it holds our pid (daemon mode).
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Also run the ZeroMQ proxy in this process, sharing the router.
+    #[cfg(feature = "zmq")]
+    #[arg(long)]
+    pub zmq: bool,
+    /// ZeroMQ proxy: publishers' side (XSUB).
+    #[cfg(feature = "zmq")]
+    #[arg(long, default_value = "tcp://127.0.0.1:6000")]
+    pub zmq_in: String,
+    /// ZeroMQ proxy: subscribers' side (XPUB).
+    #[cfg(feature = "zmq")]
+    #[arg(long, default_value = "tcp://127.0.0.1:6001")]
+    pub zmq_out: String,
+    /// ZeroMQ proxy: optional capture PUB with a copy of all traffic.
+    #[cfg(feature = "zmq")]
+    #[arg(long)]
+    pub zmq_capture: Option<String>,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+impl ServeArgs {
+    /// The router's limits.
+    pub fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            heartbeat_timeout: secs(self.heartbeat_timeout),
+            hold_grace: Duration::from_millis(self.hold_grace_ms),
+            hold_limit: self.hold_limit,
+            outbox_capacity: self.outbox_capacity,
+            slow_consumer: self.slow_consumer,
+        }
+    }
+
+    /// The Unix transport's settings for a socket path.
+    pub fn unix_config(&self, socket: PathBuf) -> UnixConfig {
+        UnixConfig {
+            socket,
+            max_connections: self.max_connections,
+            max_frame: self.max_frame,
+            allow_other_users: self.allow_other_users,
+            drain_timeout: secs(self.drain_timeout),
+        }
+    }
+
+    /// The heartbeat check interval.
+    pub fn sweep_interval(&self) -> Duration {
+        secs(self.heartbeat_check).max(Duration::from_millis(10))
+    }
+}
