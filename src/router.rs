@@ -222,7 +222,12 @@ impl Router {
             if is_error {
                 s.counters.errors += 1;
             }
-            deliver(&self.cfg, &mut self.totals, s, &d);
+            // Replies are bounded like traffic but not counted as
+            // deliveries; a reply a full outbox cannot take is a drop.
+            if s.outbox.push(d).is_err() {
+                s.counters.dropped += 1;
+                self.totals.dropped_slow += 1;
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use crate::delivery::{Delivery, TopicMessage};
 use crate::error::ProtocolError;
 use crate::hooks::{HookEngine, HookEvent, HookEventKind};
 use crate::message::BusMessage;
-use crate::outbox::{outbox, Outbox, OutboxReader};
+use crate::outbox::{outbox, OutboxReader};
 use crate::router::{Routed, Router, RouterConfig, SessionId};
 use crate::stats::RouterStats;
 
@@ -205,7 +205,7 @@ impl Bus {
         })
     }
 
-    /// Outbox of a session, e.g. for a transport that answers directly.
+    /// Closes every session's outbox (shutdown): writers drain, then end.
     pub fn close_all(&self, last: Option<Delivery>) {
         self.router().close_all(last);
     }
@@ -216,6 +216,3 @@ impl Bus {
         self.router().reply(sid, d, is_error);
     }
 }
-
-/// An outbox handle re-exported for transports.
-pub type SessionOutbox = Outbox;

@@ -63,3 +63,158 @@ pub async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> O
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+use bytes::BytesMut;
+use hermes_bus::hooks::HookEngine;
+use hermes_bus::transports::unix::{frame, UnixConfig, UnixServer};
+use hermes_bus::{Bus, RouterConfig, Transport};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+/// A bus served in-process on a socket in a temp dir.
+pub struct TestBus {
+    /// Holds the temp dir alive.
+    pub dir: tempfile::TempDir,
+    /// The socket path.
+    pub socket: PathBuf,
+    /// The bus handle (router, counters).
+    pub bus: Bus,
+    /// Stops the server.
+    pub shutdown: CancellationToken,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestBus {
+    /// Starts a bus with the given router config and hooks.
+    pub async fn start_with(cfg: RouterConfig, hooks: HookEngine) -> TestBus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("hermes-bus.sock");
+        let server = UnixServer::bind(UnixConfig::new(&socket)).expect("bind");
+        let bus = Bus::new(cfg, hooks);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Box::new(server).serve(bus.clone(), shutdown.clone()));
+        TestBus {
+            dir,
+            socket,
+            bus,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Starts a bus with defaults and no hooks.
+    pub async fn start() -> TestBus {
+        TestBus::start_with(RouterConfig::default(), HookEngine::disabled()).await
+    }
+
+    /// The router's totals.
+    pub fn totals(&self) -> hermes_bus::stats::Totals {
+        self.bus.router().totals()
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A raw protocol connection for tests: frames in, JSON out.
+pub struct Raw {
+    /// The socket.
+    pub s: UnixStream,
+    /// Bytes read but not yet framed.
+    buf: BytesMut,
+}
+
+impl Raw {
+    /// Connects.
+    pub async fn connect(path: &Path) -> Raw {
+        Raw {
+            s: UnixStream::connect(path).await.expect("connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and registers `name`; returns after `registered`.
+    pub async fn register(path: &Path, name: &str) -> Raw {
+        let mut r = Raw::connect(path).await;
+        r.send(&serde_json::json!({"type": "register", "endpoint": name})).await;
+        let v = r.recv().await.expect("registered reply");
+        assert_eq!(v["type"], "registered", "{v}");
+        r
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        self.s.write_all(b).await.expect("write");
+    }
+
+    /// Sends one frame around `payload`.
+    pub async fn send_payload(&mut self, payload: &[u8]) {
+        self.send_bytes(&frame::encode(payload)).await;
+    }
+
+    /// Sends one JSON frame.
+    pub async fn send(&mut self, v: &Value) {
+        self.send_payload(&serde_json::to_vec(v).expect("json")).await;
+    }
+
+    /// Next frame as JSON within 5 s; None on EOF or timeout.
+    pub async fn recv(&mut self) -> Option<Value> {
+        self.recv_within(Duration::from_secs(5)).await
+    }
+
+    /// Next frame as JSON within `limit`; None on EOF or timeout.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(p)) = frame::decode(&mut self.buf, frame::MAX_FRAME) {
+                return Some(serde_json::from_slice(&p).expect("bus sent invalid JSON"));
+            }
+            let r = tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.buf)).await;
+            match r {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// True when the bus closed the connection within `limit`.
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut scratch = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(deadline, self.s.read(&mut scratch)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Runs a Python script with the given interpreter and environment,
+/// bounded by `limit`; returns stdout (panics with stderr on failure).
+pub async fn run_python(python: &Path, script: &str, env: &[(&str, &str)], limit: Duration) -> String {
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg("-c").arg(script).env("PATH", path_with_bins()).kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("python script timed out")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -31,6 +31,21 @@ pub use receiver::{Receiver, ReceiverConfig, SlowPolicy};
 
 use std::time::Duration;
 
+/// The ZeroMQ transport for `serve --zmq`, from the serve flags.
+pub fn transport_from_args(args: &crate::cli::ServeArgs) -> anyhow::Result<Box<dyn crate::transport::Transport>> {
+    let cfg = ProxyConfig {
+        frontend: args.zmq_in.clone(),
+        backend: args.zmq_out.clone(),
+        capture: args.zmq_capture.clone(),
+        ..ProxyConfig::default()
+    };
+    // Validate the addresses now so a typo fails at start, not later.
+    for a in [&cfg.frontend, &cfg.backend].into_iter().chain(cfg.capture.as_ref()) {
+        a.parse::<Endpoint>()?;
+    }
+    Ok(Box::new(ZmqTransport::new(cfg)))
+}
+
 /// Errors of the ZeroMQ transport and clients.
 #[derive(Debug, thiserror::Error)]
 pub enum ZmqError {

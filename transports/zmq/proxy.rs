@@ -146,6 +146,8 @@ pub struct ProxyStats {
     pub capture: SideCounters,
     /// Envelopes handed to the router.
     pub to_bus: AtomicU64,
+    /// Envelopes the router bridge could not take (its queue was full).
+    pub to_bus_dropped: AtomicU64,
     /// Topic messages from the router forwarded to subscribers.
     pub from_bus: AtomicU64,
     /// MessagePack data frames transcoded to JSON for peers that did not
@@ -164,6 +166,8 @@ pub struct ProxySnapshot {
     pub capture: SideSnapshot,
     /// See [`ProxyStats::to_bus`].
     pub to_bus: u64,
+    /// See [`ProxyStats::to_bus_dropped`].
+    pub to_bus_dropped: u64,
     /// See [`ProxyStats::from_bus`].
     pub from_bus: u64,
     /// See [`ProxyStats::transcoded`].
@@ -178,6 +182,7 @@ impl ProxyStats {
             subscribers: self.subscribers.snapshot(),
             capture: self.capture.snapshot(),
             to_bus: self.to_bus.load(Ordering::Relaxed),
+            to_bus_dropped: self.to_bus_dropped.load(Ordering::Relaxed),
             from_bus: self.from_bus.load(Ordering::Relaxed),
             transcoded: self.transcoded.load(Ordering::Relaxed),
         }
@@ -187,9 +192,9 @@ impl ProxyStats {
 /// Where envelopes read from publishers go besides the subscribers (the
 /// router, see `bridge.rs`).
 pub trait EnvelopeSink: Send + Sync + 'static {
-    /// Offers one message from a publisher; returns whether it was a valid
-    /// envelope (invalid ones are counted as malformed).
-    fn offer(&self, msg: &RawMessage) -> bool;
+    /// Offers one message from a publisher that looks like an envelope.
+    /// Must not wait; the sink counts what it cannot take or decode.
+    fn offer(&self, msg: &RawMessage);
 }
 
 /// Which side a subscriber-like peer is on.
@@ -642,11 +647,11 @@ async fn publisher_read_loop(
                     n += 1;
                     bytes += count_bytes(&m);
                     hub.dispatch(&m);
-                    let valid = match &hub.sink {
-                        Some(sink) => sink.offer(&m),
-                        None => m.frames_n::<4>().is_some_and(|f| envelope::looks_like_envelope(&f)),
-                    };
-                    if !valid {
+                    if m.frames_n::<4>().is_some_and(|f| envelope::looks_like_envelope(&f)) {
+                        if let Some(sink) = &hub.sink {
+                            sink.offer(&m);
+                        }
+                    } else {
                         bad += 1;
                     }
                 }

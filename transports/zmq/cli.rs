@@ -1,0 +1,257 @@
+//! The `proxy`, `pub` and `sub` subcommands (clap argument structs and
+//! their async entry points; the binary wires them in).
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::proxy::{ProxyConfig, ZmqProxy, DEFAULT_BACKEND, DEFAULT_CAPTURE, DEFAULT_FRONTEND};
+use super::publisher::{Publisher, PublisherConfig};
+use super::receiver::{Receiver, ReceiverConfig, SlowPolicy};
+use super::ZmqTransport;
+use crate::codec::Codec;
+use crate::envelope::{Data, Registry};
+use crate::transport::{Bus, Transport};
+
+/// `hermes-bus proxy`: the ZeroMQ proxy in the foreground.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// XSUB address publishers connect to.
+    #[arg(long, visible_alias = "proxy-in", default_value = DEFAULT_FRONTEND)]
+    pub frontend: String,
+    /// XPUB address subscribers connect to.
+    #[arg(long, visible_alias = "proxy-out", default_value = DEFAULT_BACKEND)]
+    pub backend: String,
+    /// Also serve a capture PUB socket with a copy of all traffic (the
+    /// reference's debug address; without a value: tcp://127.0.0.1:6002).
+    #[arg(long, visible_alias = "debug-addr", num_args = 0..=1, default_missing_value = DEFAULT_CAPTURE)]
+    pub capture: Option<String>,
+    /// Largest message accepted, in bytes (larger ones are dropped and counted).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_msg_size: usize,
+    /// Per-subscriber queue limit in messages (beyond it: drop and count).
+    #[arg(long, default_value_t = 100_000)]
+    pub sub_queue: usize,
+    /// Per-subscriber queue limit in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub sub_queue_bytes: usize,
+    /// Maximum connections per side.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+}
+
+impl ProxyArgs {
+    /// The proxy configuration these arguments describe.
+    pub fn config(&self) -> ProxyConfig {
+        ProxyConfig {
+            frontend: self.frontend.clone(),
+            backend: self.backend.clone(),
+            capture: self.capture.clone(),
+            max_msg_size: self.max_msg_size,
+            sub_queue: self.sub_queue,
+            sub_queue_bytes: self.sub_queue_bytes,
+            max_connections: self.max_connections,
+            ..ProxyConfig::default()
+        }
+    }
+}
+
+/// `hermes-bus pub TOPIC [DATA]`: publishes envelopes through a proxy.
+#[derive(Debug, Clone, Args)]
+pub struct PubArgs {
+    /// Topic, e.g. `RAW/node1`.
+    pub topic: String,
+    /// Data: JSON if it parses as JSON, else sent as a JSON string.
+    /// Default: null.
+    pub data: Option<String>,
+    /// The proxy's XSUB address.
+    #[arg(long, default_value = DEFAULT_FRONTEND)]
+    pub addr: String,
+    /// Origin name.
+    #[arg(long, default_value = "hermes-bus")]
+    pub name: String,
+    /// How many times to publish.
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Pause between publications, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
+    /// How long to wait for a subscriber of the topic before publishing
+    /// (a PUB drops what nobody subscribed to), in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub wait_ms: u64,
+    /// Data codec: json or msgpack (msgpack only if the proxy accepts it).
+    #[arg(long, default_value = "json", value_parser = parse_codec)]
+    pub codec: Codec,
+}
+
+/// `hermes-bus sub [PREFIX]`: prints envelopes as JSON lines.
+#[derive(Debug, Clone, Args)]
+pub struct SubArgs {
+    /// Topic prefix; none: everything.
+    pub prefix: Option<String>,
+    /// The proxy's XPUB address.
+    #[arg(long, default_value = DEFAULT_BACKEND)]
+    pub addr: String,
+    /// Receiver name.
+    #[arg(long, default_value = "hermes-bus-sub")]
+    pub name: String,
+    /// Keep only envelopes from these origins (repeatable).
+    #[arg(long = "exchange")]
+    pub exchanges: Vec<String>,
+    /// Exit after this many envelopes.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this many seconds.
+    #[arg(long)]
+    pub timeout_s: Option<f64>,
+    /// What to do with envelopes lagging over 1 s: warn, drop, stop.
+    #[arg(long, default_value = "warn")]
+    pub slow: SlowPolicy,
+    /// Accept MessagePack data frames from the proxy.
+    #[arg(long, default_value = "json", value_parser = parse_codec)]
+    pub codec: Codec,
+}
+
+fn parse_codec(s: &str) -> Result<Codec, String> {
+    Codec::from_name(s).ok_or_else(|| format!("unknown codec {s:?} (json, msgpack)"))
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn signal_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        t.cancel();
+    });
+    token
+}
+
+/// Runs the proxy inside `bus` (so Unix sessions and hooks see ZeroMQ
+/// topics) until SIGINT/SIGTERM.
+pub async fn run_proxy_with_bus(args: ProxyArgs, bus: Bus) -> anyhow::Result<()> {
+    let t = ZmqTransport::bind(args.config()).await?;
+    if let Some(ep) = t.endpoints() {
+        tracing::info!(frontend = %ep.frontend, backend = %ep.backend, capture = ?ep.capture.as_ref().map(|c| c.to_string()), "zmq proxy serving");
+    }
+    let shutdown = signal_token();
+    Box::new(t).serve(bus, shutdown).await
+}
+
+/// `hermes-bus proxy`: runs the proxy alone (no router), as the
+/// reference's PostOffice, until SIGINT/SIGTERM; prints the bound
+/// addresses as one JSON line first.
+pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let p = ZmqProxy::bind(args.config()).await?;
+    if let Some(ep) = p.endpoints() {
+        let line = serde_json::json!({
+            "frontend": ep.frontend.to_string(),
+            "backend": ep.backend.to_string(),
+            "capture": ep.capture.map(|c| c.to_string()),
+        });
+        print_line(&line.to_string())?;
+    }
+    let stats = p.stats();
+    p.run(signal_token()).await?;
+    tracing::info!(stats = ?stats.snapshot(), "zmq proxy stopped");
+    Ok(())
+}
+
+fn print_line(s: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{s}")?;
+    out.flush()
+}
+
+/// Publishes `count` envelopes; prints the publisher's counters as JSON.
+pub async fn run_pub(args: PubArgs) -> anyhow::Result<()> {
+    let data: Box<serde_json::value::RawValue> = match &args.data {
+        None => serde_json::value::to_raw_value(&serde_json::Value::Null)?,
+        Some(s) => match serde_json::from_str::<Box<serde_json::value::RawValue>>(s) {
+            Ok(raw) => raw,
+            Err(_) => serde_json::value::to_raw_value(s)?,
+        },
+    };
+    let data = Data::Json(data);
+    let mut cfg = PublisherConfig::new(&args.addr, &args.name);
+    cfg.codec = args.codec;
+    let mut p = Publisher::with_config(cfg)?;
+    p.start()?;
+    let wait = Duration::from_millis(args.wait_ms);
+    if p.wait_for_subscriber(&args.topic, wait).await.is_err() {
+        tracing::warn!(topic = %args.topic, "no subscriber for the topic yet; publishing anyway");
+    }
+    for i in 0..args.count {
+        p.publish_parts(&args.topic, &args.name, &data)?;
+        if args.interval_ms > 0 && i + 1 < args.count {
+            tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+        }
+    }
+    let _ = p.flush(Duration::from_secs(5)).await;
+    p.stop().await;
+    print_line(&serde_json::to_string(&p.stats())?)?;
+    Ok(())
+}
+
+/// Prints one JSON line per envelope: `{"topic","origin","data","ts"}`.
+pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
+    let mut cfg = ReceiverConfig::new(&args.addr, &args.name);
+    cfg.topics = args.prefix.iter().cloned().collect();
+    cfg.exchanges = args.exchanges.clone();
+    cfg.slow_policy = args.slow;
+    cfg.codec = args.codec;
+    cfg.registry = std::sync::Arc::new(Registry::empty());
+    let mut r = Receiver::with_config(cfg)?;
+    r.start()?;
+    let shutdown = signal_token();
+    let deadline = args.timeout_s.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let mut n = 0u64;
+    loop {
+        if args.count.is_some_and(|c| n >= c) {
+            break;
+        }
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let env = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sleep => break,
+            e = r.recv() => e,
+        };
+        let Some(env) = env else { break };
+        let line = serde_json::json!({
+            "topic": env.topic,
+            "origin": env.origin,
+            "data": env.data,
+            "ts": env.ts,
+        });
+        print_line(&line.to_string())?;
+        n += 1;
+    }
+    r.stop().await;
+    Ok(())
+}
