@@ -337,6 +337,7 @@ impl Router {
             Slot::Held { queue, .. } => {
                 if queue.len() < cfg.hold_limit {
                     queue.push_back(d.clone());
+                    totals.held += 1;
                     held += 1;
                 } else {
                     totals.dropped_held += 1;

@@ -25,6 +25,9 @@ pub struct Totals {
     pub delivered: u64,
     /// Deliveries dropped by a full outbox (slow consumer).
     pub dropped_slow: u64,
+    /// Messages queued for a name whose client went away a moment ago
+    /// (delivered when it registers again).
+    pub held: u64,
     /// Messages held for a recently gone name and dropped: the hold bound
     /// was full, or the name did not come back within the grace period.
     pub dropped_held: u64,

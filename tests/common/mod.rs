@@ -95,6 +95,7 @@ impl TestBus {
         let server = UnixServer::bind(UnixConfig::new(&socket)).expect("bind");
         let bus = Bus::new(cfg, hooks);
         let shutdown = CancellationToken::new();
+        bus.spawn_sweeper(Duration::from_millis(100), shutdown.clone());
         let task = tokio::spawn(Box::new(server).serve(bus.clone(), shutdown.clone()));
         TestBus {
             dir,
