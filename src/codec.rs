@@ -147,7 +147,10 @@ mod tests {
             let back: serde_json::Value = decode(&bytes).expect("decode");
             assert_eq!(back, v);
             let raw = to_raw_json(&bytes).expect("raw");
-            assert_eq!(serde_json::from_str::<serde_json::Value>(raw.get()).ok(), Some(v.clone()));
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(raw.get()).ok(),
+                Some(v.clone())
+            );
         }
     }
 

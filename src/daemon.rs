@@ -151,7 +151,10 @@ fn send_signal(pid: i32, sig: i32) -> bool {
 
 /// True when a bus answers `list_endpoints` on the socket.
 pub fn bus_answers(socket: &Path) -> bool {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(_) => return false,
     };
@@ -210,7 +213,10 @@ pub fn cmd_start(paths: &Paths, server_args: &[String]) -> i32 {
         return 0;
     }
     if bus_answers(&paths.socket) {
-        println!("a bus is already answering on {} (not started by busd: no live pid file)", paths.socket.display());
+        println!(
+            "a bus is already answering on {} (not started by busd: no live pid file)",
+            paths.socket.display()
+        );
         println!("  refusing to start a second bus over it; stop that one first");
         return 1;
     }
@@ -226,7 +232,11 @@ pub fn cmd_start(paths: &Paths, server_args: &[String]) -> i32 {
         println!("cannot create {}: {e}", paths.run_dir().display());
         return 1;
     }
-    let log = match OpenOptions::new().create(true).append(true).open(&paths.log_file) {
+    let log = match OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log_file)
+    {
         Ok(f) => f,
         Err(e) => {
             println!("cannot open log {}: {e}", paths.log_file.display());
@@ -356,12 +366,17 @@ pub fn diagnose(paths: &Paths) -> Vec<String> {
     let mut d = Vec::new();
     match std::fs::symlink_metadata(&paths.socket) {
         Ok(_) if socket_is_live(&paths.socket) => {}
-        Ok(_) => d.push(format!("socket file {} exists but nobody answers (stale; `start` cleans it)", paths.socket.display())),
+        Ok(_) => d.push(format!(
+            "socket file {} exists but nobody answers (stale; `start` cleans it)",
+            paths.socket.display()
+        )),
         Err(_) => d.push("socket file not found".into()),
     }
     match std::fs::read_to_string(&paths.pid_file) {
         Ok(text) => match text.trim().parse::<i32>() {
-            Ok(pid) if !pid_alive(pid) => d.push(format!("PID file exists but process {pid} has exited — abnormal termination (crash/kill)")),
+            Ok(pid) if !pid_alive(pid) => d.push(format!(
+                "PID file exists but process {pid} has exited — abnormal termination (crash/kill)"
+            )),
             Ok(_) => {}
             Err(_) => d.push("PID file content invalid".into()),
         },
@@ -379,7 +394,10 @@ pub fn diagnose(paths: &Paths) -> Vec<String> {
     ];
     let tail = log_tail(&paths.log_file, 50);
     for (kw, what) in patterns {
-        let n = tail.iter().filter(|l| l.to_lowercase().contains(kw)).count();
+        let n = tail
+            .iter()
+            .filter(|l| l.to_lowercase().contains(kw))
+            .count();
         if n > 0 {
             d.push(format!("Log contains '{kw}': {what} ({n} occurrences)"));
         }
@@ -403,7 +421,10 @@ pub fn cmd_status(paths: &Paths) -> i32 {
         }
         (_, true) => {
             println!("busd not running (no live PID file)");
-            println!("  but socket is alive — a bus started by another process answers on {}", paths.socket.display());
+            println!(
+                "  but socket is alive — a bus started by another process answers on {}",
+                paths.socket.display()
+            );
             print_live_details(paths);
             0
         }
@@ -458,18 +479,31 @@ fn print_live_details(paths: &Paths) {
                 "    {}  (sid={})  received={} delivered={} dropped={} errors={} queued={}",
                 e["name"].as_str().unwrap_or(""),
                 e["session_id"].as_str().unwrap_or(""),
-                c["received"], c["delivered"], c["dropped"], c["errors"], e["queued"]
+                c["received"],
+                c["delivered"],
+                c["dropped"],
+                c["errors"],
+                e["queued"]
             );
         }
     }
     if let Some(held) = router["held"].as_array().filter(|h| !h.is_empty()) {
         println!("  Held for reconnect ({}):", held.len());
         for h in held {
-            println!("    {}  queued={} gone_ms={}", h["name"].as_str().unwrap_or(""), h["queued"], h["gone_ms"]);
+            println!(
+                "    {}  queued={} gone_ms={}",
+                h["name"].as_str().unwrap_or(""),
+                h["queued"],
+                h["gone_ms"]
+            );
         }
     }
     let t = &router["totals"];
-    println!("  Sessions: {}  uptime: {:.0}s", router["sessions"], stats["uptime_s"].as_f64().unwrap_or(0.0));
+    println!(
+        "  Sessions: {}  uptime: {:.0}s",
+        router["sessions"],
+        stats["uptime_s"].as_f64().unwrap_or(0.0)
+    );
     println!(
         "  Totals: routed={} delivered={} dropped_slow={} dropped_held={} errors={} evicted={} replaced={} slow_disconnects={} connections={}",
         t["routed"], t["delivered"], t["dropped_slow"], t["dropped_held"], t["errors"], t["evicted"], t["replaced"], t["slow_disconnects"], t["connections"]

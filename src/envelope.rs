@@ -121,9 +121,7 @@ pub fn subscription_for(prefix: &str) -> Vec<u8> {
 /// A message struct: serialized as `[dtype, ts, fields...]`.
 /// Implemented by [`message_struct!`]; implement it by hand only together
 /// with that array form.
-pub trait MessageStruct:
-    Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'static
-{
+pub trait MessageStruct: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'static {
     /// The `dtype` on the wire (the reference uses the class name).
     const DTYPE: &'static str;
     /// The struct's own timestamp (float Unix seconds).
@@ -406,11 +404,15 @@ pub fn peek_dtype(payload: &[u8]) -> Option<String> {
                 return None;
             }
             let mut de = serde_json::Deserializer::from_slice(payload);
-            serde::de::DeserializeSeed::deserialize(HeadSeed, &mut de).ok().flatten()
+            serde::de::DeserializeSeed::deserialize(HeadSeed, &mut de)
+                .ok()
+                .flatten()
         }
         Codec::MsgPack => {
             let mut de = rmp_serde::Deserializer::from_read_ref(&payload[1..]);
-            serde::de::DeserializeSeed::deserialize(HeadSeed, &mut de).ok().flatten()
+            serde::de::DeserializeSeed::deserialize(HeadSeed, &mut de)
+                .ok()
+                .flatten()
         }
     }
 }
@@ -443,7 +445,9 @@ impl Default for Registry {
 impl Registry {
     /// A registry with no types (everything stays raw JSON).
     pub fn empty() -> Registry {
-        Registry { decoders: HashMap::new() }
+        Registry {
+            decoders: HashMap::new(),
+        }
     }
 
     /// A registry with the built-in structs: [`Message`], [`Quote`], [`Trade`].
@@ -503,7 +507,11 @@ pub struct Envelope {
 
 impl Envelope {
     /// An envelope stamped now.
-    pub fn new(topic: impl Into<String>, origin: impl Into<String>, data: impl Into<Data>) -> Envelope {
+    pub fn new(
+        topic: impl Into<String>,
+        origin: impl Into<String>,
+        data: impl Into<Data>,
+    ) -> Envelope {
         Envelope {
             topic: topic.into(),
             origin: origin.into(),
@@ -517,22 +525,39 @@ impl Envelope {
         let mut origin = Vec::with_capacity(self.origin.len() + 2);
         write_ascii_json_str(&self.origin, true, &mut origin);
         let ts = serde_json::to_vec(&self.ts).map_err(CodecError::from)?;
-        Ok([topic_frame(&self.topic), origin, self.data.encode(codec)?, ts])
+        Ok([
+            topic_frame(&self.topic),
+            origin,
+            self.data.encode(codec)?,
+            ts,
+        ])
     }
 
     /// Decodes four frames (data in either codec; see [`Registry::decode`]).
-    pub fn from_frames<F: AsRef<[u8]>>(frames: &[F], registry: &Registry) -> Result<Envelope, EnvelopeError> {
+    pub fn from_frames<F: AsRef<[u8]>>(
+        frames: &[F],
+        registry: &Registry,
+    ) -> Result<Envelope, EnvelopeError> {
         let [topic, origin, data, ts] = frames else {
             return Err(EnvelopeError::FrameCount(frames.len()));
         };
         let (topic, origin, ts) = parse_header(topic.as_ref(), origin.as_ref(), ts.as_ref())?;
         let data = registry.decode(data.as_ref())?;
-        Ok(Envelope { topic, origin, data, ts })
+        Ok(Envelope {
+            topic,
+            origin,
+            data,
+            ts,
+        })
     }
 }
 
 /// Parses the topic, origin and ts frames of an envelope.
-pub fn parse_header(topic: &[u8], origin: &[u8], ts: &[u8]) -> Result<(String, String, f64), EnvelopeError> {
+pub fn parse_header(
+    topic: &[u8],
+    origin: &[u8],
+    ts: &[u8],
+) -> Result<(String, String, f64), EnvelopeError> {
     let topic: String = serde_json::from_slice(topic).map_err(|_| EnvelopeError::BadTopic)?;
     let origin: String = serde_json::from_slice(origin).map_err(|_| EnvelopeError::BadOrigin)?;
     let ts = parse_ts(ts).ok_or(EnvelopeError::BadTs)?;
@@ -557,7 +582,10 @@ pub fn looks_like_envelope<F: AsRef<[u8]>>(frames: &[F]) -> bool {
         return false;
     };
     let quoted = |b: &[u8]| b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"';
-    quoted(topic.as_ref()) && quoted(origin.as_ref()) && !data.as_ref().is_empty() && parse_ts(ts.as_ref()).is_some()
+    quoted(topic.as_ref())
+        && quoted(origin.as_ref())
+        && !data.as_ref().is_empty()
+        && parse_ts(ts.as_ref()).is_some()
 }
 
 // Serde helper so `Data` can be part of serializable structs (as JSON).
@@ -586,15 +614,28 @@ mod tests {
     #[test]
     fn ascii_escaping_like_python() {
         assert_eq!(topic_frame("RAW/n1"), br#""RAW/n1""#.to_vec());
-        assert_eq!(topic_frame("é/€/😀"), br#""\u00e9/\u20ac/\ud83d\ude00""#.to_vec());
-        assert_eq!(topic_frame("a\"b\\c\n\u{1}"), br#""a\"b\\c\n\u0001""#.to_vec());
+        assert_eq!(
+            topic_frame("é/€/😀"),
+            br#""\u00e9/\u20ac/\ud83d\ude00""#.to_vec()
+        );
+        assert_eq!(
+            topic_frame("a\"b\\c\n\u{1}"),
+            br#""a\"b\\c\n\u0001""#.to_vec()
+        );
         assert_eq!(subscription_for("RAW/"), b"\"RAW/".to_vec());
         assert_eq!(subscription_for(""), Vec::<u8>::new());
     }
 
     #[test]
     fn structs_roundtrip_and_registry() {
-        let q = Quote { ts: 1.5, symbol: "AAPL".into(), bid: 1.0, bid_size: 2.0, ask: 3.0, ask_size: 4.0 };
+        let q = Quote {
+            ts: 1.5,
+            symbol: "AAPL".into(),
+            bid: 1.0,
+            bid_size: 2.0,
+            ask: 3.0,
+            ask_size: 4.0,
+        };
         let json = serde_json::to_string(&q).expect("ser");
         assert_eq!(json, r#"["Quote",1.5,"AAPL",1.0,2.0,3.0,4.0]"#);
         let reg = Registry::builtin();
@@ -606,7 +647,9 @@ mod tests {
         let d = reg.decode(br#"["Unknown", 1, 2]"#).expect("raw");
         assert!(matches!(d, Data::Json(_)));
         assert_eq!(d.dtype().as_deref(), Some("Unknown"));
-        let d = reg.decode(br#"["Quote", 1]"#).expect("short quote stays raw");
+        let d = reg
+            .decode(br#"["Quote", 1]"#)
+            .expect("short quote stays raw");
         assert!(matches!(d, Data::Json(_)));
         assert!(reg.decode(b"not json").is_err());
         let m = reg.decode(br#"["Message", 2.5]"#).expect("msg");
@@ -615,11 +658,19 @@ mod tests {
 
     #[test]
     fn envelope_frames_roundtrip() {
-        let e = Envelope { topic: "RAW/x".into(), origin: "x".into(), data: Data::json(&[1, 2]).expect("j"), ts: 3.25 };
+        let e = Envelope {
+            topic: "RAW/x".into(),
+            origin: "x".into(),
+            data: Data::json(&[1, 2]).expect("j"),
+            ts: 3.25,
+        };
         let f = e.to_frames(Codec::Json).expect("frames");
         assert!(looks_like_envelope(&f));
         let back = Envelope::from_frames(&f, &Registry::builtin()).expect("back");
         assert_eq!(back, e);
-        assert!(matches!(Envelope::from_frames(&f[..3], &Registry::builtin()), Err(EnvelopeError::FrameCount(3))));
+        assert!(matches!(
+            Envelope::from_frames(&f[..3], &Registry::builtin()),
+            Err(EnvelopeError::FrameCount(3))
+        ));
     }
 }

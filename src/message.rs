@@ -47,12 +47,21 @@ impl BusMessage {
         let first = text.trim_start().as_bytes().first().copied();
         if first != Some(b'{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                Ok(_) => ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object"),
-                Err(e) => ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")),
+                Ok(_) => {
+                    ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object")
+                }
+                Err(e) => ProtocolError::new(
+                    ErrorCode::BadJson,
+                    format!("payload is not valid JSON ({e})"),
+                ),
             });
         }
-        serde_json::from_str::<BusMessage>(text)
-            .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")))
+        serde_json::from_str::<BusMessage>(text).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::BadJson,
+                format!("payload is not valid JSON ({e})"),
+            )
+        })
     }
 
     /// The raw JSON text of a field.
@@ -83,7 +92,12 @@ impl BusMessage {
         }
         serde_json::from_str::<String>(text)
             .map(|s| Some(Cow::Owned(s)))
-            .map_err(|_| ProtocolError::new(ErrorCode::BadField, format!("field '{key}' must be a string")))
+            .map_err(|_| {
+                ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("field '{key}' must be a string"),
+                )
+            })
     }
 
     /// The `type` field (required on every frame).
@@ -166,8 +180,7 @@ impl BusMessage {
 
 /// Writes `s` as a JSON string literal.
 fn write_json_str(out: &mut BytesMut, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
     {
         out.put_u8(b'"');
@@ -217,10 +230,14 @@ mod tests {
 
     #[test]
     fn keeps_unknown_fields_and_body_verbatim() {
-        let src = br#"{"type": "message", "to": "b", "body": {"x": [1, 2.50, "\u00e9"]}, "extra": 7}"#;
+        let src =
+            br#"{"type": "message", "to": "b", "body": {"x": [1, 2.50, "\u00e9"]}, "extra": 7}"#;
         let m = BusMessage::parse(src).unwrap();
         assert_eq!(m.kind().unwrap(), "message");
-        assert_eq!(m.raw("body").unwrap().get(), r#"{"x": [1, 2.50, "\u00e9"]}"#);
+        assert_eq!(
+            m.raw("body").unwrap().get(),
+            r#"{"x": [1, 2.50, "\u00e9"]}"#
+        );
         let out = m.to_json();
         let back: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(back["extra"], 7);
@@ -229,10 +246,22 @@ mod tests {
 
     #[test]
     fn classifies_bad_input() {
-        assert_eq!(BusMessage::parse(b"\xff\xfe").unwrap_err().code, ErrorCode::BadUtf8);
-        assert_eq!(BusMessage::parse(b"{nope").unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(BusMessage::parse(b"[1,2]").unwrap_err().code, ErrorCode::NotObject);
-        assert_eq!(BusMessage::parse(b"  42").unwrap_err().code, ErrorCode::NotObject);
+        assert_eq!(
+            BusMessage::parse(b"\xff\xfe").unwrap_err().code,
+            ErrorCode::BadUtf8
+        );
+        assert_eq!(
+            BusMessage::parse(b"{nope").unwrap_err().code,
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            BusMessage::parse(b"[1,2]").unwrap_err().code,
+            ErrorCode::NotObject
+        );
+        assert_eq!(
+            BusMessage::parse(b"  42").unwrap_err().code,
+            ErrorCode::NotObject
+        );
         assert_eq!(BusMessage::parse(b"").unwrap_err().code, ErrorCode::BadJson);
         let m = BusMessage::parse(br#"{"to": 5}"#).unwrap();
         assert_eq!(m.str_field("to").unwrap_err().code, ErrorCode::BadField);

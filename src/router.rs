@@ -39,7 +39,9 @@ impl std::str::FromStr for SlowConsumerPolicy {
         match s {
             "drop" => Ok(SlowConsumerPolicy::Drop),
             "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
-            other => Err(format!("unknown slow-consumer policy '{other}' (drop|disconnect)")),
+            other => Err(format!(
+                "unknown slow-consumer policy '{other}' (drop|disconnect)"
+            )),
         }
     }
 }
@@ -181,11 +183,22 @@ impl Router {
     }
 
     /// Adds a transport's own sink session (never evicted for silence).
-    pub fn connect_sink(&mut self, transport: &'static str, outbox: Outbox, now: Instant) -> SessionId {
+    pub fn connect_sink(
+        &mut self,
+        transport: &'static str,
+        outbox: Outbox,
+        now: Instant,
+    ) -> SessionId {
         self.add_session(transport, outbox, now, false)
     }
 
-    fn add_session(&mut self, transport: &'static str, outbox: Outbox, now: Instant, expires: bool) -> SessionId {
+    fn add_session(
+        &mut self,
+        transport: &'static str,
+        outbox: Outbox,
+        now: Instant,
+        expires: bool,
+    ) -> SessionId {
         let id = self.next_id;
         self.next_id += 1;
         self.totals.connections += 1;
@@ -234,12 +247,23 @@ impl Router {
     /// Registers `name` for the session: answers `registered`, takes the
     /// name from a live holder (who is told `replaced` and closed), and
     /// replays, in order, what was held for the name.
-    pub fn register(&mut self, sid: SessionId, name: &str, now: Instant) -> Result<String, ProtocolError> {
+    pub fn register(
+        &mut self,
+        sid: SessionId,
+        name: &str,
+        now: Instant,
+    ) -> Result<String, ProtocolError> {
         if name.is_empty() {
-            return Err(ProtocolError::new(ErrorCode::BadField, "field 'endpoint' must be a non-empty string"));
+            return Err(ProtocolError::new(
+                ErrorCode::BadField,
+                "field 'endpoint' must be a non-empty string",
+            ));
         }
         let Some(s) = self.sessions.get(&sid) else {
-            return Err(ProtocolError::new(ErrorCode::ShuttingDown, "session is closed"));
+            return Err(ProtocolError::new(
+                ErrorCode::ShuttingDown,
+                "session is closed",
+            ));
         };
         if let Some(old) = &s.name {
             return Err(ProtocolError::new(
@@ -271,7 +295,10 @@ impl Router {
         }
         let uuid = uuid::Uuid::new_v4().to_string();
         let Some(s) = self.sessions.get_mut(&sid) else {
-            return Err(ProtocolError::new(ErrorCode::ShuttingDown, "session is closed"));
+            return Err(ProtocolError::new(
+                ErrorCode::ShuttingDown,
+                "session is closed",
+            ));
         };
         s.name = Some(name.to_owned());
         s.uuid = uuid.clone();
@@ -294,8 +321,16 @@ impl Router {
     /// sender) `from`, encodes it once, and queues it to its target or to
     /// every registered endpoint. `Err(EndpointNotFound)` when `to` names
     /// nobody; the message is then not routed.
-    pub fn route(&mut self, sid: SessionId, msg: &mut BusMessage, now: Instant) -> Result<Routed, ProtocolError> {
-        let to = msg.str_field("to")?.map(|c| c.into_owned()).filter(|t| !t.is_empty());
+    pub fn route(
+        &mut self,
+        sid: SessionId,
+        msg: &mut BusMessage,
+        now: Instant,
+    ) -> Result<Routed, ProtocolError> {
+        let to = msg
+            .str_field("to")?
+            .map(|c| c.into_owned())
+            .filter(|t| !t.is_empty());
         if let Some(name) = self.sessions.get(&sid).and_then(|s| s.name.as_deref()) {
             msg.set_str("from", name);
         }
@@ -408,7 +443,9 @@ impl Router {
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(id) {
-                if s.topics.iter().any(|p| topic.starts_with(p.as_str())) && deliver(&self.cfg, &mut self.totals, s, &d) {
+                if s.topics.iter().any(|p| topic.starts_with(p.as_str()))
+                    && deliver(&self.cfg, &mut self.totals, s, &d)
+                {
                     n += 1;
                 }
             }
@@ -463,7 +500,8 @@ impl Router {
     /// anything routed there since), or straight to the name's new session
     /// if it is already back. Replies are not kept.
     pub fn restore(&mut self, name: &str, undelivered: VecDeque<Delivery>) {
-        let mut items: VecDeque<Delivery> = undelivered.into_iter().filter(|d| !d.is_reply()).collect();
+        let mut items: VecDeque<Delivery> =
+            undelivered.into_iter().filter(|d| !d.is_reply()).collect();
         if items.is_empty() {
             return;
         }
@@ -528,7 +566,10 @@ impl Router {
             .names
             .iter()
             .filter_map(|(name, slot)| match slot {
-                Slot::Live(id) => self.sessions.get(id).map(|s| (name.clone(), s.uuid.clone())),
+                Slot::Live(id) => self
+                    .sessions
+                    .get(id)
+                    .map(|s| (name.clone(), s.uuid.clone())),
                 Slot::Held { .. } => None,
             })
             .collect();
@@ -612,7 +653,10 @@ fn deliver(cfg: &RouterConfig, totals: &mut Totals, s: &mut Session, d: &Deliver
             if cfg.slow_consumer == SlowConsumerPolicy::Disconnect {
                 let err = ProtocolError::new(
                     ErrorCode::SlowConsumer,
-                    format!("outbox full ({} messages): disconnected", cfg.outbox_capacity),
+                    format!(
+                        "outbox full ({} messages): disconnected",
+                        cfg.outbox_capacity
+                    ),
                 );
                 let discarded = s.outbox.abort(Some(error_frame(&err, None)));
                 s.counters.dropped += discarded as u64;

@@ -110,10 +110,20 @@ impl Bus {
     }
 
     /// Routes a `message` from a session and offers it to the hooks.
-    pub fn route(&self, transport: &'static str, sid: SessionId, msg: &mut BusMessage) -> Result<Routed, ProtocolError> {
+    pub fn route(
+        &self,
+        transport: &'static str,
+        sid: SessionId,
+        msg: &mut BusMessage,
+    ) -> Result<Routed, ProtocolError> {
         let routed = self.router().route(sid, msg, Instant::now())?;
         let hooks = &self.inner.hooks;
-        if hooks.wants(HookEventKind::Message, transport, routed.to.as_deref(), None) {
+        if hooks.wants(
+            HookEventKind::Message,
+            transport,
+            routed.to.as_deref(),
+            None,
+        ) {
             hooks.offer(HookEvent {
                 transport,
                 kind: HookEventKind::Message,
@@ -172,7 +182,13 @@ impl Bus {
     pub fn status(&self) -> serde_json::Value {
         let router: RouterStats = self.router().stats(Instant::now());
         let mut transports = serde_json::Map::new();
-        for (name, src) in self.inner.statuses.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (name, src) in self
+            .inner
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             transports.insert((*name).to_owned(), src.status());
         }
         serde_json::json!({
@@ -186,7 +202,11 @@ impl Bus {
 
     /// Runs the router's upkeep (heartbeat eviction, held-name expiry)
     /// every `every` until `shutdown`.
-    pub fn spawn_sweeper(&self, every: Duration, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_sweeper(
+        &self,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let bus = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

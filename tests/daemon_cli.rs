@@ -43,10 +43,11 @@ impl Root {
         c
     }
     async fn run(&self, bin: &str, args: &[&str]) -> (i32, String) {
-        let out: Output = tokio::time::timeout(Duration::from_secs(30), self.cmd(bin).args(args).output())
-            .await
-            .expect("command finished in time")
-            .expect("command runs");
+        let out: Output =
+            tokio::time::timeout(Duration::from_secs(30), self.cmd(bin).args(args).output())
+                .await
+                .expect("command finished in time")
+                .expect("command runs");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -84,13 +85,24 @@ async fn start_status_stop_as_a_user_would() {
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("busd started (pid="), "{out}");
         assert!(out.contains(&root.socket().display().to_string()), "{out}");
-        let mode = std::fs::metadata(root.socket()).expect("socket").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(root.socket())
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
-        let pid: i32 = std::fs::read_to_string(root.pid_file()).expect("pid file").trim().parse().expect("pid");
+        let pid: i32 = std::fs::read_to_string(root.pid_file())
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
 
         let (code, out) = root.busd(&["start"]).await;
         assert_eq!(code, 0, "{out}");
-        assert!(out.contains(&format!("busd already running (pid={pid})")), "{out}");
+        assert!(
+            out.contains(&format!("busd already running (pid={pid})")),
+            "{out}"
+        );
 
         // An endpoint shows up in status with its session id and counters.
         let mut lst = root.cmd("hermes-bus");
@@ -106,7 +118,9 @@ async fn start_status_stop_as_a_user_would() {
         })
         .await;
         assert!(found.is_some(), "listener never registered");
-        let (code, out) = root.run("hermes-bus", &["send", "watcher", r#"{"hello": 1}"#]).await;
+        let (code, out) = root
+            .run("hermes-bus", &["send", "watcher", r#"{"hello": 1}"#])
+            .await;
         assert_eq!(code, 0, "{out}");
         let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
         let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
@@ -166,13 +180,30 @@ async fn refuses_a_live_bus_and_cleans_a_stale_socket() {
         let other = tempfile::tempdir().expect("tempdir");
         let sock = root.socket().display().to_string();
         let (code, out) = root
-            .run("hermes-bus-server", &["--root", &other.path().display().to_string(), "--socket", &sock])
+            .run(
+                "hermes-bus-server",
+                &[
+                    "--root",
+                    &other.path().display().to_string(),
+                    "--socket",
+                    &sock,
+                ],
+            )
             .await;
         assert_ne!(code, 0, "{out}");
         assert!(out.contains("already listening"), "{out}");
         // busd with another root but the same socket refuses too.
         let (code, out) = root
-            .run("hermes-busd", &["--root", &other.path().display().to_string(), "--socket", &sock, "start"])
+            .run(
+                "hermes-busd",
+                &[
+                    "--root",
+                    &other.path().display().to_string(),
+                    "--socket",
+                    &sock,
+                    "start",
+                ],
+            )
             .await;
         assert_ne!(code, 0, "{out}");
         assert!(out.contains("refusing"), "{out}");
@@ -204,7 +235,9 @@ async fn next_line(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildS
 
 #[tokio::test]
 async fn python_client_reconnects_after_restart() {
-    let Some(py) = common::python("py07") else { return };
+    let Some(py) = common::python("py07") else {
+        return;
+    };
     tokio::time::timeout(LIMIT, async {
         let root = Root::new();
         let (code, out) = root.busd(&["start"]).await;
@@ -226,7 +259,10 @@ async fn python_client_reconnects_after_restart() {
 
         let (code, out) = root.busd(&["restart"]).await;
         assert_eq!(code, 0, "{out}");
-        assert!(out.contains("busd stopped") && out.contains("busd started"), "{out}");
+        assert!(
+            out.contains("busd stopped") && out.contains("busd started"),
+            "{out}"
+        );
 
         // The client notices, reconnects and registers again: a new session id.
         loop {
@@ -240,7 +276,9 @@ async fn python_client_reconnects_after_restart() {
         // And it is reachable by name on the new bus.
         let mut delivered = false;
         for _ in 0..50 {
-            let (code, _) = root.run("hermes-bus", &["send", "py-svc", r#"{"after": "restart"}"#]).await;
+            let (code, _) = root
+                .run("hermes-bus", &["send", "py-svc", r#"{"after": "restart"}"#])
+                .await;
             if code == 0 {
                 delivered = true;
                 break;

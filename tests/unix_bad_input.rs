@@ -75,7 +75,8 @@ async fn bad_input_answered_and_others_unaffected() {
         expect_error(&mut bad, "missing_field").await;
         bad.send(&json!({"type": "register", "endpoint": 17})).await;
         expect_error(&mut bad, "bad_field").await;
-        bad.send(&json!({"type": "message", "to": 5, "id": "x1"})).await;
+        bad.send(&json!({"type": "message", "to": 5, "id": "x1"}))
+            .await;
         let v = expect_error(&mut bad, "bad_field").await;
         assert_eq!(v["id"], "x1");
         still_alive(&mut bad).await;

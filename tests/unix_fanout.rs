@@ -25,7 +25,10 @@ async fn thousand_sessions_hear_every_broadcast() {
         let mut admin = Raw::connect(&bus.socket).await;
         admin.send(&json!({"type": "list_endpoints"})).await;
         let eps = admin.recv().await.expect("list");
-        assert_eq!(eps["endpoints"].as_object().map(|m| m.len()), Some(SESSIONS));
+        assert_eq!(
+            eps["endpoints"].as_object().map(|m| m.len()),
+            Some(SESSIONS)
+        );
 
         // Every session reads on its own task until it has every broadcast.
         let expected = SENDERS * PER_SENDER;
@@ -40,12 +43,19 @@ async fn thousand_sessions_hear_every_broadcast() {
                 let mut sent = 0;
                 while seen.len() < expected {
                     if i < SENDERS && sent < PER_SENDER {
-                        c.send(&json!({"type": "message", "body": {"k": format!("{i}-{sent}")}})).await;
+                        c.send(&json!({"type": "message", "body": {"k": format!("{i}-{sent}")}}))
+                            .await;
                         sent += 1;
                     }
-                    let m = c.recv_within(Duration::from_secs(60)).await.expect("broadcast arrives");
+                    let m = c
+                        .recv_within(Duration::from_secs(60))
+                        .await
+                        .expect("broadcast arrives");
                     assert_eq!(m["type"], "message", "{m}");
-                    assert!(seen.insert(m["body"]["k"].as_str().expect("k").to_owned()), "duplicate {m}");
+                    assert!(
+                        seen.insert(m["body"]["k"].as_str().expect("k").to_owned()),
+                        "duplicate {m}"
+                    );
                 }
                 (i, seen)
             }));

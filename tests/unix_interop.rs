@@ -19,7 +19,10 @@ fn peer_script() -> std::path::PathBuf {
 }
 
 /// Reads the Python peer's next line that starts with `tag`.
-async fn line_with(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>, tag: &str) -> String {
+async fn line_with(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    tag: &str,
+) -> String {
     loop {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
@@ -29,13 +32,18 @@ async fn line_with(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildS
         if let Some(rest) = line.strip_prefix(tag) {
             return rest.trim().to_owned();
         }
-        assert!(!line.starts_with("timeout") && !line.starts_with("connect-failed"), "python peer: {line}");
+        assert!(
+            !line.starts_with("timeout") && !line.starts_with("connect-failed"),
+            "python peer: {line}"
+        );
     }
 }
 
 async fn exchange_with(python: &Path, version: &str) {
     let bus = TestBus::start().await;
-    let mut rusty = BusClient::connect("rusty", &bus.socket).await.expect("rust client");
+    let mut rusty = BusClient::connect("rusty", &bus.socket)
+        .await
+        .expect("rust client");
     let mut child = tokio::process::Command::new(python)
         .arg(peer_script())
         .env("SOCK", &bus.socket)
@@ -50,7 +58,10 @@ async fn exchange_with(python: &Path, version: &str) {
     line_with(&mut lines, "ready").await;
 
     // Rust → Python.
-    rusty.send("py", json!({"n": 7, "text": "from rust"})).await.expect("send");
+    rusty
+        .send("py", json!({"n": 7, "text": "from rust"}))
+        .await
+        .expect("send");
     let got: Value = serde_json::from_str(&line_with(&mut lines, "got").await).expect("json");
     assert_eq!(got["type"], "message");
     assert_eq!(got["to"], "py");
@@ -74,7 +85,11 @@ async fn exchange_with(python: &Path, version: &str) {
     assert!(eps["endpoints"]["py"].is_string(), "{eps}");
 
     // send_message to a missing endpoint returns False.
-    assert_eq!(line_with(&mut lines, "send_missing").await, "false", "{version}");
+    assert_eq!(
+        line_with(&mut lines, "send_missing").await,
+        "false",
+        "{version}"
+    );
 
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
@@ -87,7 +102,9 @@ async fn exchange_with(python: &Path, version: &str) {
 
 #[tokio::test]
 async fn python_070_client_exchanges_with_rust_client() {
-    let Some(py) = common::python("py07") else { return };
+    let Some(py) = common::python("py07") else {
+        return;
+    };
     tokio::time::timeout(LIMIT, exchange_with(&py, "0.7.0"))
         .await
         .expect("test timed out");
@@ -95,7 +112,9 @@ async fn python_070_client_exchanges_with_rust_client() {
 
 #[tokio::test]
 async fn python_030_client_exchanges_with_rust_client() {
-    let Some(py) = common::python("py03") else { return };
+    let Some(py) = common::python("py03") else {
+        return;
+    };
     tokio::time::timeout(LIMIT, exchange_with(&py, "0.3.0"))
         .await
         .expect("test timed out");
@@ -105,7 +124,9 @@ async fn python_030_client_exchanges_with_rust_client() {
 /// message arrives with the `from` the anonymous sender chose.
 #[tokio::test]
 async fn python_send_message_delivers_with_its_from() {
-    let Some(py) = common::python("py07") else { return };
+    let Some(py) = common::python("py07") else {
+        return;
+    };
     tokio::time::timeout(LIMIT, async {
         let bus = TestBus::start().await;
         let mut rusty = BusClient::connect("rusty", &bus.socket).await.expect("rust client");

@@ -23,7 +23,9 @@ const GAPS_MS: [u64; 5] = [1300, 150, 1700, 600, 2100];
 
 #[tokio::test]
 async fn idle_070_client_gets_a_numbered_stream_complete_and_in_order() {
-    let Some(py) = common::python("py07") else { return };
+    let Some(py) = common::python("py07") else {
+        return;
+    };
     tokio::time::timeout(Duration::from_secs(150), async {
         let bus = TestBus::start().await;
         let mut child = tokio::process::Command::new(&py)
@@ -48,7 +50,9 @@ async fn idle_070_client_gets_a_numbered_stream_complete_and_in_order() {
             let mut got = Vec::new();
             let mut sessions = 1;
             while (got.len() as u64) < COUNT {
-                let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await else {
+                let Ok(Ok(Some(line))) =
+                    tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+                else {
                     break;
                 };
                 if let Some(m) = line.strip_prefix("msg ") {
@@ -101,13 +105,18 @@ async fn a_client_gone_for_good_is_forgotten_after_the_grace_period() {
         .await;
         assert!(held.is_some(), "name not held");
         for n in 0..5 {
-            send_message(&bus.socket, "ghost", json!({"n": n}), None).await.expect("held, not refused");
+            send_message(&bus.socket, "ghost", json!({"n": n}), None)
+                .await
+                .expect("held, not refused");
         }
         assert_eq!(bus.totals().held, 3);
         assert_eq!(bus.totals().dropped_held, 2, "beyond the bound");
         // Past the grace period: forgotten, the held ones counted dropped,
         // and senders now hear endpoint_not_found.
-        let gone = common::wait_for(Duration::from_secs(10), || (bus.totals().dropped_held == 5).then_some(())).await;
+        let gone = common::wait_for(Duration::from_secs(10), || {
+            (bus.totals().dropped_held == 5).then_some(())
+        })
+        .await;
         assert!(gone.is_some(), "{:?}", bus.totals());
         match send_message(&bus.socket, "ghost", json!({}), None).await {
             Err(ClientError::Rejected(e)) => assert_eq!(e.code, ErrorCode::EndpointNotFound),
@@ -119,7 +128,9 @@ async fn a_client_gone_for_good_is_forgotten_after_the_grace_period() {
         drop(ghost);
         tokio::time::sleep(Duration::from_millis(100)).await;
         for n in 0..3 {
-            send_message(&bus.socket, "phoenix", json!({"n": n}), None).await.expect("held");
+            send_message(&bus.socket, "phoenix", json!({"n": n}), None)
+                .await
+                .expect("held");
         }
         let mut back = Raw::register(&bus.socket, "phoenix").await;
         for n in 0..3 {

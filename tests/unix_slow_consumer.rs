@@ -24,7 +24,11 @@ fn small_outbox(policy: SlowConsumerPolicy) -> RouterConfig {
 #[tokio::test]
 async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
     tokio::time::timeout(LIMIT, async {
-        let bus = TestBus::start_with(small_outbox(SlowConsumerPolicy::Drop), HookEngine::disabled()).await;
+        let bus = TestBus::start_with(
+            small_outbox(SlowConsumerPolicy::Drop),
+            HookEngine::disabled(),
+        )
+        .await;
         // `stuck` registers and then never reads again.
         let stuck = Raw::register(&bus.socket, "stuck").await;
         let mut alice = Raw::register(&bus.socket, "alice").await;
@@ -43,7 +47,11 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
             }
             tokio::task::yield_now().await;
         }
-        assert!(bus.totals().dropped_slow >= 1000, "no drops after {sent} messages: {:?}", bus.totals());
+        assert!(
+            bus.totals().dropped_slow >= 1000,
+            "no drops after {sent} messages: {:?}",
+            bus.totals()
+        );
 
         // Meanwhile alice and bob exchange a numbered stream, complete
         // and in order, while the flood to `stuck` goes on.
@@ -62,7 +70,8 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
             }
         }
         // Bob answers alice too: the other direction is unaffected.
-        bob.send(&json!({"type": "message", "to": "alice", "body": {"done": true}})).await;
+        bob.send(&json!({"type": "message", "to": "alice", "body": {"done": true}}))
+            .await;
         let m = alice.recv().await.expect("alice receives");
         assert_eq!(m["body"]["done"], true);
 
@@ -71,12 +80,26 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
         let mut admin = Raw::connect(&bus.socket).await;
         admin.send(&json!({"type": "stats"})).await;
         let stats = admin.recv().await.expect("stats");
-        let eps = stats["stats"]["router"]["endpoints"].as_array().expect("endpoints").clone();
-        let stuck_stats = eps.iter().find(|e| e["name"] == "stuck").expect("stuck listed");
+        let eps = stats["stats"]["router"]["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .clone();
+        let stuck_stats = eps
+            .iter()
+            .find(|e| e["name"] == "stuck")
+            .expect("stuck listed");
         let bob_stats = eps.iter().find(|e| e["name"] == "bob").expect("bob listed");
-        assert!(stuck_stats["counters"]["dropped"].as_u64().unwrap_or(0) >= 1000, "{stuck_stats}");
+        assert!(
+            stuck_stats["counters"]["dropped"].as_u64().unwrap_or(0) >= 1000,
+            "{stuck_stats}"
+        );
         assert_eq!(bob_stats["counters"]["dropped"], 0, "{bob_stats}");
-        assert!(stats["stats"]["router"]["totals"]["dropped_slow"].as_u64().unwrap_or(0) >= 1000);
+        assert!(
+            stats["stats"]["router"]["totals"]["dropped_slow"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1000
+        );
         // And `hermes-busd status` shows them, as a user would look.
         let out = tokio::process::Command::new(common::bin_dir().join("hermes-busd"))
             .arg("--socket")
@@ -85,9 +108,15 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
             .arg(bus.dir.path())
             .arg("status")
             .output();
-        let out = tokio::time::timeout(Duration::from_secs(30), out).await.expect("in time").expect("runs");
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("in time")
+            .expect("runs");
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.trim_start().starts_with("stuck  (sid=")).unwrap_or_else(|| panic!("{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("stuck  (sid="))
+            .unwrap_or_else(|| panic!("{text}"));
         let dropped: u64 = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("dropped="))
@@ -105,7 +134,11 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
 #[tokio::test]
 async fn disconnect_policy_closes_the_slow_session_with_a_reason() {
     tokio::time::timeout(LIMIT, async {
-        let bus = TestBus::start_with(small_outbox(SlowConsumerPolicy::Disconnect), HookEngine::disabled()).await;
+        let bus = TestBus::start_with(
+            small_outbox(SlowConsumerPolicy::Disconnect),
+            HookEngine::disabled(),
+        )
+        .await;
         let mut stuck = Raw::register(&bus.socket, "stuck").await;
         let mut alice = Raw::register(&bus.socket, "alice").await;
         let mut bob = Raw::register(&bus.socket, "bob").await;
@@ -121,7 +154,9 @@ async fn disconnect_policy_closes_the_slow_session_with_a_reason() {
             tokio::task::yield_now().await;
         }
         assert_eq!(bus.totals().slow_disconnects, 1, "{:?}", bus.totals());
-        alice.send(&json!({"type": "message", "to": "bob", "body": {"n": 1}})).await;
+        alice
+            .send(&json!({"type": "message", "to": "bob", "body": {"n": 1}}))
+            .await;
         assert_eq!(bob.recv().await.expect("bob")["body"]["n"], 1);
         // `stuck` now reads: it finds what was written before the
         // overflow, then the reason, then the end of the stream.

@@ -173,6 +173,11 @@ impl Window {
         }
     }
 
+    /// Messages allowed in flight.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Receiver `i` got `n` more.
     pub fn add(&self, i: usize, n: u64) {
         self.received[i].fetch_add(n, Ordering::Relaxed);

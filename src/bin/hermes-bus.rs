@@ -118,9 +118,10 @@ async fn run(paths: hermes_bus::config::Paths, cmd: Cmd) -> anyhow::Result<()> {
             daemon::init_logging(args.log_file.as_deref());
             hermes_bus::serve::run(paths, *args, Default::default()).await
         }
-        Cmd::Daemon(_) => unreachable!("handled before the runtime starts"),
+        Cmd::Daemon(_) => anyhow::bail!("daemon commands run outside the runtime"),
         Cmd::Send { to, body, from } => {
-            let body: serde_json::Value = serde_json::from_str(&body).context("BODY_JSON is not valid JSON")?;
+            let body: serde_json::Value =
+                serde_json::from_str(&body).context("BODY_JSON is not valid JSON")?;
             client::send_message(&paths.socket, &to, body, from.as_deref()).await?;
             Ok(())
         }
@@ -128,7 +129,8 @@ async fn run(paths: hermes_bus::config::Paths, cmd: Cmd) -> anyhow::Result<()> {
             daemon::init_logging(None);
             let mut c = BusClient::connect_with(&name, ClientConfig::new(&paths.socket)).await?;
             for t in topic {
-                c.send_raw(&serde_json::json!({"type": "subscribe", "topic": t})).await?;
+                c.send_raw(&serde_json::json!({"type": "subscribe", "topic": t}))
+                    .await?;
             }
             let mut seen = 0u64;
             let stdout = std::io::stdout();

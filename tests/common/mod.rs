@@ -12,7 +12,9 @@ pub fn repo_root() -> PathBuf {
 
 /// True when running under CI, where a missing interop peer is a failure.
 pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Finds the Python interpreter of a reference venv (`py07` or `py03`),
@@ -143,7 +145,8 @@ impl Raw {
     /// Connects and registers `name`; returns after `registered`.
     pub async fn register(path: &Path, name: &str) -> Raw {
         let mut r = Raw::connect(path).await;
-        r.send(&serde_json::json!({"type": "register", "endpoint": name})).await;
+        r.send(&serde_json::json!({"type": "register", "endpoint": name}))
+            .await;
         let v = r.recv().await.expect("registered reply");
         assert_eq!(v["type"], "registered", "{v}");
         r
@@ -161,7 +164,8 @@ impl Raw {
 
     /// Sends one JSON frame.
     pub async fn send(&mut self, v: &Value) {
-        self.send_payload(&serde_json::to_vec(v).expect("json")).await;
+        self.send_payload(&serde_json::to_vec(v).expect("json"))
+            .await;
     }
 
     /// Next frame as JSON within 5 s; None on EOF or timeout.
@@ -200,9 +204,17 @@ impl Raw {
 
 /// Runs a Python script with the given interpreter and environment,
 /// bounded by `limit`; returns stdout (panics with stderr on failure).
-pub async fn run_python(python: &Path, script: &str, env: &[(&str, &str)], limit: Duration) -> String {
+pub async fn run_python(
+    python: &Path,
+    script: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> String {
     let mut cmd = tokio::process::Command::new(python);
-    cmd.arg("-c").arg(script).env("PATH", path_with_bins()).kill_on_drop(true);
+    cmd.arg("-c")
+        .arg(script)
+        .env("PATH", path_with_bins())
+        .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -44,8 +44,12 @@ impl BlockingClient {
     /// Waits up to `timeout` for the next message.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Value> {
         let inner = &mut self.inner;
-        self.rt
-            .block_on(async { tokio::time::timeout(timeout, inner.recv()).await.ok().flatten() })
+        self.rt.block_on(async {
+            tokio::time::timeout(timeout, inner.recv())
+                .await
+                .ok()
+                .flatten()
+        })
     }
 
     /// The bus's session id, None while reconnecting.
@@ -55,6 +59,11 @@ impl BlockingClient {
 }
 
 /// Blocking [`client::send_message`].
-pub fn send_message(socket: &Path, to: &str, body: Value, from: Option<&str>) -> Result<(), ClientError> {
+pub fn send_message(
+    socket: &Path,
+    to: &str,
+    body: Value,
+    from: Option<&str>,
+) -> Result<(), ClientError> {
     runtime()?.block_on(client::send_message(socket, to, body, from))
 }

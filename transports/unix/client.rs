@@ -115,7 +115,10 @@ fn frame_of(v: &Value) -> Bytes {
     frame::encode(&json)
 }
 
-async fn read_frame(stream: &mut UnixStream, buf: &mut BytesMut) -> Result<Option<Value>, ClientError> {
+async fn read_frame(
+    stream: &mut UnixStream,
+    buf: &mut BytesMut,
+) -> Result<Option<Value>, ClientError> {
     loop {
         match frame::decode(buf, MAX_FRAME) {
             Ok(Some(p)) => {
@@ -136,8 +139,16 @@ fn as_error(v: &Value) -> Option<ProtocolError> {
     if v.get("type")?.as_str()? != "error" {
         return None;
     }
-    let code = v.get("code").and_then(Value::as_str).unwrap_or("").to_owned();
-    let detail = v.get("detail").and_then(Value::as_str).unwrap_or("").to_owned();
+    let code = v
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let detail = v
+        .get("detail")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     let code = match code.as_str() {
         "endpoint_not_found" => ErrorCode::EndpointNotFound,
         "already_registered" => ErrorCode::AlreadyRegistered,
@@ -148,7 +159,14 @@ fn as_error(v: &Value) -> Option<ProtocolError> {
         "missing_field" => ErrorCode::MissingField,
         _ => ErrorCode::UnknownType,
     };
-    Some(ProtocolError::new(code, if detail.is_empty() { code_text(v) } else { detail }))
+    Some(ProtocolError::new(
+        code,
+        if detail.is_empty() {
+            code_text(v)
+        } else {
+            detail
+        },
+    ))
 }
 
 fn code_text(v: &Value) -> String {
@@ -159,7 +177,13 @@ fn code_text(v: &Value) -> String {
 async fn dial(cfg: &ClientConfig) -> Result<UnixStream, ClientError> {
     match UnixStream::connect(&cfg.socket).await {
         Ok(s) => Ok(s),
-        Err(e) if cfg.autostart && matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if cfg.autostart
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+        {
             start_daemon(&cfg.socket).await;
             Ok(UnixStream::connect(&cfg.socket).await?)
         }
@@ -195,31 +219,47 @@ pub async fn start_daemon(socket: &Path) {
 }
 
 /// Connects and registers; returns the stream and the session id.
-async fn connect_register(cfg: &ClientConfig, endpoint: &str) -> Result<(UnixStream, String, BytesMut), ClientError> {
+async fn connect_register(
+    cfg: &ClientConfig,
+    endpoint: &str,
+) -> Result<(UnixStream, String, BytesMut), ClientError> {
     let mut s = dial(cfg).await?;
-    s.write_all(&frame_of(&serde_json::json!({"type": "register", "endpoint": endpoint})))
-        .await?;
+    s.write_all(&frame_of(
+        &serde_json::json!({"type": "register", "endpoint": endpoint}),
+    ))
+    .await?;
     let mut buf = BytesMut::with_capacity(8192);
     let reply = tokio::time::timeout(Duration::from_secs(3), read_frame(&mut s, &mut buf))
         .await
         .map_err(|_| ClientError::Timeout)??;
     match reply {
         Some(v) if v.get("type").and_then(Value::as_str) == Some("registered") => {
-            let sid = v.get("session_id").and_then(Value::as_str).unwrap_or("").to_owned();
+            let sid = v
+                .get("session_id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
             Ok((s, sid, buf))
         }
         Some(v) => match as_error(&v) {
             Some(e) => Err(ClientError::Rejected(e)),
-            None => Err(ClientError::Protocol(format!("expected 'registered', got {v}"))),
+            None => Err(ClientError::Protocol(format!(
+                "expected 'registered', got {v}"
+            ))),
         },
-        None => Err(ClientError::Protocol("bus closed the connection during register".into())),
+        None => Err(ClientError::Protocol(
+            "bus closed the connection during register".into(),
+        )),
     }
 }
 
 impl BusClient {
     /// Connects to the bus at `socket` and registers `endpoint` (defaults
     /// otherwise); see [`BusClient::connect_with`].
-    pub async fn connect(endpoint: &str, socket: impl Into<PathBuf>) -> Result<BusClient, ClientError> {
+    pub async fn connect(
+        endpoint: &str,
+        socket: impl Into<PathBuf>,
+    ) -> Result<BusClient, ClientError> {
         BusClient::connect_with(endpoint, ClientConfig::new(socket)).await
     }
 
@@ -293,7 +333,10 @@ impl BusClient {
 
     /// Sends any protocol object as is (e.g. `subscribe`, `publish`).
     pub async fn send_raw(&self, msg: &Value) -> Result<(), ClientError> {
-        self.out.send(frame_of(msg)).await.map_err(|_| ClientError::Closed)
+        self.out
+            .send(frame_of(msg))
+            .await
+            .map_err(|_| ClientError::Closed)
     }
 
     /// Waits for the next received message (None once closed).
@@ -342,7 +385,9 @@ async fn connection_task(
         if let Some((stream, buf)) = conn.take() {
             let reason = serve_connection(&cfg, stream, buf, &mut out, &inbox).await;
             let _ = session.send(None);
-            let _ = events.send(ClientEvent::Disconnected { reason: reason.clone() });
+            let _ = events.send(ClientEvent::Disconnected {
+                reason: reason.clone(),
+            });
             if reason == "closed" {
                 return;
             }
@@ -366,9 +411,16 @@ async fn connection_task(
 
 /// Serves one live connection; returns why it ended ("closed" when the
 /// client itself went away).
-async fn serve_connection(cfg: &ClientConfig, stream: UnixStream, mut buf: BytesMut, out: &mut mpsc::Receiver<Bytes>, inbox: &mpsc::Sender<Value>) -> String {
+async fn serve_connection(
+    cfg: &ClientConfig,
+    stream: UnixStream,
+    mut buf: BytesMut,
+    out: &mut mpsc::Receiver<Bytes>,
+    inbox: &mpsc::Sender<Value>,
+) -> String {
     let (mut rd, mut wr) = stream.into_split();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let ping_frame = frame_of(&serde_json::json!({"type": "ping"}));
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     loop {
@@ -418,7 +470,12 @@ async fn serve_connection(cfg: &ClientConfig, stream: UnixStream, mut buf: Bytes
 /// Sends one message over a short-lived, unregistered connection (the
 /// reference `send_message`): starts the daemon if needed, waits up to 1 s
 /// for an error reply. `from` defaults to "anonymous".
-pub async fn send_message(socket: &Path, to: &str, body: Value, from: Option<&str>) -> Result<(), ClientError> {
+pub async fn send_message(
+    socket: &Path,
+    to: &str,
+    body: Value,
+    from: Option<&str>,
+) -> Result<(), ClientError> {
     let cfg = ClientConfig::new(socket);
     let mut s = dial(&cfg).await?;
     let id = uuid::Uuid::new_v4().to_string();
@@ -443,7 +500,10 @@ pub async fn send_message(socket: &Path, to: &str, body: Value, from: Option<&st
 /// Asks the bus for its registered endpoints (name → session id).
 pub async fn list_endpoints(socket: &Path) -> Result<serde_json::Map<String, Value>, ClientError> {
     let v = request(socket, &serde_json::json!({"type": "list_endpoints"})).await?;
-    Ok(v.get("endpoints").and_then(Value::as_object).cloned().unwrap_or_default())
+    Ok(v.get("endpoints")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default())
 }
 
 /// Asks the bus for its counters (the `stats` request, ours).

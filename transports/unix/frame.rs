@@ -56,7 +56,10 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&encode(b"{\"a\":1}"));
         buf.extend_from_slice(&encode(b"{}")[..3]);
-        assert_eq!(decode(&mut buf, MAX_FRAME).unwrap().unwrap(), &b"{\"a\":1}"[..]);
+        assert_eq!(
+            decode(&mut buf, MAX_FRAME).unwrap().unwrap(),
+            &b"{\"a\":1}"[..]
+        );
         assert_eq!(decode(&mut buf, MAX_FRAME).unwrap(), None);
         buf.extend_from_slice(&encode(b"{}")[3..]);
         assert_eq!(decode(&mut buf, MAX_FRAME).unwrap().unwrap(), &b"{}"[..]);
@@ -69,7 +72,10 @@ mod tests {
         buf.put_u32((MAX_FRAME + 1) as u32);
         assert_eq!(
             decode(&mut buf, MAX_FRAME),
-            Err(FrameError::TooLarge { len: MAX_FRAME + 1, max: MAX_FRAME })
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME + 1,
+                max: MAX_FRAME
+            })
         );
         let mut buf = BytesMut::new();
         buf.put_u32(MAX_FRAME as u32);

@@ -194,7 +194,9 @@ impl Transport for UnixServer {
                 match stream.peer_cred() {
                     Ok(cred) if cred.uid() == my_uid => {}
                     other => {
-                        let who = other.map(|c| c.uid().to_string()).unwrap_or_else(|e| e.to_string());
+                        let who = other
+                            .map(|c| c.uid().to_string())
+                            .unwrap_or_else(|e| e.to_string());
                         tracing::warn!(peer_uid = %who, "refused a connection from another user");
                         tasks.spawn(refuse(stream, ErrorCode::PermissionDenied, "this bus accepts only its own user's processes (see --allow-other-users)".into()));
                         continue;
@@ -203,7 +205,14 @@ impl Transport for UnixServer {
             }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(limit = config.max_connections, "connection limit reached");
-                tasks.spawn(refuse(stream, ErrorCode::TooManyConnections, format!("the bus is at its limit of {} connections", config.max_connections)));
+                tasks.spawn(refuse(
+                    stream,
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "the bus is at its limit of {} connections",
+                        config.max_connections
+                    ),
+                ));
                 continue;
             };
             let bus = bus.clone();

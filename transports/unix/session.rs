@@ -45,7 +45,12 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
     let (rd, wr) = stream.into_split();
     let writer_stop = CancellationToken::new();
     let writer_done = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(wr, outbox, writer_stop.clone(), writer_done.clone()));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        outbox,
+        writer_stop.clone(),
+        writer_done.clone(),
+    ));
 
     let end = read_loop(&bus, sid, rd, &limits, &writer_done).await;
     tracing::debug!(sid, ?end, "session reader ended");
@@ -84,7 +89,13 @@ enum ReadEnd {
     WriterDone,
 }
 
-async fn read_loop(bus: &Bus, sid: SessionId, mut rd: OwnedReadHalf, limits: &SessionLimits, writer_done: &CancellationToken) -> ReadEnd {
+async fn read_loop(
+    bus: &Bus,
+    sid: SessionId,
+    mut rd: OwnedReadHalf,
+    limits: &SessionLimits,
+    writer_done: &CancellationToken,
+) -> ReadEnd {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
         loop {
@@ -92,7 +103,10 @@ async fn read_loop(bus: &Bus, sid: SessionId, mut rd: OwnedReadHalf, limits: &Se
                 Ok(Some(payload)) => handle_frame(bus, sid, &payload),
                 Ok(None) => break,
                 Err(e) => {
-                    let err = ProtocolError::new(ErrorCode::FrameTooLarge, format!("{e}; closing the connection"));
+                    let err = ProtocolError::new(
+                        ErrorCode::FrameTooLarge,
+                        format!("{e}; closing the connection"),
+                    );
                     tracing::warn!(sid, "{err}");
                     let mut r = bus.router();
                     r.reply(sid, error_frame(&err, None), true);
@@ -143,12 +157,19 @@ fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
             })
         }
         "ping" => {
-            bus.reply(sid, Delivery::reply(encode_frame(&serde_json::json!({"type": "pong"}))), false);
+            bus.reply(
+                sid,
+                Delivery::reply(encode_frame(&serde_json::json!({"type": "pong"}))),
+                false,
+            );
             Ok(())
         }
         "register" => match msg.str_field("endpoint") {
             Ok(Some(name)) => bus.router().register(sid, &name, now).map(|_| ()),
-            Ok(None) => Err(ProtocolError::new(ErrorCode::MissingField, "register needs a string field 'endpoint'")),
+            Ok(None) => Err(ProtocolError::new(
+                ErrorCode::MissingField,
+                "register needs a string field 'endpoint'",
+            )),
             Err(e) => Err(e),
         },
         "list_endpoints" => {
@@ -158,7 +179,8 @@ fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
                 .into_iter()
                 .map(|(n, s)| (n, serde_json::Value::String(s)))
                 .collect();
-            let frame = encode_frame(&serde_json::json!({"type": "endpoints_list", "endpoints": map}));
+            let frame =
+                encode_frame(&serde_json::json!({"type": "endpoints_list", "endpoints": map}));
             r.reply(sid, Delivery::reply(frame), false);
             Ok(())
         }
@@ -180,12 +202,22 @@ fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
     }
 }
 
-fn reply_error(bus: &Bus, sid: SessionId, e: &ProtocolError, id: Option<&serde_json::value::RawValue>) {
+fn reply_error(
+    bus: &Bus,
+    sid: SessionId,
+    e: &ProtocolError,
+    id: Option<&serde_json::value::RawValue>,
+) {
     tracing::debug!(sid, code = %e.code, detail = %e.detail, "protocol error");
     bus.reply(sid, error_frame(e, id), true);
 }
 
-fn topic_op(bus: &Bus, sid: SessionId, msg: &BusMessage, subscribe: bool) -> Result<(), ProtocolError> {
+fn topic_op(
+    bus: &Bus,
+    sid: SessionId,
+    msg: &BusMessage,
+    subscribe: bool,
+) -> Result<(), ProtocolError> {
     let topic = msg
         .str_field("topic")?
         .map(|t| t.into_owned())
@@ -205,7 +237,12 @@ fn topic_op(bus: &Bus, sid: SessionId, msg: &BusMessage, subscribe: bool) -> Res
 fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), ProtocolError> {
     let topic = msg
         .str_field("topic")?
-        .ok_or_else(|| ProtocolError::new(ErrorCode::MissingField, "publish needs a string field 'topic'"))?
+        .ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::MissingField,
+                "publish needs a string field 'topic'",
+            )
+        })?
         .into_owned();
     let registered = bus.router().name_of(sid).map(str::to_owned);
     let origin = match registered {
@@ -215,22 +252,36 @@ fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), Protoc
             .map(|o| o.into_owned())
             .unwrap_or_else(|| "anonymous".to_owned()),
     };
-    let data = msg
-        .remove("data")
-        .unwrap_or_else(|| serde_json::value::to_raw_value(&serde_json::Value::Null).unwrap_or_default());
+    let data = msg.remove("data").unwrap_or_else(|| {
+        serde_json::value::to_raw_value(&serde_json::Value::Null).unwrap_or_default()
+    });
     let ts = match msg.raw("ts") {
         Some(raw) => serde_json::from_str::<f64>(raw.get())
             .map_err(|_| ProtocolError::new(ErrorCode::BadField, "field 'ts' must be a number"))?,
         None => unix_now(),
     };
-    bus.publish(TRANSPORT, sid, TopicMessage { topic, origin, data, ts });
+    bus.publish(
+        TRANSPORT,
+        sid,
+        TopicMessage {
+            topic,
+            origin,
+            data,
+            ts,
+        },
+    );
     Ok(())
 }
 
 /// The writer: drains the outbox with vectored writes until it is closed
 /// and empty, the socket fails, or `stop` fires. Returns what it could not
 /// write (to be held for the session's name).
-async fn write_loop(mut wr: OwnedWriteHalf, mut outbox: OutboxReader, stop: CancellationToken, done: CancellationToken) -> VecDeque<Delivery> {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut outbox: OutboxReader,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> VecDeque<Delivery> {
     const MAX_IOV: usize = 256;
     let mut pending: VecDeque<Delivery> = VecDeque::new();
     // Bytes of `pending[0]` already written.

@@ -45,12 +45,16 @@ pub struct ZmqTransport {
 impl ZmqTransport {
     /// A transport that binds when served.
     pub fn new(cfg: ProxyConfig) -> ZmqTransport {
-        ZmqTransport { proxy: ZmqProxy::new(cfg) }
+        ZmqTransport {
+            proxy: ZmqProxy::new(cfg),
+        }
     }
 
     /// A transport bound now (ports known before serving).
     pub async fn bind(cfg: ProxyConfig) -> Result<ZmqTransport, ZmqError> {
-        Ok(ZmqTransport { proxy: ZmqProxy::bind(cfg).await? })
+        Ok(ZmqTransport {
+            proxy: ZmqProxy::bind(cfg).await?,
+        })
     }
 
     /// The bound addresses (None before binding).
@@ -93,7 +97,10 @@ impl EnvelopeSink for ToBus {
 fn to_topic_message(wire: &Bytes) -> Option<TopicMessage> {
     let mut frames = [&[][..]; 4];
     let mut n = 0;
-    let raw = RawMessage { wire: wire.clone(), frames: 4 };
+    let raw = RawMessage {
+        wire: wire.clone(),
+        frames: 4,
+    };
     for f in raw.frames() {
         if n == 4 {
             return None;
@@ -106,7 +113,12 @@ fn to_topic_message(wire: &Bytes) -> Option<TopicMessage> {
     }
     let (topic, origin, ts) = envelope::parse_header(frames[0], frames[1], frames[3]).ok()?;
     let data = crate::codec::to_raw_json(frames[2]).ok()?;
-    Some(TopicMessage { topic, origin, data, ts })
+    Some(TopicMessage {
+        topic,
+        origin,
+        data,
+        ts,
+    })
 }
 
 #[async_trait]
@@ -120,7 +132,10 @@ impl Transport for ZmqTransport {
         bus.add_status(TRANSPORT_NAME, Arc::new(Status(stats.clone())));
         let (sid, mut outbox) = bus.attach(TRANSPORT_NAME, SINK_OUTBOX);
         bus.subscribe(sid, "");
-        let to_bus = Arc::new(ToBus { queue: WireQueue::new(TO_BUS_QUEUE, 256 << 20), stats: stats.clone() });
+        let to_bus = Arc::new(ToBus {
+            queue: WireQueue::new(TO_BUS_QUEUE, 256 << 20),
+            stats: stats.clone(),
+        });
 
         // Proxy → router.
         let inbound = {

@@ -225,7 +225,9 @@ pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
     let mut r = Receiver::with_config(cfg)?;
     r.start()?;
     let shutdown = signal_token();
-    let deadline = args.timeout_s.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let deadline = args
+        .timeout_s
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let mut n = 0u64;
     loop {
         if args.count.is_some_and(|c| n >= c) {

@@ -84,7 +84,11 @@ impl Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
@@ -93,7 +97,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -128,7 +136,9 @@ impl Listener {
     pub async fn bind(ep: &Endpoint) -> Result<Listener, ZmqError> {
         let fail = |e: std::io::Error| ZmqError::Bind(ep.to_string(), e);
         match ep {
-            Endpoint::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr.as_str()).await.map_err(fail)?)),
+            Endpoint::Tcp(addr) => Ok(Listener::Tcp(
+                TcpListener::bind(addr.as_str()).await.map_err(fail)?,
+            )),
             Endpoint::Ipc(path) => {
                 if path.exists() {
                     if UnixStream::connect(path).await.is_ok() {
@@ -139,7 +149,10 @@ impl Listener {
                     }
                     std::fs::remove_file(path).map_err(fail)?;
                 }
-                Ok(Listener::Unix(UnixListener::bind(path).map_err(fail)?, path.clone()))
+                Ok(Listener::Unix(
+                    UnixListener::bind(path).map_err(fail)?,
+                    path.clone(),
+                ))
             }
         }
     }

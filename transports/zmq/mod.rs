@@ -32,7 +32,9 @@ pub use receiver::{Receiver, ReceiverConfig, SlowPolicy};
 use std::time::Duration;
 
 /// The ZeroMQ transport for `serve --zmq`, from the serve flags.
-pub fn transport_from_args(args: &crate::cli::ServeArgs) -> anyhow::Result<Box<dyn crate::transport::Transport>> {
+pub fn transport_from_args(
+    args: &crate::cli::ServeArgs,
+) -> anyhow::Result<Box<dyn crate::transport::Transport>> {
     let cfg = ProxyConfig {
         frontend: args.zmq_in.clone(),
         backend: args.zmq_out.clone(),
@@ -40,7 +42,10 @@ pub fn transport_from_args(args: &crate::cli::ServeArgs) -> anyhow::Result<Box<d
         ..ProxyConfig::default()
     };
     // Validate the addresses now so a typo fails at start, not later.
-    for a in [&cfg.frontend, &cfg.backend].into_iter().chain(cfg.capture.as_ref()) {
+    for a in [&cfg.frontend, &cfg.backend]
+        .into_iter()
+        .chain(cfg.capture.as_ref())
+    {
         a.parse::<Endpoint>()?;
     }
     Ok(Box::new(ZmqTransport::new(cfg)))

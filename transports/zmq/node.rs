@@ -26,7 +26,11 @@ pub struct Node {
 impl Node {
     /// A node with its facilities (not started).
     pub fn new(name: &str, receiver: Option<Receiver>, publisher: Option<Publisher>) -> Node {
-        Node { name: name.to_owned(), receiver, publisher }
+        Node {
+            name: name.to_owned(),
+            receiver,
+            publisher,
+        }
     }
 
     /// The node's name.
@@ -71,7 +75,10 @@ impl Node {
     /// Publishes `data` on topic `channel/name` with origin `name`.
     /// Ok(false) when the publisher dropped it (see [`Publisher::publish`]).
     pub fn publish(&self, channel: &str, data: impl Into<Data>) -> Result<bool, ZmqError> {
-        let p = self.publisher.as_ref().ok_or(ZmqError::Missing("publisher"))?;
+        let p = self
+            .publisher
+            .as_ref()
+            .ok_or(ZmqError::Missing("publisher"))?;
         let topic = format!("{channel}/{}", self.name);
         p.publish_parts(&topic, &self.name, &data.into())
     }
@@ -79,7 +86,10 @@ impl Node {
     /// The next received envelope, waiting up to `timeout` (None: until one
     /// arrives or the receiver stops).
     pub async fn recv(&self, timeout: Option<Duration>) -> Result<Option<Envelope>, ZmqError> {
-        let r = self.receiver.as_ref().ok_or(ZmqError::Missing("receiver"))?;
+        let r = self
+            .receiver
+            .as_ref()
+            .ok_or(ZmqError::Missing("receiver"))?;
         Ok(match timeout {
             Some(t) => r.recv_timeout(t).await,
             None => r.recv().await,
@@ -88,8 +98,15 @@ impl Node {
 
     /// The reference's blocking `recv(block, timeout)`; see
     /// [`Receiver::recv_blocking`].
-    pub fn recv_blocking(&self, block: bool, timeout: Option<Duration>) -> Result<Option<Envelope>, ZmqError> {
-        let r = self.receiver.as_ref().ok_or(ZmqError::Missing("receiver"))?;
+    pub fn recv_blocking(
+        &self,
+        block: bool,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Envelope>, ZmqError> {
+        let r = self
+            .receiver
+            .as_ref()
+            .ok_or(ZmqError::Missing("receiver"))?;
         Ok(r.recv_blocking(block, timeout))
     }
 
@@ -107,7 +124,10 @@ impl Node {
     /// data on channel `RAW` until `shutdown` or the receiver stops.
     /// Returns how many envelopes it forwarded.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<u64, ZmqError> {
-        let r = self.receiver.as_ref().ok_or(ZmqError::Missing("receiver"))?;
+        let r = self
+            .receiver
+            .as_ref()
+            .ok_or(ZmqError::Missing("receiver"))?;
         if self.publisher.is_none() {
             return Err(ZmqError::Missing("publisher"));
         }

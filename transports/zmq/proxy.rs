@@ -274,7 +274,10 @@ impl Hub {
         let mut v: Vec<Target> = ctl
             .subs
             .values()
-            .map(|(peer, prefixes)| Target { peer: peer.clone(), prefixes: prefixes.clone().into() })
+            .map(|(peer, prefixes)| Target {
+                peer: peer.clone(),
+                prefixes: prefixes.clone().into(),
+            })
             .collect();
         v.retain(|t| !t.prefixes.is_empty());
         *self.targets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
@@ -313,7 +316,9 @@ impl Hub {
     fn apply_sub_change(&self, id: u64, side: Side, change: SubChange) {
         let mut ctl = self.ctl();
         let ctl = &mut *ctl;
-        let Some((_, prefixes)) = ctl.subs.get_mut(&id) else { return };
+        let Some((_, prefixes)) = ctl.subs.get_mut(&id) else {
+            return;
+        };
         match change {
             SubChange::Subscribe(p) => {
                 prefixes.push(p.clone());
@@ -335,7 +340,11 @@ impl Hub {
 
     /// Queues one message to every matching subscriber and capture peer.
     fn dispatch(&self, msg: &RawMessage) {
-        let targets = self.targets.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let targets = self
+            .targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if targets.is_empty() {
             return;
         }
@@ -363,7 +372,9 @@ impl Hub {
             };
             if t.peer.queue.push(wire) != Pushed::Ok {
                 t.peer.drops.fetch_add(1, Ordering::Relaxed);
-                self.counters(t.peer.side).drops.fetch_add(1, Ordering::Relaxed);
+                self.counters(t.peer.side)
+                    .drops
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -414,7 +425,11 @@ pub struct ZmqProxy {
 impl ZmqProxy {
     /// A proxy that binds when it starts serving.
     pub fn new(cfg: ProxyConfig) -> ZmqProxy {
-        ZmqProxy { cfg, listeners: None, stats: Arc::new(ProxyStats::default()) }
+        ZmqProxy {
+            cfg,
+            listeners: None,
+            stats: Arc::new(ProxyStats::default()),
+        }
     }
 
     /// A proxy bound now (so ports are known, e.g. `tcp://127.0.0.1:0`).
@@ -486,10 +501,28 @@ impl ZmqProxy {
         }
         on_ready(ProxyHandle { hub: hub.clone() });
         let tasks = tokio_util::task::TaskTracker::new();
-        tasks.spawn(accept_loop(hub.clone(), front, Role::Publisher, shutdown.clone(), tasks.clone()));
-        tasks.spawn(accept_loop(hub.clone(), back, Role::Subscriber(Side::Backend), shutdown.clone(), tasks.clone()));
+        tasks.spawn(accept_loop(
+            hub.clone(),
+            front,
+            Role::Publisher,
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(accept_loop(
+            hub.clone(),
+            back,
+            Role::Subscriber(Side::Backend),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
         if let Some(cap) = cap {
-            tasks.spawn(accept_loop(hub.clone(), cap, Role::Subscriber(Side::Capture), shutdown.clone(), tasks.clone()));
+            tasks.spawn(accept_loop(
+                hub.clone(),
+                cap,
+                Role::Subscriber(Side::Capture),
+                shutdown.clone(),
+                tasks.clone(),
+            ));
         }
         shutdown.cancelled().await;
         tasks.close();
@@ -518,7 +551,10 @@ impl ProxyHandle {
     pub fn send(&self, frames: &[&[u8]]) {
         let mut out = BytesMut::new();
         zmtp::put_message(&mut out, frames);
-        let msg = RawMessage { wire: out.freeze(), frames: frames.len() };
+        let msg = RawMessage {
+            wire: out.freeze(),
+            frames: frames.len(),
+        };
         self.hub.dispatch(&msg);
     }
 
@@ -594,8 +630,15 @@ async fn publisher_conn(hub: Arc<Hub>, stream: Stream, shutdown: CancellationTok
     let c = &hub.stats.publishers;
     let (mut r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(hub.cfg.max_msg_size);
-    if let Err(e) =
-        zmtp::handshake(&mut r, &mut w, &mut reader, SocketType::XSub, PROXY_PROPS, hub.cfg.handshake_timeout).await
+    if let Err(e) = zmtp::handshake(
+        &mut r,
+        &mut w,
+        &mut reader,
+        SocketType::XSub,
+        PROXY_PROPS,
+        hub.cfg.handshake_timeout,
+    )
+    .await
     {
         note_end(c, &e);
         return;
@@ -647,7 +690,9 @@ async fn publisher_read_loop(
                     n += 1;
                     bytes += count_bytes(&m);
                     hub.dispatch(&m);
-                    if m.frames_n::<4>().is_some_and(|f| envelope::looks_like_envelope(&f)) {
+                    if m.frames_n::<4>()
+                        .is_some_and(|f| envelope::looks_like_envelope(&f))
+                    {
                         if let Some(sink) = &hub.sink {
                             sink.offer(&m);
                         }
@@ -699,7 +744,16 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
         Side::Backend => SocketType::XPub,
         Side::Capture => SocketType::Pub,
     };
-    let info = match zmtp::handshake(&mut r, &mut w, &mut reader, ours, PROXY_PROPS, hub.cfg.handshake_timeout).await {
+    let info = match zmtp::handshake(
+        &mut r,
+        &mut w,
+        &mut reader,
+        ours,
+        PROXY_PROPS,
+        hub.cfg.handshake_timeout,
+    )
+    .await
+    {
         Ok(i) => i,
         Err(e) => {
             note_end(c, &e);
@@ -722,7 +776,12 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
     };
     let conn_done = shutdown.child_token();
     let peer_q = PeerQueue(peer.clone());
-    let writer = tokio::spawn(writer_task(w, peer_q, Some((hub.stats.clone(), side)), conn_done.clone()));
+    let writer = tokio::spawn(writer_task(
+        w,
+        peer_q,
+        Some((hub.stats.clone(), side)),
+        conn_done.clone(),
+    ));
     let res = subscriber_read_loop(&hub, id, side, &mut r, &mut reader, &peer, &conn_done).await;
     if let Err(e) = res {
         note_end(c, &e);
@@ -861,6 +920,9 @@ async fn writer_task<D: Drain>(
     let _ = tokio::time::timeout(Duration::from_millis(200), w.shutdown()).await;
 }
 
-async fn write_item<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, item: &Bytes) -> std::io::Result<()> {
+async fn write_item<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    item: &Bytes,
+) -> std::io::Result<()> {
     w.write_all(item).await
 }

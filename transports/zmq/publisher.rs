@@ -175,7 +175,8 @@ impl Publisher {
         if self.task.is_some() {
             return Ok(());
         }
-        let rt = tokio::runtime::Handle::try_current().map_err(|_| ZmqError::NotRunning("tokio runtime"))?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| ZmqError::NotRunning("tokio runtime"))?;
         self.stopping = CancellationToken::new();
         self.kill = CancellationToken::new();
         let conn = Connection {
@@ -238,11 +239,16 @@ impl Publisher {
         } else {
             Codec::Json
         };
-        let data = data.encode(codec).map_err(|e| ZmqError::Envelope(e.into()))?;
+        let data = data
+            .encode(codec)
+            .map_err(|e| ZmqError::Envelope(e.into()))?;
         let mut origin_frame = Vec::with_capacity(origin.len() + 2);
         envelope::write_ascii_json_str(origin, true, &mut origin_frame);
-        let ts = serde_json::to_vec(&unix_now()).map_err(|e| ZmqError::Envelope(crate::codec::CodecError::from(e).into()))?;
-        let mut wire = BytesMut::with_capacity(topic_frame.len() + origin_frame.len() + data.len() + ts.len() + 16);
+        let ts = serde_json::to_vec(&unix_now())
+            .map_err(|e| ZmqError::Envelope(crate::codec::CodecError::from(e).into()))?;
+        let mut wire = BytesMut::with_capacity(
+            topic_frame.len() + origin_frame.len() + data.len() + ts.len() + 16,
+        );
         zmtp::put_message(&mut wire, &[&topic_frame[..], &origin_frame, &data, &ts]);
         match s.queue.push(wire.freeze()) {
             Pushed::Ok => {
@@ -258,7 +264,8 @@ impl Publisher {
 
     /// Waits until connected to the proxy.
     pub async fn wait_connected(&self, limit: Duration) -> Result<(), ZmqError> {
-        self.wait_until(limit, |s| s.connected.load(Ordering::Relaxed)).await
+        self.wait_until(limit, |s| s.connected.load(Ordering::Relaxed))
+            .await
     }
 
     /// Waits until some subscriber wants `topic` (its subscription has
@@ -266,10 +273,17 @@ impl Publisher {
     /// not dropped by source filtering.
     pub async fn wait_for_subscriber(&self, topic: &str, limit: Duration) -> Result<(), ZmqError> {
         let frame = envelope::topic_frame(topic);
-        self.wait_until(limit, |s| s.connected.load(Ordering::Relaxed) && s.wants(&frame)).await
+        self.wait_until(limit, |s| {
+            s.connected.load(Ordering::Relaxed) && s.wants(&frame)
+        })
+        .await
     }
 
-    async fn wait_until(&self, limit: Duration, f: impl Fn(&Shared) -> bool) -> Result<(), ZmqError> {
+    async fn wait_until(
+        &self,
+        limit: Duration,
+        f: impl Fn(&Shared) -> bool,
+    ) -> Result<(), ZmqError> {
         let fut = async {
             loop {
                 let changed = self.shared.changed.notified();
@@ -280,7 +294,9 @@ impl Publisher {
                 let _ = tokio::time::timeout(Duration::from_millis(50), changed).await;
             }
         };
-        tokio::time::timeout(limit, fut).await.map_err(|_| ZmqError::Timeout(limit))
+        tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| ZmqError::Timeout(limit))
     }
 
     /// Waits until everything queued has been written (or `limit`).
@@ -336,18 +352,28 @@ impl Connection {
             Vec::new()
         };
         loop {
-            if self.kill.is_cancelled() || (self.stopping.is_cancelled() && self.shared.queue.is_empty()) {
+            if self.kill.is_cancelled()
+                || (self.stopping.is_cancelled() && self.shared.queue.is_empty())
+            {
                 return;
             }
             let attempt = async {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.endpoint))
-                    .await
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-                    .map_err(zmtp::ZmtpError::Io)?;
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.endpoint))
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                        .map_err(zmtp::ZmtpError::Io)?;
                 let (mut r, mut w) = stream.into_split();
                 let mut reader = FrameReader::new(1 << 20);
-                let info =
-                    zmtp::handshake(&mut r, &mut w, &mut reader, SocketType::Pub, &props, CONNECT_TIMEOUT).await?;
+                let info = zmtp::handshake(
+                    &mut r,
+                    &mut w,
+                    &mut reader,
+                    SocketType::Pub,
+                    &props,
+                    CONNECT_TIMEOUT,
+                )
+                .await?;
                 Ok::<_, zmtp::ZmtpError>((r, w, reader, info))
             };
             let conn = tokio::select! {
@@ -358,15 +384,24 @@ impl Connection {
                 Ok((r, w, reader, info)) => {
                     delay = RECONNECT_MIN;
                     if !first {
-                        self.shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .reconnects
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     first = false;
-                    self.shared.msgpack_ok.store(info.wants_msgpack(), Ordering::Relaxed);
+                    self.shared
+                        .msgpack_ok
+                        .store(info.wants_msgpack(), Ordering::Relaxed);
                     self.shared.connected.store(true, Ordering::Relaxed);
                     self.shared.changed.notify_waiters();
                     let ended = self.serve(r, w, reader).await;
                     self.shared.connected.store(false, Ordering::Relaxed);
-                    self.shared.subs.write().unwrap_or_else(|p| p.into_inner()).clear();
+                    self.shared
+                        .subs
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
                     self.shared.changed.notify_waiters();
                     if ended {
                         return;

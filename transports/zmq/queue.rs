@@ -69,7 +69,9 @@ impl WireQueue {
             if g.closed {
                 return Pushed::Closed;
             }
-            if !g.items.is_empty() && (g.items.len() >= self.max_items || g.bytes + item.len() > self.max_bytes) {
+            if !g.items.is_empty()
+                && (g.items.len() >= self.max_items || g.bytes + item.len() > self.max_bytes)
+            {
                 return Pushed::Full;
             }
             was_empty = g.items.is_empty();

@@ -193,7 +193,12 @@ impl Receiver {
     /// A receiver for `addr` subscribing to `topics` (prefixes; empty =
     /// all) and keeping only envelopes from `exchanges` (empty = all).
     /// Other settings are the defaults of [`ReceiverConfig::new`].
-    pub fn new(addr: &str, name: &str, topics: &[&str], exchanges: &[&str]) -> Result<Receiver, ZmqError> {
+    pub fn new(
+        addr: &str,
+        name: &str,
+        topics: &[&str],
+        exchanges: &[&str],
+    ) -> Result<Receiver, ZmqError> {
         let mut cfg = ReceiverConfig::new(addr, name);
         cfg.topics = topics.iter().map(|s| s.to_string()).collect();
         cfg.exchanges = exchanges.iter().map(|s| s.to_string()).collect();
@@ -228,7 +233,8 @@ impl Receiver {
         if self.task.is_some() {
             return Ok(());
         }
-        let rt = tokio::runtime::Handle::try_current().map_err(|_| ZmqError::NotRunning("tokio runtime"))?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| ZmqError::NotRunning("tokio runtime"))?;
         self.cancel = CancellationToken::new();
         self.shared.lock().closed = false;
         let conn = Connection {
@@ -246,7 +252,10 @@ impl Receiver {
         self.cancel.cancel();
         if let Some(t) = self.task.take() {
             let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), t).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(1), t)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -271,7 +280,9 @@ impl Receiver {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        tokio::time::timeout(limit, fut).await.map_err(|_| ZmqError::Timeout(limit))
+        tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| ZmqError::Timeout(limit))
     }
 
     /// The next envelope if one is queued (never waits).
@@ -300,7 +311,10 @@ impl Receiver {
 
     /// Waits up to `limit` for the next envelope.
     pub async fn recv_timeout(&self, limit: Duration) -> Option<Envelope> {
-        tokio::time::timeout(limit, self.recv()).await.ok().flatten()
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The reference's `recv(block=False, timeout=None)`, blocking the
@@ -327,7 +341,11 @@ impl Receiver {
                     if now >= d {
                         return None;
                     }
-                    self.shared.cond.wait_timeout(q, d - now).unwrap_or_else(|p| p.into_inner()).0
+                    self.shared
+                        .cond
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
             };
         }
@@ -405,13 +423,22 @@ impl Connection {
         let mut lag_warned = 0u64;
         loop {
             let attempt = async {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.endpoint))
-                    .await
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-                    .map_err(zmtp::ZmtpError::Io)?;
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.endpoint))
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                        .map_err(zmtp::ZmtpError::Io)?;
                 let (mut r, mut w) = stream.into_split();
                 let mut reader = FrameReader::new(self.cfg.max_msg_size);
-                zmtp::handshake(&mut r, &mut w, &mut reader, SocketType::Sub, &props, CONNECT_TIMEOUT).await?;
+                zmtp::handshake(
+                    &mut r,
+                    &mut w,
+                    &mut reader,
+                    SocketType::Sub,
+                    &props,
+                    CONNECT_TIMEOUT,
+                )
+                .await?;
                 w.write_all(&subs).await?;
                 w.flush().await?;
                 Ok::<_, zmtp::ZmtpError>((r, w, reader))
@@ -424,7 +451,10 @@ impl Connection {
                 Ok((mut r, mut w, mut reader)) => {
                     delay = RECONNECT_MIN;
                     if !first {
-                        self.shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .reconnects
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     first = false;
                     self.shared.connected.store(true, Ordering::Relaxed);
@@ -436,10 +466,14 @@ impl Connection {
                     match res {
                         Ok(true) => break,
                         Ok(false) => {}
-                        Err(e) => tracing::debug!(endpoint = %self.endpoint, error = %e, "receiver: connection lost"),
+                        Err(e) => {
+                            tracing::debug!(endpoint = %self.endpoint, error = %e, "receiver: connection lost")
+                        }
                     }
                 }
-                Err(e) => tracing::debug!(endpoint = %self.endpoint, error = %e, "receiver: connect failed"),
+                Err(e) => {
+                    tracing::debug!(endpoint = %self.endpoint, error = %e, "receiver: connect failed")
+                }
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -464,7 +498,10 @@ impl Connection {
             while let Some(item) = reader.next()? {
                 match item {
                     Inbound::Message(m) => {
-                        self.shared.counters.received.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .received
+                            .fetch_add(1, Ordering::Relaxed);
                         let (verdict, delivered) = self.handle(&m, lag_warned);
                         woke |= delivered;
                         if let Verdict::Stop = verdict {
@@ -478,7 +515,10 @@ impl Connection {
                         }
                     }
                     Inbound::Oversized(_) => {
-                        self.shared.counters.oversized.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .oversized
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

@@ -249,7 +249,10 @@ fn parse_header(b: &[u8]) -> Option<(usize, usize)> {
     let flags = *b.first()?;
     if flags & FLAG_LONG != 0 {
         let raw: [u8; 8] = b.get(1..9)?.try_into().ok()?;
-        Some((9, usize::try_from(u64::from_be_bytes(raw)).unwrap_or(usize::MAX)))
+        Some((
+            9,
+            usize::try_from(u64::from_be_bytes(raw)).unwrap_or(usize::MAX),
+        ))
     } else {
         Some((2, *b.get(1)? as usize))
     }
@@ -303,7 +306,10 @@ impl FrameReader {
     }
 
     /// Reads more bytes from `r`; `Ok(false)` on a clean end of stream.
-    pub async fn fill<R: AsyncRead + Unpin + ?Sized>(&mut self, r: &mut R) -> Result<bool, ZmtpError> {
+    pub async fn fill<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<bool, ZmtpError> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
@@ -324,11 +330,15 @@ impl FrameReader {
         let mut frames = 0usize;
         let mut total = 0u64;
         loop {
-            let Some(&flags) = b.get(pos) else { return Ok(None) };
+            let Some(&flags) = b.get(pos) else {
+                return Ok(None);
+            };
             if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
                 return Err(ZmtpError::Protocol("reserved flag bits set"));
             }
-            let Some((hdr, len)) = parse_header(&b[pos..]) else { return Ok(None) };
+            let Some((hdr, len)) = parse_header(&b[pos..]) else {
+                return Ok(None);
+            };
             let len64 = len as u64;
             if flags & FLAG_COMMAND != 0 {
                 if frames > 0 {
@@ -398,11 +408,15 @@ impl FrameReader {
                 self.skip = None;
                 return Ok(Some(Inbound::Oversized(s.total)));
             }
-            let Some(&flags) = self.buf.first() else { return Ok(None) };
+            let Some(&flags) = self.buf.first() else {
+                return Ok(None);
+            };
             if flags & (FLAG_COMMAND | !(FLAG_MORE | FLAG_LONG)) != 0 {
                 return Err(ZmtpError::Protocol("bad frame inside a skipped message"));
             }
-            let Some((hdr, len)) = parse_header(&self.buf) else { return Ok(None) };
+            let Some((hdr, len)) = parse_header(&self.buf) else {
+                return Ok(None);
+            };
             self.buf.advance(hdr);
             self.skip = Some(Skip {
                 remaining: len as u64,
@@ -450,8 +464,12 @@ impl SubChange {
                     _ => None,
                 }
             }
-            Inbound::Command(name, data) if name == "SUBSCRIBE" => Some(SubChange::Subscribe(data.clone())),
-            Inbound::Command(name, data) if name == "CANCEL" => Some(SubChange::Cancel(data.clone())),
+            Inbound::Command(name, data) if name == "SUBSCRIBE" => {
+                Some(SubChange::Subscribe(data.clone()))
+            }
+            Inbound::Command(name, data) if name == "CANCEL" => {
+                Some(SubChange::Cancel(data.clone()))
+            }
             _ => None,
         }
     }
@@ -511,18 +529,28 @@ where
             match reader.next()? {
                 Some(Inbound::Command(name, data)) if name == "READY" => {
                     let properties = parse_properties(&data)?;
-                    let mut info = PeerInfo { minor, socket_type: String::new(), properties };
+                    let mut info = PeerInfo {
+                        minor,
+                        socket_type: String::new(),
+                        properties,
+                    };
                     info.socket_type = info
                         .property("Socket-Type")
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                         .unwrap_or_default();
                     if !ours.accepts(&info.socket_type) {
-                        return Err(ZmtpError::SocketType { peer: info.socket_type, ours: ours.name() });
+                        return Err(ZmtpError::SocketType {
+                            peer: info.socket_type,
+                            ours: ours.name(),
+                        });
                     }
                     return Ok(info);
                 }
                 Some(Inbound::Command(name, data)) if name == "ERROR" => {
-                    let reason = data.get(1..).map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
+                    let reason = data
+                        .get(1..)
+                        .map(|r| String::from_utf8_lossy(r).into_owned())
+                        .unwrap_or_default();
                     return Err(ZmtpError::PeerError(reason));
                 }
                 Some(_) => return Err(ZmtpError::BadHandshake("expected READY".into())),
@@ -560,7 +588,11 @@ fn parse_properties(mut d: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ZmtpError> {
     while !d.is_empty() {
         let n = d[0] as usize;
         let name = d.get(1..1 + n).ok_or_else(bad)?;
-        let len_bytes: [u8; 4] = d.get(1 + n..5 + n).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+        let len_bytes: [u8; 4] = d
+            .get(1 + n..5 + n)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
         let vlen = u32::from_be_bytes(len_bytes) as usize;
         let value = d.get(5 + n..5 + n + vlen).ok_or_else(bad)?;
         out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
@@ -600,13 +632,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(&got[1], Inbound::Command(n, _) if n == "PING"));
-        assert_eq!(SubChange::from_inbound(&got[2]), Some(SubChange::Subscribe(Bytes::from_static(b"\"RAW/"))));
+        assert_eq!(
+            SubChange::from_inbound(&got[2]),
+            Some(SubChange::Subscribe(Bytes::from_static(b"\"RAW/")))
+        );
     }
 
     #[test]
     fn oversized_is_skipped_and_stream_stays_in_sync() {
         let mut out = BytesMut::new();
-        put_message(&mut out, &[&[1u8; 100][..], &[2u8; 5000][..], &[3u8; 10][..]]);
+        put_message(
+            &mut out,
+            &[&[1u8; 100][..], &[2u8; 5000][..], &[3u8; 10][..]],
+        );
         put_message(&mut out, &[b"ok".as_slice()]);
         let all = out.freeze();
         let mut r = FrameReader::new(1000);
