@@ -1,0 +1,126 @@
+//! Bad input through the proxy: wrong frame counts, frames that are not
+//! JSON, oversized messages, and MessagePack for peers that did not opt
+//! in. Each is counted; nothing crashes; valid traffic keeps flowing.
+
+mod zmq_util;
+
+use std::time::Duration;
+
+use hermes_bus::codec::{self, Codec, MSGPACK_MARKER};
+use hermes_bus::envelope::{Quote, Registry};
+use hermes_bus::transports::zmq::zmtp::SocketType;
+use hermes_bus::transports::zmq::{Receiver, ReceiverConfig, SlowPolicy};
+use zmq_util::*;
+
+fn receiver(addr: &str, codec: Codec) -> Receiver {
+    let mut cfg = ReceiverConfig::new(addr, "r");
+    cfg.slow_policy = SlowPolicy::Warn;
+    cfg.codec = codec;
+    let mut r = Receiver::with_config(cfg).expect("receiver");
+    r.start().expect("start");
+    r
+}
+
+const TOPIC: &[u8] = b"\"T/x\"";
+const ORIGIN: &[u8] = b"\"raw\"";
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_are_counted_not_fatal() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| c.max_msg_size = 64 * 1024).await;
+        let r = receiver(&proxy.back(), Codec::Json);
+        r.wait_connected(Duration::from_secs(10)).await.expect("connected");
+        let mut p = raw_peer(&proxy.front(), SocketType::Pub).await;
+        // Wait until the receiver's subscription reached the proxy.
+        assert!(eventually(Duration::from_secs(10), || proxy.stats.snapshot().subscribers.open == 1).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        p.send(&[TOPIC, ORIGIN, b"1"]).await; // 3 frames
+        p.send(&[TOPIC, ORIGIN, b"1", b"2.0", b"extra"]).await; // 5 frames
+        p.send(&[b"not json", b"{", b"}", b"x"]).await; // not JSON
+        p.send(&[TOPIC, ORIGIN, b"{\"a\":", b"1.5"]).await; // bad data JSON
+        p.send(&[TOPIC, ORIGIN, &vec![b'7'; 100 * 1024], b"1.5"]).await; // oversized
+        p.send(&[TOPIC, ORIGIN, b"[\"ok\"]", b"1.5"]).await; // valid
+        let env = r.recv_timeout(Duration::from_secs(10)).await.expect("the valid envelope arrives");
+        assert_eq!(env.topic, "T/x");
+        assert_eq!(serde_json::to_value(&env.data).expect("json"), serde_json::json!(["ok"]));
+
+        let s = proxy.stats.snapshot();
+        // Forwarded like a ZeroMQ proxy, but counted: 3 structural ones
+        // (the bad data frame is only caught where data is decoded).
+        assert_eq!(s.publishers.malformed, 3, "{s:?}");
+        assert_eq!(s.publishers.drops, 1, "oversized dropped: {s:?}");
+        assert_eq!(s.publishers.messages, 5);
+        let rs = r.stats();
+        assert_eq!(rs.malformed, 4, "{rs:?}");
+        assert_eq!(rs.delivered, 1);
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn msgpack_reaches_only_peers_that_opted_in() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|_| {}).await;
+        let json_r = receiver(&proxy.back(), Codec::Json);
+        let mp_r = receiver(&proxy.back(), Codec::MsgPack);
+        json_r.wait_connected(Duration::from_secs(10)).await.expect("connected");
+        mp_r.wait_connected(Duration::from_secs(10)).await.expect("connected");
+        let mut p = raw_peer(&proxy.front(), SocketType::Pub).await;
+        assert!(eventually(Duration::from_secs(10), || proxy.stats.snapshot().subscribers.open == 2).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let q = Quote { ts: 1.0, symbol: "ABC".into(), bid: 1.0, bid_size: 2.0, ask: 3.0, ask_size: 4.0 };
+        let mp = codec::encode(Codec::MsgPack, &q).expect("msgpack");
+        assert_eq!(mp[0], MSGPACK_MARKER);
+        p.send(&[TOPIC, ORIGIN, &mp, b"1.5"]).await;
+        // Invalid MessagePack after the marker.
+        p.send(&[TOPIC, ORIGIN, &[MSGPACK_MARKER, 0xC1, 0xC1], b"1.5"]).await;
+        p.send(&[TOPIC, ORIGIN, b"[\"end\"]", b"1.5"]).await;
+
+        for r in [&json_r, &mp_r] {
+            let e = r.recv_timeout(Duration::from_secs(10)).await.expect("quote");
+            assert_eq!(e.data.downcast_ref::<Quote>(), Some(&q));
+            let e = r.recv_timeout(Duration::from_secs(10)).await.expect("end");
+            assert_eq!(serde_json::to_value(&e.data).expect("json"), serde_json::json!(["end"]));
+        }
+        // The JSON peer got a transcoded copy and never the broken one;
+        // the MessagePack peer got the broken one and counted it.
+        assert_eq!(json_r.stats().codec_errors, 0);
+        assert_eq!(mp_r.stats().codec_errors, 1);
+        assert_eq!(proxy.stats.snapshot().transcoded, 1);
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn receiver_counts_a_codec_it_did_not_opt_in_to() {
+    // Without our proxy in between (a peer that ignores the opt-in), the
+    // JSON receiver must count MessagePack data, not decode garbage.
+    tokio::time::timeout(TEST_LIMIT, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = format!("tcp://{}", listener.local_addr().expect("addr"));
+        let r = receiver(&addr, Codec::Json);
+        let (s, _) = listener.accept().await.expect("accept");
+        let (mut rd, mut wr) = s.into_split();
+        let mut reader = hermes_bus::transports::zmq::zmtp::FrameReader::new(1 << 20);
+        hermes_bus::transports::zmq::zmtp::handshake(&mut rd, &mut wr, &mut reader, SocketType::XPub, &[], Duration::from_secs(5))
+            .await
+            .expect("handshake");
+        let mp = codec::encode(Codec::MsgPack, &serde_json::json!([1, 2])).expect("mp");
+        let mut b = bytes::BytesMut::new();
+        hermes_bus::transports::zmq::zmtp::put_message(&mut b, &[TOPIC, ORIGIN, &mp[..], b"1.5"]);
+        hermes_bus::transports::zmq::zmtp::put_message(&mut b, &[TOPIC, ORIGIN, b"3", b"1.5"]);
+        tokio::io::AsyncWriteExt::write_all(&mut wr, &b).await.expect("send");
+        let e = r.recv_timeout(Duration::from_secs(10)).await.expect("json one");
+        assert_eq!(serde_json::to_value(&e.data).expect("json"), serde_json::json!(3));
+        assert_eq!(r.stats().codec_errors, 1);
+        let _ = Registry::shared();
+    })
+    .await
+    .expect("test timed out");
+}
