@@ -1,0 +1,513 @@
+//! The bench: our bus side by side with its anchors, in one run.
+//!
+//! Starts what it measures itself (our `hermes-bus-server`, the reference
+//! Python `hermes-bus` 0.3.0 server, `redis-server`, the raw-socket
+//! anchors; the ZeroMQ comparison comes from `bench/zmq-anchor`, a
+//! separate package linking libzmq), runs each case a few times,
+//! alternating subject and anchor, each run bounded in count and in time,
+//! and prints one table: our figure (median, min–max), the anchor's
+//! figure from the same run, their ratio and the target.
+//!
+//! `bench/run` builds and runs all of it. By hand:
+//! `cargo bench --bench bus -- [--runs N] [--quick] [--only TEXT] [--out FILE]`
+//! Environment: `HERMES_BENCH_PY03` (python of the 0.3.0 venv),
+//! `HERMES_BENCH_ZMQ_ANCHOR` (the built zmq-anchor binary).
+
+mod redis;
+mod unix;
+mod util;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use unix::Bounds;
+
+/// How a figure reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unit {
+    /// Messages per second (higher is better).
+    Rate,
+    /// Microseconds (lower is better).
+    Micros,
+    /// Bytes (lower is better).
+    Bytes,
+}
+
+impl Unit {
+    fn higher_is_better(self) -> bool {
+        self == Unit::Rate
+    }
+
+    fn show(self, v: f64) -> String {
+        match self {
+            Unit::Rate if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
+            Unit::Rate if v >= 1e3 => format!("{:.0} k/s", v / 1e3),
+            Unit::Rate => format!("{v:.0} /s"),
+            Unit::Micros => format!("{v:.1} µs"),
+            Unit::Bytes if v >= 1 << 20 => format!("{:.1} MiB", v / (1 << 20) as f64),
+            Unit::Bytes => format!("{:.2} KiB", v / 1024.0),
+        }
+    }
+}
+
+/// Per-run figures of one subject in one case, or why there are none.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Figures { values: Vec<f64>, notes: Vec<String> },
+    Missing(String),
+}
+
+impl Outcome {
+    fn median(&self) -> Option<f64> {
+        match self {
+            Outcome::Figures { values, .. } => util::summary(values).map(|s| s.0),
+            Outcome::Missing(_) => None,
+        }
+    }
+
+    fn show(&self, unit: Unit) -> String {
+        match self {
+            Outcome::Figures { values, notes } => {
+                let mut s = match util::summary(values) {
+                    Some((m, lo, hi)) if values.len() > 1 => format!("{} ({} – {})", unit.show(m), unit.show(lo), unit.show(hi)),
+                    Some((m, _, _)) => unit.show(m),
+                    None => "no figure".into(),
+                };
+                if !notes.is_empty() {
+                    s.push_str(&format!(" [{}]", dedup(notes).join("; ")));
+                }
+                s
+            }
+            Outcome::Missing(why) => format!("missing: {why}"),
+        }
+    }
+}
+
+fn dedup(v: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in v {
+        if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+/// What a row must show to meet its target.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// ours/anchor at least this (rates) or at most this (latency, memory).
+    Ratio(f64),
+    /// Our figure below this many bytes.
+    BelowBytes(f64),
+}
+
+struct Row {
+    case: String,
+    unit: Unit,
+    ours: Outcome,
+    anchor: String,
+    theirs: Outcome,
+    target: Option<Target>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        Some(self.ours.median()? / self.theirs.median()?)
+    }
+
+    fn verdict(&self) -> String {
+        let Some(t) = self.target else { return String::new() };
+        let hib = self.unit.higher_is_better();
+        match t {
+            Target::Ratio(x) => {
+                let want = format!("{} {x}×", if hib { "≥" } else { "≤" });
+                match self.ratio() {
+                    Some(r) if (hib && r >= x) || (!hib && r <= x) => format!("{want}: met"),
+                    Some(_) => format!("{want}: NOT met"),
+                    None => format!("{want}: no figure"),
+                }
+            }
+            Target::BelowBytes(b) => {
+                let want = format!("< {}", Unit::Bytes.show(b));
+                match self.ours.median() {
+                    Some(v) if v < b => format!("{want}: met"),
+                    Some(_) => format!("{want}: NOT met"),
+                    None => format!("{want}: no figure"),
+                }
+            }
+        }
+    }
+}
+
+/// One subject's run: per-metric values, or an error.
+type RunFn<'a> = Box<dyn FnMut() -> Result<(Vec<f64>, Option<String>), String> + 'a>;
+
+/// Runs every subject `runs` times, alternating subjects within each run;
+/// returns, per subject, one outcome per metric.
+fn interleave(runs: usize, metrics: usize, subjects: Vec<(&str, Result<RunFn<'_>, String>)>) -> Vec<Vec<Outcome>> {
+    let mut vals: Vec<Vec<Vec<f64>>> = subjects.iter().map(|_| vec![Vec::new(); metrics]).collect();
+    let mut notes: Vec<Vec<String>> = subjects.iter().map(|_| Vec::new()).collect();
+    let mut errors: Vec<Option<String>> = subjects.iter().map(|(_, f)| f.as_ref().err().cloned()).collect();
+    let mut fns: Vec<Option<RunFn<'_>>> = subjects.into_iter().map(|(_, f)| f.ok()).collect();
+    for _ in 0..runs {
+        for (k, f) in fns.iter_mut().enumerate() {
+            let Some(f) = f else { continue };
+            match f() {
+                Ok((v, note)) => {
+                    for (m, x) in v.into_iter().enumerate().take(metrics) {
+                        vals[k][m].push(x);
+                    }
+                    notes[k].extend(note);
+                }
+                Err(e) => {
+                    eprintln!("    run failed: {e}");
+                    notes[k].push(format!("a run failed: {e}"));
+                    errors[k].get_or_insert(e);
+                }
+            }
+        }
+    }
+    vals.into_iter()
+        .zip(notes)
+        .zip(errors)
+        .map(|((per_metric, notes), err)| {
+            per_metric
+                .into_iter()
+                .map(|values| {
+                    if values.is_empty() {
+                        Outcome::Missing(err.clone().unwrap_or_else(|| "no run".into()))
+                    } else {
+                        Outcome::Figures { values, notes: notes.clone() }
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+struct Args {
+    runs: usize,
+    quick: bool,
+    only: Vec<String>,
+    out: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args { runs: 3, quick: false, only: Vec::new(), out: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
+            "--quick" => a.quick = true,
+            "--only" => a.only.extend(it.next()),
+            "--out" => a.out = it.next().map(PathBuf::from),
+            _ => {} // `cargo bench` passes --bench; ignore the rest
+        }
+    }
+    a
+}
+
+fn bounds(size: usize, quick: bool) -> Bounds {
+    let max_msgs = match size {
+        s if s <= 128 => 400_000,
+        s if s <= 2048 => 250_000,
+        _ => 20_000,
+    };
+    let max_time = if quick { Duration::from_millis(500) } else { Duration::from_millis(1200) };
+    Bounds { max_msgs, max_time }
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1024 {
+        format!("{} KB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+/// A throughput run as a RunFn result: the delivered rate; lost messages
+/// are noted.
+fn tp(r: Result<util::Throughput, String>) -> Result<(Vec<f64>, Option<String>), String> {
+    let t = r?;
+    let note = (t.lost() > 0).then(|| format!("LOST {} of {}", t.lost(), t.expected));
+    Ok((vec![t.rate()], note))
+}
+
+fn main() {
+    let args = parse_args();
+    let started = Instant::now();
+    let nofile = util::raise_nofile();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus-server"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("HERMES_BENCH_PY03")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv/py03/bin/python"));
+    let want = |case: &str| args.only.is_empty() || args.only.iter().any(|o| case.contains(o.as_str()));
+    let runs = args.runs;
+    let mut rows: Vec<Row> = Vec::new();
+
+    eprintln!("starting subjects ...");
+    let ours = unix::start_ours(&exe, None);
+    let py = unix::start_py03(&python);
+    let rds = redis::start();
+    for (n, r) in [("our bus", ours.as_ref().err()), ("hermes-bus 0.3.0", py.as_ref().err()), ("redis", rds.as_ref().err())] {
+        if let Some(e) = r {
+            eprintln!("  {n}: {e}");
+        }
+    }
+    let ours_sock = ours.as_ref().map(|b| b.socket.clone()).map_err(|e| e.clone());
+    let py_sock = py.as_ref().map(|b| b.socket.clone()).map_err(|e| e.clone());
+    let bus_run = |sock: &Result<PathBuf, String>, senders: usize, receivers: usize, size: usize, b: Bounds| -> Result<RunFn<'static>, String> {
+        let sock = sock.clone()?;
+        Ok(Box::new(move || tp(unix::bus_throughput(&sock, senders, receivers, size, b))))
+    };
+
+    // One sender → bus → one receiver.
+    let mut one_to_one = std::collections::HashMap::new();
+    for size in [100, 1024, 64 * 1024] {
+        let case = format!("unix 1→1 {}", size_name(size));
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let b = bounds(size, args.quick);
+        let rd = rds.as_ref().map_err(|e| e.clone());
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                ("ours", bus_run(&ours_sock, 1, 1, size, b)),
+                ("raw", Ok(Box::new(move || tp(unix::raw_throughput(size, b))))),
+                ("py03", bus_run(&py_sock, 1, 1, size, b)),
+                ("redis", rd.map(|r| -> RunFn<'_> { Box::new(move || tp(redis::throughput(r, 1, size, b))) })),
+            ],
+        );
+        let o = out[0][0].clone();
+        one_to_one.insert(size, o.clone());
+        let t = |x| if size == 100 { Some(Target::Ratio(x)) } else { None };
+        rows.push(Row { case: case.clone(), unit: Unit::Rate, ours: o.clone(), anchor: "raw socket, 1 write/msg".into(), theirs: out[1][0].clone(), target: t(1.0) });
+        rows.push(Row { case: case.clone(), unit: Unit::Rate, ours: o.clone(), anchor: "Python hermes-bus 0.3.0".into(), theirs: out[2][0].clone(), target: t(20.0) });
+        rows.push(Row { case, unit: Unit::Rate, ours: o, anchor: "Redis pub/sub (pipelined)".into(), theirs: out[3][0].clone(), target: None });
+    }
+
+    // Ten senders → one receiver, against our own one-to-one rate.
+    for size in [100, 1024] {
+        let case = format!("unix 10→1 {}", size_name(size));
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let b = bounds(size, args.quick);
+        let out = interleave(runs, 1, vec![("ours", bus_run(&ours_sock, 10, 1, size, b))]);
+        let base = one_to_one.get(&size).cloned().unwrap_or_else(|| Outcome::Missing("1→1 not run (--only)".into()));
+        rows.push(Row { case, unit: Unit::Rate, ours: out[0][0].clone(), anchor: "ours 1→1, same run".into(), theirs: base, target: Some(Target::Ratio(0.8)) });
+    }
+
+    // One sender → broadcast to ten receivers (deliveries per second).
+    for size in [100, 1024] {
+        let case = format!("unix 1→10 broadcast {}", size_name(size));
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let b = bounds(size, args.quick);
+        let b = Bounds { max_msgs: b.max_msgs / 10, ..b };
+        let rd = rds.as_ref().map_err(|e| e.clone());
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                ("ours", bus_run(&ours_sock, 1, 10, size, b)),
+                ("py03", bus_run(&py_sock, 1, 10, size, b)),
+                ("redis", rd.map(|r| -> RunFn<'_> { Box::new(move || tp(redis::throughput(r, 10, size, b))) })),
+            ],
+        );
+        let o = out[0][0].clone();
+        rows.push(Row { case: case.clone(), unit: Unit::Rate, ours: o.clone(), anchor: "Python hermes-bus 0.3.0".into(), theirs: out[1][0].clone(), target: None });
+        rows.push(Row { case, unit: Unit::Rate, ours: o, anchor: "Redis pub/sub (pipelined)".into(), theirs: out[2][0].clone(), target: None });
+    }
+
+    // Round trip client → bus → echo → bus → client.
+    for size in [100, 1024] {
+        let case = format!("unix round trip {}", size_name(size));
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let iters = if args.quick { 3000 } else { 20_000 };
+        let limit = if args.quick { Duration::from_millis(500) } else { Duration::from_millis(1500) };
+        let lat = |r: Result<Vec<Duration>, String>| -> Result<(Vec<f64>, Option<String>), String> {
+            let s = r?;
+            Ok((
+                [0.5, 0.99, 0.999].iter().map(|p| util::percentile(&s, *p).as_secs_f64() * 1e6).collect(),
+                None,
+            ))
+        };
+        let rt = |sock: &Result<PathBuf, String>| -> Result<RunFn<'static>, String> {
+            let sock = sock.clone()?;
+            Ok(Box::new(move || lat(unix::bus_round_trip(&sock, size, iters, limit))))
+        };
+        let out = interleave(
+            runs,
+            3,
+            vec![
+                ("ours", rt(&ours_sock)),
+                ("raw", Ok(Box::new(move || lat(unix::raw_round_trip(size, iters, limit))))),
+                ("py03", rt(&py_sock)),
+            ],
+        );
+        for (m, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
+            let t = if m == 0 && size == 100 { Some(Target::Ratio(2.2)) } else { None };
+            rows.push(Row { case: format!("{case} {p}"), unit: Unit::Micros, ours: out[0][m].clone(), anchor: "raw socket ping-pong".into(), theirs: out[1][m].clone(), target: t });
+            rows.push(Row { case: format!("{case} {p}"), unit: Unit::Micros, ours: out[0][m].clone(), anchor: "Python hermes-bus 0.3.0".into(), theirs: out[2][m].clone(), target: None });
+        }
+    }
+
+    // Hooks configured but filtered out, against no hooks.
+    let case = "unix 1→1 100 B, hooks filtered out".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let yaml = "hooks:\n  - path: /bin/true\n    filter: {kind: topic, topic_prefix: \"never.\"}\n  - path: /bin/true\n    filter: {kind: message, to: nobody}\n";
+        let hooked = unix::start_ours(&exe, Some(yaml));
+        let hooked_sock = hooked.as_ref().map(|b| b.socket.clone()).map_err(|e| e.clone());
+        let b = bounds(100, args.quick);
+        let out = interleave(runs, 1, vec![("hooks", bus_run(&hooked_sock, 1, 1, 100, b)), ("none", bus_run(&ours_sock, 1, 1, 100, b))]);
+        rows.push(Row { case, unit: Unit::Rate, ours: out[0][0].clone(), anchor: "ours, no hooks".into(), theirs: out[1][0].clone(), target: Some(Target::Ratio(0.95)) });
+        drop(hooked);
+    }
+    drop(ours);
+    drop(py);
+    drop(rds);
+
+    // Resident memory of 10,000 idle registered sessions.
+    let case = "unix 10,000 idle sessions, RSS per session".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let n = if args.quick { 2000 } else { 10_000 };
+        let need = 2 * n as u64 + 100;
+        let note = (nofile < need).then(|| format!("open-files limit {nofile} < {need}"));
+        let mem = |start: &dyn Fn() -> Result<unix::BusServer, String>| -> Outcome {
+            if let Some(n) = &note {
+                return Outcome::Missing(n.clone());
+            }
+            let r = (|| -> Result<(f64, f64), String> {
+                let mut bus = start()?;
+                std::thread::sleep(Duration::from_millis(300));
+                let base = bus.proc.rss().ok_or("no VmRSS")?;
+                let sessions = unix::idle_sessions(&bus.socket, n)?;
+                std::thread::sleep(Duration::from_millis(500));
+                let loaded = bus.proc.rss().ok_or("no VmRSS")?;
+                if let Ok(Some(st)) = bus.proc.child.try_wait() {
+                    return Err(format!("bus exited: {st}"));
+                }
+                drop(sessions);
+                Ok((loaded.saturating_sub(base) as f64 / n as f64, loaded as f64))
+            })();
+            match r {
+                Ok((per, total)) => Outcome::Figures { values: vec![per], notes: vec![format!("total {}", Unit::Bytes.show(total))] },
+                Err(e) => Outcome::Missing(e),
+            }
+        };
+        let o = mem(&|| unix::start_ours(&exe, None));
+        let p = mem(&|| unix::start_py03(&python));
+        rows.push(Row { case, unit: Unit::Bytes, ours: o, anchor: "Python hermes-bus 0.3.0".into(), theirs: p, target: Some(Target::BelowBytes(8192.0)) });
+    }
+
+    // ZeroMQ: from the separate zmq-anchor package (links libzmq).
+    if want("zmq") {
+        eprintln!("zmq (bench/zmq-anchor)");
+        rows.extend(zmq_rows(runs, args.quick));
+    }
+
+    let table = render(&rows);
+    println!("{table}");
+    eprintln!("bench took {:.0} s", started.elapsed().as_secs_f64());
+    if let Some(out) = &args.out {
+        if let Err(e) = std::fs::write(out, &table) {
+            eprintln!("cannot write {}: {e}", out.display());
+        }
+    }
+}
+
+fn zmq_rows(runs: usize, quick: bool) -> Vec<Row> {
+    let missing = |why: String| {
+        vec![Row {
+            case: "zmq proxy".into(),
+            unit: Unit::Rate,
+            ours: Outcome::Missing(why.clone()),
+            anchor: "libzmq proxy (zmq_proxy), libzmq peers".into(),
+            theirs: Outcome::Missing(why),
+            target: Some(Target::Ratio(1.0)),
+        }]
+    };
+    let Some(anchor) = std::env::var_os("HERMES_BENCH_ZMQ_ANCHOR").map(PathBuf::from) else {
+        return missing("HERMES_BENCH_ZMQ_ANCHOR not set (bench/run builds bench/zmq-anchor)".into());
+    };
+    let hermes = PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus"));
+    let mut cmd = std::process::Command::new(&anchor);
+    cmd.arg("--hermes-bus").arg(&hermes).arg("--runs").arg(runs.to_string());
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = match cmd.stderr(std::process::Stdio::inherit()).output() {
+        Ok(o) => o,
+        Err(e) => return missing(format!("cannot run {}: {e}", anchor.display())),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows = parse_zmq_rows(&text);
+    if rows.is_empty() {
+        return missing(format!("{} printed no rows ({})", anchor.display(), out.status));
+    }
+    rows
+}
+
+/// Lines `ROW<TAB>case<TAB>unit<TAB>target<TAB>ours<TAB>anchor name<TAB>anchor`,
+/// where a figure is `v1,v2,..[|note]` or `missing: why`.
+fn parse_zmq_rows(text: &str) -> Vec<Row> {
+    let fig = |s: &str| -> Outcome {
+        if let Some(why) = s.strip_prefix("missing: ") {
+            return Outcome::Missing(why.to_string());
+        }
+        let (vals, note) = s.split_once('|').unwrap_or((s, ""));
+        let values: Vec<f64> = vals.split(',').filter_map(|v| v.trim().parse().ok()).collect();
+        if values.is_empty() {
+            return Outcome::Missing(format!("unreadable figure {s:?}"));
+        }
+        Outcome::Figures { values, notes: if note.is_empty() { vec![] } else { vec![note.to_string()] } }
+    };
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            if f.len() != 7 || f[0] != "ROW" {
+                return None;
+            }
+            let unit = match f[2] {
+                "rate" => Unit::Rate,
+                "us" => Unit::Micros,
+                _ => return None,
+            };
+            let target = f[3].parse::<f64>().ok().map(Target::Ratio);
+            Some(Row { case: f[1].to_string(), unit, target, ours: fig(f[4]), anchor: f[5].to_string(), theirs: fig(f[6]) })
+        })
+        .collect()
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| case | ours: median (min – max) | anchor | anchor: median (min – max) | ours / anchor | target |\n");
+    s.push_str("| --- | --- | --- | --- | --- | --- |\n");
+    for r in rows {
+        let ratio = r.ratio().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "–".into());
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.case,
+            r.ours.show(r.unit),
+            r.anchor,
+            r.theirs.show(r.unit),
+            ratio,
+            r.verdict()
+        ));
+    }
+    s
+}

@@ -1,0 +1,100 @@
+//! Peer credentials: a process of another user is refused (with a
+//! `permission_denied` error) even when the socket file's mode would let
+//! it in, unless the bus allows other users. Needs root to run a client as
+//! another uid; elsewhere it says so and passes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+use hermes_bus::hooks::HookEngine;
+use hermes_bus::transports::unix::{UnixConfig, UnixServer};
+use hermes_bus::{Bus, RouterConfig, Transport};
+use tokio_util::sync::CancellationToken;
+
+const CLIENT: &str = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+p = json.dumps({"type": "ping"}).encode()
+s.sendall(struct.pack(">I", len(p)) + p)
+h = s.recv(4)
+n = struct.unpack(">I", h)[0]
+b = b""
+while len(b) < n:
+    b += s.recv(n - len(b))
+print(b.decode())
+"#;
+
+fn as_nobody(socket: &Path) -> serde_json::Value {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(CLIENT)
+        .arg(socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json reply")
+}
+
+async fn serve(allow: bool) -> (tempfile::TempDir, std::path::PathBuf, CancellationToken) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod dir");
+    let socket = dir.path().join("bus.sock");
+    let mut cfg = UnixConfig::new(&socket);
+    cfg.allow_other_users = allow;
+    let server = UnixServer::bind(cfg).expect("bind");
+    assert_eq!(
+        std::fs::metadata(&socket)
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Open the file mode wide, so only the credential check stands.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let bus = Bus::new(RouterConfig::default(), HookEngine::disabled());
+    let stop = CancellationToken::new();
+    tokio::spawn(Box::new(server).serve(bus, stop.clone()));
+    (dir, socket, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_users_are_refused_unless_allowed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/python3").exists() {
+        eprintln!("SKIPPED: needs root and /usr/bin/python3 to run a client as another user");
+        return;
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (_d, socket, stop) = serve(false).await;
+        let s = socket.clone();
+        let v = tokio::task::spawn_blocking(move || as_nobody(&s))
+            .await
+            .expect("join");
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["code"], "permission_denied", "{v}");
+        stop.cancel();
+
+        let (_d, socket, stop) = serve(true).await;
+        let v = tokio::task::spawn_blocking(move || as_nobody(&socket))
+            .await
+            .expect("join");
+        assert_eq!(v["type"], "pong", "{v}");
+        stop.cancel();
+    })
+    .await
+    .expect("test timed out");
+}
