@@ -35,6 +35,9 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Start the daemon (`hermes-busd start`) when no bus answers.
     pub autostart: bool,
+    /// The daemon manager to run for that: by default `hermes-busd` next
+    /// to this executable, else on `PATH`.
+    pub busd: PathBuf,
     /// Messages buffered for `recv` before the client stops reading (and
     /// the bus starts counting drops for it).
     pub inbox_capacity: usize,
@@ -49,6 +52,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(30),
             autostart: true,
+            busd: crate::daemon::sibling_exe("hermes-busd"),
             inbox_capacity: 65536,
         }
     }
@@ -184,31 +188,34 @@ async fn dial(cfg: &ClientConfig) -> Result<UnixStream, ClientError> {
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
                 ) =>
         {
-            start_daemon(&cfg.socket).await;
+            start_daemon(&cfg.busd, &cfg.socket).await;
             Ok(UnixStream::connect(&cfg.socket).await?)
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// Runs `hermes-busd start --socket PATH` (ours: next to this executable,
-/// else on PATH) and waits up to 3 s for the socket to answer.
-pub async fn start_daemon(socket: &Path) {
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("hermes-busd")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("hermes-busd"));
-    let status = tokio::process::Command::new(exe)
-        .arg("start")
+/// Runs `BUSD --root DIR --socket PATH start` and waits up to 3 s for the
+/// socket to answer. The root is the socket's directory, so the daemon's
+/// pid file and log sit beside its socket (for the default socket that is
+/// the bus root itself) and never touch another bus's.
+pub async fn start_daemon(busd: &Path, socket: &Path) {
+    let mut cmd = tokio::process::Command::new(busd);
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        cmd.arg("--root").arg(dir);
+    }
+    let status = cmd
         .arg("--socket")
         .arg(socket)
+        .arg("start")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), status).await {
-        tracing::warn!("hermes-busd start did not finish: {e}");
+    match tokio::time::timeout(Duration::from_secs(5), status).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("cannot run {}: {e}", busd.display()),
+        Err(_) => tracing::warn!("{} start did not finish in 5 s", busd.display()),
     }
     for _ in 0..30 {
         if UnixStream::connect(socket).await.is_ok() {

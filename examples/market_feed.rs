@@ -1,0 +1,169 @@
+//! A simulated market-data feed through an in-process ZeroMQ proxy.
+//!
+//! One publisher sends `Quote` and `Trade` message structs for many
+//! symbols at a chosen rate on topics `quotes/SYMBOL` and `trades/SYMBOL`;
+//! several receivers each subscribe to one symbol prefix (`quotes/A`,
+//! `quotes/B`, ...) and the example prints, every second, the publish rate
+//! and each receiver's rate and lag (receive time − send time).
+//!
+//! ```text
+//! cargo run --release --example market_feed -- --rate 50000 --seconds 5
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hermes_bus::envelope::{unix_now, Data, Quote, Trade};
+use hermes_bus::transports::zmq::proxy::{ProxyConfig, ZmqProxy};
+use hermes_bus::transports::zmq::{Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy};
+use tokio_util::sync::CancellationToken;
+
+/// Command-line options.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Number of symbols (spread over the letters A-Z).
+    #[arg(long, default_value_t = 260)]
+    symbols: usize,
+    /// Messages per second (quotes and trades together).
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Symbol prefixes, one receiver each.
+    #[arg(long, value_delimiter = ',', default_value = "A,B,C")]
+    prefixes: Vec<String>,
+    /// One trade per this many quotes.
+    #[arg(long, default_value_t = 4)]
+    quotes_per_trade: u64,
+}
+
+/// Per-receiver tallies the printer reads.
+#[derive(Default)]
+struct Tally {
+    /// Envelopes received.
+    count: AtomicU64,
+    /// Sum of lags in microseconds.
+    lag_us: AtomicU64,
+    /// Largest lag in microseconds since the last print.
+    max_lag_us: AtomicU64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let proxy = ZmqProxy::bind(ProxyConfig {
+        frontend: "tcp://127.0.0.1:0".into(),
+        backend: "tcp://127.0.0.1:0".into(),
+        ..ProxyConfig::default()
+    })
+    .await?;
+    let ep = proxy.endpoints().ok_or_else(|| anyhow::anyhow!("proxy not bound"))?;
+    let stats = proxy.stats();
+    let stop = CancellationToken::new();
+    let proxy_task = tokio::spawn(proxy.run(stop.clone()));
+    println!("proxy: publishers → {}, subscribers → {}", ep.frontend, ep.backend);
+
+    let symbols: Vec<String> = (0..args.symbols.max(1))
+        .map(|i| format!("{}{:03}", (b'A' + (i % 26) as u8) as char, i / 26))
+        .collect();
+
+    // Receivers, one per symbol prefix.
+    let mut receivers = Vec::new();
+    for prefix in &args.prefixes {
+        let mut cfg = ReceiverConfig::new(ep.backend.to_string(), format!("sub-{prefix}"));
+        cfg.topics = vec![format!("quotes/{prefix}"), format!("trades/{prefix}")];
+        cfg.slow_policy = SlowPolicy::Warn;
+        let mut r = Receiver::with_config(cfg)?;
+        r.start()?;
+        r.wait_connected(Duration::from_secs(5)).await?;
+        let r = Arc::new(r);
+        let tally = Arc::new(Tally::default());
+        let (r2, t2, done) = (r.clone(), tally.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let env = tokio::select! {
+                    _ = done.cancelled() => break,
+                    e = r2.recv() => e,
+                };
+                let Some(env) = env else { break };
+                let lag = ((unix_now() - env.ts).max(0.0) * 1e6) as u64;
+                t2.count.fetch_add(1, Ordering::Relaxed);
+                t2.lag_us.fetch_add(lag, Ordering::Relaxed);
+                t2.max_lag_us.fetch_max(lag, Ordering::Relaxed);
+                debug_assert!(env.data.downcast_ref::<Quote>().is_some() || env.data.downcast_ref::<Trade>().is_some());
+            }
+        });
+        receivers.push((prefix.clone(), r, tally));
+    }
+
+    let mut pcfg = PublisherConfig::new(ep.frontend.to_string(), "feed");
+    pcfg.queue = 1_000_000;
+    let mut publisher = Publisher::with_config(pcfg)?;
+    publisher.start()?;
+    if let Some(first) = args.prefixes.first() {
+        publisher.wait_for_subscriber(&format!("quotes/{first}"), Duration::from_secs(5)).await?;
+    }
+
+    let start = Instant::now();
+    let end = start + Duration::from_secs(args.seconds);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut published = 0u64;
+    let mut last_print = Instant::now();
+    let mut last_pub = 0u64;
+    let mut last_counts = vec![0u64; receivers.len()];
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        tick.tick().await;
+        let due = (start.elapsed().as_secs_f64() * args.rate as f64) as u64;
+        while published < due {
+            let sym = &symbols[(seq as usize) % symbols.len()];
+            let px = 100.0 + (seq % 1000) as f64 / 100.0;
+            let (topic, data) = if seq % (args.quotes_per_trade + 1) == args.quotes_per_trade {
+                let t = Trade { ts: unix_now(), symbol: sym.clone(), price: px, size: 100.0, side: "buy".into() };
+                (format!("trades/{sym}"), Data::typed(t))
+            } else {
+                let q = Quote { ts: unix_now(), symbol: sym.clone(), bid: px - 0.01, bid_size: 300.0, ask: px + 0.01, ask_size: 200.0 };
+                (format!("quotes/{sym}"), Data::typed(q))
+            };
+            publisher.publish_parts(&topic, "feed", &data)?;
+            published += 1;
+            seq += 1;
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            let secs = last_print.elapsed().as_secs_f64();
+            let mut line = format!("published {:>8.0}/s", (published - last_pub) as f64 / secs);
+            for (i, (prefix, _, t)) in receivers.iter().enumerate() {
+                let n = t.count.load(Ordering::Relaxed);
+                let got = n - last_counts[i];
+                let lag_sum = t.lag_us.swap(0, Ordering::Relaxed);
+                let max = t.max_lag_us.swap(0, Ordering::Relaxed);
+                let mean = if got > 0 { lag_sum as f64 / got as f64 / 1000.0 } else { 0.0 };
+                line.push_str(&format!(
+                    " | {prefix}*: {:>7.0}/s lag {:>6.2} ms (max {:>6.2})",
+                    got as f64 / secs,
+                    mean,
+                    max as f64 / 1000.0
+                ));
+                last_counts[i] = n;
+            }
+            println!("{line}");
+            last_print = Instant::now();
+            last_pub = published;
+        }
+    }
+    publisher.flush(Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ps = publisher.stats();
+    println!("publisher: {}", serde_json::to_string(&ps)?);
+    for (prefix, r, _) in &receivers {
+        println!("receiver {prefix}*: {}", serde_json::to_string(&r.stats())?);
+    }
+    println!("proxy: {}", serde_json::to_string(&stats.snapshot())?);
+    publisher.stop().await;
+    stop.cancel();
+    let _ = proxy_task.await;
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The Rust client library: daemon autostart, events, reconnect with
+//! re-register, sends queued while away, poll, and the blocking wrapper.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use hermes_bus::hooks::HookEngine;
+use hermes_bus::transports::unix::blocking::{self, BlockingClient};
+use hermes_bus::transports::unix::{BusClient, ClientConfig, ClientEvent, UnixConfig, UnixServer};
+use hermes_bus::{Bus, RouterConfig, Transport};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn serve_at(socket: &Path) -> CancellationToken {
+    let server = UnixServer::bind(UnixConfig::new(socket)).expect("bind");
+    let bus = Bus::new(RouterConfig::default(), HookEngine::disabled());
+    let stop = CancellationToken::new();
+    tokio::spawn(Box::new(server).serve(bus, stop.clone()));
+    stop
+}
+
+async fn next_event(ev: &mut tokio::sync::broadcast::Receiver<ClientEvent>) -> ClientEvent {
+    tokio::time::timeout(Duration::from_secs(20), ev.recv())
+        .await
+        .expect("event in time")
+        .expect("event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_and_registers_again_after_the_bus_restarts() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("bus.sock");
+        let stop = serve_at(&socket);
+        let mut cfg = ClientConfig::new(&socket);
+        cfg.autostart = false;
+        let mut a = BusClient::connect_with("a", cfg.clone()).await.expect("a");
+        let mut b = BusClient::connect_with("b", cfg).await.expect("b");
+        let first_sid = a.session_id().expect("registered");
+        let mut ev = a.events();
+
+        a.send("b", json!({"n": 1})).await.expect("send");
+        let m = tokio::time::timeout(Duration::from_secs(5), b.recv())
+            .await
+            .expect("in time")
+            .expect("msg");
+        assert_eq!(m["body"]["n"], 1);
+        assert_eq!(m["from"], "a");
+
+        // The bus goes away: the client reports it and retries.
+        stop.cancel();
+        assert!(matches!(
+            next_event(&mut ev).await,
+            ClientEvent::Disconnected { .. }
+        ));
+        assert!(matches!(
+            next_event(&mut ev).await,
+            ClientEvent::Reconnecting { .. }
+        ));
+        // Sent while away: queued, delivered after the reconnect.
+        a.send("b", json!({"n": 2})).await.expect("queued");
+
+        // A new bus on the same path: both clients come back by themselves.
+        let _stop2 = {
+            let ok = common::wait_for(Duration::from_secs(10), || (!socket.exists()).then_some(()))
+                .await;
+            assert!(ok.is_some(), "old socket removed at shutdown");
+            serve_at(&socket)
+        };
+        loop {
+            if let ClientEvent::Connected { session_id } = next_event(&mut ev).await {
+                assert_ne!(session_id, first_sid);
+                break;
+            }
+        }
+        assert!(a.wait_connected(Duration::from_secs(20)).await);
+        assert!(b.wait_connected(Duration::from_secs(20)).await);
+        // b may have registered after a's queued message was routed; send
+        // until b has it (bounded), then check poll() drains without waiting.
+        let mut got = None;
+        for _ in 0..100 {
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), b.recv()).await {
+                got = Some(m);
+                break;
+            }
+            a.send("b", json!({"n": 3})).await.expect("send");
+        }
+        let got = got.expect("b receives after the restart");
+        assert!(got["body"]["n"] == 2 || got["body"]["n"] == 3, "{got}");
+        assert!(b.poll().len() <= 100);
+        assert!(b.poll().is_empty());
+        a.close().await;
+        b.close().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_the_daemon_when_no_bus_answers() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let root = tempfile::tempdir().expect("tempdir");
+        let socket = root.path().join("hermes-bus.sock");
+        let busd = common::bin_dir().join("hermes-busd");
+        let mut cfg = ClientConfig::new(&socket);
+        cfg.busd = busd.clone();
+        let mut c = BusClient::connect_with("auto", cfg)
+            .await
+            .expect("autostarted");
+        assert!(c.session_id().is_some());
+        hermes_bus::transports::unix::send_message(&socket, "auto", json!({"k": 1}), None)
+            .await
+            .expect("sent");
+        let m = tokio::time::timeout(Duration::from_secs(5), c.recv())
+            .await
+            .expect("in time")
+            .expect("msg");
+        assert_eq!(m["body"]["k"], 1);
+        c.close().await;
+        // The daemon keeps its pid file beside its socket.
+        assert!(root.path().join("run/busd.pid").exists());
+        let home_root = root.path();
+        let out = std::process::Command::new(&busd)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--root")
+            .arg(&home_root)
+            .arg("stop")
+            .output()
+            .expect("stop");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("busd stopped"),
+            "{out:?}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[test]
+fn blocking_wrapper_sends_and_receives() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("bus.sock");
+    let stop = rt.block_on(async { serve_at(&socket) });
+    let mut x = BlockingClient::connect("x", &socket).expect("x");
+    let mut y = BlockingClient::connect("y", &socket).expect("y");
+    x.send("y", json!({"hello": "world"})).expect("send");
+    let m = y.recv_timeout(Duration::from_secs(5)).expect("message");
+    assert_eq!(m["body"]["hello"], "world");
+    blocking::send_message(&socket, "x", json!({"n": 1}), Some("tool")).expect("send_message");
+    let m = x.recv_timeout(Duration::from_secs(5)).expect("message");
+    assert_eq!(m["from"], "tool");
+    assert!(x.poll().is_empty());
+    let err =
+        blocking::send_message(&socket, "nobody", json!({}), None).expect_err("unknown target");
+    assert!(err.to_string().contains("not connected"), "{err}");
+    stop.cancel();
+}
