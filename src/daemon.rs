@@ -527,3 +527,32 @@ pub fn sibling_exe(name: &str) -> PathBuf {
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from(name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_is_trimmed_to_its_last_half_at_a_line_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run/busd.log");
+        let mut log = TrimmingLog::open(&path).expect("open");
+        let line = format!("{}\n", "x".repeat(99));
+        for i in 0..6000 {
+            log.write_all(format!("{i:05} {line}").as_bytes())
+                .expect("write");
+        }
+        let size = std::fs::metadata(&path).expect("meta").len();
+        assert!(size <= MAX_LOG_BYTES, "{size}");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.starts_with(|c: char| c.is_ascii_digit()),
+            "cut at a line start"
+        );
+        assert!(
+            text.ends_with(&format!("05999 {line}")),
+            "newest lines kept"
+        );
+        assert!(!text.contains("00000 "), "oldest lines gone");
+    }
+}

@@ -672,3 +672,175 @@ fn deliver(cfg: &RouterConfig, totals: &mut Totals, s: &mut Session, d: &Deliver
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{outbox, OutboxReader};
+
+    fn frames(rx: &mut OutboxReader) -> Vec<serde_json::Value> {
+        let mut b = VecDeque::new();
+        rx.try_recv_batch(&mut b);
+        b.iter()
+            .map(|d| serde_json::from_slice(&d.unix_frame()[4..]).unwrap())
+            .collect()
+    }
+
+    fn msg(to: &str, n: u64) -> BusMessage {
+        BusMessage::parse(
+            format!(r#"{{"type":"message","to":"{to}","from":"spoof","body":{{"n":{n}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn session(r: &mut Router, now: Instant) -> (SessionId, OutboxReader) {
+        let (tx, rx) = outbox(8);
+        (r.connect("unix", tx, now), rx)
+    }
+
+    #[test]
+    fn routes_point_to_point_and_broadcast_and_sets_from() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (a, mut ra) = session(&mut r, t0);
+        let (b, mut rb) = session(&mut r, t0);
+        let (anon, mut rn) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        assert_eq!(frames(&mut ra)[0]["type"], "registered");
+        frames(&mut rb);
+        let out = r.route(a, &mut msg("b", 1), t0).unwrap();
+        assert_eq!(out.delivered, 1);
+        let got = frames(&mut rb);
+        assert_eq!(got[0]["from"], "a", "registered name, not the spoofed one");
+        assert!(got[0]["id"].is_string() && got[0]["ts"].is_f64());
+        let out = r.route(anon, &mut msg("", 2), t0).unwrap();
+        assert_eq!(
+            out.delivered, 2,
+            "every registered session, not the anonymous sender"
+        );
+        assert_eq!(
+            frames(&mut ra)[0]["from"],
+            "spoof",
+            "anonymous senders keep their from"
+        );
+        assert_eq!(frames(&mut rb).len(), 1);
+        assert!(frames(&mut rn).is_empty());
+        let err = r.route(anon, &mut msg("zed", 3), t0).unwrap_err();
+        assert_eq!(err.code, ErrorCode::EndpointNotFound);
+    }
+
+    #[test]
+    fn holds_for_a_gone_name_then_replays_in_order_or_expires() {
+        let t0 = Instant::now();
+        let cfg = RouterConfig {
+            hold_grace: Duration::from_secs(5),
+            hold_limit: 2,
+            ..RouterConfig::default()
+        };
+        let mut r = Router::new(cfg);
+        let (a, _ra) = session(&mut r, t0);
+        let (b, _rb) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        assert_eq!(r.disconnect(b, t0).as_deref(), Some("b"));
+        for n in 0..3 {
+            let out = r
+                .route(a, &mut msg("b", n), t0 + Duration::from_secs(1))
+                .unwrap();
+            assert_eq!(out.held, usize::from(n < 2));
+        }
+        assert_eq!(r.totals().dropped_held, 1);
+        assert!(
+            r.endpoints().iter().all(|(n, _)| n != "b"),
+            "held names are not listed"
+        );
+        let (b2, mut rb2) = session(&mut r, t0);
+        r.register(b2, "b", t0 + Duration::from_secs(2)).unwrap();
+        let got = frames(&mut rb2);
+        assert_eq!(got[0]["type"], "registered");
+        assert_eq!(got[1]["body"]["n"], 0);
+        assert_eq!(got[2]["body"]["n"], 1);
+
+        // Gone for good: swept after the grace, held ones counted.
+        r.disconnect(b2, t0 + Duration::from_secs(3));
+        r.route(a, &mut msg("b", 9), t0 + Duration::from_secs(4))
+            .unwrap();
+        r.sweep(t0 + Duration::from_secs(9));
+        assert_eq!(r.totals().dropped_held, 2);
+        let err = r
+            .route(a, &mut msg("b", 10), t0 + Duration::from_secs(9))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::EndpointNotFound);
+    }
+
+    #[test]
+    fn register_kicks_the_old_holder_and_refuses_a_second_name() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (old, mut ro) = session(&mut r, t0);
+        let (new, _rn) = session(&mut r, t0);
+        r.register(old, "svc", t0).unwrap();
+        r.register(new, "svc", t0).unwrap();
+        let got = frames(&mut ro);
+        assert_eq!(got.last().unwrap()["code"], "replaced");
+        assert_eq!(r.totals().replaced, 1);
+        assert_eq!(
+            r.register(new, "other", t0).unwrap_err().code,
+            ErrorCode::AlreadyRegistered
+        );
+        // The kicked session's later disconnect does not disturb the name.
+        assert_eq!(r.disconnect(old, t0), None);
+        assert_eq!(r.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn full_outbox_drops_and_counts_without_blocking() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (a, _ra) = session(&mut r, t0);
+        let (b, _rb) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        for n in 0..20 {
+            r.route(a, &mut msg("b", n), t0).unwrap();
+        }
+        // Capacity 8, one slot taken by `registered`.
+        assert_eq!(r.totals().delivered, 7);
+        assert_eq!(r.totals().dropped_slow, 13);
+        let st = r.stats(t0);
+        let eb = st.endpoints.iter().find(|e| e.name == "b").unwrap();
+        assert_eq!(eb.counters.dropped, 13);
+    }
+
+    #[test]
+    fn topics_go_to_matching_prefixes_once_and_not_back_to_the_sender() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (p, mut rp) = session(&mut r, t0);
+        let (s1, mut r1) = session(&mut r, t0);
+        let (s2, mut r2) = session(&mut r, t0);
+        r.subscribe(p, "");
+        r.subscribe(s1, "md/");
+        r.subscribe(s1, "md/BTC");
+        r.subscribe(s2, "news/");
+        let data = serde_json::value::to_raw_value(&serde_json::json!([1, 2])).unwrap();
+        let n = r.publish(
+            p,
+            TopicMessage {
+                topic: "md/BTC/node".into(),
+                origin: "node".into(),
+                data,
+                ts: 1.0,
+            },
+        );
+        assert_eq!(n, 1);
+        let got = frames(&mut r1);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["type"], "publish");
+        assert_eq!(got[0]["data"], serde_json::json!([1, 2]));
+        assert!(frames(&mut r2).is_empty());
+        assert!(frames(&mut rp).is_empty());
+    }
+}

@@ -78,3 +78,35 @@ async fn silent_sessions_are_evicted_and_active_ones_kept() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn shutdown_drains_what_is_queued_then_closes() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let bus = TestBus::start().await;
+        let mut rx = Raw::register(&bus.socket, "rx").await;
+        let mut tx = Raw::register(&bus.socket, "tx").await;
+        for i in 0..2000u64 {
+            tx.send(&json!({"type": "message", "to": "rx", "body": {"n": i}}))
+                .await;
+        }
+        // Wait until the bus has routed them all, then shut it down before
+        // rx has read anything.
+        let routed = common::wait_for(Duration::from_secs(10), || {
+            (bus.totals().routed == 2000).then_some(())
+        })
+        .await;
+        assert!(routed.is_some());
+        let socket = bus.socket.clone();
+        let stop = bus.shutdown.clone();
+        stop.cancel();
+        for i in 0..2000u64 {
+            let m = rx.recv().await.expect("drained before close");
+            assert_eq!(m["body"]["n"], i);
+        }
+        assert!(rx.closed_within(Duration::from_secs(5)).await);
+        let _ = tokio::time::timeout(Duration::from_secs(10), bus.task).await;
+        assert!(!socket.exists(), "socket removed");
+    })
+    .await
+    .expect("test timed out");
+}
