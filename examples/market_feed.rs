@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hermes_bus::envelope::{unix_now, Data, Quote, Trade};
 use hermes_bus::transports::zmq::proxy::{ProxyConfig, ZmqProxy};
-use hermes_bus::transports::zmq::{Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy};
+use hermes_bus::transports::zmq::{
+    Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Command-line options.
@@ -60,11 +62,16 @@ async fn main() -> anyhow::Result<()> {
         ..ProxyConfig::default()
     })
     .await?;
-    let ep = proxy.endpoints().ok_or_else(|| anyhow::anyhow!("proxy not bound"))?;
+    let ep = proxy
+        .endpoints()
+        .ok_or_else(|| anyhow::anyhow!("proxy not bound"))?;
     let stats = proxy.stats();
     let stop = CancellationToken::new();
     let proxy_task = tokio::spawn(proxy.run(stop.clone()));
-    println!("proxy: publishers → {}, subscribers → {}", ep.frontend, ep.backend);
+    println!(
+        "proxy: publishers → {}, subscribers → {}",
+        ep.frontend, ep.backend
+    );
 
     let symbols: Vec<String> = (0..args.symbols.max(1))
         .map(|i| format!("{}{:03}", (b'A' + (i % 26) as u8) as char, i / 26))
@@ -93,7 +100,10 @@ async fn main() -> anyhow::Result<()> {
                 t2.count.fetch_add(1, Ordering::Relaxed);
                 t2.lag_us.fetch_add(lag, Ordering::Relaxed);
                 t2.max_lag_us.fetch_max(lag, Ordering::Relaxed);
-                debug_assert!(env.data.downcast_ref::<Quote>().is_some() || env.data.downcast_ref::<Trade>().is_some());
+                debug_assert!(
+                    env.data.downcast_ref::<Quote>().is_some()
+                        || env.data.downcast_ref::<Trade>().is_some()
+                );
             }
         });
         receivers.push((prefix.clone(), r, tally));
@@ -104,7 +114,9 @@ async fn main() -> anyhow::Result<()> {
     let mut publisher = Publisher::with_config(pcfg)?;
     publisher.start()?;
     if let Some(first) = args.prefixes.first() {
-        publisher.wait_for_subscriber(&format!("quotes/{first}"), Duration::from_secs(5)).await?;
+        publisher
+            .wait_for_subscriber(&format!("quotes/{first}"), Duration::from_secs(5))
+            .await?;
     }
 
     let start = Instant::now();
@@ -122,10 +134,23 @@ async fn main() -> anyhow::Result<()> {
             let sym = &symbols[(seq as usize) % symbols.len()];
             let px = 100.0 + (seq % 1000) as f64 / 100.0;
             let (topic, data) = if seq % (args.quotes_per_trade + 1) == args.quotes_per_trade {
-                let t = Trade { ts: unix_now(), symbol: sym.clone(), price: px, size: 100.0, side: "buy".into() };
+                let t = Trade {
+                    ts: unix_now(),
+                    symbol: sym.clone(),
+                    price: px,
+                    size: 100.0,
+                    side: "buy".into(),
+                };
                 (format!("trades/{sym}"), Data::typed(t))
             } else {
-                let q = Quote { ts: unix_now(), symbol: sym.clone(), bid: px - 0.01, bid_size: 300.0, ask: px + 0.01, ask_size: 200.0 };
+                let q = Quote {
+                    ts: unix_now(),
+                    symbol: sym.clone(),
+                    bid: px - 0.01,
+                    bid_size: 300.0,
+                    ask: px + 0.01,
+                    ask_size: 200.0,
+                };
                 (format!("quotes/{sym}"), Data::typed(q))
             };
             publisher.publish_parts(&topic, "feed", &data)?;
@@ -140,7 +165,11 @@ async fn main() -> anyhow::Result<()> {
                 let got = n - last_counts[i];
                 let lag_sum = t.lag_us.swap(0, Ordering::Relaxed);
                 let max = t.max_lag_us.swap(0, Ordering::Relaxed);
-                let mean = if got > 0 { lag_sum as f64 / got as f64 / 1000.0 } else { 0.0 };
+                let mean = if got > 0 {
+                    lag_sum as f64 / got as f64 / 1000.0
+                } else {
+                    0.0
+                };
                 line.push_str(&format!(
                     " | {prefix}*: {:>7.0}/s lag {:>6.2} ms (max {:>6.2})",
                     got as f64 / secs,

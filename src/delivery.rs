@@ -43,11 +43,12 @@ fn put_json<T: Serialize + ?Sized>(out: &mut BytesMut, v: &T) {
     let _ = serde_json::to_writer(out.writer(), v);
 }
 
-/// What the router hands to a session's outbox.
+/// What the router hands to a session's outbox. Cloning it is cheap: a
+/// frame is shared `Bytes`, a topic message an `Arc`.
 #[derive(Debug, Clone)]
-pub struct Delivery(Arc<Inner>);
+pub struct Delivery(Inner);
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Inner {
     /// A routed message, already encoded as a Unix-protocol frame (header
     /// included) once for all its targets and the hooks.
@@ -56,51 +57,55 @@ enum Inner {
     /// replayed to a later connection of the same name.
     Reply(Bytes),
     /// A topic message; its Unix frame is encoded on first use.
-    Topic {
-        /// The message itself, for transports with their own wire form.
-        msg: TopicMessage,
-        /// The Unix frame, made by the first Unix writer that needs it.
-        unix: OnceLock<Bytes>,
-    },
+    Topic(Arc<TopicInner>),
+}
+
+#[derive(Debug)]
+struct TopicInner {
+    /// The message itself, for transports with their own wire form.
+    msg: TopicMessage,
+    /// The Unix frame, made by the first Unix writer that needs it.
+    unix: OnceLock<Bytes>,
 }
 
 impl Delivery {
     /// A delivery of a ready Unix frame (4-byte length + JSON).
     pub fn frame(frame: Bytes) -> Self {
-        Delivery(Arc::new(Inner::Frame(frame)))
+        Delivery(Inner::Frame(frame))
     }
 
     /// A delivery of a topic message.
     pub fn topic(msg: TopicMessage) -> Self {
-        Delivery(Arc::new(Inner::Topic {
+        Delivery(Inner::Topic(Arc::new(TopicInner {
             msg,
             unix: OnceLock::new(),
-        }))
+        })))
     }
 
     /// A reply to one connection (never held for a reconnect).
     pub fn reply(frame: Bytes) -> Self {
-        Delivery(Arc::new(Inner::Reply(frame)))
+        Delivery(Inner::Reply(frame))
     }
 
     /// True for a reply (as opposed to routed traffic).
     pub fn is_reply(&self) -> bool {
-        matches!(&*self.0, Inner::Reply(_))
+        matches!(&self.0, Inner::Reply(_))
     }
 
     /// The topic message, when this is one.
     pub fn topic_message(&self) -> Option<&TopicMessage> {
-        match &*self.0 {
-            Inner::Topic { msg, .. } => Some(msg),
+        match &self.0 {
+            Inner::Topic(t) => Some(&t.msg),
             Inner::Frame(_) | Inner::Reply(_) => None,
         }
     }
 
     /// The Unix-protocol frame (length header + JSON), encoded at most once.
     pub fn unix_frame(&self) -> &Bytes {
-        match &*self.0 {
+        match &self.0 {
             Inner::Frame(b) | Inner::Reply(b) => b,
-            Inner::Topic { msg, unix } => unix.get_or_init(|| {
+            Inner::Topic(t) => t.unix.get_or_init(|| {
+                let msg = &t.msg;
                 let mut out = BytesMut::with_capacity(64 + msg.data.get().len());
                 out.put_u32(0);
                 msg.to_unix_json(&mut out);

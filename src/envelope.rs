@@ -8,7 +8,7 @@
 //! them by default (`ensure_ascii`: every non-ASCII character as `\uXXXX`),
 //! so that byte-prefix subscriptions match between Python peers and ours.
 //!
-//! Message structs are declared with [`message_struct!`]; a [`Registry`]
+//! Message structs are declared with [`message_struct!`](crate::message_struct); a [`Registry`]
 //! maps a `dtype` to the Rust type that decodes it, and anything else stays
 //! raw JSON.
 
@@ -119,7 +119,7 @@ pub fn subscription_for(prefix: &str) -> Vec<u8> {
 }
 
 /// A message struct: serialized as `[dtype, ts, fields...]`.
-/// Implemented by [`message_struct!`]; implement it by hand only together
+/// Implemented by [`message_struct!`](crate::message_struct); implement it by hand only together
 /// with that array form.
 pub trait MessageStruct: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'static {
     /// The `dtype` on the wire (the reference uses the class name).

@@ -4,6 +4,12 @@
 //! `endpoint`, `topic`); every field is kept as raw JSON text in arrival
 //! order, so `body` and any unknown field pass through byte for byte and the
 //! payload is never parsed into a tree or re-serialized.
+//!
+//! Parsing copies the frame once into a shared buffer and records where
+//! each key and value lies in it: no allocation per field. A message the
+//! bus did not change is sent on as that very buffer (header included),
+//! so the common case (a client that sets `id`, `ts` and its own `from`)
+//! costs one copy and no encoding; a changed one is encoded compactly.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -14,18 +20,65 @@ use serde_json::value::RawValue;
 
 use crate::error::{ErrorCode, ProtocolError};
 
+/// The raw JSON text of one field value, borrowed from a [`BusMessage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawJson<'a>(&'a str);
+
+impl<'a> RawJson<'a> {
+    /// The JSON text, exactly as received (or as set).
+    pub fn get(&self) -> &'a str {
+        self.0
+    }
+
+    /// An owned copy as a `RawValue`.
+    pub fn to_raw_value(&self) -> Box<RawValue> {
+        RawValue::from_string(self.0.to_owned()).unwrap_or_else(|_| null_raw())
+    }
+}
+
+impl fmt::Display for RawJson<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+fn null_raw() -> Box<RawValue> {
+    // "null" is valid JSON, so this never falls back further.
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is valid JSON"))
+}
+
+/// A key or value: a range of the source frame, or text of its own.
+#[derive(Debug, Clone)]
+enum Text {
+    /// `src[start..end]`; for a key, the text between its quotes (only
+    /// keys without escapes are kept this way).
+    Span(u32, u32),
+    /// A key (unescaped) or a value (JSON text) set or decoded later.
+    Owned(Box<str>),
+}
+
 /// A JSON object whose values are kept as raw JSON text.
 #[derive(Debug, Clone, Default)]
 pub struct BusMessage {
-    /// Fields in arrival order; a repeated key keeps its last value, as
-    /// Python's `json.loads` does.
-    fields: Vec<(String, Box<RawValue>)>,
+    /// The frame it was parsed from: 4-byte length, then the JSON payload.
+    /// Empty for a message built in code.
+    src: Bytes,
+    /// Fields in arrival order; a repeated key keeps its last value (in
+    /// the place of its first), as Python's `json.loads` does.
+    fields: Vec<(Text, Text)>,
+    /// True when `src` no longer says what the fields say (a field was
+    /// set or removed, a key repeated, or there is no `src`).
+    changed: bool,
 }
 
 impl BusMessage {
     /// An empty object.
     pub fn new() -> Self {
-        BusMessage { fields: Vec::new() }
+        BusMessage {
+            src: Bytes::new(),
+            fields: Vec::new(),
+            changed: true,
+        }
     }
 
     /// A `{"type": kind}` object.
@@ -47,34 +100,58 @@ impl BusMessage {
         let first = text.trim_start().as_bytes().first().copied();
         if first != Some(b'{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                Ok(_) => {
-                    ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object")
-                }
-                Err(e) => ProtocolError::new(
-                    ErrorCode::BadJson,
-                    format!("payload is not valid JSON ({e})"),
-                ),
+                Ok(_) => ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object"),
+                Err(e) => ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")),
             });
         }
-        serde_json::from_str::<BusMessage>(text).map_err(|e| {
-            ProtocolError::new(
-                ErrorCode::BadJson,
-                format!("payload is not valid JSON ({e})"),
-            )
+        let mut src = BytesMut::with_capacity(4 + payload.len());
+        src.put_u32(payload.len() as u32);
+        src.put_slice(payload);
+        let src = src.freeze();
+        let json = std::str::from_utf8(&src[4..]).map_err(|e| ProtocolError::new(ErrorCode::BadUtf8, e.to_string()))?;
+        let mut de = serde_json::Deserializer::from_str(json);
+        let spans = de
+            .deserialize_map(SpanVisitor { json })
+            .and_then(|s| de.end().map(|_| s))
+            .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")))?;
+        Ok(BusMessage {
+            src: src.clone(),
+            fields: spans.fields,
+            changed: spans.repeated,
         })
     }
 
-    /// The raw JSON text of a field.
-    pub fn raw(&self, key: &str) -> Option<&RawValue> {
+    fn bytes_of<'a>(&'a self, t: &'a Text) -> &'a [u8] {
+        match t {
+            Text::Span(a, b) => &self.src[*a as usize..*b as usize],
+            Text::Owned(s) => s.as_bytes(),
+        }
+    }
+
+    fn str_of<'a>(&'a self, t: &'a Text) -> &'a str {
+        match t {
+            // Spans lie in a payload checked to be UTF-8 and start and end
+            // on token boundaries.
+            Text::Span(..) => std::str::from_utf8(self.bytes_of(t)).unwrap_or(""),
+            Text::Owned(s) => s,
+        }
+    }
+
+    fn find(&self, key: &str) -> Option<usize> {
         self.fields
             .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_ref())
+            .position(|(k, _)| self.bytes_of(k) == key.as_bytes())
+    }
+
+    /// The raw JSON text of a field.
+    pub fn raw(&self, key: &str) -> Option<RawJson<'_>> {
+        let i = self.find(key)?;
+        Some(RawJson(self.str_of(&self.fields[i].1)))
     }
 
     /// True when the field is present (even if null).
     pub fn contains(&self, key: &str) -> bool {
-        self.raw(key).is_some()
+        self.find(key).is_some()
     }
 
     /// A string field: `Ok(None)` when absent or null, `Err` when present
@@ -87,17 +164,13 @@ impl BusMessage {
         if text == "null" {
             return Ok(None);
         }
-        if let Ok(s) = serde_json::from_str::<&str>(text) {
-            return Ok(Some(Cow::Borrowed(s)));
+        let b = text.as_bytes();
+        if b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"' && !b.contains(&b'\\') {
+            return Ok(Some(Cow::Borrowed(&text[1..text.len() - 1])));
         }
         serde_json::from_str::<String>(text)
             .map(|s| Some(Cow::Owned(s)))
-            .map_err(|_| {
-                ProtocolError::new(
-                    ErrorCode::BadField,
-                    format!("field '{key}' must be a string"),
-                )
-            })
+            .map_err(|_| ProtocolError::new(ErrorCode::BadField, format!("field '{key}' must be a string")))
     }
 
     /// The `type` field (required on every frame).
@@ -106,36 +179,64 @@ impl BusMessage {
             .ok_or_else(|| ProtocolError::new(ErrorCode::MissingField, "field 'type' is required"))
     }
 
+    fn set_text(&mut self, key: &str, value: Box<str>) {
+        self.changed = true;
+        if let Some(i) = self.find(key) {
+            self.fields[i].1 = Text::Owned(value);
+        } else {
+            self.fields.push((Text::Owned(key.into()), Text::Owned(value)));
+        }
+    }
+
     /// Sets a field to raw JSON, replacing an existing value in place.
     pub fn set_raw(&mut self, key: &str, value: Box<RawValue>) {
-        if let Some(slot) = self.fields.iter_mut().find(|(k, _)| k == key) {
-            slot.1 = value;
-        } else {
-            self.fields.push((key.to_owned(), value));
-        }
+        self.set_text(key, value.get().into());
+    }
+
+    /// Sets a field to the raw JSON of another message's field.
+    pub fn set_json(&mut self, key: &str, value: RawJson<'_>) {
+        self.set_text(key, value.get().into());
     }
 
     /// Sets a field to any serializable value.
     pub fn set<T: serde::Serialize + ?Sized>(&mut self, key: &str, value: &T) {
-        if let Ok(raw) = serde_json::value::to_raw_value(value) {
-            self.set_raw(key, raw);
+        if let Ok(text) = serde_json::to_string(value) {
+            self.set_text(key, text.into_boxed_str());
         }
     }
 
-    /// Sets a string field.
+    /// Sets a string field (a no-op when it already holds that string).
     pub fn set_str(&mut self, key: &str, value: &str) {
+        if let Some(i) = self.find(key) {
+            let cur = self.bytes_of(&self.fields[i].1);
+            if cur.len() == value.len() + 2
+                && cur[0] == b'"'
+                && cur[cur.len() - 1] == b'"'
+                && &cur[1..cur.len() - 1] == value.as_bytes()
+                && !value.bytes().any(needs_escape)
+            {
+                return;
+            }
+        }
         self.set(key, value);
     }
 
     /// Removes a field, returning its raw value.
     pub fn remove(&mut self, key: &str) -> Option<Box<RawValue>> {
-        let pos = self.fields.iter().position(|(k, _)| k == key)?;
-        Some(self.fields.remove(pos).1)
+        let pos = self.find(key)?;
+        let (_, v) = self.fields.remove(pos);
+        self.changed = true;
+        Some(match v {
+            Text::Owned(s) => RawValue::from_string(s.into()).unwrap_or_else(|_| null_raw()),
+            span => RawJson(self.str_of(&span)).to_raw_value(),
+        })
     }
 
     /// Iterates the fields in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &RawValue)> {
-        self.fields.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, RawJson<'_>)> {
+        self.fields
+            .iter()
+            .map(|(k, v)| (self.str_of(k), RawJson(self.str_of(v))))
     }
 
     /// Writes the object as compact JSON.
@@ -145,22 +246,37 @@ impl BusMessage {
             if i > 0 {
                 out.put_u8(b',');
             }
-            write_json_str(out, k);
+            match k {
+                // A span key has no escapes and no control characters.
+                Text::Span(..) => {
+                    out.put_u8(b'"');
+                    out.put_slice(self.bytes_of(k));
+                    out.put_u8(b'"');
+                }
+                Text::Owned(s) => write_json_str(out, s),
+            }
             out.put_u8(b':');
-            out.put_slice(v.get().as_bytes());
+            out.put_slice(self.bytes_of(v));
         }
         out.put_u8(b'}');
     }
 
-    /// The object as compact JSON bytes.
+    /// The object as JSON bytes (as received when unchanged, else compact).
     pub fn to_json(&self) -> Bytes {
+        if !self.changed && !self.src.is_empty() {
+            return self.src.slice(4..);
+        }
         let mut out = BytesMut::with_capacity(self.encoded_len_hint());
         self.write_json(&mut out);
         out.freeze()
     }
 
-    /// The object as one Unix-protocol frame: 4-byte big-endian length, JSON.
+    /// The object as one Unix-protocol frame: 4-byte big-endian length,
+    /// JSON. An unchanged message is its source frame, shared, not copied.
     pub fn to_frame(&self) -> Bytes {
+        if !self.changed && !self.src.is_empty() {
+            return self.src.clone();
+        }
         let mut out = BytesMut::with_capacity(4 + self.encoded_len_hint());
         out.put_u32(0);
         self.write_json(&mut out);
@@ -173,21 +289,121 @@ impl BusMessage {
         2 + self
             .fields
             .iter()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .map(|(k, v)| self.bytes_of(k).len() + self.bytes_of(v).len() + 4)
             .sum::<usize>()
     }
 }
 
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f
+}
+
 /// Writes `s` as a JSON string literal.
 fn write_json_str(out: &mut BytesMut, s: &str) {
-    if s.bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
-    {
+    if !s.bytes().any(needs_escape) {
         out.put_u8(b'"');
         out.put_slice(s.as_bytes());
         out.put_u8(b'"');
     } else if let Ok(v) = serde_json::to_vec(s) {
         out.put_slice(&v);
+    }
+}
+
+/// What parsing a payload records: field spans and whether a key repeated.
+struct Spans {
+    fields: Vec<(Text, Text)>,
+    repeated: bool,
+}
+
+/// Visits the top-level object of a payload, turning each borrowed key
+/// and raw value into a span of it (offset by the 4-byte header).
+struct SpanVisitor<'j> {
+    json: &'j str,
+}
+
+/// A key as the deserializer gives it: borrowed from the payload when it
+/// has no escapes, decoded otherwise.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Decoded(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Borrowed(s) => s,
+            Key::Decoded(s) => s,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key::Borrowed(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key::Decoded(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key::Decoded(v))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+impl SpanVisitor<'_> {
+    /// The span of `s`, a slice of `self.json`.
+    fn span(&self, s: &str) -> Text {
+        let start = s.as_ptr() as usize - self.json.as_ptr() as usize;
+        Text::Span((start + 4) as u32, (start + 4 + s.len()) as u32)
+    }
+
+    /// The decoded text of a key recorded so far.
+    fn key_text<'a>(&'a self, k: &'a Text) -> &'a str {
+        match k {
+            Text::Span(a, b) => self.json.get(*a as usize - 4..*b as usize - 4).unwrap_or(""),
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for SpanVisitor<'de> {
+    type Value = Spans;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Spans, A::Error> {
+        let mut out = Spans {
+            fields: Vec::with_capacity(8),
+            repeated: false,
+        };
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            let v = self.span(value.get());
+            let name = key.as_str();
+            match out.fields.iter().position(|(k, _)| self.key_text(k) == name) {
+                Some(i) => {
+                    out.fields[i].1 = v;
+                    out.repeated = true;
+                }
+                None => {
+                    let k = match &key {
+                        Key::Borrowed(s) => self.span(s),
+                        Key::Decoded(s) => Text::Owned(s.as_str().into()),
+                    };
+                    out.fields.push((k, v));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -200,9 +416,8 @@ impl<'de> Deserialize<'de> for BusMessage {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BusMessage, A::Error> {
-                let mut msg = BusMessage {
-                    fields: Vec::with_capacity(map.size_hint().unwrap_or(8)),
-                };
+                let mut msg = BusMessage::new();
+                msg.fields.reserve(map.size_hint().unwrap_or(8));
                 while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
                     msg.set_raw(&k, v);
                 }
@@ -215,10 +430,11 @@ impl<'de> Deserialize<'de> for BusMessage {
 
 impl serde::Serialize for BusMessage {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
+        use serde::ser::{Error, SerializeMap};
         let mut map = s.serialize_map(Some(self.fields.len()))?;
-        for (k, v) in &self.fields {
-            map.serialize_entry(k, v)?;
+        for (k, v) in self.iter() {
+            let raw: &RawValue = serde_json::from_str(v.get()).map_err(S::Error::custom)?;
+            map.serialize_entry(k, raw)?;
         }
         map.end()
     }
@@ -230,14 +446,10 @@ mod tests {
 
     #[test]
     fn keeps_unknown_fields_and_body_verbatim() {
-        let src =
-            br#"{"type": "message", "to": "b", "body": {"x": [1, 2.50, "\u00e9"]}, "extra": 7}"#;
+        let src = br#"{"type": "message", "to": "b", "body": {"x": [1, 2.50, "\u00e9"]}, "extra": 7}"#;
         let m = BusMessage::parse(src).unwrap();
         assert_eq!(m.kind().unwrap(), "message");
-        assert_eq!(
-            m.raw("body").unwrap().get(),
-            r#"{"x": [1, 2.50, "\u00e9"]}"#
-        );
+        assert_eq!(m.raw("body").unwrap().get(), r#"{"x": [1, 2.50, "\u00e9"]}"#);
         let out = m.to_json();
         let back: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(back["extra"], 7);
@@ -246,23 +458,12 @@ mod tests {
 
     #[test]
     fn classifies_bad_input() {
-        assert_eq!(
-            BusMessage::parse(b"\xff\xfe").unwrap_err().code,
-            ErrorCode::BadUtf8
-        );
-        assert_eq!(
-            BusMessage::parse(b"{nope").unwrap_err().code,
-            ErrorCode::BadJson
-        );
-        assert_eq!(
-            BusMessage::parse(b"[1,2]").unwrap_err().code,
-            ErrorCode::NotObject
-        );
-        assert_eq!(
-            BusMessage::parse(b"  42").unwrap_err().code,
-            ErrorCode::NotObject
-        );
+        assert_eq!(BusMessage::parse(b"\xff\xfe").unwrap_err().code, ErrorCode::BadUtf8);
+        assert_eq!(BusMessage::parse(b"{nope").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(BusMessage::parse(b"[1,2]").unwrap_err().code, ErrorCode::NotObject);
+        assert_eq!(BusMessage::parse(b"  42").unwrap_err().code, ErrorCode::NotObject);
         assert_eq!(BusMessage::parse(b"").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(BusMessage::parse(br#"{"a":1} x"#).unwrap_err().code, ErrorCode::BadJson);
         let m = BusMessage::parse(br#"{"to": 5}"#).unwrap();
         assert_eq!(m.str_field("to").unwrap_err().code, ErrorCode::BadField);
         assert_eq!(m.kind().unwrap_err().code, ErrorCode::MissingField);
@@ -276,5 +477,39 @@ mod tests {
         let n = u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize;
         assert_eq!(n, f.len() - 4);
         assert_eq!(&f[4..], br#"{"a":2,"b":"x\"y"}"#);
+        // A repeated key alone also makes the frame canonical.
+        let m = BusMessage::parse(br#"{"a":1, "a":2}"#).unwrap();
+        assert_eq!(&m.to_frame()[4..], br#"{"a":2}"#);
+    }
+
+    #[test]
+    fn unchanged_message_is_passed_on_as_received() {
+        let src = br#"{"type": "message", "from": "a", "id": "1", "body": {"k": [1, 2]}}"#;
+        let mut m = BusMessage::parse(src).unwrap();
+        m.set_str("from", "a");
+        let f = m.to_frame();
+        assert_eq!(&f[4..], &src[..]);
+        assert_eq!(u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize, src.len());
+        m.set_str("from", "b");
+        assert_eq!(
+            &m.to_frame()[4..],
+            br#"{"type":"message","from":"b","id":"1","body":{"k": [1, 2]}}"#
+        );
+    }
+
+    #[test]
+    fn escaped_keys_and_values_are_decoded_for_lookup() {
+        let m = BusMessage::parse(br#"{"t\u0079pe": "m\u0065ssage", "to": "\u00e9"}"#).unwrap();
+        assert_eq!(m.kind().unwrap(), "message");
+        assert_eq!(m.str_field("to").unwrap().unwrap(), "\u{e9}");
+        let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(v["type"], "message");
+        let mut m2 = m.clone();
+        m2.set_str("x", "1");
+        let v: serde_json::Value = serde_json::from_slice(&m2.to_json()).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["x"], "1");
+        let via_serde: serde_json::Value = serde_json::to_value(&m2).unwrap();
+        assert_eq!(via_serde, v);
     }
 }

@@ -87,9 +87,14 @@ impl Outbox {
         if st.queue.len() >= self.shared.capacity {
             return Err(PushError::Full);
         }
+        let was_empty = st.queue.is_empty();
         st.queue.push_back(d);
         drop(st);
-        self.shared.notify.notify_one();
+        // The writer drains the whole queue whenever it wakes, so only the
+        // push that makes the queue non-empty needs to wake it.
+        if was_empty {
+            self.shared.notify.notify_one();
+        }
         Ok(())
     }
 
@@ -100,9 +105,12 @@ impl Outbox {
         if st.closed {
             return Err(PushError::Closed);
         }
+        let was_empty = st.queue.is_empty();
         st.queue.push_back(d);
         drop(st);
-        self.shared.notify.notify_one();
+        if was_empty {
+            self.shared.notify.notify_one();
+        }
         Ok(())
     }
 

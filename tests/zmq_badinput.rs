@@ -29,21 +29,38 @@ async fn malformed_and_oversized_messages_are_counted_not_fatal() {
     tokio::time::timeout(TEST_LIMIT, async {
         let proxy = start_proxy(|c| c.max_msg_size = 64 * 1024).await;
         let r = receiver(&proxy.back(), Codec::Json);
-        r.wait_connected(Duration::from_secs(10)).await.expect("connected");
+        r.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connected");
         let mut p = raw_peer(&proxy.front(), SocketType::Pub).await;
-        // Wait until the receiver's subscription reached the proxy.
-        assert!(eventually(Duration::from_secs(10), || proxy.stats.snapshot().subscribers.open == 1).await);
+        // Wait until the receivers' subscriptions reached the proxy (and
+        // give the proxy's replay to the publisher a moment).
+        assert!(
+            eventually(Duration::from_secs(10), || proxy
+                .stats
+                .snapshot()
+                .subscriptions
+                == 1)
+            .await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
 
         p.send(&[TOPIC, ORIGIN, b"1"]).await; // 3 frames
         p.send(&[TOPIC, ORIGIN, b"1", b"2.0", b"extra"]).await; // 5 frames
         p.send(&[b"not json", b"{", b"}", b"x"]).await; // not JSON
         p.send(&[TOPIC, ORIGIN, b"{\"a\":", b"1.5"]).await; // bad data JSON
-        p.send(&[TOPIC, ORIGIN, &vec![b'7'; 100 * 1024], b"1.5"]).await; // oversized
+        p.send(&[TOPIC, ORIGIN, &vec![b'7'; 100 * 1024], b"1.5"])
+            .await; // oversized
         p.send(&[TOPIC, ORIGIN, b"[\"ok\"]", b"1.5"]).await; // valid
-        let env = r.recv_timeout(Duration::from_secs(10)).await.expect("the valid envelope arrives");
+        let env = r
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("the valid envelope arrives");
         assert_eq!(env.topic, "T/x");
-        assert_eq!(serde_json::to_value(&env.data).expect("json"), serde_json::json!(["ok"]));
+        assert_eq!(
+            serde_json::to_value(&env.data).expect("json"),
+            serde_json::json!(["ok"])
+        );
 
         let s = proxy.stats.snapshot();
         // Forwarded like a ZeroMQ proxy, but counted: 3 structural ones
@@ -66,25 +83,51 @@ async fn msgpack_reaches_only_peers_that_opted_in() {
         let proxy = start_proxy(|_| {}).await;
         let json_r = receiver(&proxy.back(), Codec::Json);
         let mp_r = receiver(&proxy.back(), Codec::MsgPack);
-        json_r.wait_connected(Duration::from_secs(10)).await.expect("connected");
-        mp_r.wait_connected(Duration::from_secs(10)).await.expect("connected");
+        json_r
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connected");
+        mp_r.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connected");
         let mut p = raw_peer(&proxy.front(), SocketType::Pub).await;
-        assert!(eventually(Duration::from_secs(10), || proxy.stats.snapshot().subscribers.open == 2).await);
+        assert!(
+            eventually(Duration::from_secs(10), || proxy
+                .stats
+                .snapshot()
+                .subscriptions
+                == 2)
+            .await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
 
-        let q = Quote { ts: 1.0, symbol: "ABC".into(), bid: 1.0, bid_size: 2.0, ask: 3.0, ask_size: 4.0 };
+        let q = Quote {
+            ts: 1.0,
+            symbol: "ABC".into(),
+            bid: 1.0,
+            bid_size: 2.0,
+            ask: 3.0,
+            ask_size: 4.0,
+        };
         let mp = codec::encode(Codec::MsgPack, &q).expect("msgpack");
         assert_eq!(mp[0], MSGPACK_MARKER);
         p.send(&[TOPIC, ORIGIN, &mp, b"1.5"]).await;
         // Invalid MessagePack after the marker.
-        p.send(&[TOPIC, ORIGIN, &[MSGPACK_MARKER, 0xC1, 0xC1], b"1.5"]).await;
+        p.send(&[TOPIC, ORIGIN, &[MSGPACK_MARKER, 0xC1, 0xC1], b"1.5"])
+            .await;
         p.send(&[TOPIC, ORIGIN, b"[\"end\"]", b"1.5"]).await;
 
         for r in [&json_r, &mp_r] {
-            let e = r.recv_timeout(Duration::from_secs(10)).await.expect("quote");
+            let e = r
+                .recv_timeout(Duration::from_secs(10))
+                .await
+                .expect("quote");
             assert_eq!(e.data.downcast_ref::<Quote>(), Some(&q));
             let e = r.recv_timeout(Duration::from_secs(10)).await.expect("end");
-            assert_eq!(serde_json::to_value(&e.data).expect("json"), serde_json::json!(["end"]));
+            assert_eq!(
+                serde_json::to_value(&e.data).expect("json"),
+                serde_json::json!(["end"])
+            );
         }
         // The JSON peer got a transcoded copy and never the broken one;
         // the MessagePack peer got the broken one and counted it.
@@ -102,24 +145,120 @@ async fn receiver_counts_a_codec_it_did_not_opt_in_to() {
     // Without our proxy in between (a peer that ignores the opt-in), the
     // JSON receiver must count MessagePack data, not decode garbage.
     tokio::time::timeout(TEST_LIMIT, async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = format!("tcp://{}", listener.local_addr().expect("addr"));
         let r = receiver(&addr, Codec::Json);
         let (s, _) = listener.accept().await.expect("accept");
         let (mut rd, mut wr) = s.into_split();
         let mut reader = hermes_bus::transports::zmq::zmtp::FrameReader::new(1 << 20);
-        hermes_bus::transports::zmq::zmtp::handshake(&mut rd, &mut wr, &mut reader, SocketType::XPub, &[], Duration::from_secs(5))
-            .await
-            .expect("handshake");
+        hermes_bus::transports::zmq::zmtp::handshake(
+            &mut rd,
+            &mut wr,
+            &mut reader,
+            SocketType::XPub,
+            &[],
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("handshake");
         let mp = codec::encode(Codec::MsgPack, &serde_json::json!([1, 2])).expect("mp");
         let mut b = bytes::BytesMut::new();
         hermes_bus::transports::zmq::zmtp::put_message(&mut b, &[TOPIC, ORIGIN, &mp[..], b"1.5"]);
         hermes_bus::transports::zmq::zmtp::put_message(&mut b, &[TOPIC, ORIGIN, b"3", b"1.5"]);
-        tokio::io::AsyncWriteExt::write_all(&mut wr, &b).await.expect("send");
-        let e = r.recv_timeout(Duration::from_secs(10)).await.expect("json one");
-        assert_eq!(serde_json::to_value(&e.data).expect("json"), serde_json::json!(3));
+        tokio::io::AsyncWriteExt::write_all(&mut wr, &b)
+            .await
+            .expect("send");
+        let e = r
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("json one");
+        assert_eq!(
+            serde_json::to_value(&e.data).expect("json"),
+            serde_json::json!(3)
+        );
         assert_eq!(r.stats().codec_errors, 1);
         let _ = Registry::shared();
+    })
+    .await
+    .expect("test timed out");
+}
+
+fn fake_receiver(addr: &str, policy: SlowPolicy, exchanges: &[&str]) -> Receiver {
+    let mut cfg = ReceiverConfig::new(addr, "r");
+    cfg.slow_policy = policy;
+    cfg.exchanges = exchanges.iter().map(|s| s.to_string()).collect();
+    let mut r = Receiver::with_config(cfg).expect("receiver");
+    r.start().expect("start");
+    r
+}
+
+#[tokio::test]
+async fn lagging_envelopes_follow_the_slow_policy_and_origins_are_filtered() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let now = hermes_bus::envelope::unix_now();
+        let fresh = format!("{now}");
+        let old = format!("{}", now - 30.0);
+        for policy in [SlowPolicy::Warn, SlowPolicy::Drop, SlowPolicy::Stop] {
+            let server = FakeXpub::bind().await;
+            let r = fake_receiver(&server.addr, policy, &["raw"]);
+            let mut peer = server.accept().await;
+            let other: &[u8] = b"\"someone-else\"";
+            peer.send(&[TOPIC, other, b"0", fresh.as_bytes()]).await;
+            peer.send(&[TOPIC, ORIGIN, b"1", old.as_bytes()]).await;
+            peer.send(&[TOPIC, ORIGIN, b"2", fresh.as_bytes()]).await;
+            let mut got = Vec::new();
+            while let Some(e) = r.recv_timeout(Duration::from_secs(5)).await {
+                assert_eq!(e.origin, "raw");
+                got.push(serde_json::to_value(&e.data).expect("json"));
+                if got.len() == 2 || policy != SlowPolicy::Warn {
+                    break;
+                }
+            }
+            let s = r.stats();
+            assert_eq!(s.filtered, 1, "{policy:?}: origin filter");
+            assert_eq!(s.lagging, 1, "{policy:?}: lag counted");
+            match policy {
+                SlowPolicy::Warn => assert_eq!(got, vec![1, 2]),
+                SlowPolicy::Drop => {
+                    assert_eq!(got, vec![2]);
+                    assert_eq!(s.dropped, 1);
+                }
+                SlowPolicy::Stop => {
+                    // The reference's "suicidal snail": it stops receiving.
+                    assert!(got.is_empty(), "{got:?}");
+                    assert!(eventually(Duration::from_secs(5), || !r.is_running()).await);
+                    assert!(r.recv_timeout(Duration::from_secs(1)).await.is_none());
+                }
+            }
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_recv_like_the_reference() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let server = FakeXpub::bind().await;
+        let r = std::sync::Arc::new(fake_receiver(&server.addr, SlowPolicy::Warn, &[]));
+        let mut peer = server.accept().await;
+        // Non-blocking on an empty queue: None at once.
+        assert!(r.recv_blocking(false, None).is_none());
+        let r2 = r.clone();
+        let waiter = tokio::task::spawn_blocking(move || {
+            r2.recv_blocking(true, Some(Duration::from_secs(10)))
+        });
+        let ts = format!("{}", hermes_bus::envelope::unix_now());
+        peer.send(&[TOPIC, ORIGIN, b"\"hi\"", ts.as_bytes()]).await;
+        let e = waiter.await.expect("join").expect("blocking recv got it");
+        assert_eq!(e.topic, "T/x");
+        let r3 = r.clone();
+        let none = tokio::task::spawn_blocking(move || {
+            r3.recv_blocking(true, Some(Duration::from_millis(50)))
+        });
+        assert!(none.await.expect("join").is_none(), "timeout gives None");
     })
     .await
     .expect("test timed out");

@@ -58,7 +58,10 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
             transport: Some("zmq".into()),
             ..HookFilter::any()
         };
-        let hook: Arc<dyn Hook> = Arc::new(Recorder { filter, seen: seen.clone() });
+        let hook: Arc<dyn Hook> = Arc::new(Recorder {
+            filter,
+            seen: seen.clone(),
+        });
         let hooks = HookEngine::start(HookConfig::default(), vec![hook]);
         let bus = Bus::new(RouterConfig::default(), hooks);
 
@@ -81,10 +84,16 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
         let mut p = Publisher::new(&ep.frontend.to_string(), "feed").expect("publisher");
         p.start().expect("start");
         // With a router attached, the proxy subscribes upstream to everything.
-        p.wait_for_subscriber("anything", Duration::from_secs(15)).await.expect("upstream subscription");
+        p.wait_for_subscriber("anything", Duration::from_secs(15))
+            .await
+            .expect("upstream subscription");
         for i in 0..10 {
-            assert!(p.publish_parts("MD/AAPL", "feed", &Data::json(&i).expect("json")).expect("publish"));
-            assert!(p.publish_parts("NEWS/x", "feed", &Data::json(&i).expect("json")).expect("publish"));
+            assert!(p
+                .publish_parts("MD/AAPL", "feed", &Data::json(&i).expect("json"))
+                .expect("publish"));
+            assert!(p
+                .publish_parts("NEWS/x", "feed", &Data::json(&i).expect("json"))
+                .expect("publish"));
         }
         let mut got = VecDeque::new();
         let mut topics = Vec::new();
@@ -101,7 +110,10 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
         }
         assert!(topics.iter().all(|t| t == "MD/AAPL"), "{topics:?}");
 
-        let ok = eventually(Duration::from_secs(10), || seen.lock().map(|s| s.len() >= 10).unwrap_or(false)).await;
+        let ok = eventually(Duration::from_secs(10), || {
+            seen.lock().map(|s| s.len() >= 10).unwrap_or(false)
+        })
+        .await;
         assert!(ok, "hook fired for the 10 MD/ envelopes");
         tokio::time::sleep(Duration::from_millis(100)).await;
         {
@@ -121,7 +133,9 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
         cfg.slow_policy = SlowPolicy::Warn;
         let mut r = Receiver::with_config(cfg).expect("receiver");
         r.start().expect("start");
-        r.wait_connected(Duration::from_secs(10)).await.expect("connected");
+        r.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("connected");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = stats.snapshot().to_bus;
         let msg = TopicMessage {
@@ -131,10 +145,16 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
             ts: hermes_bus::envelope::unix_now(),
         };
         bus.publish("test", sid, msg);
-        let env = r.recv_timeout(Duration::from_secs(10)).await.expect("from the router");
+        let env = r
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("from the router");
         assert_eq!(env.topic, "ALERT/é");
         assert_eq!(env.origin, "unix-client");
-        assert_eq!(serde_json::to_value(&env.data).expect("json"), serde_json::json!({"level": 3}));
+        assert_eq!(
+            serde_json::to_value(&env.data).expect("json"),
+            serde_json::json!({"level": 3})
+        );
         let s = stats.snapshot();
         assert_eq!(s.from_bus, 1);
         assert_eq!(s.to_bus, before, "no loop back into the router");

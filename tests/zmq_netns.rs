@@ -6,7 +6,6 @@
 //! is needed). Skipped, with a printed reason, where namespaces cannot be
 //! made (not root, no `ip`).
 
-
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -25,7 +24,11 @@ fn ip(args: &[&str]) -> std::io::Result<Output> {
 fn ip_ok(args: &[&str]) -> Result<(), String> {
     match ip(args) {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim())),
+        Ok(o) => Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
         Err(e) => Err(format!("ip {}: {e}", args.join(" "))),
     }
 }
@@ -43,21 +46,35 @@ impl Drop for Namespaces {
 
 /// pub ns (10.201.1.2) ── proxy ns (10.201.1.1 | 10.201.2.1) ── sub ns (10.201.2.2)
 fn make_topology(tag: &str) -> Result<(Namespaces, [String; 3]), String> {
-    let names = [format!("hzb{tag}p"), format!("hzb{tag}x"), format!("hzb{tag}s")];
+    let names = [
+        format!("hzb{tag}p"),
+        format!("hzb{tag}x"),
+        format!("hzb{tag}s"),
+    ];
     let mut made = Namespaces(Vec::new());
     for n in &names {
         ip_ok(&["netns", "add", n])?;
         made.0.push(n.clone());
     }
     let [p, x, s] = &names;
-    let (pa, pb, sa, sb) = (format!("hz{tag}pa"), format!("hz{tag}pb"), format!("hz{tag}sa"), format!("hz{tag}sb"));
+    let (pa, pb, sa, sb) = (
+        format!("hz{tag}pa"),
+        format!("hz{tag}pb"),
+        format!("hz{tag}sa"),
+        format!("hz{tag}sb"),
+    );
     ip_ok(&["link", "add", &pa, "type", "veth", "peer", "name", &pb])?;
     ip_ok(&["link", "set", &pa, "netns", p])?;
     ip_ok(&["link", "set", &pb, "netns", x])?;
     ip_ok(&["link", "add", &sa, "type", "veth", "peer", "name", &sb])?;
     ip_ok(&["link", "set", &sa, "netns", s])?;
     ip_ok(&["link", "set", &sb, "netns", x])?;
-    for (ns, dev, addr) in [(p, &pa, "10.201.1.2/24"), (x, &pb, "10.201.1.1/24"), (x, &sb, "10.201.2.1/24"), (s, &sa, "10.201.2.2/24")] {
+    for (ns, dev, addr) in [
+        (p, &pa, "10.201.1.2/24"),
+        (x, &pb, "10.201.1.1/24"),
+        (x, &sb, "10.201.2.1/24"),
+        (s, &sa, "10.201.2.2/24"),
+    ] {
         ip_ok(&["-n", ns, "addr", "add", addr, "dev", dev])?;
         ip_ok(&["-n", ns, "link", "set", dev, "up"])?;
     }
@@ -71,21 +88,27 @@ fn make_topology(tag: &str) -> Result<(Namespaces, [String; 3]), String> {
 fn spawn_helper(ns: &str, env: &[(&str, &str)]) -> std::io::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(exe).args(["--exact", "netns_helper", "--nocapture", "--test-threads=1"]);
+    c.args(["netns", "exec", ns]).arg(exe).args([
+        "--exact",
+        "netns_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     for (k, v) in env {
         c.env(k, v);
     }
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
 }
 
 /// The `NETNS_RESULT n` line of a finished helper.
 fn result_of(out: &Output) -> Option<u64> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let at = l.find("NETNS_RESULT ")?;
-            l[at + 13..].split_whitespace().next()?.parse().ok()
-        })
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let at = l.find("NETNS_RESULT ")?;
+        l[at + 13..].split_whitespace().next()?.parse().ok()
+    })
 }
 
 async fn wait_child(child: std::process::Child, limit: Duration) -> Option<Output> {
@@ -120,11 +143,18 @@ async fn publisher_and_subscriber_in_separate_namespaces_meet_through_the_proxy(
         let front = "tcp://10.201.1.1:6000";
         let back = "tcp://10.201.2.1:6001";
         let count = COUNT.to_string();
-        let proxy = spawn_helper(&x_ns, &[(ROLE, "proxy"), ("FRONT", front), ("BACK", back)]).expect("proxy helper");
-        let sub = spawn_helper(&s_ns, &[(ROLE, "sub"), ("ADDR", back), ("COUNT", &count)]).expect("sub helper");
-        let publ = spawn_helper(&p_ns, &[(ROLE, "pub"), ("ADDR", front), ("COUNT", &count)]).expect("pub helper");
-        let pub_out = wait_child(publ, Duration::from_secs(60)).await.expect("publisher finished");
-        let sub_out = wait_child(sub, Duration::from_secs(30)).await.expect("subscriber finished");
+        let proxy = spawn_helper(&x_ns, &[(ROLE, "proxy"), ("FRONT", front), ("BACK", back)])
+            .expect("proxy helper");
+        let sub = spawn_helper(&s_ns, &[(ROLE, "sub"), ("ADDR", back), ("COUNT", &count)])
+            .expect("sub helper");
+        let publ = spawn_helper(&p_ns, &[(ROLE, "pub"), ("ADDR", front), ("COUNT", &count)])
+            .expect("pub helper");
+        let pub_out = wait_child(publ, Duration::from_secs(60))
+            .await
+            .expect("publisher finished");
+        let sub_out = wait_child(sub, Duration::from_secs(30))
+            .await
+            .expect("subscriber finished");
         let proxy_id = proxy.id();
         unsafe {
             libc::kill(proxy_id as i32, libc::SIGKILL);
@@ -133,8 +163,12 @@ async fn publisher_and_subscriber_in_separate_namespaces_meet_through_the_proxy(
         assert_eq!(result_of(&pub_out), Some(COUNT), "publisher: {pub_out:?}");
         assert_eq!(result_of(&sub_out), Some(COUNT), "subscriber: {sub_out:?}");
         // The two ends cannot reach each other directly: no route.
-        let direct = ip(&["netns", "exec", &p_ns, "ip", "route", "get", "10.201.2.2"]).expect("ip route");
-        assert!(!direct.status.success(), "publisher namespace must not route to the subscriber");
+        let direct =
+            ip(&["netns", "exec", &p_ns, "ip", "route", "get", "10.201.2.2"]).expect("ip route");
+        assert!(
+            !direct.status.success(),
+            "publisher namespace must not route to the subscriber"
+        );
     })
     .await
     .expect("test timed out");
@@ -144,12 +178,18 @@ async fn publisher_and_subscriber_in_separate_namespaces_meet_through_the_proxy(
 /// Entry point of the helper processes; a no-op in a normal test run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_helper() {
-    let Ok(role) = std::env::var(ROLE) else { return };
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
     let get = |k: &str| std::env::var(k).unwrap_or_default();
     let count: u64 = get("COUNT").parse().unwrap_or(COUNT);
     match role.as_str() {
         "proxy" => {
-            let cfg = ProxyConfig { frontend: get("FRONT"), backend: get("BACK"), ..ProxyConfig::default() };
+            let cfg = ProxyConfig {
+                frontend: get("FRONT"),
+                backend: get("BACK"),
+                ..ProxyConfig::default()
+            };
             let p = ZmqProxy::bind(cfg).await.expect("bind in namespace");
             let stop = CancellationToken::new();
             let s = stop.clone();
@@ -178,10 +218,14 @@ async fn netns_helper() {
         "pub" => {
             let mut p = Publisher::new(&get("ADDR"), "ns-pub").expect("publisher");
             p.start().expect("start");
-            p.wait_for_subscriber("NS/x", Duration::from_secs(40)).await.expect("subscriber via proxy");
+            p.wait_for_subscriber("NS/x", Duration::from_secs(40))
+                .await
+                .expect("subscriber via proxy");
             let mut sent = 0u64;
             for i in 0..count {
-                if p.publish_parts("NS/x", "ns-pub", &Data::json(&i).expect("json")).expect("publish") {
+                if p.publish_parts("NS/x", "ns-pub", &Data::json(&i).expect("json"))
+                    .expect("publish")
+                {
                     sent += 1;
                 }
             }

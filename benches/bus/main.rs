@@ -44,7 +44,7 @@ impl Unit {
             Unit::Rate if v >= 1e3 => format!("{:.0} k/s", v / 1e3),
             Unit::Rate => format!("{v:.0} /s"),
             Unit::Micros => format!("{v:.1} µs"),
-            Unit::Bytes if v >= 1 << 20 => format!("{:.1} MiB", v / (1 << 20) as f64),
+            Unit::Bytes if v >= (1u64 << 20) as f64 => format!("{:.1} MiB", v / (1 << 20) as f64),
             Unit::Bytes => format!("{:.2} KiB", v / 1024.0),
         }
     }
@@ -145,7 +145,12 @@ type RunFn<'a> = Box<dyn FnMut() -> Result<(Vec<f64>, Option<String>), String> +
 
 /// Runs every subject `runs` times, alternating subjects within each run;
 /// returns, per subject, one outcome per metric.
-fn interleave(runs: usize, metrics: usize, subjects: Vec<(&str, Result<RunFn<'_>, String>)>) -> Vec<Vec<Outcome>> {
+fn interleave(runs: usize, metrics: usize, mut subjects: Vec<(&str, Result<RunFn<'_>, String>)>) -> Vec<Vec<Outcome>> {
+    if OURS_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        for s in subjects.iter_mut().skip(1) {
+            s.1 = Err("skipped (--ours-only)".into());
+        }
+    }
     let mut vals: Vec<Vec<Vec<f64>>> = subjects.iter().map(|_| vec![Vec::new(); metrics]).collect();
     let mut notes: Vec<Vec<String>> = subjects.iter().map(|_| Vec::new()).collect();
     let mut errors: Vec<Option<String>> = subjects.iter().map(|(_, f)| f.as_ref().err().cloned()).collect();
@@ -186,6 +191,9 @@ fn interleave(runs: usize, metrics: usize, subjects: Vec<(&str, Result<RunFn<'_>
         .collect()
 }
 
+/// `--ours-only`: skip the anchors (for profiling).
+static OURS_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 struct Args {
     runs: usize,
     quick: bool,
@@ -200,6 +208,7 @@ fn parse_args() -> Args {
         match x.as_str() {
             "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
             "--quick" => a.quick = true,
+            "--ours-only" => OURS_ONLY.store(true, std::sync::atomic::Ordering::Relaxed),
             "--only" => a.only.extend(it.next()),
             "--out" => a.out = it.next().map(PathBuf::from),
             _ => {} // `cargo bench` passes --bench; ignore the rest

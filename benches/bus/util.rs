@@ -187,14 +187,6 @@ impl Window {
         }
     }
 
-    pub fn received(&self, i: usize) -> u64 {
-        self.received[i].load(Ordering::Relaxed)
-    }
-
-    pub fn total(&self) -> u64 {
-        self.received.iter().map(|r| r.load(Ordering::Relaxed)).sum()
-    }
-
     fn slowest(&self) -> u64 {
         self.received.iter().map(|r| r.load(Ordering::Relaxed)).min().unwrap_or(0)
     }

@@ -65,7 +65,12 @@ pub async fn start_proxy(tweak: impl FnOnce(&mut ProxyConfig)) -> TestProxy {
             eprintln!("proxy failed: {e}");
         }
     });
-    TestProxy { ep, stats, stop, task }
+    TestProxy {
+        ep,
+        stats,
+        stop,
+        task,
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released).
@@ -151,7 +156,11 @@ pub async fn py_peer(python: &std::path::Path, args: &[&str]) -> PyPeer {
         .await
         .expect("python peer ready in time")
         .expect("python peer output");
-    assert_eq!(first["ready"], serde_json::json!(true), "python peer: {first}");
+    assert_eq!(
+        first["ready"],
+        serde_json::json!(true),
+        "python peer: {first}"
+    );
     PyPeer { child, lines: rx }
 }
 
@@ -165,4 +174,43 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     f()
+}
+
+/// A fake proxy XPUB side: a listener that hands out raw peers after the
+/// ZMTP handshake, so tests can feed a receiver exact bytes.
+pub struct FakeXpub {
+    /// The listener.
+    pub listener: tokio::net::TcpListener,
+    /// Its address as `tcp://...`.
+    pub addr: String,
+}
+
+impl FakeXpub {
+    /// Binds on a free loopback port.
+    pub async fn bind() -> FakeXpub {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = format!("tcp://{}", listener.local_addr().expect("addr"));
+        FakeXpub { listener, addr }
+    }
+
+    /// Accepts one receiver and completes the handshake as XPUB.
+    pub async fn accept(&self) -> RawPeer {
+        let (s, _) = self.listener.accept().await.expect("accept");
+        let (r, w) = s.into_split();
+        let (mut r, mut w): (ReadHalf, WriteHalf) = (Box::new(r), Box::new(w));
+        let mut reader = FrameReader::new(1 << 20);
+        zmtp::handshake(
+            &mut r,
+            &mut w,
+            &mut reader,
+            SocketType::XPub,
+            &[],
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("handshake");
+        RawPeer { r, w, reader }
+    }
 }

@@ -39,6 +39,20 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameErro
     Ok(Some(buf.split_to(len).freeze()))
 }
 
+/// The payload length of the complete frame at the front of `buf`, if a
+/// whole frame is there (the caller reads `buf[4..4 + len]`, then
+/// advances past it). Nothing is copied or split off.
+pub fn peek(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok((buf.len() >= 4 + len).then_some(len))
+}
+
 /// One frame around a JSON payload.
 pub fn encode(json: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(4 + json.len());
@@ -64,6 +78,16 @@ mod tests {
         buf.extend_from_slice(&encode(b"{}")[3..]);
         assert_eq!(decode(&mut buf, MAX_FRAME).unwrap().unwrap(), &b"{}"[..]);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn peek_sees_only_whole_frames() {
+        let f = encode(b"{}");
+        assert_eq!(peek(&f[..5], MAX_FRAME), Ok(None));
+        assert_eq!(peek(&f, MAX_FRAME), Ok(Some(2)));
+        let mut big = BytesMut::new();
+        big.put_u32((MAX_FRAME + 1) as u32);
+        assert!(peek(&big, MAX_FRAME).is_err());
     }
 
     #[test]

@@ -6,13 +6,14 @@
 //! syscall, no copying). What the writer could not write when the peer
 //! went away is handed back to the router, which holds it for the name.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
@@ -89,24 +90,26 @@ enum ReadEnd {
     WriterDone,
 }
 
-async fn read_loop(
-    bus: &Bus,
-    sid: SessionId,
-    mut rd: OwnedReadHalf,
-    limits: &SessionLimits,
-    writer_done: &CancellationToken,
-) -> ReadEnd {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+/// Read buffer sizes: a session starts small and grows while its reads
+/// fill the buffer, up to the largest; an idle session keeps none.
+const READ_MIN: usize = 1024;
+const READ_MAX: usize = 64 * 1024;
+
+async fn read_loop(bus: &Bus, sid: SessionId, rd: OwnedReadHalf, limits: &SessionLimits, writer_done: &CancellationToken) -> ReadEnd {
+    let mut buf = BytesMut::new();
+    let mut want = READ_MIN;
     loop {
+        // Every complete frame, parsed straight from the buffer.
+        let mut used = 0;
         loop {
-            match frame::decode(&mut buf, limits.max_frame) {
-                Ok(Some(payload)) => handle_frame(bus, sid, &payload),
+            match frame::peek(&buf[used..], limits.max_frame) {
+                Ok(Some(len)) => {
+                    handle_frame(bus, sid, &buf[used + 4..used + 4 + len]);
+                    used += 4 + len;
+                }
                 Ok(None) => break,
                 Err(e) => {
-                    let err = ProtocolError::new(
-                        ErrorCode::FrameTooLarge,
-                        format!("{e}; closing the connection"),
-                    );
+                    let err = ProtocolError::new(ErrorCode::FrameTooLarge, format!("{e}; closing the connection"));
                     tracing::warn!(sid, "{err}");
                     let mut r = bus.router();
                     r.reply(sid, error_frame(&err, None), true);
@@ -114,16 +117,36 @@ async fn read_loop(
                 }
             }
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
+        buf.advance(used);
+        if buf.is_empty() && buf.capacity() > 2 * READ_MIN {
+            // Caught up: give the memory back (idle sessions hold none).
+            buf = BytesMut::new();
         }
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => return ReadEnd::Eof,
-                Ok(_) => {}
-                Err(e) => return ReadEnd::Io(e),
-            },
+            r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
             _ = writer_done.cancelled() => return ReadEnd::WriterDone,
+        }
+        // Room for what is announced (a partial frame) or the usual read.
+        let need = match buf.get(..4) {
+            Some(h) => (4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize).saturating_sub(buf.len()),
+            None => 0,
+        };
+        let room = need.clamp(want, limits.max_frame + 4);
+        if buf.capacity() - buf.len() < room {
+            buf.reserve(room);
+        }
+        let before = buf.capacity() - buf.len();
+        match rd.try_read_buf(&mut buf) {
+            Ok(0) => return ReadEnd::Eof,
+            Ok(n) => {
+                if n == before {
+                    want = (want * 2).min(READ_MAX);
+                } else if n < want / 4 {
+                    want = (want / 2).max(READ_MIN);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return ReadEnd::Io(e),
         }
     }
 }
@@ -132,25 +155,33 @@ async fn read_loop(
 /// reply queued to this session's outbox; nothing here awaits.
 fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
     let now = Instant::now();
-    bus.router().touch(sid, now);
     let mut msg = match BusMessage::parse(payload) {
         Ok(m) => m,
-        Err(e) => return reply_error(bus, sid, &e, None),
+        Err(e) => {
+            bus.router().touch(sid, now);
+            return reply_error(bus, sid, &e, None);
+        }
     };
+    let is_message = matches!(msg.kind().as_deref(), Ok("message"));
+    if !is_message {
+        // (Routing a message notes the traffic itself, under the same lock.)
+        bus.router().touch(sid, now);
+    }
     let kind = match msg.kind() {
-        Ok(k) => k.into_owned(),
+        Ok(_) if is_message => Cow::Borrowed("message"),
+        Ok(k) => Cow::Owned(k.into_owned()),
         Err(e) => return reply_error(bus, sid, &e, msg.raw("id")),
     };
-    let result = match kind.as_str() {
+    let result = match &*kind {
         "message" => {
             // `"ack": true` (ours, opt-in) asks for a receipt, so a
             // short-lived sender need not wait for a possible error.
-            let ack = msg.remove("ack").is_some_and(|v| v.get() == "true");
+            let ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
             bus.route(TRANSPORT, sid, &mut msg).map(|_| {
                 if ack {
                     let mut a = BusMessage::with_type("ack");
                     if let Some(id) = msg.raw("id") {
-                        a.set_raw("id", id.to_owned());
+                        a.set_json("id", id);
                     }
                     bus.reply(sid, Delivery::reply(a.to_frame()), false);
                 }
@@ -206,7 +237,7 @@ fn reply_error(
     bus: &Bus,
     sid: SessionId,
     e: &ProtocolError,
-    id: Option<&serde_json::value::RawValue>,
+    id: Option<crate::message::RawJson<'_>>,
 ) {
     tracing::debug!(sid, code = %e.code, detail = %e.detail, "protocol error");
     bus.reply(sid, error_frame(e, id), true);
@@ -289,6 +320,10 @@ async fn write_loop(
     loop {
         if pending.is_empty() {
             offset = 0;
+            if pending.capacity() > 1024 {
+                // A burst is over: an idle session keeps no big queue.
+                pending = VecDeque::new();
+            }
             tokio::select! {
                 more = outbox.recv_batch(&mut pending) => if !more { break; },
                 _ = stop.cancelled() => break,

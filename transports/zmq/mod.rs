@@ -4,7 +4,7 @@
 //!
 //! - [`zmtp`]: greeting, READY, frames, subscriptions.
 //! - [`endpoint`]: `tcp://` and `ipc://` endpoints.
-//! - [`proxy`]: the XSUB/XPUB/capture proxy with per-side counters.
+//! - [`proxy`]: the XSUB/XPUB/capture proxy; [`stats`]: its per-side counters.
 //! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router.
 //! - [`publisher`], [`receiver`], [`node`]: the clients.
 //! - [`cli`]: the `proxy`, `pub` and `sub` subcommands.
@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod publisher;
 pub mod queue;
 pub mod receiver;
+pub mod stats;
 pub mod zmtp;
 
 pub use bridge::ZmqTransport;

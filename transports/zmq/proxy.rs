@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
@@ -74,120 +73,7 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Counters of one side of the proxy.
-#[derive(Debug, Default)]
-pub struct SideCounters {
-    /// Messages received (publisher side) or written (subscriber sides).
-    pub messages: AtomicU64,
-    /// Wire bytes of those messages (frame headers included).
-    pub bytes: AtomicU64,
-    /// Messages dropped: oversized (publisher side) or a full queue
-    /// (subscriber sides).
-    pub drops: AtomicU64,
-    /// Messages that are not valid hermes envelopes (forwarded anyway, not
-    /// routed), or unusable control messages from subscribers.
-    pub malformed: AtomicU64,
-    /// Connections closed for breaking ZMTP (bad greeting, bad frames).
-    pub protocol_errors: AtomicU64,
-    /// Connections currently open (handshake done).
-    pub open: AtomicU64,
-    /// Connections accepted since start.
-    pub accepted: AtomicU64,
-    /// Connections refused for the connection limit.
-    pub rejected: AtomicU64,
-}
-
-/// A plain copy of [`SideCounters`].
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct SideSnapshot {
-    /// See [`SideCounters::messages`].
-    pub messages: u64,
-    /// See [`SideCounters::bytes`].
-    pub bytes: u64,
-    /// See [`SideCounters::drops`].
-    pub drops: u64,
-    /// See [`SideCounters::malformed`].
-    pub malformed: u64,
-    /// See [`SideCounters::protocol_errors`].
-    pub protocol_errors: u64,
-    /// See [`SideCounters::open`].
-    pub open: u64,
-    /// See [`SideCounters::accepted`].
-    pub accepted: u64,
-    /// See [`SideCounters::rejected`].
-    pub rejected: u64,
-}
-
-impl SideCounters {
-    /// A plain copy.
-    pub fn snapshot(&self) -> SideSnapshot {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        SideSnapshot {
-            messages: l(&self.messages),
-            bytes: l(&self.bytes),
-            drops: l(&self.drops),
-            malformed: l(&self.malformed),
-            protocol_errors: l(&self.protocol_errors),
-            open: l(&self.open),
-            accepted: l(&self.accepted),
-            rejected: l(&self.rejected),
-        }
-    }
-}
-
-/// All counters of a proxy.
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    /// XSUB side (publishers).
-    pub publishers: SideCounters,
-    /// XPUB side (subscribers).
-    pub subscribers: SideCounters,
-    /// Capture side.
-    pub capture: SideCounters,
-    /// Envelopes handed to the router.
-    pub to_bus: AtomicU64,
-    /// Envelopes the router bridge could not take (its queue was full).
-    pub to_bus_dropped: AtomicU64,
-    /// Topic messages from the router forwarded to subscribers.
-    pub from_bus: AtomicU64,
-    /// MessagePack data frames transcoded to JSON for peers that did not
-    /// opt in.
-    pub transcoded: AtomicU64,
-}
-
-/// A plain copy of [`ProxyStats`].
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct ProxySnapshot {
-    /// Publisher side.
-    pub publishers: SideSnapshot,
-    /// Subscriber side.
-    pub subscribers: SideSnapshot,
-    /// Capture side.
-    pub capture: SideSnapshot,
-    /// See [`ProxyStats::to_bus`].
-    pub to_bus: u64,
-    /// See [`ProxyStats::to_bus_dropped`].
-    pub to_bus_dropped: u64,
-    /// See [`ProxyStats::from_bus`].
-    pub from_bus: u64,
-    /// See [`ProxyStats::transcoded`].
-    pub transcoded: u64,
-}
-
-impl ProxyStats {
-    /// A plain copy of every counter.
-    pub fn snapshot(&self) -> ProxySnapshot {
-        ProxySnapshot {
-            publishers: self.publishers.snapshot(),
-            subscribers: self.subscribers.snapshot(),
-            capture: self.capture.snapshot(),
-            to_bus: self.to_bus.load(Ordering::Relaxed),
-            to_bus_dropped: self.to_bus_dropped.load(Ordering::Relaxed),
-            from_bus: self.from_bus.load(Ordering::Relaxed),
-            transcoded: self.transcoded.load(Ordering::Relaxed),
-        }
-    }
-}
+pub use super::stats::{ProxySnapshot, ProxyStats, SideCounters, SideSnapshot};
 
 /// Where envelopes read from publishers go besides the subscribers (the
 /// router, see `bridge.rs`).
@@ -321,6 +207,7 @@ impl Hub {
         };
         match change {
             SubChange::Subscribe(p) => {
+                self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
                 prefixes.push(p.clone());
                 if side == Side::Backend {
                     Self::upstream_add(ctl, p);
@@ -328,6 +215,7 @@ impl Hub {
             }
             SubChange::Cancel(p) => {
                 if let Some(i) = prefixes.iter().position(|x| *x == p) {
+                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
                     prefixes.swap_remove(i);
                     if side == Side::Backend {
                         Self::upstream_remove(ctl, &p);
@@ -603,12 +491,42 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        let guard = OpenGuard {
+            hub: hub.clone(),
+            role,
+        };
         let hub = hub.clone();
         let sd = shutdown.clone();
         match role {
-            Role::Publisher => tasks.spawn(publisher_conn(hub, stream, sd)),
-            Role::Subscriber(side) => tasks.spawn(subscriber_conn(hub, stream, side, sd)),
+            Role::Publisher => tasks.spawn(async move {
+                publisher_conn(hub, stream, sd).await;
+                drop(guard);
+            }),
+            Role::Subscriber(side) => tasks.spawn(async move {
+                subscriber_conn(hub, stream, side, sd).await;
+                drop(guard);
+            }),
         };
+    }
+}
+
+/// Decrements the open-connection count when a connection task ends,
+/// whichever way it ends.
+struct OpenGuard {
+    /// The proxy's state (for its counters).
+    hub: Arc<Hub>,
+    /// Which side the connection is on.
+    role: Role,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let c = match self.role {
+            Role::Publisher => &self.hub.stats.publishers,
+            Role::Subscriber(side) => self.hub.counters(side),
+        };
+        c.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -643,7 +561,6 @@ async fn publisher_conn(hub: Arc<Hub>, stream: Stream, shutdown: CancellationTok
         note_end(c, &e);
         return;
     }
-    c.open.fetch_add(1, Ordering::Relaxed);
     let control = Arc::new(WireQueue::new(1 << 16, 64 << 20));
     let id = {
         let mut ctl = hub.ctl();
@@ -670,7 +587,6 @@ async fn publisher_conn(hub: Arc<Hub>, stream: Stream, shutdown: CancellationTok
     control.close(true);
     conn_done.cancel();
     let _ = writer.await;
-    c.open.fetch_sub(1, Ordering::Relaxed);
 }
 
 async fn publisher_read_loop(
@@ -685,7 +601,7 @@ async fn publisher_read_loop(
         let (mut n, mut bytes, mut bad, mut big) = (0u64, 0u64, 0u64, 0u64);
         let mut result = Ok(());
         loop {
-            match reader.next() {
+            match reader.next_item() {
                 Ok(Some(Inbound::Message(m))) => {
                     n += 1;
                     bytes += count_bytes(&m);
@@ -760,7 +676,6 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
             return;
         }
     };
-    c.open.fetch_add(1, Ordering::Relaxed);
     let peer = Arc::new(SubPeer {
         queue: WireQueue::new(hub.cfg.sub_queue, hub.cfg.sub_queue_bytes),
         msgpack: info.wants_msgpack(),
@@ -790,6 +705,9 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
         let mut ctl = hub.ctl();
         let ctl = &mut *ctl;
         if let Some((_, prefixes)) = ctl.subs.remove(&id) {
+            hub.stats
+                .subscriptions
+                .fetch_sub(prefixes.len() as u64, Ordering::Relaxed);
             if side == Side::Backend {
                 for p in &prefixes {
                     Hub::upstream_remove(ctl, p);
@@ -801,7 +719,6 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
     peer.queue.close(true);
     conn_done.cancel();
     let _ = writer.await;
-    c.open.fetch_sub(1, Ordering::Relaxed);
 }
 
 async fn subscriber_read_loop(
@@ -815,26 +732,21 @@ async fn subscriber_read_loop(
 ) -> Result<(), ZmtpError> {
     let c = hub.counters(side);
     loop {
-        loop {
-            match reader.next()? {
-                Some(item) => {
-                    if let Some(change) = SubChange::from_inbound(&item) {
-                        hub.apply_sub_change(id, side, change);
-                        continue;
-                    }
-                    match item {
-                        Inbound::Command(name, data) => {
-                            let mut out = BytesMut::new();
-                            if zmtp::answer_ping(&name, &data, &mut out) {
-                                peer.queue.push(out.freeze());
-                            }
-                        }
-                        _ => {
-                            c.malformed.fetch_add(1, Ordering::Relaxed);
-                        }
+        while let Some(item) = reader.next_item()? {
+            if let Some(change) = SubChange::from_inbound(&item) {
+                hub.apply_sub_change(id, side, change);
+                continue;
+            }
+            match item {
+                Inbound::Command(name, data) => {
+                    let mut out = BytesMut::new();
+                    if zmtp::answer_ping(&name, &data, &mut out) {
+                        peer.queue.push(out.freeze());
                     }
                 }
-                None => break,
+                _ => {
+                    c.malformed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         let more = tokio::select! {

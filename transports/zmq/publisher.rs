@@ -430,7 +430,7 @@ impl Connection {
         let shared = &self.shared;
         let read = async {
             loop {
-                while let Some(item) = reader.next()? {
+                while let Some(item) = reader.next_item()? {
                     if let Some(change) = SubChange::from_inbound(&item) {
                         let mut subs = shared.subs.write().unwrap_or_else(|p| p.into_inner());
                         match change {

@@ -290,8 +290,12 @@ impl Receiver {
         self.shared.lock().items.pop_front()
     }
 
-    /// Waits for the next envelope; None once stopped and drained.
+    /// Waits for the next envelope; None once stopped and drained (or,
+    /// when never started, whenever nothing is queued).
     pub async fn recv(&self) -> Option<Envelope> {
+        if self.task.is_none() {
+            return self.try_recv();
+        }
         loop {
             let notified = self.shared.notify.notified();
             tokio::pin!(notified);
@@ -495,7 +499,7 @@ impl Connection {
     ) -> Result<bool, zmtp::ZmtpError> {
         loop {
             let mut woke = false;
-            while let Some(item) = reader.next()? {
+            while let Some(item) = reader.next_item()? {
                 match item {
                     Inbound::Message(m) => {
                         self.shared
@@ -554,7 +558,7 @@ impl Connection {
                 return (Verdict::Continue, false);
             }
         };
-        if !self.cfg.exchanges.is_empty() && !self.cfg.exchanges.iter().any(|x| *x == env.origin) {
+        if !self.cfg.exchanges.is_empty() && !self.cfg.exchanges.contains(&env.origin) {
             c.filtered.fetch_add(1, Ordering::Relaxed);
             return (Verdict::Continue, false);
         }

@@ -318,7 +318,7 @@ impl FrameReader {
     }
 
     /// Parses the next complete item, or None when more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Inbound>, ZmtpError> {
+    pub fn next_item(&mut self) -> Result<Option<Inbound>, ZmtpError> {
         if let Some(done) = self.skip_step()? {
             return Ok(Some(done));
         }
@@ -351,7 +351,7 @@ impl FrameReader {
                     return Err(ZmtpError::Protocol("oversized command"));
                 }
                 if b.len() < hdr + len {
-                    self.buf.reserve(hdr + len - b.len());
+                    self.buf.reserve((hdr + len - b.len()).min(1 << 20));
                     return Ok(None);
                 }
                 let mut body = self.buf.split_to(hdr + len).freeze();
@@ -378,9 +378,11 @@ impl FrameReader {
             let end = pos + hdr + len;
             frames += 1;
             if b.len() < end {
-                // Make room for the whole message in one buffer.
+                // Grow toward the whole message, at most 1 MiB per step, so
+                // a peer announcing a huge frame and sending slowly costs
+                // memory only as its bytes actually arrive.
                 let need = end - b.len();
-                self.buf.reserve(need.max(READ_CHUNK / 4));
+                self.buf.reserve(need.clamp(READ_CHUNK / 4, 1 << 20));
                 return Ok(None);
             }
             pos = end;
@@ -526,7 +528,7 @@ where
         }
         let minor = g[11];
         loop {
-            match reader.next()? {
+            match reader.next_item()? {
                 Some(Inbound::Command(name, data)) if name == "READY" => {
                     let properties = parse_properties(&data)?;
                     let mut info = PeerInfo {
@@ -617,7 +619,7 @@ mod tests {
         let mut got = Vec::new();
         for b in all.iter() {
             r.buf.put_u8(*b);
-            while let Some(item) = r.next().expect("parse") {
+            while let Some(item) = r.next_item().expect("parse") {
                 got.push(item);
             }
         }
@@ -651,7 +653,7 @@ mod tests {
         let mut got = Vec::new();
         for chunk in all.chunks(7) {
             r.buf.put_slice(chunk);
-            while let Some(item) = r.next().expect("parse") {
+            while let Some(item) = r.next_item().expect("parse") {
                 got.push(item);
             }
         }
@@ -664,6 +666,6 @@ mod tests {
     fn bad_flags_are_errors() {
         let mut r = FrameReader::new(100);
         r.buf.put_slice(&[0x80, 1, 0]);
-        assert!(r.next().is_err());
+        assert!(r.next_item().is_err());
     }
 }

@@ -1,0 +1,388 @@
+//! ZeroMQ bench: publisher → proxy → subscriber, through our proxy
+//! (`hermes-bus proxy`) and through libzmq's own proxy (`zmq_proxy` with an
+//! XSUB and an XPUB socket, in a process of its own like ours). Publisher
+//! and subscriber are libzmq (native code) in both cases, so only the proxy
+//! differs. Messages are hermes envelopes (4 JSON frames).
+//!
+//! Lossless: the publisher keeps at most a window of messages in flight
+//! (below every high-water mark), and the received count is checked.
+//!
+//! Prints `ROW` lines for the main bench (benches/bus):
+//! `ROW<TAB>case<TAB>unit<TAB>target<TAB>ours<TAB>anchor name<TAB>anchor`.
+//!
+//! `zmq-anchor --hermes-bus PATH [--runs N] [--quick]`;
+//! `zmq-anchor --libzmq-proxy FRONT BACK` is the anchor proxy itself.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const WINDOW: u64 = 500;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A proxy process, killed when dropped.
+struct ProxyProc {
+    child: Child,
+    front: String,
+    back: String,
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        // SAFETY: a pid we spawned and have not reaped.
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn wait_port(addr: &str, child: &mut Child) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_secs(5);
+    let hostport = addr.trim_start_matches("tcp://");
+    loop {
+        if std::net::TcpStream::connect(hostport).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("proxy exited: {st}"));
+        }
+        if Instant::now() > end {
+            return Err(format!("proxy not listening on {addr}"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_proxy(ours: Option<&str>) -> Result<ProxyProc, String> {
+    let front = format!("tcp://127.0.0.1:{}", free_port());
+    let back = format!("tcp://127.0.0.1:{}", free_port());
+    let mut cmd = match ours {
+        Some(exe) => {
+            let mut c = Command::new(exe);
+            c.arg("proxy").arg("--frontend").arg(&front).arg("--backend").arg(&back);
+            c.env_remove("RUST_LOG");
+            c
+        }
+        None => {
+            let me = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut c = Command::new(me);
+            c.arg("--libzmq-proxy").arg(&front).arg(&back);
+            c
+        }
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start proxy: {e}"))?;
+    if let Err(e) = wait_port(&front, &mut child).and_then(|_| wait_port(&back, &mut child)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(ProxyProc { child, front, back })
+}
+
+/// The anchor proxy: libzmq's steerable-less `zmq_proxy(XSUB, XPUB)`.
+fn libzmq_proxy(front: &str, back: &str) -> Result<(), zmq::Error> {
+    let ctx = zmq::Context::new();
+    let xsub = ctx.socket(zmq::XSUB)?;
+    let xpub = ctx.socket(zmq::XPUB)?;
+    xsub.bind(front)?;
+    xpub.bind(back)?;
+    zmq::proxy(&xsub, &xpub)
+}
+
+fn envelope(topic: &str, data: &[u8]) -> Vec<Vec<u8>> {
+    vec![
+        format!("\"{topic}\"").into_bytes(),
+        b"\"bench\"".to_vec(),
+        data.to_vec(),
+        b"1700000000.25".to_vec(),
+    ]
+}
+
+fn data(size: usize) -> Vec<u8> {
+    let skeleton = r#"{"seq":0,"pad":""}"#.len();
+    format!(r#"{{"seq":0,"pad":"{}"}}"#, "x".repeat(size.saturating_sub(skeleton))).into_bytes()
+}
+
+/// Receives one whole multipart message into `m`; returns its first frame.
+fn recv_msg(s: &zmq::Socket, m: &mut zmq::Message, first: &mut Vec<u8>) -> Result<(), zmq::Error> {
+    s.recv(m, 0)?;
+    first.clear();
+    first.extend_from_slice(m);
+    while s.get_rcvmore()? {
+        s.recv(m, 0)?;
+    }
+    Ok(())
+}
+
+fn send_msg(s: &zmq::Socket, frames: &[Vec<u8>]) -> Result<(), zmq::Error> {
+    let n = frames.len();
+    for (i, f) in frames.iter().enumerate() {
+        s.send(&f[..], if i + 1 < n { zmq::SNDMORE } else { 0 })?;
+    }
+    Ok(())
+}
+
+/// Publishes probes until the subscriber sees one (subscriptions travel
+/// upstream asynchronously), then drains the probes.
+fn warm_up(ctx: &zmq::Context, p: &ProxyProc, topic: &str) -> Result<(zmq::Socket, zmq::Socket), String> {
+    let e = |e: zmq::Error| e.to_string();
+    let publ = ctx.socket(zmq::PUB).map_err(e)?;
+    publ.set_sndhwm(0).map_err(e)?;
+    publ.connect(&p.front).map_err(e)?;
+    let sub = ctx.socket(zmq::SUB).map_err(e)?;
+    sub.set_rcvhwm(0).map_err(e)?;
+    sub.set_subscribe(format!("\"{topic}").as_bytes()).map_err(e)?;
+    sub.connect(&p.back).map_err(e)?;
+    sub.set_rcvtimeo(20).map_err(e)?;
+    let probe = envelope(&format!("{topic}/probe"), b"0");
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut m = zmq::Message::new();
+    let mut first = Vec::new();
+    loop {
+        send_msg(&publ, &probe).map_err(e)?;
+        if recv_msg(&sub, &mut m, &mut first).is_ok() {
+            break;
+        }
+        if Instant::now() > end {
+            return Err("subscription did not reach the publisher within 5 s".into());
+        }
+    }
+    // Drain whatever probes are still on the way.
+    sub.set_rcvtimeo(100).map_err(e)?;
+    while recv_msg(&sub, &mut m, &mut first).is_ok() {}
+    sub.set_rcvtimeo(200).map_err(e)?;
+    Ok((publ, sub))
+}
+
+/// Delivered messages per second, lossless (count checked).
+fn throughput(p: &ProxyProc, size: usize, max_msgs: u64, max_time: Duration) -> Result<(f64, Option<String>), String> {
+    let ctx = zmq::Context::new();
+    let (publ, sub) = warm_up(&ctx, p, "TP")?;
+    let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (r2, d2, s2) = (received.clone(), done.clone(), sent.clone());
+    let rx = thread::spawn(move || -> (u64, Instant) {
+        let mut m = zmq::Message::new();
+        let mut first = Vec::new();
+        let mut last = Instant::now();
+        let t0 = Instant::now();
+        loop {
+            match recv_msg(&sub, &mut m, &mut first) {
+                Ok(()) => {
+                    r2.fetch_add(1, Ordering::Release);
+                    last = Instant::now();
+                }
+                Err(_) => {}
+            }
+            let got = r2.load(Ordering::Acquire);
+            if d2.load(Ordering::Acquire) && got >= s2.load(Ordering::Acquire) {
+                break;
+            }
+            if t0.elapsed() > max_time + Duration::from_secs(5) {
+                break;
+            }
+        }
+        (r2.load(Ordering::Acquire), last)
+    });
+    let frames = envelope("TP/bench", &data(size));
+    let t0 = Instant::now();
+    let deadline = t0 + max_time;
+    let mut n = 0u64;
+    while n < max_msgs && Instant::now() < deadline {
+        if n - received.load(Ordering::Acquire) >= WINDOW {
+            thread::yield_now();
+            continue;
+        }
+        send_msg(&publ, &frames).map_err(|e| e.to_string())?;
+        n += 1;
+        sent.store(n, Ordering::Release);
+    }
+    done.store(true, Ordering::Release);
+    let (got, last) = rx.join().map_err(|_| "subscriber panicked")?;
+    let rate = got as f64 / last.saturating_duration_since(t0).as_secs_f64().max(1e-9);
+    let note = (got < n).then(|| format!("LOST {} of {n}", n - got));
+    Ok((rate, note))
+}
+
+/// Round trips client → proxy → echo → proxy → client; (p50, p99) in µs.
+fn round_trip(p: &ProxyProc, size: usize, iters: u64, max_time: Duration) -> Result<(f64, f64), String> {
+    let ctx = zmq::Context::new();
+    let (cpub, csub) = warm_up(&ctx, p, "RTC")?;
+    let (epub, esub) = warm_up(&ctx, p, "RTE")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let echo = thread::spawn(move || {
+        let mut m = zmq::Message::new();
+        let mut first = Vec::new();
+        let back = envelope("RTC/x", &data(size));
+        while !stop2.load(Ordering::Acquire) {
+            if recv_msg(&esub, &mut m, &mut first).is_ok() && send_msg(&epub, &back).is_err() {
+                break;
+            }
+        }
+    });
+    let out = envelope("RTE/x", &data(size));
+    let mut m = zmq::Message::new();
+    let mut first = Vec::new();
+    let mut samples = Vec::new();
+    let end = Instant::now() + max_time;
+    let mut i = 0;
+    let result = (|| -> Result<(), String> {
+        while i < iters + 200 && Instant::now() < end {
+            let t = Instant::now();
+            send_msg(&cpub, &out).map_err(|e| e.to_string())?;
+            if let Err(e) = recv_msg(&csub, &mut m, &mut first) {
+                if i < 200 {
+                    // Subscriptions may still be on their way: resend.
+                    continue;
+                }
+                return Err(format!("round trip {i}: {e}"));
+            }
+            if i >= 200 {
+                samples.push(t.elapsed());
+            }
+            i += 1;
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Release);
+    let _ = echo.join();
+    result?;
+    samples.sort();
+    if samples.is_empty() {
+        return Err("no samples".into());
+    }
+    let pct = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    Ok((pct(0.5), pct(0.99)))
+}
+
+struct Fig {
+    values: Vec<f64>,
+    notes: Vec<String>,
+    err: Option<String>,
+}
+
+impl Fig {
+    fn new() -> Self {
+        Fig { values: Vec::new(), notes: Vec::new(), err: None }
+    }
+    fn show(&self) -> String {
+        if self.values.is_empty() {
+            return format!("missing: {}", self.err.clone().unwrap_or_else(|| "no run".into()));
+        }
+        let v: Vec<String> = self.values.iter().map(|x| format!("{x:.3}")).collect();
+        let mut notes = self.notes.clone();
+        notes.dedup();
+        if notes.is_empty() {
+            v.join(",")
+        } else {
+            format!("{}|{}", v.join(","), notes.join("; "))
+        }
+    }
+}
+
+fn row(case: &str, unit: &str, target: &str, ours: &Fig, theirs: &Fig) {
+    println!("ROW\t{case}\t{unit}\t{target}\t{}\tlibzmq proxy + libzmq peers\t{}", ours.show(), theirs.show());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 4 && args[1] == "--libzmq-proxy" {
+        if let Err(e) = libzmq_proxy(&args[2], &args[3]) {
+            eprintln!("libzmq proxy: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let mut hermes = None;
+    let mut runs = 3usize;
+    let mut quick = false;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--hermes-bus" => hermes = it.next().cloned(),
+            "--runs" => runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
+            "--quick" => quick = true,
+            _ => {}
+        }
+    }
+    let max_time = if quick { Duration::from_millis(500) } else { Duration::from_millis(1200) };
+    let (major, minor, patch) = zmq::version();
+    eprintln!("  libzmq {major}.{minor}.{patch}");
+
+    let start = |ours: bool| -> Result<ProxyProc, String> {
+        match (ours, hermes.as_deref()) {
+            (true, None) => Err("--hermes-bus not given".into()),
+            (true, Some(exe)) => start_proxy(Some(exe)),
+            (false, _) => start_proxy(None),
+        }
+    };
+    for (size, max_msgs) in [(100usize, 300_000u64), (1024, 200_000)] {
+        let case = format!("zmq proxy pub→sub {} lossless", if size >= 1024 { "1 KB".to_string() } else { format!("{size} B") });
+        eprintln!("{case}");
+        let (mut o, mut t) = (Fig::new(), Fig::new());
+        for _ in 0..runs {
+            for (fig, ours) in [(&mut o, true), (&mut t, false)] {
+                match start(ours).and_then(|p| throughput(&p, size, max_msgs, max_time)) {
+                    Ok((v, note)) => {
+                        fig.values.push(v);
+                        fig.notes.extend(note);
+                    }
+                    Err(e) => {
+                        eprintln!("    run failed: {e}");
+                        fig.err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        row(&case, "rate", "1.0", &o, &t);
+    }
+    for size in [100usize] {
+        let case = format!("zmq proxy round trip {size} B");
+        eprintln!("{case}");
+        let iters = if quick { 2000 } else { 10_000 };
+        let (mut o50, mut o99, mut t50, mut t99) = (Fig::new(), Fig::new(), Fig::new(), Fig::new());
+        for _ in 0..runs {
+            for ((f50, f99), ours) in [((&mut o50, &mut o99), true), ((&mut t50, &mut t99), false)] {
+                match start(ours).and_then(|p| round_trip(&p, size, iters, max_time)) {
+                    Ok((a, b)) => {
+                        f50.values.push(a);
+                        f99.values.push(b);
+                    }
+                    Err(e) => {
+                        eprintln!("    run failed: {e}");
+                        f50.err.get_or_insert(e.clone());
+                        f99.err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        row(&format!("{case} p50"), "us", "1.0", &o50, &t50);
+        row(&format!("{case} p99"), "us", "", &o99, &t99);
+    }
+}

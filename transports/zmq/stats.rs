@@ -1,0 +1,128 @@
+//! Counters of the proxy, per side, and their plain snapshots (what
+//! `status` shows).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Counters of one side of the proxy.
+#[derive(Debug, Default)]
+pub struct SideCounters {
+    /// Messages received (publisher side) or written (subscriber sides).
+    pub messages: AtomicU64,
+    /// Wire bytes of those messages (frame headers included).
+    pub bytes: AtomicU64,
+    /// Messages dropped: oversized (publisher side) or a full queue
+    /// (subscriber sides).
+    pub drops: AtomicU64,
+    /// Messages that are not valid hermes envelopes (forwarded anyway, not
+    /// routed), or unusable control messages from subscribers.
+    pub malformed: AtomicU64,
+    /// Connections closed for breaking ZMTP (bad greeting, bad frames).
+    pub protocol_errors: AtomicU64,
+    /// Connections currently open (handshakes in progress included, so
+    /// the connection limit also bounds half-open peers).
+    pub open: AtomicU64,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections refused for the connection limit.
+    pub rejected: AtomicU64,
+}
+
+/// A plain copy of [`SideCounters`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct SideSnapshot {
+    /// See [`SideCounters::messages`].
+    pub messages: u64,
+    /// See [`SideCounters::bytes`].
+    pub bytes: u64,
+    /// See [`SideCounters::drops`].
+    pub drops: u64,
+    /// See [`SideCounters::malformed`].
+    pub malformed: u64,
+    /// See [`SideCounters::protocol_errors`].
+    pub protocol_errors: u64,
+    /// See [`SideCounters::open`].
+    pub open: u64,
+    /// See [`SideCounters::accepted`].
+    pub accepted: u64,
+    /// See [`SideCounters::rejected`].
+    pub rejected: u64,
+}
+
+impl SideCounters {
+    /// A plain copy.
+    pub fn snapshot(&self) -> SideSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SideSnapshot {
+            messages: l(&self.messages),
+            bytes: l(&self.bytes),
+            drops: l(&self.drops),
+            malformed: l(&self.malformed),
+            protocol_errors: l(&self.protocol_errors),
+            open: l(&self.open),
+            accepted: l(&self.accepted),
+            rejected: l(&self.rejected),
+        }
+    }
+}
+
+/// All counters of a proxy.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// XSUB side (publishers).
+    pub publishers: SideCounters,
+    /// XPUB side (subscribers).
+    pub subscribers: SideCounters,
+    /// Capture side.
+    pub capture: SideCounters,
+    /// Envelopes handed to the router.
+    pub to_bus: AtomicU64,
+    /// Envelopes the router bridge could not take (its queue was full).
+    pub to_bus_dropped: AtomicU64,
+    /// Topic messages from the router forwarded to subscribers.
+    pub from_bus: AtomicU64,
+    /// MessagePack data frames transcoded to JSON for peers that did not
+    /// opt in.
+    pub transcoded: AtomicU64,
+    /// Subscription prefixes currently held by subscriber and capture
+    /// peers (a gauge).
+    pub subscriptions: AtomicU64,
+}
+
+/// A plain copy of [`ProxyStats`].
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProxySnapshot {
+    /// Publisher side.
+    pub publishers: SideSnapshot,
+    /// Subscriber side.
+    pub subscribers: SideSnapshot,
+    /// Capture side.
+    pub capture: SideSnapshot,
+    /// See [`ProxyStats::to_bus`].
+    pub to_bus: u64,
+    /// See [`ProxyStats::to_bus_dropped`].
+    pub to_bus_dropped: u64,
+    /// See [`ProxyStats::from_bus`].
+    pub from_bus: u64,
+    /// See [`ProxyStats::transcoded`].
+    pub transcoded: u64,
+    /// See [`ProxyStats::subscriptions`].
+    pub subscriptions: u64,
+}
+
+impl ProxyStats {
+    /// A plain copy of every counter.
+    pub fn snapshot(&self) -> ProxySnapshot {
+        ProxySnapshot {
+            publishers: self.publishers.snapshot(),
+            subscribers: self.subscribers.snapshot(),
+            capture: self.capture.snapshot(),
+            to_bus: self.to_bus.load(Ordering::Relaxed),
+            to_bus_dropped: self.to_bus_dropped.load(Ordering::Relaxed),
+            from_bus: self.from_bus.load(Ordering::Relaxed),
+            transcoded: self.transcoded.load(Ordering::Relaxed),
+            subscriptions: self.subscriptions.load(Ordering::Relaxed),
+        }
+    }
+}
