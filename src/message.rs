@@ -91,31 +91,33 @@ impl BusMessage {
     /// Parses one frame's payload. Distinguishes bad UTF-8, bad JSON and
     /// JSON that is not an object, so the client gets a precise error.
     pub fn parse(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let text = std::str::from_utf8(payload).map_err(|e| {
-            ProtocolError::new(
-                ErrorCode::BadUtf8,
-                format!("payload is not valid UTF-8 ({e})"),
-            )
-        })?;
-        let first = text.trim_start().as_bytes().first().copied();
-        if first != Some(b'{') {
-            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                Ok(_) => ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object"),
-                Err(e) => ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")),
-            });
-        }
+        // One copy, into the buffer the message keeps (and is sent on as
+        // when unchanged); validated once, there.
         let mut src = BytesMut::with_capacity(4 + payload.len());
         src.put_u32(payload.len() as u32);
         src.put_slice(payload);
         let src = src.freeze();
-        let json = std::str::from_utf8(&src[4..]).map_err(|e| ProtocolError::new(ErrorCode::BadUtf8, e.to_string()))?;
-        let mut de = serde_json::Deserializer::from_str(json);
-        let spans = de
-            .deserialize_map(SpanVisitor { json })
-            .and_then(|s| de.end().map(|_| s))
-            .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")))?;
+        let spans = {
+            let text = std::str::from_utf8(&src[4..]).map_err(|e| {
+                ProtocolError::new(
+                    ErrorCode::BadUtf8,
+                    format!("payload is not valid UTF-8 ({e})"),
+                )
+            })?;
+            let first = text.trim_start().as_bytes().first().copied();
+            if first != Some(b'{') {
+                return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                    Ok(_) => ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object"),
+                    Err(e) => ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")),
+                });
+            }
+            let mut de = serde_json::Deserializer::from_str(text);
+            de.deserialize_map(SpanVisitor { json: text })
+                .and_then(|s| de.end().map(|_| s))
+                .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")))?
+        };
         Ok(BusMessage {
-            src: src.clone(),
+            src,
             fields: spans.fields,
             changed: spans.repeated,
         })
@@ -385,11 +387,39 @@ impl<'de> Visitor<'de> for SpanVisitor<'de> {
             fields: Vec::with_capacity(8),
             repeated: false,
         };
+        // A cheap signature per key (length, first and last byte) so the
+        // check for a repeated key compares text only on a likely match.
+        let mut sigs: Vec<u32> = Vec::new();
+        let mut sig_inline = [0u32; 16];
+        let sig = |k: &str| -> u32 {
+            let b = k.as_bytes();
+            let (f, l) = (b.first().copied().unwrap_or(0), b.last().copied().unwrap_or(0));
+            ((b.len() as u32) << 16) | (u32::from(f) << 8) | u32::from(l)
+        };
         while let Some(key) = map.next_key::<Key<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
             let v = self.span(value.get());
             let name = key.as_str();
-            match out.fields.iter().position(|(k, _)| self.key_text(k) == name) {
+            let this = sig(name);
+            let n = out.fields.len();
+            let known: &[u32] = if n <= sig_inline.len() { &sig_inline[..n] } else { &sigs };
+            let dup = known
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s == this)
+                .map(|(i, _)| i)
+                .find(|&i| self.key_text(&out.fields[i].0) == name);
+            if dup.is_none() {
+                if n < sig_inline.len() {
+                    sig_inline[n] = this;
+                } else {
+                    if sigs.is_empty() {
+                        sigs.extend_from_slice(&sig_inline);
+                    }
+                    sigs.push(this);
+                }
+            }
+            match dup {
                 Some(i) => {
                     out.fields[i].1 = v;
                     out.repeated = true;

@@ -154,24 +154,27 @@ async fn read_loop(bus: &Bus, sid: SessionId, rd: OwnedReadHalf, limits: &Sessio
 /// Handles one frame's payload: every outcome is a routing decision or a
 /// reply queued to this session's outbox; nothing here awaits.
 fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
-    let now = Instant::now();
     let mut msg = match BusMessage::parse(payload) {
         Ok(m) => m,
         Err(e) => {
-            bus.router().touch(sid, now);
+            bus.router().touch(sid, Instant::now());
             return reply_error(bus, sid, &e, None);
         }
     };
-    let is_message = matches!(msg.kind().as_deref(), Ok("message"));
-    if !is_message {
-        // (Routing a message notes the traffic itself, under the same lock.)
+    let kind = match msg.kind() {
+        Ok(k) if k == "message" => Cow::Borrowed("message"),
+        Ok(k) => Cow::Owned(k.into_owned()),
+        Err(e) => {
+            bus.router().touch(sid, Instant::now());
+            return reply_error(bus, sid, &e, msg.raw("id"));
+        }
+    };
+    // Routing a message notes the sender's traffic itself, under the same
+    // lock; every other frame is noted here.
+    let now = Instant::now();
+    if kind != "message" {
         bus.router().touch(sid, now);
     }
-    let kind = match msg.kind() {
-        Ok(_) if is_message => Cow::Borrowed("message"),
-        Ok(k) => Cow::Owned(k.into_owned()),
-        Err(e) => return reply_error(bus, sid, &e, msg.raw("id")),
-    };
     let result = match &*kind {
         "message" => {
             // `"ack": true` (ours, opt-in) asks for a receipt, so a

@@ -9,7 +9,7 @@
 //! - [`publisher`], [`receiver`], [`node`]: the clients.
 //! - [`cli`]: the `proxy`, `pub` and `sub` subcommands.
 //!
-//! See `README.md` in this directory for why we do not use the `zeromq`
+//! See the ZeroMQ section of the top-level `README.md` for why we do not use the `zeromq`
 //! crate's sockets.
 
 pub mod bridge;
