@@ -429,7 +429,8 @@ async fn serve_connection(
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let ping_frame = frame_of(&serde_json::json!({"type": "ping"}));
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut batch: Vec<Bytes> = Vec::with_capacity(256);
+    let mut wbuf: Vec<u8> = Vec::new();
     loop {
         // Deliver whatever complete frames are buffered.
         loop {
@@ -455,14 +456,36 @@ async fn serve_connection(
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
             },
-            n = out.recv_many(&mut batch, 64) => {
+            n = out.recv_many(&mut batch, 256) => {
                 if n == 0 {
                     return "closed".into();
                 }
+                // Everything queued goes out in as few writes as possible:
+                // small frames are gathered into one buffer, a large one
+                // is written as it is.
                 for f in batch.drain(..) {
-                    if let Err(e) = wr.write_all(&f).await {
+                    if f.len() >= 16 * 1024 {
+                        if !wbuf.is_empty() {
+                            if let Err(e) = wr.write_all(&wbuf).await {
+                                return e.to_string();
+                            }
+                            wbuf.clear();
+                        }
+                        if let Err(e) = wr.write_all(&f).await {
+                            return e.to_string();
+                        }
+                    } else {
+                        wbuf.extend_from_slice(&f);
+                    }
+                }
+                if !wbuf.is_empty() {
+                    if let Err(e) = wr.write_all(&wbuf).await {
                         return e.to_string();
                     }
+                    wbuf.clear();
+                }
+                if wbuf.capacity() > 256 * 1024 {
+                    wbuf = Vec::new();
                 }
             }
             _ = ping.tick() => {

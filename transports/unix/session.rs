@@ -171,10 +171,11 @@ fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
     };
     // Routing a message notes the sender's traffic itself, under the same
     // lock; every other frame is noted here.
-    let now = Instant::now();
-    if kind != "message" {
+    let now = (kind != "message").then(|| {
+        let now = Instant::now();
         bus.router().touch(sid, now);
-    }
+        now
+    });
     let result = match &*kind {
         "message" => {
             // `"ack": true` (ours, opt-in) asks for a receipt, so a
@@ -199,7 +200,7 @@ fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
             Ok(())
         }
         "register" => match msg.str_field("endpoint") {
-            Ok(Some(name)) => bus.router().register(sid, &name, now).map(|_| ()),
+            Ok(Some(name)) => bus.router().register(sid, &name, now.unwrap_or_else(Instant::now)).map(|_| ()),
             Ok(None) => Err(ProtocolError::new(
                 ErrorCode::MissingField,
                 "register needs a string field 'endpoint'",
