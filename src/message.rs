@@ -107,14 +107,32 @@ impl BusMessage {
             let first = text.trim_start().as_bytes().first().copied();
             if first != Some(b'{') {
                 return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                    Ok(_) => ProtocolError::new(ErrorCode::NotObject, "payload is JSON but not an object"),
-                    Err(e) => ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")),
+                    Ok(_) => ProtocolError::new(
+                        ErrorCode::NotObject,
+                        "payload is JSON but not an object",
+                    ),
+                    Err(e) => ProtocolError::new(
+                        ErrorCode::BadJson,
+                        format!("payload is not valid JSON ({e})"),
+                    ),
                 });
             }
-            let mut de = serde_json::Deserializer::from_str(text);
-            de.deserialize_map(SpanVisitor { json: text })
-                .and_then(|s| de.end().map(|_| s))
-                .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("payload is not valid JSON ({e})")))?
+            // The fast scanner decides valid payloads; anything it refuses
+            // goes through serde_json, which gives the error (or, should
+            // the two ever disagree, the answer).
+            if let Some(spans) = scan::object(text) {
+                spans
+            } else {
+                let mut de = serde_json::Deserializer::from_str(text);
+                de.deserialize_map(SpanVisitor { json: text })
+                    .and_then(|s| de.end().map(|_| s))
+                    .map_err(|e| {
+                        ProtocolError::new(
+                            ErrorCode::BadJson,
+                            format!("payload is not valid JSON ({e})"),
+                        )
+                    })?
+            }
         };
         Ok(BusMessage {
             src,
@@ -172,7 +190,12 @@ impl BusMessage {
         }
         serde_json::from_str::<String>(text)
             .map(|s| Some(Cow::Owned(s)))
-            .map_err(|_| ProtocolError::new(ErrorCode::BadField, format!("field '{key}' must be a string")))
+            .map_err(|_| {
+                ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("field '{key}' must be a string"),
+                )
+            })
     }
 
     /// The `type` field (required on every frame).
@@ -186,13 +209,14 @@ impl BusMessage {
         if let Some(i) = self.find(key) {
             self.fields[i].1 = Text::Owned(value);
         } else {
-            self.fields.push((Text::Owned(key.into()), Text::Owned(value)));
+            self.fields
+                .push((Text::Owned(key.into()), Text::Owned(value)));
         }
     }
 
     /// Sets a field to raw JSON, replacing an existing value in place.
     pub fn set_raw(&mut self, key: &str, value: Box<RawValue>) {
-        self.set_text(key, value.get().into());
+        self.set_text(key, Box::<str>::from(value));
     }
 
     /// Sets a field to the raw JSON of another message's field.
@@ -371,7 +395,10 @@ impl SpanVisitor<'_> {
     /// The decoded text of a key recorded so far.
     fn key_text<'a>(&'a self, k: &'a Text) -> &'a str {
         match k {
-            Text::Span(a, b) => self.json.get(*a as usize - 4..*b as usize - 4).unwrap_or(""),
+            Text::Span(a, b) => self
+                .json
+                .get(*a as usize - 4..*b as usize - 4)
+                .unwrap_or(""),
             Text::Owned(s) => s,
         }
     }
@@ -393,7 +420,10 @@ impl<'de> Visitor<'de> for SpanVisitor<'de> {
         let mut sig_inline = [0u32; 16];
         let sig = |k: &str| -> u32 {
             let b = k.as_bytes();
-            let (f, l) = (b.first().copied().unwrap_or(0), b.last().copied().unwrap_or(0));
+            let (f, l) = (
+                b.first().copied().unwrap_or(0),
+                b.last().copied().unwrap_or(0),
+            );
             ((b.len() as u32) << 16) | (u32::from(f) << 8) | u32::from(l)
         };
         while let Some(key) = map.next_key::<Key<'de>>()? {
@@ -402,7 +432,11 @@ impl<'de> Visitor<'de> for SpanVisitor<'de> {
             let name = key.as_str();
             let this = sig(name);
             let n = out.fields.len();
-            let known: &[u32] = if n <= sig_inline.len() { &sig_inline[..n] } else { &sigs };
+            let known: &[u32] = if n <= sig_inline.len() {
+                &sig_inline[..n]
+            } else {
+                &sigs
+            };
             let dup = known
                 .iter()
                 .enumerate()
@@ -476,10 +510,14 @@ mod tests {
 
     #[test]
     fn keeps_unknown_fields_and_body_verbatim() {
-        let src = br#"{"type": "message", "to": "b", "body": {"x": [1, 2.50, "\u00e9"]}, "extra": 7}"#;
+        let src =
+            br#"{"type": "message", "to": "b", "body": {"x": [1, 2.50, "\u00e9"]}, "extra": 7}"#;
         let m = BusMessage::parse(src).unwrap();
         assert_eq!(m.kind().unwrap(), "message");
-        assert_eq!(m.raw("body").unwrap().get(), r#"{"x": [1, 2.50, "\u00e9"]}"#);
+        assert_eq!(
+            m.raw("body").unwrap().get(),
+            r#"{"x": [1, 2.50, "\u00e9"]}"#
+        );
         let out = m.to_json();
         let back: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(back["extra"], 7);
@@ -488,12 +526,27 @@ mod tests {
 
     #[test]
     fn classifies_bad_input() {
-        assert_eq!(BusMessage::parse(b"\xff\xfe").unwrap_err().code, ErrorCode::BadUtf8);
-        assert_eq!(BusMessage::parse(b"{nope").unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(BusMessage::parse(b"[1,2]").unwrap_err().code, ErrorCode::NotObject);
-        assert_eq!(BusMessage::parse(b"  42").unwrap_err().code, ErrorCode::NotObject);
+        assert_eq!(
+            BusMessage::parse(b"\xff\xfe").unwrap_err().code,
+            ErrorCode::BadUtf8
+        );
+        assert_eq!(
+            BusMessage::parse(b"{nope").unwrap_err().code,
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            BusMessage::parse(b"[1,2]").unwrap_err().code,
+            ErrorCode::NotObject
+        );
+        assert_eq!(
+            BusMessage::parse(b"  42").unwrap_err().code,
+            ErrorCode::NotObject
+        );
         assert_eq!(BusMessage::parse(b"").unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(BusMessage::parse(br#"{"a":1} x"#).unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(
+            BusMessage::parse(br#"{"a":1} x"#).unwrap_err().code,
+            ErrorCode::BadJson
+        );
         let m = BusMessage::parse(br#"{"to": 5}"#).unwrap();
         assert_eq!(m.str_field("to").unwrap_err().code, ErrorCode::BadField);
         assert_eq!(m.kind().unwrap_err().code, ErrorCode::MissingField);
@@ -519,7 +572,10 @@ mod tests {
         m.set_str("from", "a");
         let f = m.to_frame();
         assert_eq!(&f[4..], &src[..]);
-        assert_eq!(u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize, src.len());
+        assert_eq!(
+            u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize,
+            src.len()
+        );
         m.set_str("from", "b");
         assert_eq!(
             &m.to_frame()[4..],
@@ -541,5 +597,406 @@ mod tests {
         assert_eq!(v["x"], "1");
         let via_serde: serde_json::Value = serde_json::to_value(&m2).unwrap();
         assert_eq!(via_serde, v);
+    }
+}
+
+/// A JSON scanner for the top-level object of a payload: it validates the
+/// whole text (RFC 8259, as serde_json does: no comments, no trailing
+/// commas, no control characters in strings, any nesting depth) and
+/// records each member's key and value as spans, without building
+/// anything. It only ever answers "valid, here are the spans" or "not
+/// sure"; the caller then asks serde_json.
+mod scan {
+    use super::{Spans, Text};
+
+    /// The spans of the object in `text` (spans offset by the 4-byte
+    /// header), or None when the text is not a valid JSON object.
+    pub(super) fn object(text: &str) -> Option<Spans> {
+        let s = text.as_bytes();
+        let mut out = Spans {
+            fields: Vec::with_capacity(8),
+            repeated: false,
+        };
+        let mut i = ws(s, 0);
+        if s.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = ws(s, i + 1);
+        if s.get(i) == Some(&b'}') {
+            i += 1;
+        } else {
+            loop {
+                if s.get(i) != Some(&b'"') {
+                    return None;
+                }
+                let (ke, escaped) = string_end(s, i + 1)?;
+                let (ks, kend) = (i + 1, ke);
+                i = ws(s, ke + 1);
+                if s.get(i) != Some(&b':') {
+                    return None;
+                }
+                i = ws(s, i + 1);
+                let vs = i;
+                i = value(s, i)?;
+                let key = if escaped {
+                    // Rare: decode the key (serde_json knows every escape).
+                    let k: String = serde_json::from_str(&text[ks - 1..kend + 1]).ok()?;
+                    Text::Owned(k.into_boxed_str())
+                } else {
+                    Text::Span((ks + 4) as u32, (kend + 4) as u32)
+                };
+                push(
+                    &mut out,
+                    text,
+                    key,
+                    Text::Span((vs + 4) as u32, (i + 4) as u32),
+                );
+                i = ws(s, i);
+                match s.get(i) {
+                    Some(b',') => i = ws(s, i + 1),
+                    Some(b'}') => {
+                        i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        (ws(s, i) == s.len()).then_some(out)
+    }
+
+    /// Adds a member; a repeated key replaces the earlier value in place.
+    fn push(out: &mut Spans, text: &str, key: Text, value: Text) {
+        let name = key_bytes(text, &key);
+        let dup = out.fields.iter().position(|(k, _)| {
+            let other = key_bytes(text, k);
+            // Length and first byte first: most keys differ there.
+            other.len() == name.len() && other.first() == name.first() && other == name
+        });
+        match dup {
+            Some(i) => {
+                out.fields[i].1 = value;
+                out.repeated = true;
+            }
+            None => out.fields.push((key, value)),
+        }
+    }
+
+    fn key_bytes<'a>(text: &'a str, k: &'a Text) -> &'a [u8] {
+        match k {
+            Text::Span(a, b) => text
+                .as_bytes()
+                .get(*a as usize - 4..*b as usize - 4)
+                .unwrap_or(b""),
+            Text::Owned(o) => o.as_bytes(),
+        }
+    }
+
+    #[inline]
+    fn ws(s: &[u8], mut i: usize) -> usize {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(i) {
+            i += 1;
+        }
+        i
+    }
+
+    /// Validates one value starting at `i` (no leading whitespace);
+    /// returns the index just past it. Nesting is tracked on a stack, not
+    /// by recursion, so depth costs no native stack.
+    fn value(s: &[u8], mut i: usize) -> Option<usize> {
+        let mut stack: Vec<u8> = Vec::new();
+        loop {
+            // One value (or the opening of a container).
+            match *s.get(i)? {
+                b'{' => {
+                    i = ws(s, i + 1);
+                    if s.get(i) == Some(&b'}') {
+                        i += 1;
+                    } else {
+                        stack.push(b'{');
+                        i = member_key(s, i)?;
+                        continue;
+                    }
+                }
+                b'[' => {
+                    i = ws(s, i + 1);
+                    if s.get(i) == Some(&b']') {
+                        i += 1;
+                    } else {
+                        stack.push(b'[');
+                        continue;
+                    }
+                }
+                b'"' => i = string_end(s, i + 1)?.0 + 1,
+                b't' => i = literal(s, i, b"true")?,
+                b'f' => i = literal(s, i, b"false")?,
+                b'n' => i = literal(s, i, b"null")?,
+                b'-' | b'0'..=b'9' => i = number(s, i)?,
+                _ => return None,
+            }
+            // A value is complete: close containers or move to the next
+            // element.
+            loop {
+                let Some(&open) = stack.last() else {
+                    return Some(i);
+                };
+                i = ws(s, i);
+                match (open, *s.get(i)?) {
+                    (_, b',') => {
+                        i = ws(s, i + 1);
+                        if open == b'{' {
+                            i = member_key(s, i)?;
+                        }
+                        break;
+                    }
+                    (b'[', b']') | (b'{', b'}') => {
+                        i += 1;
+                        stack.pop();
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    /// `"key"` `:` and the whitespace after it; returns where the value
+    /// starts.
+    fn member_key(s: &[u8], i: usize) -> Option<usize> {
+        if s.get(i) != Some(&b'"') {
+            return None;
+        }
+        let (end, _) = string_end(s, i + 1)?;
+        let i = ws(s, end + 1);
+        if s.get(i) != Some(&b':') {
+            return None;
+        }
+        Some(ws(s, i + 1))
+    }
+
+    fn literal(s: &[u8], i: usize, lit: &[u8]) -> Option<usize> {
+        (s.get(i..i + lit.len())? == lit).then_some(i + lit.len())
+    }
+
+    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+    fn number(s: &[u8], mut i: usize) -> Option<usize> {
+        let digits = |s: &[u8], mut i: usize| -> Option<usize> {
+            let start = i;
+            while let Some(b'0'..=b'9') = s.get(i) {
+                i += 1;
+            }
+            (i > start).then_some(i)
+        };
+        if s.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match s.get(i)? {
+            b'0' => i += 1,
+            b'1'..=b'9' => i = digits(s, i)?,
+            _ => return None,
+        }
+        if s.get(i) == Some(&b'.') {
+            i = digits(s, i + 1)?;
+        }
+        if let Some(b'e' | b'E') = s.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = s.get(i) {
+                i += 1;
+            }
+            i = digits(s, i)?;
+        }
+        // serde_json refuses a digit right after a leading zero ("01").
+        match s.get(i) {
+            Some(b'0'..=b'9') => None,
+            _ => Some(i),
+        }
+    }
+
+    /// From just after an opening quote: the index of the closing quote,
+    /// and whether the string had escapes. Refuses control characters and
+    /// bad escapes (the text is already known to be UTF-8).
+    fn string_end(s: &[u8], mut i: usize) -> Option<(usize, bool)> {
+        let mut escaped = false;
+        loop {
+            i += plain_run(&s[i.min(s.len())..]);
+            match *s.get(i)? {
+                b'"' => return Some((i, escaped)),
+                b'\\' => {
+                    escaped = true;
+                    match *s.get(i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                        b'u' => {
+                            let hex = s.get(i + 2..i + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            i += 6;
+                        }
+                        _ => return None,
+                    }
+                }
+                _ => return None, // a control character
+            }
+        }
+    }
+
+    /// Length of the leading run of bytes that need no attention in a
+    /// string: not `"`, not `\`, not a control character. Eight bytes at a
+    /// time.
+    #[inline]
+    fn plain_run(s: &[u8]) -> usize {
+        const ONES: u64 = u64::MAX / 255;
+        const HIGH: u64 = ONES << 7;
+        let mut i = 0;
+        while i + 8 <= s.len() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&s[i..i + 8]);
+            let x = u64::from_le_bytes(w);
+            // High bit set in each byte that is < 0x20, == '"' or == '\\'
+            // (exact: no false positives from borrows, since each test is
+            // masked with !x or the xor'ed value).
+            let ctrl = x.wrapping_sub(ONES * 0x20) & !x;
+            let q = x ^ (ONES * u64::from(b'"'));
+            let q = q.wrapping_sub(ONES) & !q;
+            let b = x ^ (ONES * u64::from(b'\\'));
+            let b = b.wrapping_sub(ONES) & !b;
+            let m = (ctrl | q | b) & HIGH;
+            if m != 0 {
+                // The lowest flagged byte is exact; later ones may not be,
+                // which does not matter.
+                return i + (m.trailing_zeros() / 8) as usize;
+            }
+            i += 8;
+        }
+        while i < s.len() && !matches!(s[i], b'"' | b'\\' | 0..=0x1f) {
+            i += 1;
+        }
+        i
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Valid for the scanner exactly when serde_json reads it as an
+        /// object.
+        fn agrees(text: &str) {
+            // What the serde path accepts: an object of raw values
+            // (numbers are not range-checked, escapes only in keys decoded).
+            let serde_ok = serde_json::from_str::<
+                std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>,
+            >(text)
+            .is_ok();
+            let ours = object(text);
+            assert_eq!(
+                ours.is_some(),
+                serde_ok,
+                "scanner and serde_json disagree on {text:?}"
+            );
+        }
+
+        #[test]
+        fn matches_serde_json_on_edge_cases() {
+            let cases = [
+                r#"{}"#,
+                r#" { } "#,
+                r#"{"a":1}"#,
+                r#"{"a":-0}"#,
+                r#"{"a":-}"#,
+                r#"{"a":01}"#,
+                r#"{"a":1.}"#,
+                r#"{"a":.5}"#,
+                r#"{"a":1.5e}"#,
+                r#"{"a":1.5e+3}"#,
+                r#"{"a":1E-3}"#,
+                r#"{"a":-1.25e10}"#,
+                r#"{"a":1,}"#,
+                r#"{,"a":1}"#,
+                r#"{"a" 1}"#,
+                r#"{"a":}"#,
+                r#"{"a":[1,2,[3,{"b":null}]]}"#,
+                r#"{"a":[1,]}"#,
+                r#"{"a":[,1]}"#,
+                r#"{"a":[}"#,
+                r#"{"a":{"b":{"c":{}}}}"#,
+                r#"{"a":{"b":1,}}"#,
+                r#"{"a":tru}"#,
+                r#"{"a":truex}"#,
+                r#"{"a":true,"b":false,"c":null}"#,
+                r#"{"a":"x\"y"}"#,
+                r#"{"a":"\u00e9\ud83d\ude00"}"#,
+                r#"{"a":"\u00g9"}"#,
+                r#"{"a":"\x"}"#,
+                r#"{"a":"\/\b\f\n\r\t"}"#,
+                "{\"a\":\"tab\there\"}",
+                "{\"a\":\"nl\nhere\"}",
+                "{\"a\":\"del\u{7f}ok\"}",
+                r#"{"a":"é ü 😀"}"#,
+                r#"{"a":1} x"#,
+                r#"{"a":1}}"#,
+                r#"{"a":1"#,
+                r#"{"a"#,
+                r#"{"#,
+                r#"[1]"#,
+                r#"{"a":[1 2]}"#,
+                r#"{"a":{"b"}}"#,
+                r#"{"a":{"b":1 "c":2}}"#,
+                r#"{"t\u0079pe":"m"}"#,
+                r#"{"a":"unterminated}"#,
+                "{\"a\":1}\n\t ",
+                r#"{"a":[[[[[[[[[[]]]]]]]]]]}"#,
+                r#"{"a":[[[[[[[[[[]]]]]]]]]}"#,
+                r#"{"a":NaN}"#,
+                r#"{"a":1e400}"#,
+                r#"{"a":18446744073709551616}"#,
+                r#"{"a":-9223372036854775809}"#,
+                r#"{"a" : [ 1 , { } ] , "b" : "" }"#,
+                "{\"aaaaaaaaaaaaaaaaaaaaaaaa\":\"bbbbbbbbbbbbbbbb\\\"cccccccc\"}",
+                r#"{"a":"\"#,
+                r#"{"a":"\u12"}"#,
+            ];
+            for c in cases {
+                agrees(c);
+            }
+            let deep = format!("{{\"a\":{}{}}}", "[".repeat(300), "]".repeat(300));
+            assert!(
+                object(&deep).is_some(),
+                "any depth, like serde_json's raw values"
+            );
+        }
+
+        #[test]
+        fn matches_serde_json_on_mutations() {
+            // Every single-byte deletion and a few substitutions of a rich
+            // document: the scanner must agree with serde_json each time.
+            let doc = r#"{"type":"message","to":"b","n":-12.5e-3,"body":{"x":[1,true,null,"\u00e9\n"],"y":{}},"z":[]}"#;
+            agrees(doc);
+            for i in 0..doc.len() {
+                if !doc.is_char_boundary(i) || !doc.is_char_boundary(i + 1) {
+                    continue;
+                }
+                agrees(&format!("{}{}", &doc[..i], &doc[i + 1..]));
+                for sub in ["\"", "\\", ",", "}", "]", "0", " ", "\u{1}", "x", "-", "."] {
+                    agrees(&format!("{}{}{}", &doc[..i], sub, &doc[i + 1..]));
+                }
+            }
+        }
+
+        #[test]
+        fn spans_point_at_keys_and_values() {
+            let text = r#" {"a" : [1, 2] , "b":"x" ,"a":3} "#;
+            let sp = object(text).unwrap();
+            assert!(sp.repeated);
+            assert_eq!(sp.fields.len(), 2);
+            fn at<'a>(text: &'a str, t: &'a Text) -> &'a str {
+                match t {
+                    Text::Span(a, b) => &text[*a as usize - 4..*b as usize - 4],
+                    Text::Owned(o) => o,
+                }
+            }
+            assert_eq!(at(text, &sp.fields[0].0), "a");
+            assert_eq!(at(text, &sp.fields[0].1), "3");
+            assert_eq!(at(text, &sp.fields[1].0), "b");
+            assert_eq!(at(text, &sp.fields[1].1), r#""x""#);
+        }
     }
 }

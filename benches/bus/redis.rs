@@ -33,7 +33,8 @@ fn which(name: &str) -> Option<PathBuf> {
 /// Starts redis-server: no TCP port, a Unix socket, no persistence, no
 /// output-buffer limit for pub/sub clients.
 pub fn start() -> Result<Redis, String> {
-    let exe = which("redis-server").ok_or("redis-server not installed (apt-get install -y redis-server)")?;
+    let exe = which("redis-server")
+        .ok_or("redis-server not installed (apt-get install -y redis-server)")?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let socket = dir.path().join("r.sock");
     let mut cmd = Command::new(exe);
@@ -45,9 +46,14 @@ pub fn start() -> Result<Redis, String> {
         .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
         .arg("--dir")
         .arg(dir.path());
-    let mut proc = Proc::spawn("redis-server", cmd, dir.path().join("redis.log")).map_err(|e| e.to_string())?;
+    let mut proc = Proc::spawn("redis-server", cmd, dir.path().join("redis.log"))
+        .map_err(|e| e.to_string())?;
     proc.wait_socket(&socket, Duration::from_secs(5))?;
-    Ok(Redis { _proc: proc, socket, _dir: dir })
+    Ok(Redis {
+        _proc: proc,
+        socket,
+        _dir: dir,
+    })
 }
 
 fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
@@ -110,7 +116,10 @@ fn subscriber(socket: &PathBuf, channel: &str) -> io::Result<UnixStream> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while push(&have).is_none() {
         if Instant::now() > deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no subscribe confirmation"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no subscribe confirmation",
+            ));
         }
         let n = s.read(&mut buf)?;
         if n == 0 {
@@ -123,7 +132,12 @@ fn subscriber(socket: &PathBuf, channel: &str) -> io::Result<UnixStream> {
 }
 
 /// One pipelined publisher → `receivers` subscribers of one channel.
-pub fn throughput(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result<Throughput, String> {
+pub fn throughput(
+    r: &Redis,
+    receivers: usize,
+    size: usize,
+    b: Bounds,
+) -> Result<Throughput, String> {
     static TAG: AtomicU64 = AtomicU64::new(0);
     let channel = format!("bench{}", TAG.fetch_add(1, Ordering::Relaxed));
     let window = Arc::new(Window::new(util::window_for(size), receivers));
@@ -134,7 +148,13 @@ pub fn throughput(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result
     let mut rx = Vec::new();
     for i in 0..receivers {
         let mut s = subscriber(&r.socket, &channel).map_err(|e| format!("subscriber: {e}"))?;
-        let (window, sent, done, barrier, last_rx) = (window.clone(), sent.clone(), done.clone(), barrier.clone(), last_rx.clone());
+        let (window, sent, done, barrier, last_rx) = (
+            window.clone(),
+            sent.clone(),
+            done.clone(),
+            barrier.clone(),
+            last_rx.clone(),
+        );
         let max_time = b.max_time;
         rx.push(thread::spawn(move || -> io::Result<u64> {
             let mut buf = vec![0u8; 256 * 1024];
@@ -156,7 +176,11 @@ pub fn throughput(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result
                 match s.read(&mut buf[end..]) {
                     Ok(0) => break,
                     Ok(n) => end += n,
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
                     Err(e) => return Err(e),
                 }
                 let mut n = 0;
@@ -189,7 +213,9 @@ pub fn throughput(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result
     let mut p = UnixStream::connect(&r.socket).map_err(|e| e.to_string())?;
     // Drain the publisher's replies (`:N`) on another thread.
     let mut replies = p.try_clone().map_err(|e| e.to_string())?;
-    replies.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+    replies
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let drain = thread::spawn(move || {
@@ -198,7 +224,11 @@ pub fn throughput(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result
             match replies.read(&mut b) {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => break,
             }
         }
@@ -238,11 +268,18 @@ pub fn throughput(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result
     done.store(true, Ordering::Release);
     let mut delivered = 0;
     for t in rx {
-        delivered += t.join().map_err(|_| "subscriber panicked")?.map_err(|e| e.to_string())?;
+        delivered += t
+            .join()
+            .map_err(|_| "subscriber panicked")?
+            .map_err(|e| e.to_string())?;
     }
     stop.store(true, Ordering::Release);
     let _ = drain.join();
     result.map_err(|e| format!("publisher: {e}"))?;
     let end = *last_rx.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(Throughput { delivered, expected: seq * receivers as u64, elapsed: end.saturating_duration_since(t0) })
+    Ok(Throughput {
+        delivered,
+        expected: seq * receivers as u64,
+        elapsed: end.saturating_duration_since(t0),
+    })
 }

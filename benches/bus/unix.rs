@@ -35,26 +35,46 @@ pub fn start_ours(exe: &Path, hooks_yaml: Option<&str>) -> Result<BusServer, Str
     }
     let socket = dir.path().join("bus.sock");
     let mut cmd = Command::new(exe);
-    cmd.arg("--root").arg(dir.path()).arg("--socket").arg(&socket);
-    cmd.env("HERMES_HOME", &home).env_remove("HERMES_BUS_HOOKS").env_remove("RUST_LOG");
-    let mut proc = Proc::spawn("hermes-bus-server", cmd, dir.path().join("bus.log")).map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    cmd.arg("--root")
+        .arg(dir.path())
+        .arg("--socket")
+        .arg(&socket);
+    cmd.env("HERMES_HOME", &home)
+        .env_remove("HERMES_BUS_HOOKS")
+        .env_remove("RUST_LOG");
+    let mut proc = Proc::spawn("hermes-bus-server", cmd, dir.path().join("bus.log"))
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
     proc.wait_socket(&socket, Duration::from_secs(5))?;
-    Ok(BusServer { proc, socket, _dir: dir })
+    Ok(BusServer {
+        proc,
+        socket,
+        _dir: dir,
+    })
 }
 
 /// Starts the reference `hermes-bus` 0.3.0 server (socket at
 /// `$HERMES_HOME/hermes-bus.sock`, hooks disabled).
 pub fn start_py03(python: &Path) -> Result<BusServer, String> {
     if !python.exists() {
-        return Err(format!("{} not found (run .ci/setup-python)", python.display()));
+        return Err(format!(
+            "{} not found (run .ci/setup-python)",
+            python.display()
+        ));
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let socket = dir.path().join("hermes-bus.sock");
     let mut cmd = Command::new(python);
-    cmd.args(["-m", "hermes_bus.server"]).env("HERMES_HOME", dir.path()).env("HERMES_BUS_HOOKS", "none");
-    let mut proc = Proc::spawn("hermes-bus 0.3.0", cmd, dir.path().join("py.log")).map_err(|e| e.to_string())?;
+    cmd.args(["-m", "hermes_bus.server"])
+        .env("HERMES_HOME", dir.path())
+        .env("HERMES_BUS_HOOKS", "none");
+    let mut proc = Proc::spawn("hermes-bus 0.3.0", cmd, dir.path().join("py.log"))
+        .map_err(|e| e.to_string())?;
     proc.wait_socket(&socket, Duration::from_secs(10))?;
-    Ok(BusServer { proc, socket, _dir: dir })
+    Ok(BusServer {
+        proc,
+        socket,
+        _dir: dir,
+    })
 }
 
 /// Bounds of one run.
@@ -80,7 +100,13 @@ fn is_message(p: &[u8]) -> bool {
 /// `senders` → bus → `receivers`. With one receiver every sender sends to
 /// it by name; with several, a single anonymous sender broadcasts (`to`
 /// empty) and each receiver must get every message. Counts are checked.
-pub fn bus_throughput(socket: &Path, senders: usize, receivers: usize, size: usize, b: Bounds) -> Result<Throughput, String> {
+pub fn bus_throughput(
+    socket: &Path,
+    senders: usize,
+    receivers: usize,
+    size: usize,
+    b: Bounds,
+) -> Result<Throughput, String> {
     let tag = run_tag();
     let broadcast = receivers > 1;
     let body = Arc::new(util::body(size));
@@ -92,8 +118,15 @@ pub fn bus_throughput(socket: &Path, senders: usize, receivers: usize, size: usi
 
     let mut rx_threads = Vec::new();
     for i in 0..receivers {
-        let (mut s, mut r) = connect_registered(socket, &format!("dst{tag}-{i}")).map_err(|e| format!("receiver: {e}"))?;
-        let (window, sent, done, barrier, last_rx) = (window.clone(), sent.clone(), done_sending.clone(), barrier.clone(), last_rx.clone());
+        let (mut s, mut r) = connect_registered(socket, &format!("dst{tag}-{i}"))
+            .map_err(|e| format!("receiver: {e}"))?;
+        let (window, sent, done, barrier, last_rx) = (
+            window.clone(),
+            sent.clone(),
+            done_sending.clone(),
+            barrier.clone(),
+            last_rx.clone(),
+        );
         let drain_until = b.max_time + Duration::from_secs(5);
         rx_threads.push(thread::spawn(move || -> io::Result<u64> {
             barrier.wait();
@@ -101,13 +134,13 @@ pub fn bus_throughput(socket: &Path, senders: usize, receivers: usize, size: usi
             let mut got = 0u64;
             loop {
                 let mut n = 0u64;
-                match r.read_some(&mut s, |p| {
+                let seen = r.read_some(&mut s, |p| {
                     if is_message(p) {
                         n += 1
                     }
-                })? {
-                    None => break,
-                    Some(_) => {}
+                })?;
+                if seen.is_none() {
+                    break;
                 }
                 if n > 0 {
                     got += n;
@@ -129,14 +162,23 @@ pub fn bus_throughput(socket: &Path, senders: usize, receivers: usize, size: usi
     let per_sender = b.max_msgs / senders as u64;
     for j in 0..senders {
         let (mut s, _reader) = if broadcast {
-            (UnixStream::connect(socket).map_err(|e| format!("sender: {e}"))?, None)
+            (
+                UnixStream::connect(socket).map_err(|e| format!("sender: {e}"))?,
+                None,
+            )
         } else {
-            let (s, r) = connect_registered(socket, &format!("src{tag}-{j}")).map_err(|e| format!("sender: {e}"))?;
+            let (s, r) = connect_registered(socket, &format!("src{tag}-{j}"))
+                .map_err(|e| format!("sender: {e}"))?;
             (s, Some(r))
         };
-        let to = if broadcast { String::new() } else { format!("dst{tag}-0") };
+        let to = if broadcast {
+            String::new()
+        } else {
+            format!("dst{tag}-0")
+        };
         let from = format!("src{tag}-{j}");
-        let (window, sent, barrier, body) = (window.clone(), sent.clone(), barrier.clone(), body.clone());
+        let (window, sent, barrier, body) =
+            (window.clone(), sent.clone(), barrier.clone(), body.clone());
         let batch_max = (window.limit_per(senders)).max(1);
         let max_time = b.max_time;
         tx_threads.push(thread::spawn(move || -> io::Result<u64> {
@@ -173,15 +215,25 @@ pub fn bus_throughput(socket: &Path, senders: usize, receivers: usize, size: usi
     let t0 = Instant::now();
     let mut total_sent = 0;
     for t in tx_threads {
-        total_sent += t.join().map_err(|_| "sender panicked")?.map_err(|e| format!("sender: {e}"))?;
+        total_sent += t
+            .join()
+            .map_err(|_| "sender panicked")?
+            .map_err(|e| format!("sender: {e}"))?;
     }
     done_sending.store(true, Ordering::Release);
     let mut delivered = 0;
     for t in rx_threads {
-        delivered += t.join().map_err(|_| "receiver panicked")?.map_err(|e| format!("receiver: {e}"))?;
+        delivered += t
+            .join()
+            .map_err(|_| "receiver panicked")?
+            .map_err(|e| format!("receiver: {e}"))?;
     }
     let end = *last_rx.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(Throughput { delivered, expected: total_sent * receivers as u64, elapsed: end.saturating_duration_since(t0) })
+    Ok(Throughput {
+        delivered,
+        expected: total_sent * receivers as u64,
+        elapsed: end.saturating_duration_since(t0),
+    })
 }
 
 impl Window {
@@ -195,7 +247,8 @@ impl Window {
 /// same message bytes, no routing, one `write` per message.
 pub fn raw_throughput(size: usize, b: Bounds) -> Result<Throughput, String> {
     let (mut a, mut z) = UnixStream::pair().map_err(|e| e.to_string())?;
-    z.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+    z.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
     let body = util::body(size);
     let window = Arc::new(Window::new(util::window_for(size), 1));
     let sent = Arc::new(AtomicU64::new(0));
@@ -243,8 +296,15 @@ pub fn raw_throughput(size: usize, b: Bounds) -> Result<Throughput, String> {
         }
     }
     done.store(true, Ordering::Release);
-    let (got, last) = rx.join().map_err(|_| "receiver panicked")?.map_err(|e| e.to_string())?;
-    Ok(Throughput { delivered: got, expected: seq, elapsed: last.saturating_duration_since(t0) })
+    let (got, last) = rx
+        .join()
+        .map_err(|_| "receiver panicked")?
+        .map_err(|e| e.to_string())?;
+    Ok(Throughput {
+        delivered: got,
+        expected: seq,
+        elapsed: last.saturating_duration_since(t0),
+    })
 }
 
 /// Builds the echo's reply from a received message without parsing it:
@@ -257,7 +317,10 @@ fn echo_reply(out: &mut Vec<u8>, p: &[u8], to: &str, n: u64) -> bool {
     let rest = &p[pos + key.len()..];
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0]);
-    let _ = write!(out, r#"{{"type":"message","to":"{to}","from":"echo","id":"e{n}","body":"#);
+    let _ = write!(
+        out,
+        r#"{{"type":"message","to":"{to}","from":"echo","id":"e{n}","body":"#
+    );
     out.extend_from_slice(rest);
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -266,7 +329,12 @@ fn echo_reply(out: &mut Vec<u8>, p: &[u8], to: &str, n: u64) -> bool {
 
 /// Round trips client → bus → echo endpoint → bus → client; returns the
 /// sorted samples.
-pub fn bus_round_trip(socket: &Path, size: usize, max_iters: u64, max_time: Duration) -> Result<Vec<Duration>, String> {
+pub fn bus_round_trip(
+    socket: &Path,
+    size: usize,
+    max_iters: u64,
+    max_time: Duration,
+) -> Result<Vec<Duration>, String> {
     let tag = run_tag();
     let client = format!("rt{tag}");
     let echo = format!("echo{tag}");
@@ -296,7 +364,8 @@ pub fn bus_round_trip(socket: &Path, size: usize, max_iters: u64, max_time: Dura
         Ok(())
     });
     let r = (|| -> Result<Vec<Duration>, String> {
-        let (mut s, mut r) = connect_registered(socket, &client).map_err(|e| format!("client: {e}"))?;
+        let (mut s, mut r) =
+            connect_registered(socket, &client).map_err(|e| format!("client: {e}"))?;
         ping_pong(&mut s, &mut r, &echo, &client, size, max_iters, max_time)
     })();
     stop.store(true, Ordering::Release);
@@ -304,7 +373,15 @@ pub fn bus_round_trip(socket: &Path, size: usize, max_iters: u64, max_time: Dura
     r
 }
 
-fn ping_pong(s: &mut UnixStream, r: &mut FrameReader, to: &str, from: &str, size: usize, max_iters: u64, max_time: Duration) -> Result<Vec<Duration>, String> {
+fn ping_pong(
+    s: &mut UnixStream,
+    r: &mut FrameReader,
+    to: &str,
+    from: &str,
+    size: usize,
+    max_iters: u64,
+    max_time: Duration,
+) -> Result<Vec<Duration>, String> {
     let body = util::body(size);
     let mut frame = Vec::with_capacity(size + 256);
     let mut samples = Vec::with_capacity(max_iters as usize);
@@ -316,7 +393,8 @@ fn ping_pong(s: &mut UnixStream, r: &mut FrameReader, to: &str, from: &str, size
         put_message(&mut frame, to, from, i, &body);
         let t = Instant::now();
         s.write_all(&frame).map_err(|e| e.to_string())?;
-        r.wait_for(s, t + Duration::from_secs(3), is_message).map_err(|e| format!("round trip {i}: {e}"))?;
+        r.wait_for(s, t + Duration::from_secs(3), is_message)
+            .map_err(|e| format!("round trip {i}: {e}"))?;
         if i >= warmup {
             samples.push(t.elapsed());
         }
@@ -328,10 +406,16 @@ fn ping_pong(s: &mut UnixStream, r: &mut FrameReader, to: &str, from: &str, size
 
 /// Anchor: raw ping-pong over a Unix stream socket pair (the echo writes
 /// the frame back as it came).
-pub fn raw_round_trip(size: usize, max_iters: u64, max_time: Duration) -> Result<Vec<Duration>, String> {
+pub fn raw_round_trip(
+    size: usize,
+    max_iters: u64,
+    max_time: Duration,
+) -> Result<Vec<Duration>, String> {
     let (mut a, mut z) = UnixStream::pair().map_err(|e| e.to_string())?;
-    a.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
-    z.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+    a.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    z.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let echo = thread::spawn(move || -> io::Result<()> {
@@ -339,12 +423,11 @@ pub fn raw_round_trip(size: usize, max_iters: u64, max_time: Duration) -> Result
         let mut out = Vec::new();
         while !stop2.load(Ordering::Acquire) {
             out.clear();
-            if r
-                .read_some(&mut z, |p| {
-                    out.extend_from_slice(&(p.len() as u32).to_be_bytes());
-                    out.extend_from_slice(p);
-                })?
-                .is_none()
+            if r.read_some(&mut z, |p| {
+                out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                out.extend_from_slice(p);
+            })?
+            .is_none()
             {
                 break;
             }
@@ -368,15 +451,20 @@ pub fn idle_sessions(socket: &Path, n: usize) -> Result<Vec<UnixStream>, String>
     let mut v = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = UnixStream::connect(socket).map_err(|e| format!("session {i}: {e}"))?;
-        s.write_all(&util::frame(&format!(r#"{{"type":"register","endpoint":"idle{tag}-{i}"}}"#)))
-            .map_err(|e| format!("session {i}: {e}"))?;
+        s.write_all(&util::frame(&format!(
+            r#"{{"type":"register","endpoint":"idle{tag}-{i}"}}"#
+        )))
+        .map_err(|e| format!("session {i}: {e}"))?;
         v.push(s);
     }
     // Read every `registered` reply, so every session is really there.
     for (i, s) in v.iter_mut().enumerate() {
-        s.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
         FrameReader::new(256)
-            .wait_for(s, Instant::now() + Duration::from_secs(10), |p| util::contains(p, b"registered"))
+            .wait_for(s, Instant::now() + Duration::from_secs(10), |p| {
+                util::contains(p, b"registered")
+            })
             .map_err(|e| format!("session {i} register: {e}"))?;
     }
     Ok(v)

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 pub fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit only write the struct we pass.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 0;
         }
@@ -23,7 +26,7 @@ pub fn raise_nofile() -> u64 {
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
         let _ = libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur as u64
+        lim.rlim_cur
     }
 }
 
@@ -66,12 +69,20 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(cap: usize) -> Self {
-        FrameReader { buf: vec![0; cap], start: 0, end: 0 }
+        FrameReader {
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+        }
     }
 
     /// One `read` call, then every complete frame. Returns the number of
     /// frames seen; `Ok(None)` on EOF; a read timeout is `Ok(Some(0))`.
-    pub fn read_some(&mut self, s: &mut UnixStream, mut f: impl FnMut(&[u8])) -> io::Result<Option<usize>> {
+    pub fn read_some(
+        &mut self,
+        s: &mut UnixStream,
+        mut f: impl FnMut(&[u8]),
+    ) -> io::Result<Option<usize>> {
         if self.end == self.buf.len() {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -85,7 +96,14 @@ impl FrameReader {
         let n = match s.read(&mut self.buf[self.end..]) {
             Ok(0) => return Ok(None),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(Some(0)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Some(0))
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Some(0)),
             Err(e) => return Err(e),
         };
@@ -120,15 +138,22 @@ impl FrameReader {
     }
 
     /// Reads until one frame satisfies `want` or the deadline passes.
-    pub fn wait_for(&mut self, s: &mut UnixStream, deadline: Instant, mut want: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
+    pub fn wait_for(
+        &mut self,
+        s: &mut UnixStream,
+        deadline: Instant,
+        mut want: impl FnMut(&[u8]) -> bool,
+    ) -> io::Result<()> {
         let mut found = false;
         while !found {
             if Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no expected reply in time"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no expected reply in time",
+                ));
             }
-            match self.read_some(s, |p| found |= want(p))? {
-                None => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")),
-                Some(_) => {}
+            if self.read_some(s, |p| found |= want(p))?.is_none() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
             }
         }
         Ok(())
@@ -138,10 +163,14 @@ impl FrameReader {
 /// Connects to a bus socket and registers `name` (waits for `registered`).
 pub fn connect_registered(path: &Path, name: &str) -> io::Result<(UnixStream, FrameReader)> {
     let mut s = UnixStream::connect(path)?;
-    s.write_all(&frame(&format!(r#"{{"type":"register","endpoint":"{name}"}}"#)))?;
+    s.write_all(&frame(&format!(
+        r#"{{"type":"register","endpoint":"{name}"}}"#
+    )))?;
     s.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut r = FrameReader::new(64 * 1024);
-    r.wait_for(&mut s, Instant::now() + Duration::from_secs(5), |p| contains(p, b"\"registered\""))?;
+    r.wait_for(&mut s, Instant::now() + Duration::from_secs(5), |p| {
+        contains(p, b"\"registered\"")
+    })?;
     Ok((s, r))
 }
 
@@ -188,7 +217,11 @@ impl Window {
     }
 
     fn slowest(&self) -> u64 {
-        self.received.iter().map(|r| r.load(Ordering::Relaxed)).min().unwrap_or(0)
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
     }
 
     /// Room to send now (waits until there is some, or `deadline`).
@@ -252,7 +285,11 @@ pub fn summary(v: &[f64]) -> Option<(f64, f64, f64)> {
     }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let med = if s.len() % 2 == 1 { s[s.len() / 2] } else { (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0 };
+    let med = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
     Some((med, s[0], s[s.len() - 1]))
 }
 
@@ -269,7 +306,11 @@ impl Proc {
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = cmd.spawn()?;
-        Ok(Proc { child, name: name.to_owned(), log })
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+            log,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -287,7 +328,12 @@ impl Proc {
                 return Err(format!("{} exited ({st}): {}", self.name, self.log_tail()));
             }
             if Instant::now() > end {
-                return Err(format!("{} did not listen on {} within {limit:?}: {}", self.name, path.display(), self.log_tail()));
+                return Err(format!(
+                    "{} did not listen on {} within {limit:?}: {}",
+                    self.name,
+                    path.display(),
+                    self.log_tail()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

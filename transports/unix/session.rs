@@ -94,10 +94,21 @@ enum ReadEnd {
 /// fill the buffer, up to the largest; an idle session keeps none.
 const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
+/// How long a session must be quiet before its read buffer is released.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
-async fn read_loop(bus: &Bus, sid: SessionId, rd: OwnedReadHalf, limits: &SessionLimits, writer_done: &CancellationToken) -> ReadEnd {
+async fn read_loop(
+    bus: &Bus,
+    sid: SessionId,
+    rd: OwnedReadHalf,
+    limits: &SessionLimits,
+    writer_done: &CancellationToken,
+) -> ReadEnd {
     let mut buf = BytesMut::new();
     let mut want = READ_MIN;
+    // Whether the last read took less than it could (the socket was
+    // probably emptied by it).
+    let mut drained = false;
     loop {
         // Every complete frame, parsed straight from the buffer.
         let mut used = 0;
@@ -109,7 +120,10 @@ async fn read_loop(bus: &Bus, sid: SessionId, rd: OwnedReadHalf, limits: &Sessio
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let err = ProtocolError::new(ErrorCode::FrameTooLarge, format!("{e}; closing the connection"));
+                    let err = ProtocolError::new(
+                        ErrorCode::FrameTooLarge,
+                        format!("{e}; closing the connection"),
+                    );
                     tracing::warn!(sid, "{err}");
                     let mut r = bus.router();
                     r.reply(sid, error_frame(&err, None), true);
@@ -118,17 +132,37 @@ async fn read_loop(bus: &Bus, sid: SessionId, rd: OwnedReadHalf, limits: &Sessio
             }
         }
         buf.advance(used);
-        if buf.is_empty() && buf.capacity() > 2 * READ_MIN {
-            // Caught up: give the memory back (idle sessions hold none).
-            buf = BytesMut::new();
+
+        if used > 0 && drained {
+            // The socket is most likely empty: let the writers just woken
+            // (this worker runs them next) send what was routed before
+            // this task spends a syscall finding the socket empty. Keeps
+            // that syscall off the latency path of a request/reply.
+            tokio::task::yield_now().await;
         }
+        // A session that stays quiet gives its read buffer back, so idle
+        // sessions hold none; a busy one keeps it from read to read.
+        let may_release = buf.is_empty() && buf.capacity() > 0;
+        let quiet = async {
+            if may_release {
+                tokio::time::sleep(IDLE_RELEASE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
             _ = writer_done.cancelled() => return ReadEnd::WriterDone,
+            _ = quiet, if may_release => {
+                buf = BytesMut::new();
+                want = READ_MIN;
+                continue;
+            }
         }
         // Room for what is announced (a partial frame) or the usual read.
         let need = match buf.get(..4) {
-            Some(h) => (4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize).saturating_sub(buf.len()),
+            Some(h) => (4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
+                .saturating_sub(buf.len()),
             None => 0,
         };
         let room = need.clamp(want, limits.max_frame + 4);
@@ -139,6 +173,7 @@ async fn read_loop(bus: &Bus, sid: SessionId, rd: OwnedReadHalf, limits: &Sessio
         match rd.try_read_buf(&mut buf) {
             Ok(0) => return ReadEnd::Eof,
             Ok(n) => {
+                drained = n < before;
                 if n == before {
                     want = (want * 2).min(READ_MAX);
                 } else if n < want / 4 {
@@ -200,7 +235,10 @@ fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
             Ok(())
         }
         "register" => match msg.str_field("endpoint") {
-            Ok(Some(name)) => bus.router().register(sid, &name, now.unwrap_or_else(Instant::now)).map(|_| ()),
+            Ok(Some(name)) => bus
+                .router()
+                .register(sid, &name, now.unwrap_or_else(Instant::now))
+                .map(|_| ()),
             Ok(None) => Err(ProtocolError::new(
                 ErrorCode::MissingField,
                 "register needs a string field 'endpoint'",

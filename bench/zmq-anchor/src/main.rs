@@ -82,7 +82,11 @@ fn start_proxy(ours: Option<&str>) -> Result<ProxyProc, String> {
     let mut cmd = match ours {
         Some(exe) => {
             let mut c = Command::new(exe);
-            c.arg("proxy").arg("--frontend").arg(&front).arg("--backend").arg(&back);
+            c.arg("proxy")
+                .arg("--frontend")
+                .arg(&front)
+                .arg("--backend")
+                .arg(&back);
             c.env_remove("RUST_LOG");
             c
         }
@@ -93,8 +97,12 @@ fn start_proxy(ours: Option<&str>) -> Result<ProxyProc, String> {
             c
         }
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start proxy: {e}"))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start proxy: {e}"))?;
     if let Err(e) = wait_port(&front, &mut child).and_then(|_| wait_port(&back, &mut child)) {
         let _ = child.kill();
         let _ = child.wait();
@@ -124,7 +132,11 @@ fn envelope(topic: &str, data: &[u8]) -> Vec<Vec<u8>> {
 
 fn data(size: usize) -> Vec<u8> {
     let skeleton = r#"{"seq":0,"pad":""}"#.len();
-    format!(r#"{{"seq":0,"pad":"{}"}}"#, "x".repeat(size.saturating_sub(skeleton))).into_bytes()
+    format!(
+        r#"{{"seq":0,"pad":"{}"}}"#,
+        "x".repeat(size.saturating_sub(skeleton))
+    )
+    .into_bytes()
 }
 
 /// Receives one whole multipart message into `m`; returns its first frame.
@@ -148,14 +160,19 @@ fn send_msg(s: &zmq::Socket, frames: &[Vec<u8>]) -> Result<(), zmq::Error> {
 
 /// Publishes probes until the subscriber sees one (subscriptions travel
 /// upstream asynchronously), then drains the probes.
-fn warm_up(ctx: &zmq::Context, p: &ProxyProc, topic: &str) -> Result<(zmq::Socket, zmq::Socket), String> {
+fn warm_up(
+    ctx: &zmq::Context,
+    p: &ProxyProc,
+    topic: &str,
+) -> Result<(zmq::Socket, zmq::Socket), String> {
     let e = |e: zmq::Error| e.to_string();
     let publ = ctx.socket(zmq::PUB).map_err(e)?;
     publ.set_sndhwm(0).map_err(e)?;
     publ.connect(&p.front).map_err(e)?;
     let sub = ctx.socket(zmq::SUB).map_err(e)?;
     sub.set_rcvhwm(0).map_err(e)?;
-    sub.set_subscribe(format!("\"{topic}").as_bytes()).map_err(e)?;
+    sub.set_subscribe(format!("\"{topic}").as_bytes())
+        .map_err(e)?;
     sub.connect(&p.back).map_err(e)?;
     sub.set_rcvtimeo(20).map_err(e)?;
     let probe = envelope(&format!("{topic}/probe"), b"0");
@@ -179,7 +196,12 @@ fn warm_up(ctx: &zmq::Context, p: &ProxyProc, topic: &str) -> Result<(zmq::Socke
 }
 
 /// Delivered messages per second, lossless (count checked).
-fn throughput(p: &ProxyProc, size: usize, max_msgs: u64, max_time: Duration) -> Result<(f64, Option<String>), String> {
+fn throughput(
+    p: &ProxyProc,
+    size: usize,
+    max_msgs: u64,
+    max_time: Duration,
+) -> Result<(f64, Option<String>), String> {
     let ctx = zmq::Context::new();
     let (publ, sub) = warm_up(&ctx, p, "TP")?;
     let received = Arc::new(AtomicU64::new(0));
@@ -192,12 +214,9 @@ fn throughput(p: &ProxyProc, size: usize, max_msgs: u64, max_time: Duration) -> 
         let mut last = Instant::now();
         let t0 = Instant::now();
         loop {
-            match recv_msg(&sub, &mut m, &mut first) {
-                Ok(()) => {
-                    r2.fetch_add(1, Ordering::Release);
-                    last = Instant::now();
-                }
-                Err(_) => {}
+            if recv_msg(&sub, &mut m, &mut first).is_ok() {
+                r2.fetch_add(1, Ordering::Release);
+                last = Instant::now();
             }
             let got = r2.load(Ordering::Acquire);
             if d2.load(Ordering::Acquire) && got >= s2.load(Ordering::Acquire) {
@@ -230,7 +249,12 @@ fn throughput(p: &ProxyProc, size: usize, max_msgs: u64, max_time: Duration) -> 
 }
 
 /// Round trips client → proxy → echo → proxy → client; (p50, p99) in µs.
-fn round_trip(p: &ProxyProc, size: usize, iters: u64, max_time: Duration) -> Result<(f64, f64), String> {
+fn round_trip(
+    p: &ProxyProc,
+    size: usize,
+    iters: u64,
+    max_time: Duration,
+) -> Result<(f64, f64), String> {
     let ctx = zmq::Context::new();
     let (cpub, csub) = warm_up(&ctx, p, "RTC")?;
     let (epub, esub) = warm_up(&ctx, p, "RTE")?;
@@ -277,7 +301,8 @@ fn round_trip(p: &ProxyProc, size: usize, iters: u64, max_time: Duration) -> Res
     if samples.is_empty() {
         return Err("no samples".into());
     }
-    let pct = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    let pct =
+        |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
     Ok((pct(0.5), pct(0.99)))
 }
 
@@ -289,11 +314,18 @@ struct Fig {
 
 impl Fig {
     fn new() -> Self {
-        Fig { values: Vec::new(), notes: Vec::new(), err: None }
+        Fig {
+            values: Vec::new(),
+            notes: Vec::new(),
+            err: None,
+        }
     }
     fn show(&self) -> String {
         if self.values.is_empty() {
-            return format!("missing: {}", self.err.clone().unwrap_or_else(|| "no run".into()));
+            return format!(
+                "missing: {}",
+                self.err.clone().unwrap_or_else(|| "no run".into())
+            );
         }
         let v: Vec<String> = self.values.iter().map(|x| format!("{x:.3}")).collect();
         let mut notes = self.notes.clone();
@@ -307,7 +339,11 @@ impl Fig {
 }
 
 fn row(case: &str, unit: &str, target: &str, ours: &Fig, theirs: &Fig) {
-    println!("ROW\t{case}\t{unit}\t{target}\t{}\tlibzmq proxy + libzmq peers\t{}", ours.show(), theirs.show());
+    println!(
+        "ROW\t{case}\t{unit}\t{target}\t{}\tlibzmq proxy + libzmq peers\t{}",
+        ours.show(),
+        theirs.show()
+    );
 }
 
 fn main() {
@@ -331,7 +367,11 @@ fn main() {
             _ => {}
         }
     }
-    let max_time = if quick { Duration::from_millis(500) } else { Duration::from_millis(1200) };
+    let max_time = if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_millis(1200)
+    };
     let (major, minor, patch) = zmq::version();
     eprintln!("  libzmq {major}.{minor}.{patch}");
 
@@ -343,7 +383,14 @@ fn main() {
         }
     };
     for (size, max_msgs) in [(100usize, 300_000u64), (1024, 200_000)] {
-        let case = format!("zmq proxy pub→sub {} lossless", if size >= 1024 { "1 KB".to_string() } else { format!("{size} B") });
+        let case = format!(
+            "zmq proxy pub→sub {} lossless",
+            if size >= 1024 {
+                "1 KB".to_string()
+            } else {
+                format!("{size} B")
+            }
+        );
         eprintln!("{case}");
         let (mut o, mut t) = (Fig::new(), Fig::new());
         for _ in 0..runs {
@@ -368,7 +415,8 @@ fn main() {
         let iters = if quick { 2000 } else { 10_000 };
         let (mut o50, mut o99, mut t50, mut t99) = (Fig::new(), Fig::new(), Fig::new(), Fig::new());
         for _ in 0..runs {
-            for ((f50, f99), ours) in [((&mut o50, &mut o99), true), ((&mut t50, &mut t99), false)] {
+            for ((f50, f99), ours) in [((&mut o50, &mut o99), true), ((&mut t50, &mut t99), false)]
+            {
                 match start(ours).and_then(|p| round_trip(&p, size, iters, max_time)) {
                     Ok((a, b)) => {
                         f50.values.push(a);
