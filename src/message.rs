@@ -58,17 +58,34 @@ enum Text {
 }
 
 /// A JSON object whose values are kept as raw JSON text.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BusMessage {
     /// The frame it was parsed from: 4-byte length, then the JSON payload.
     /// Empty for a message built in code.
     src: Bytes,
     /// Fields in arrival order; a repeated key keeps its last value (in
     /// the place of its first), as Python's `json.loads` does.
-    fields: Vec<(Text, Text)>,
+    fields: Fields,
     /// True when `src` no longer says what the fields say (a field was
     /// set or removed, a key repeated, or there is no `src`).
     changed: bool,
+    /// Where the keys routing reads on every message (`type`, `to`,
+    /// `from`, `id`, `ts`) are in `fields`, or [`ABSENT`].
+    known: [u32; KNOWN.len()],
+}
+
+/// The keys looked up on every routed message, indexed at parse time.
+const KNOWN: [&[u8]; 5] = [b"type", b"to", b"from", b"id", b"ts"];
+const ABSENT: u32 = u32::MAX;
+
+fn known_slot(key: &[u8]) -> Option<usize> {
+    KNOWN.iter().position(|k| *k == key)
+}
+
+impl Default for BusMessage {
+    fn default() -> Self {
+        BusMessage::new()
+    }
 }
 
 impl BusMessage {
@@ -76,8 +93,9 @@ impl BusMessage {
     pub fn new() -> Self {
         BusMessage {
             src: Bytes::new(),
-            fields: Vec::new(),
+            fields: Fields::default(),
             changed: true,
+            known: [ABSENT; KNOWN.len()],
         }
     }
 
@@ -96,7 +114,23 @@ impl BusMessage {
         let mut src = BytesMut::with_capacity(4 + payload.len());
         src.put_u32(payload.len() as u32);
         src.put_slice(payload);
-        let src = src.freeze();
+        Self::parse_frame(src.freeze())
+    }
+
+    /// Parses a whole frame (4-byte big-endian length, then the payload)
+    /// without copying it: the message keeps `frame` and, unchanged, is
+    /// sent on as it. The length header must match the payload.
+    pub fn parse_frame(frame: Bytes) -> Result<Self, ProtocolError> {
+        let src = frame;
+        let announced = src
+            .get(..4)
+            .map(|h| u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize);
+        if announced != Some(src.len().saturating_sub(4)) {
+            return Err(ProtocolError::new(
+                ErrorCode::BadJson,
+                "frame length header does not match its payload",
+            ));
+        }
         let spans = {
             let text = std::str::from_utf8(&src[4..]).map_err(|e| {
                 ProtocolError::new(
@@ -134,11 +168,14 @@ impl BusMessage {
                     })?
             }
         };
-        Ok(BusMessage {
+        let mut m = BusMessage {
             src,
             fields: spans.fields,
             changed: spans.repeated,
-        })
+            known: [ABSENT; KNOWN.len()],
+        };
+        m.reindex();
+        Ok(m)
     }
 
     fn bytes_of<'a>(&'a self, t: &'a Text) -> &'a [u8] {
@@ -157,10 +194,27 @@ impl BusMessage {
         }
     }
 
+    /// Rebuilds the positions of the known keys.
+    fn reindex(&mut self) {
+        let mut known = [ABSENT; KNOWN.len()];
+        for (i, (k, _)) in self.fields.iter().enumerate() {
+            if let Some(slot) = known_slot(self.bytes_of(k)) {
+                known[slot] = i as u32;
+            }
+        }
+        self.known = known;
+    }
+
     fn find(&self, key: &str) -> Option<usize> {
-        self.fields
-            .iter()
-            .position(|(k, _)| self.bytes_of(k) == key.as_bytes())
+        let key = key.as_bytes();
+        if let Some(slot) = known_slot(key) {
+            let i = self.known[slot];
+            return (i != ABSENT).then_some(i as usize);
+        }
+        self.fields.iter().position(|(k, _)| {
+            let k = self.bytes_of(k);
+            k.len() == key.len() && k.first() == key.first() && k == key
+        })
     }
 
     /// The raw JSON text of a field.
@@ -209,6 +263,9 @@ impl BusMessage {
         if let Some(i) = self.find(key) {
             self.fields[i].1 = Text::Owned(value);
         } else {
+            if let Some(slot) = known_slot(key.as_bytes()) {
+                self.known[slot] = self.fields.len() as u32;
+            }
             self.fields
                 .push((Text::Owned(key.into()), Text::Owned(value)));
         }
@@ -252,6 +309,7 @@ impl BusMessage {
         let pos = self.find(key)?;
         let (_, v) = self.fields.remove(pos);
         self.changed = true;
+        self.reindex();
         Some(match v {
             Text::Owned(s) => RawValue::from_string(s.into()).unwrap_or_else(|_| null_raw()),
             span => RawJson(self.str_of(&span)).to_raw_value(),
@@ -335,9 +393,84 @@ fn write_json_str(out: &mut BytesMut, s: &str) {
     }
 }
 
+/// The fields of a message: up to eight in place (no allocation for the
+/// usual message), more in a vector.
+#[derive(Debug, Clone)]
+struct Fields {
+    inline: [(Text, Text); INLINE],
+    /// How many of `inline` are used (0 once spilled).
+    len: usize,
+    /// All the fields, once there were more than `INLINE`.
+    spill: Vec<(Text, Text)>,
+}
+
+const INLINE: usize = 8;
+const EMPTY: (Text, Text) = (Text::Span(0, 0), Text::Span(0, 0));
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields {
+            inline: [EMPTY; INLINE],
+            len: 0,
+            spill: Vec::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Fields {
+    type Target = [(Text, Text)];
+    fn deref(&self) -> &Self::Target {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+}
+
+impl std::ops::DerefMut for Fields {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        if self.spill.is_empty() {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.spill
+        }
+    }
+}
+
+impl Fields {
+    fn push(&mut self, f: (Text, Text)) {
+        if self.spill.is_empty() {
+            if self.len < INLINE {
+                self.inline[self.len] = f;
+                self.len += 1;
+                return;
+            }
+            self.spill.reserve(2 * INLINE);
+            for x in &mut self.inline[..self.len] {
+                self.spill.push(std::mem::replace(x, EMPTY));
+            }
+            self.len = 0;
+        }
+        self.spill.push(f);
+    }
+
+    fn remove(&mut self, i: usize) -> (Text, Text) {
+        if !self.spill.is_empty() {
+            return self.spill.remove(i);
+        }
+        let f = std::mem::replace(&mut self.inline[i], EMPTY);
+        self.inline[i..self.len].rotate_left(1);
+        self.len -= 1;
+        f
+    }
+}
+
 /// What parsing a payload records: field spans and whether a key repeated.
 struct Spans {
-    fields: Vec<(Text, Text)>,
+    /// A filter of the keys seen so far (scanner only).
+    seen: u64,
+    fields: Fields,
     repeated: bool,
 }
 
@@ -411,7 +544,8 @@ impl<'de> Visitor<'de> for SpanVisitor<'de> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Spans, A::Error> {
         let mut out = Spans {
-            fields: Vec::with_capacity(8),
+            seen: 0,
+            fields: Fields::default(),
             repeated: false,
         };
         // A cheap signature per key (length, first and last byte) so the
@@ -481,7 +615,6 @@ impl<'de> Deserialize<'de> for BusMessage {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BusMessage, A::Error> {
                 let mut msg = BusMessage::new();
-                msg.fields.reserve(map.size_hint().unwrap_or(8));
                 while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
                     msg.set_raw(&k, v);
                 }
@@ -566,6 +699,58 @@ mod tests {
     }
 
     #[test]
+    fn many_fields_spill_and_keep_their_order() {
+        let text: String = format!(
+            "{{{}}}",
+            (0..20)
+                .map(|i| format!("\"k{i}\":{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut m = BusMessage::parse(text.as_bytes()).unwrap();
+        assert_eq!(m.raw("k19").unwrap().get(), "19");
+        assert_eq!(m.remove("k3").unwrap().get(), "3");
+        m.set_str("k0", "zero");
+        let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 19);
+        assert_eq!(v["k0"], "zero");
+        let keys: Vec<&str> = m.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys[..4], ["k0", "k1", "k2", "k4"]);
+        let mut small = BusMessage::parse(br#"{"a":1,"b":2,"c":3}"#).unwrap();
+        small.remove("a");
+        small.set_str("d", "x");
+        assert_eq!(&small.to_json()[..], br#"{"b":2,"c":3,"d":"x"}"#);
+    }
+
+    #[test]
+    fn known_keys_are_found_after_any_change() {
+        let mut m = BusMessage::default();
+        assert!(m.raw("type").is_none() && m.raw("to").is_none());
+        m.set_str("to", "b");
+        m.set_str("type", "message");
+        assert_eq!(m.kind().unwrap(), "message");
+        let mut m = BusMessage::parse(br#"{"x":1,"type":"message","to":"b","id":"1"}"#).unwrap();
+        m.remove("x");
+        assert_eq!(m.str_field("to").unwrap().unwrap(), "b");
+        assert_eq!(m.raw("id").unwrap().get(), r#""1""#);
+        m.remove("type");
+        assert!(m.kind().is_err());
+        m.set("ts", &1.5);
+        assert_eq!(m.raw("ts").unwrap().get(), "1.5");
+        assert_eq!(m.str_field("to").unwrap().unwrap(), "b");
+    }
+
+    #[test]
+    fn parse_frame_keeps_the_frame_itself() {
+        let f = crate::transports::unix::frame::encode(br#"{"type":"ping"}"#);
+        let m = BusMessage::parse_frame(f.clone()).unwrap();
+        assert_eq!(m.kind().unwrap(), "ping");
+        assert_eq!(m.to_frame().as_ptr(), f.as_ptr(), "shared, not copied");
+        assert!(BusMessage::parse_frame(f.slice(..f.len() - 1)).is_err());
+        assert!(BusMessage::parse_frame(Bytes::new()).is_err());
+    }
+
+    #[test]
     fn unchanged_message_is_passed_on_as_received() {
         let src = br#"{"type": "message", "from": "a", "id": "1", "body": {"k": [1, 2]}}"#;
         let mut m = BusMessage::parse(src).unwrap();
@@ -607,14 +792,15 @@ mod tests {
 /// anything. It only ever answers "valid, here are the spans" or "not
 /// sure"; the caller then asks serde_json.
 mod scan {
-    use super::{Spans, Text};
+    use super::{Fields, Spans, Text};
 
     /// The spans of the object in `text` (spans offset by the 4-byte
     /// header), or None when the text is not a valid JSON object.
     pub(super) fn object(text: &str) -> Option<Spans> {
         let s = text.as_bytes();
         let mut out = Spans {
-            fields: Vec::with_capacity(8),
+            seen: 0,
+            fields: Fields::default(),
             repeated: false,
         };
         let mut i = ws(s, 0);
@@ -668,6 +854,19 @@ mod scan {
     /// Adds a member; a repeated key replaces the earlier value in place.
     fn push(out: &mut Spans, text: &str, key: Text, value: Text) {
         let name = key_bytes(text, &key);
+        // A 64-bit filter of the keys seen: a key whose bit is not set
+        // cannot be a repeat, so the usual message compares no keys.
+        let (f, l) = (
+            u64::from(name.first().copied().unwrap_or(0)),
+            u64::from(name.last().copied().unwrap_or(0)),
+        );
+        let bit = 1u64 << ((name.len() as u64 * 7 + f * 3 + l) & 63);
+        let seen = out.seen & bit != 0;
+        out.seen |= bit;
+        if !seen {
+            out.fields.push((key, value));
+            return;
+        }
         let dup = out.fields.iter().position(|(k, _)| {
             let other = key_bytes(text, k);
             // Length and first byte first: most keys differ there.
@@ -840,10 +1039,55 @@ mod scan {
     }
 
     /// Length of the leading run of bytes that need no attention in a
-    /// string: not `"`, not `\`, not a control character. Eight bytes at a
-    /// time.
+    /// string: not `"`, not `\`, not a control character. Sixteen bytes
+    /// at a time with SSE2 (part of every x86-64), then eight at a time.
     #[inline]
     fn plain_run(s: &[u8]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: SSE2 is part of the x86-64 baseline; every x86-64
+            // CPU has it (the function is safe code otherwise).
+            unsafe { plain_run_sse2(s) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            plain_run_swar(s)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "sse2")]
+    fn plain_run_sse2(s: &[u8]) -> usize {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+            _mm_set_epi64x,
+        };
+        let quote = _mm_set1_epi8(b'"' as i8);
+        let backslash = _mm_set1_epi8(b'\\' as i8);
+        let ctrl_max = _mm_set1_epi8(0x1f);
+        let mut i = 0;
+        while i + 16 <= s.len() {
+            let mut lo = [0u8; 8];
+            let mut hi = [0u8; 8];
+            lo.copy_from_slice(&s[i..i + 8]);
+            hi.copy_from_slice(&s[i + 8..i + 16]);
+            let x = _mm_set_epi64x(i64::from_le_bytes(hi), i64::from_le_bytes(lo));
+            let q = _mm_cmpeq_epi8(x, quote);
+            let b = _mm_cmpeq_epi8(x, backslash);
+            // x <= 0x1f (unsigned) exactly when min(x, 0x1f) == x.
+            let c = _mm_cmpeq_epi8(_mm_min_epu8(x, ctrl_max), x);
+            let m = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(q, b), c)) as u32;
+            if m != 0 {
+                return i + m.trailing_zeros() as usize;
+            }
+            i += 16;
+        }
+        i + plain_run_swar(&s[i..])
+    }
+
+    /// [`plain_run`], eight bytes at a time.
+    #[inline]
+    fn plain_run_swar(s: &[u8]) -> usize {
         const ONES: u64 = u64::MAX / 255;
         const HIGH: u64 = ONES << 7;
         let mut i = 0;
@@ -977,6 +1221,23 @@ mod scan {
                 agrees(&format!("{}{}", &doc[..i], &doc[i + 1..]));
                 for sub in ["\"", "\\", ",", "}", "]", "0", " ", "\u{1}", "x", "-", "."] {
                     agrees(&format!("{}{}{}", &doc[..i], sub, &doc[i + 1..]));
+                }
+            }
+        }
+
+        #[test]
+        fn plain_run_stops_at_the_first_special_byte() {
+            for len in 0..70 {
+                for pos in 0..=len {
+                    for special in [b'"', b'\\', 0u8, 0x1f, b'\n'] {
+                        let mut v = vec![b'a'; len];
+                        v.extend_from_slice("é\u{7f}".as_bytes());
+                        if pos < len {
+                            v[pos] = special;
+                        }
+                        let want = if pos < len { pos } else { v.len() };
+                        assert_eq!(plain_run(&v), want, "len {len} pos {pos} byte {special}");
+                    }
                 }
             }
         }

@@ -225,7 +225,7 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut a = Args {
-        runs: 3,
+        runs: 5,
         quick: false,
         only: Vec::new(),
         out: None,
@@ -233,7 +233,7 @@ fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
-            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(5).max(1),
             "--quick" => a.quick = true,
             "--ours-only" => OURS_ONLY.store(true, std::sync::atomic::Ordering::Relaxed),
             "--only" => a.only.extend(it.next()),
@@ -377,6 +377,30 @@ fn main() {
             ours: o,
             anchor: "Redis pub/sub (pipelined)".into(),
             theirs: out[3][0].clone(),
+            target: None,
+        });
+    }
+
+    // Our client library at both ends (what a program using it sees).
+    let case = "unix 1→1 100 B via BusClient (send → recv)".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let b = bounds(100, args.quick);
+        let cl = |sock: &Result<PathBuf, String>| -> Result<RunFn<'static>, String> {
+            let sock = sock.clone()?;
+            Ok(Box::new(move || tp(unix::client_throughput(&sock, 100, b))))
+        };
+        let out = interleave(
+            runs,
+            1,
+            vec![("ours", cl(&ours_sock)), ("py03", cl(&py_sock))],
+        );
+        rows.push(Row {
+            case,
+            unit: Unit::Rate,
+            ours: out[0][0].clone(),
+            anchor: "Python hermes-bus 0.3.0, same client".into(),
+            theirs: out[1][0].clone(),
             target: None,
         });
     }

@@ -469,3 +469,76 @@ pub fn idle_sessions(socket: &Path, n: usize) -> Result<Vec<UnixStream>, String>
     }
     Ok(v)
 }
+
+/// Our client library end to end: `BusClient::send` → bus →
+/// `BusClient::recv` (JSON values built and parsed on both ends, as a
+/// program using the library does). The same window as the lean drivers.
+pub fn client_throughput(socket: &Path, size: usize, b: Bounds) -> Result<Throughput, String> {
+    use hermes_bus::transports::unix::{BusClient, ClientConfig};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let tag = run_tag();
+        let mut cfg = ClientConfig::new(socket);
+        cfg.autostart = false;
+        let dst = format!("cdst{tag}");
+        let mut rx = BusClient::connect_with(&dst, cfg.clone())
+            .await
+            .map_err(|e| format!("receiver: {e}"))?;
+        let tx = BusClient::connect_with(&format!("csrc{tag}"), cfg)
+            .await
+            .map_err(|e| format!("sender: {e}"))?;
+        let body: serde_json::Value =
+            serde_json::from_str(&util::body(size)).map_err(|e| e.to_string())?;
+        let window = Arc::new(tokio::sync::Semaphore::new(util::window_for(size) as usize));
+        let sent = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let (w2, s2, d2) = (window.clone(), sent.clone(), done.clone());
+        let drain_until = b.max_time + Duration::from_secs(5);
+        let receiver = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let (mut got, mut last) = (0u64, Instant::now());
+            loop {
+                match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                    Ok(Some(_)) => {
+                        got += 1;
+                        last = Instant::now();
+                        w2.add_permits(1);
+                    }
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+                if (d2.load(Ordering::Acquire) && got >= s2.load(Ordering::Acquire))
+                    || t0.elapsed() > drain_until
+                {
+                    break;
+                }
+            }
+            (got, last)
+        });
+        let t0 = Instant::now();
+        let deadline = t0 + b.max_time;
+        let mut n = 0u64;
+        while n < b.max_msgs && Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline.into(), window.acquire()).await {
+                Ok(Ok(p)) => p.forget(),
+                _ => break,
+            }
+            tx.send(&dst, body.clone())
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            n += 1;
+            sent.store(n, Ordering::Release);
+        }
+        done.store(true, Ordering::Release);
+        let (got, last) = receiver.await.map_err(|e| e.to_string())?;
+        Ok(Throughput {
+            delivered: got,
+            expected: n,
+            elapsed: last.saturating_duration_since(t0),
+        })
+    })
+}

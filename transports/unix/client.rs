@@ -112,11 +112,79 @@ pub struct BusClient {
     session: watch::Receiver<Option<String>>,
     /// The connection task.
     task: JoinHandle<()>,
+    /// Message ids.
+    ids: IdGen,
 }
 
-fn frame_of(v: &Value) -> Bytes {
-    let json = serde_json::to_vec(v).unwrap_or_default();
-    frame::encode(&json)
+/// One frame of any serializable value, encoded in place (no second copy).
+fn frame_of<T: serde::Serialize + ?Sized>(v: &T) -> Bytes {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(&[0; 4]);
+    if serde_json::to_writer(&mut out, v).is_err() {
+        out.truncate(4);
+    }
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// The frame of a routed message in the reference client's shape
+/// `{"type","to","from","id","ts","body"}`, written field by field (no
+/// intermediate JSON map).
+fn message_frame(to: &str, from: &str, id: &str, ts: f64, body: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(br#"{"type":"message","to":"#);
+    let _ = serde_json::to_writer(&mut out, to);
+    out.extend_from_slice(br#","from":"#);
+    let _ = serde_json::to_writer(&mut out, from);
+    out.extend_from_slice(br#","id":"#);
+    let _ = serde_json::to_writer(&mut out, id);
+    out.extend_from_slice(br#","ts":"#);
+    let _ = serde_json::to_writer(&mut out, &ts);
+    out.extend_from_slice(br#","body":"#);
+    let _ = serde_json::to_writer(&mut out, body);
+    out.push(b'}');
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// Message ids: random (version 4) UUIDs from a generator seeded once
+/// from the OS, so a send costs no system call. Ids label messages; they
+/// are not secrets.
+struct IdGen(std::sync::atomic::AtomicU64);
+
+impl IdGen {
+    fn new() -> Self {
+        let seed = uuid::Uuid::new_v4().as_u64_pair();
+        IdGen(std::sync::atomic::AtomicU64::new(
+            seed.0 ^ seed.1.rotate_left(17),
+        ))
+    }
+
+    /// The next id (splitmix64 steps; 122 random bits per id).
+    fn next(&self) -> String {
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let g = 0x9e37_79b9_7f4a_7c15u64;
+        let s = self
+            .0
+            .fetch_add(g.wrapping_mul(2), std::sync::atomic::Ordering::Relaxed);
+        let (a, b) = (
+            mix(s.wrapping_add(g)),
+            mix(s.wrapping_add(g.wrapping_mul(2))),
+        );
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&a.to_le_bytes());
+        bytes[8..].copy_from_slice(&b.to_le_bytes());
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
+    }
 }
 
 async fn read_frame(
@@ -296,6 +364,7 @@ impl BusClient {
             events: ev_tx,
             session: sess_rx,
             task,
+            ids: IdGen::new(),
         })
     }
 
@@ -331,11 +400,9 @@ impl BusClient {
     /// Sends `body` to `to` (empty `to`: broadcast). Builds the reference
     /// shape `{"type","to","from","id","ts","body"}`.
     pub async fn send(&self, to: &str, body: Value) -> Result<(), ClientError> {
-        let msg = serde_json::json!({
-            "type": "message", "to": to, "from": self.endpoint,
-            "id": uuid::Uuid::new_v4().to_string(), "ts": crate::router::unix_now(), "body": body,
-        });
-        self.send_raw(&msg).await
+        let id = self.ids.next();
+        let frame = message_frame(to, &self.endpoint, &id, crate::router::unix_now(), &body);
+        self.out.send(frame).await.map_err(|_| ClientError::Closed)
     }
 
     /// Sends any protocol object as is (e.g. `subscribe`, `publish`).

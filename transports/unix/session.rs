@@ -94,6 +94,9 @@ enum ReadEnd {
 /// fill the buffer, up to the largest; an idle session keeps none.
 const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
+/// Frames at least this large are kept in the read buffer they arrived
+/// in (split off, not copied); smaller ones are copied out.
+const LARGE_FRAME: usize = 16 * 1024;
 /// How long a session must be quiet before its read buffer is released.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
@@ -110,12 +113,20 @@ async fn read_loop(
     // probably emptied by it).
     let mut drained = false;
     loop {
-        // Every complete frame, parsed straight from the buffer.
+        // Every complete frame, parsed straight from the buffer: a small
+        // one is copied out (so a kept message never pins the buffer), a
+        // large one is split off and kept as it is (no copy).
         let mut used = 0;
         loop {
             match frame::peek(&buf[used..], limits.max_frame) {
+                Ok(Some(len)) if len >= LARGE_FRAME => {
+                    buf.advance(used);
+                    used = 0;
+                    let frame = buf.split_to(4 + len).freeze();
+                    handle_frame(bus, sid, BusMessage::parse_frame(frame));
+                }
                 Ok(Some(len)) => {
-                    handle_frame(bus, sid, &buf[used + 4..used + 4 + len]);
+                    handle_frame(bus, sid, BusMessage::parse(&buf[used + 4..used + 4 + len]));
                     used += 4 + len;
                 }
                 Ok(None) => break,
@@ -140,8 +151,12 @@ async fn read_loop(
             // that syscall off the latency path of a request/reply.
             tokio::task::yield_now().await;
         }
-        // A session that stays quiet gives its read buffer back, so idle
-        // sessions hold none; a busy one keeps it from read to read.
+        // Idle sessions hold no read buffer: a small one is given back as
+        // soon as the socket is drained, a grown one (a busy session keeps
+        // it from read to read) after a quiet second.
+        if buf.is_empty() && drained && buf.capacity() <= 2 * READ_MIN {
+            buf = BytesMut::new();
+        }
         let may_release = buf.is_empty() && buf.capacity() > 0;
         let quiet = async {
             if may_release {
@@ -165,7 +180,7 @@ async fn read_loop(
                 .saturating_sub(buf.len()),
             None => 0,
         };
-        let room = need.clamp(want, limits.max_frame + 4);
+        let room = need.max(want).min(limits.max_frame + 4).max(1);
         if buf.capacity() - buf.len() < room {
             buf.reserve(room);
         }
@@ -188,8 +203,8 @@ async fn read_loop(
 
 /// Handles one frame's payload: every outcome is a routing decision or a
 /// reply queued to this session's outbox; nothing here awaits.
-fn handle_frame(bus: &Bus, sid: SessionId, payload: &[u8]) {
-    let mut msg = match BusMessage::parse(payload) {
+fn handle_frame(bus: &Bus, sid: SessionId, parsed: Result<BusMessage, ProtocolError>) {
+    let mut msg = match parsed {
         Ok(m) => m,
         Err(e) => {
             bus.router().touch(sid, Instant::now());
