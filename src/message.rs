@@ -466,6 +466,11 @@ impl Fields {
     }
 }
 
+/// Keys to positions, for the repeated-key check of objects with many keys.
+type KeyIndex = std::collections::HashMap<Vec<u8>, usize>;
+/// From this many keys on, repeated keys are found through a [`KeyIndex`].
+const INDEX_FROM: usize = 32;
+
 /// What parsing a payload records: field spans and whether a key repeated.
 struct Spans {
     /// A filter of the keys seen so far (scanner only).
@@ -548,45 +553,35 @@ impl<'de> Visitor<'de> for SpanVisitor<'de> {
             fields: Fields::default(),
             repeated: false,
         };
-        // A cheap signature per key (length, first and last byte) so the
-        // check for a repeated key compares text only on a likely match.
-        let mut sigs: Vec<u32> = Vec::new();
-        let mut sig_inline = [0u32; 16];
-        let sig = |k: &str| -> u32 {
-            let b = k.as_bytes();
-            let (f, l) = (
-                b.first().copied().unwrap_or(0),
-                b.last().copied().unwrap_or(0),
-            );
-            ((b.len() as u32) << 16) | (u32::from(f) << 8) | u32::from(l)
-        };
+        // Repeated keys: a direct search while the object is small, a
+        // hash index past INDEX_FROM keys (linear time for huge objects).
+        let mut index: Option<std::collections::HashMap<String, usize>> = None;
         while let Some(key) = map.next_key::<Key<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
             let v = self.span(value.get());
             let name = key.as_str();
-            let this = sig(name);
-            let n = out.fields.len();
-            let known: &[u32] = if n <= sig_inline.len() {
-                &sig_inline[..n]
-            } else {
-                &sigs
-            };
-            let dup = known
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| **s == this)
-                .map(|(i, _)| i)
-                .find(|&i| self.key_text(&out.fields[i].0) == name);
-            if dup.is_none() {
-                if n < sig_inline.len() {
-                    sig_inline[n] = this;
-                } else {
-                    if sigs.is_empty() {
-                        sigs.extend_from_slice(&sig_inline);
-                    }
-                    sigs.push(this);
-                }
+            if index.is_none() && out.fields.len() >= INDEX_FROM {
+                let m = out
+                    .fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (self.key_text(k).to_owned(), i))
+                    .collect();
+                index = Some(m);
             }
+            let dup = match &mut index {
+                Some(m) => {
+                    let d = m.get(name).copied();
+                    if d.is_none() {
+                        m.insert(name.to_owned(), out.fields.len());
+                    }
+                    d
+                }
+                None => out
+                    .fields
+                    .iter()
+                    .position(|(k, _)| self.key_text(k) == name),
+            };
             match dup {
                 Some(i) => {
                     out.fields[i].1 = v;
@@ -699,6 +694,25 @@ mod tests {
     }
 
     #[test]
+    fn many_keys_are_indexed_and_repeats_still_win() {
+        let n = 100_000;
+        let mut text = String::from("{");
+        for i in 0..n {
+            text.push_str(&format!("\"k{i}\":{i},"));
+        }
+        text.push_str("\"k7\":\"last\"}");
+        let m = BusMessage::parse(text.as_bytes()).unwrap();
+        assert_eq!(m.raw("k7").unwrap().get(), r#""last""#);
+        assert_eq!(m.iter().count(), n);
+        // The same through the fallback (serde_json) path: invalid at the end.
+        let bad = format!("{}x", &text[..text.len() - 1]);
+        assert_eq!(
+            BusMessage::parse(bad.as_bytes()).unwrap_err().code,
+            ErrorCode::BadJson
+        );
+    }
+
+    #[test]
     fn many_fields_spill_and_keep_their_order() {
         let text: String = format!(
             "{{{}}}",
@@ -792,7 +806,7 @@ mod tests {
 /// anything. It only ever answers "valid, here are the spans" or "not
 /// sure"; the caller then asks serde_json.
 mod scan {
-    use super::{Fields, Spans, Text};
+    use super::{Fields, KeyIndex, Spans, Text, INDEX_FROM};
 
     /// The spans of the object in `text` (spans offset by the 4-byte
     /// header), or None when the text is not a valid JSON object.
@@ -803,6 +817,7 @@ mod scan {
             fields: Fields::default(),
             repeated: false,
         };
+        let mut index = None;
         let mut i = ws(s, 0);
         if s.get(i) != Some(&b'{') {
             return None;
@@ -836,6 +851,7 @@ mod scan {
                     text,
                     key,
                     Text::Span((vs + 4) as u32, (i + 4) as u32),
+                    &mut index,
                 );
                 i = ws(s, i);
                 match s.get(i) {
@@ -852,7 +868,30 @@ mod scan {
     }
 
     /// Adds a member; a repeated key replaces the earlier value in place.
-    fn push(out: &mut Spans, text: &str, key: Text, value: Text) {
+    /// Small objects are searched directly; past [`INDEX_FROM`] keys a
+    /// hash index keeps a payload of very many keys linear in time.
+    fn push(out: &mut Spans, text: &str, key: Text, value: Text, index: &mut Option<KeyIndex>) {
+        if index.is_none() && out.fields.len() >= INDEX_FROM {
+            let mut m = KeyIndex::with_capacity(2 * out.fields.len());
+            for (i, (k, _)) in out.fields.iter().enumerate() {
+                m.insert(key_bytes(text, k).to_vec(), i);
+            }
+            *index = Some(m);
+        }
+        if let Some(m) = index {
+            let name = key_bytes(text, &key).to_vec();
+            match m.get(&name) {
+                Some(&i) => {
+                    out.fields[i].1 = value;
+                    out.repeated = true;
+                }
+                None => {
+                    m.insert(name, out.fields.len());
+                    out.fields.push((key, value));
+                }
+            }
+            return;
+        }
         let name = key_bytes(text, &key);
         // A 64-bit filter of the keys seen: a key whose bit is not set
         // cannot be a repeat, so the usual message compares no keys.

@@ -117,6 +117,7 @@ async fn read_loop(
         // one is copied out (so a kept message never pins the buffer), a
         // large one is split off and kept as it is (no copy).
         let mut used = 0;
+        let mut handled = false;
         loop {
             match frame::peek(&buf[used..], limits.max_frame) {
                 Ok(Some(len)) if len >= LARGE_FRAME => {
@@ -124,10 +125,12 @@ async fn read_loop(
                     used = 0;
                     let frame = buf.split_to(4 + len).freeze();
                     handle_frame(bus, sid, BusMessage::parse_frame(frame));
+                    handled = true;
                 }
                 Ok(Some(len)) => {
                     handle_frame(bus, sid, BusMessage::parse(&buf[used + 4..used + 4 + len]));
                     used += 4 + len;
+                    handled = true;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -144,7 +147,7 @@ async fn read_loop(
         }
         buf.advance(used);
 
-        if used > 0 && drained {
+        if handled && drained {
             // The socket is most likely empty: let the writers just woken
             // (this worker runs them next) send what was routed before
             // this task spends a syscall finding the socket empty. Keeps

@@ -116,6 +116,11 @@ fn libzmq_proxy(front: &str, back: &str) -> Result<(), zmq::Error> {
     let ctx = zmq::Context::new();
     let xsub = ctx.socket(zmq::XSUB)?;
     let xpub = ctx.socket(zmq::XPUB)?;
+    // Queues sized so that nothing drops (the publisher paces itself too).
+    xsub.set_rcvhwm(0)?;
+    xsub.set_sndhwm(0)?;
+    xpub.set_sndhwm(0)?;
+    xpub.set_rcvhwm(0)?;
     xsub.bind(front)?;
     xpub.bind(back)?;
     zmq::proxy(&xsub, &xpub)
@@ -195,6 +200,50 @@ fn warm_up(
     Ok((publ, sub))
 }
 
+/// The publisher's flow control: at most `WINDOW` messages in flight; it
+/// sleeps on a condition variable (no spinning) while the window is full.
+struct Window {
+    received: AtomicU64,
+    waiting: AtomicBool,
+    lock: std::sync::Mutex<()>,
+    cv: std::sync::Condvar,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            received: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            lock: std::sync::Mutex::new(()),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn add(&self) {
+        self.received.fetch_add(1, Ordering::Release);
+        if self.waiting.load(Ordering::Acquire) {
+            let _g = self.lock.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// Waits until fewer than `WINDOW` of `sent` are in flight (or `deadline`).
+    fn wait_room(&self, sent: u64, deadline: Instant) {
+        while sent - self.received() >= WINDOW && Instant::now() < deadline {
+            let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.waiting.store(true, Ordering::Release);
+            if sent - self.received() >= WINDOW {
+                let _ = self.cv.wait_timeout(g, Duration::from_millis(2));
+            }
+            self.waiting.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// Delivered messages per second, lossless (count checked).
 fn throughput(
     p: &ProxyProc,
@@ -204,10 +253,10 @@ fn throughput(
 ) -> Result<(f64, Option<String>), String> {
     let ctx = zmq::Context::new();
     let (publ, sub) = warm_up(&ctx, p, "TP")?;
-    let received = Arc::new(AtomicU64::new(0));
+    let window = Arc::new(Window::new());
     let done = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let (r2, d2, s2) = (received.clone(), done.clone(), sent.clone());
+    let (r2, d2, s2) = (window.clone(), done.clone(), sent.clone());
     let rx = thread::spawn(move || -> (u64, Instant) {
         let mut m = zmq::Message::new();
         let mut first = Vec::new();
@@ -215,10 +264,10 @@ fn throughput(
         let t0 = Instant::now();
         loop {
             if recv_msg(&sub, &mut m, &mut first).is_ok() {
-                r2.fetch_add(1, Ordering::Release);
+                r2.add();
                 last = Instant::now();
             }
-            let got = r2.load(Ordering::Acquire);
+            let got = r2.received();
             if d2.load(Ordering::Acquire) && got >= s2.load(Ordering::Acquire) {
                 break;
             }
@@ -226,16 +275,16 @@ fn throughput(
                 break;
             }
         }
-        (r2.load(Ordering::Acquire), last)
+        (r2.received(), last)
     });
     let frames = envelope("TP/bench", &data(size));
     let t0 = Instant::now();
     let deadline = t0 + max_time;
     let mut n = 0u64;
     while n < max_msgs && Instant::now() < deadline {
-        if n - received.load(Ordering::Acquire) >= WINDOW {
-            thread::yield_now();
-            continue;
+        window.wait_room(n, deadline);
+        if n - window.received() >= WINDOW {
+            break;
         }
         send_msg(&publ, &frames).map_err(|e| e.to_string())?;
         n += 1;
