@@ -6,7 +6,6 @@
 //! syscall, no copying). What the writer could not write when the peer
 //! went away is handed back to the router, which holds it for the name.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{encode_frame, Delivery};
 use crate::error::{ErrorCode, ProtocolError};
+use crate::hooks::{HookEvent, HookEventKind};
 use crate::message::BusMessage;
 use crate::outbox::OutboxReader;
 use crate::router::{error_frame, unix_now, SessionId};
@@ -108,6 +108,9 @@ async fn read_loop(
     writer_done: &CancellationToken,
 ) -> ReadEnd {
     let mut buf = BytesMut::new();
+    // Messages parsed and waiting to be routed together (one router lock
+    // for many messages).
+    let mut batch: Vec<BusMessage> = Vec::new();
     let mut want = READ_MIN;
     // Whether the last read took less than it could (the socket was
     // probably emptied by it).
@@ -124,16 +127,18 @@ async fn read_loop(
                     buf.advance(used);
                     used = 0;
                     let frame = buf.split_to(4 + len).freeze();
-                    handle_frame(bus, sid, BusMessage::parse_frame(frame));
+                    handle_frame(bus, sid, BusMessage::parse_frame(frame), &mut batch);
                     handled = true;
                 }
                 Ok(Some(len)) => {
-                    handle_frame(bus, sid, BusMessage::parse(&buf[used + 4..used + 4 + len]));
+                    let parsed = BusMessage::parse(&buf[used + 4..used + 4 + len]);
+                    handle_frame(bus, sid, parsed, &mut batch);
                     used += 4 + len;
                     handled = true;
                 }
                 Ok(None) => break,
                 Err(e) => {
+                    route_batch(bus, sid, &mut batch);
                     let err = ProtocolError::new(
                         ErrorCode::FrameTooLarge,
                         format!("{e}; closing the connection"),
@@ -145,6 +150,7 @@ async fn read_loop(
                 }
             }
         }
+        route_batch(bus, sid, &mut batch);
         buf.advance(used);
 
         if handled && drained {
@@ -204,46 +210,47 @@ async fn read_loop(
     }
 }
 
+/// Most messages routed under one router lock.
+const ROUTE_BATCH: usize = 64;
+
 /// Handles one frame's payload: every outcome is a routing decision or a
-/// reply queued to this session's outbox; nothing here awaits.
-fn handle_frame(bus: &Bus, sid: SessionId, parsed: Result<BusMessage, ProtocolError>) {
-    let mut msg = match parsed {
+/// reply queued to this session's outbox; nothing here awaits. A
+/// `message` joins `batch`; anything else first routes what the batch
+/// holds, so every frame takes effect in the order it came.
+fn handle_frame(
+    bus: &Bus,
+    sid: SessionId,
+    parsed: Result<BusMessage, ProtocolError>,
+    batch: &mut Vec<BusMessage>,
+) {
+    let msg = match parsed {
         Ok(m) => m,
         Err(e) => {
+            route_batch(bus, sid, batch);
             bus.router().touch(sid, Instant::now());
             return reply_error(bus, sid, &e, None);
         }
     };
     let kind = match msg.kind() {
-        Ok(k) if k == "message" => Cow::Borrowed("message"),
-        Ok(k) => Cow::Owned(k.into_owned()),
+        Ok(k) if k == "message" => {
+            batch.push(msg);
+            if batch.len() >= ROUTE_BATCH {
+                route_batch(bus, sid, batch);
+            }
+            return;
+        }
+        Ok(k) => k.into_owned(),
         Err(e) => {
+            route_batch(bus, sid, batch);
             bus.router().touch(sid, Instant::now());
             return reply_error(bus, sid, &e, msg.raw("id"));
         }
     };
-    // Routing a message notes the sender's traffic itself, under the same
-    // lock; every other frame is noted here.
-    let now = (kind != "message").then(|| {
-        let now = Instant::now();
-        bus.router().touch(sid, now);
-        now
-    });
-    let result = match &*kind {
-        "message" => {
-            // `"ack": true` (ours, opt-in) asks for a receipt, so a
-            // short-lived sender need not wait for a possible error.
-            let ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
-            bus.route(TRANSPORT, sid, &mut msg).map(|_| {
-                if ack {
-                    let mut a = BusMessage::with_type("ack");
-                    if let Some(id) = msg.raw("id") {
-                        a.set_json("id", id);
-                    }
-                    bus.reply(sid, Delivery::reply(a.to_frame()), false);
-                }
-            })
-        }
+    route_batch(bus, sid, batch);
+    let mut msg = msg;
+    let now = Instant::now();
+    bus.router().touch(sid, now);
+    let result = match kind.as_str() {
         "ping" => {
             bus.reply(
                 sid,
@@ -253,10 +260,7 @@ fn handle_frame(bus: &Bus, sid: SessionId, parsed: Result<BusMessage, ProtocolEr
             Ok(())
         }
         "register" => match msg.str_field("endpoint") {
-            Ok(Some(name)) => bus
-                .router()
-                .register(sid, &name, now.unwrap_or_else(Instant::now))
-                .map(|_| ()),
+            Ok(Some(name)) => bus.router().register(sid, &name, now).map(|_| ()),
             Ok(None) => Err(ProtocolError::new(
                 ErrorCode::MissingField,
                 "register needs a string field 'endpoint'",
@@ -290,6 +294,57 @@ fn handle_frame(bus: &Bus, sid: SessionId, parsed: Result<BusMessage, ProtocolEr
     };
     if let Err(e) = result {
         reply_error(bus, sid, &e, msg.raw("id"));
+    }
+}
+
+/// Routes the batched messages under one router lock, in order: each is
+/// noted as the sender's traffic, routed, and answered in place when it
+/// fails (`error`) or asked for a receipt (`"ack": true`, ours, opt-in:
+/// a short-lived sender need not wait for a possible error). Then offers
+/// them to the hooks (as [`Bus::route`] does, outside the lock).
+fn route_batch(bus: &Bus, sid: SessionId, batch: &mut Vec<BusMessage>) {
+    if batch.is_empty() {
+        return;
+    }
+    let hooks = bus.hooks();
+    let mut events: Vec<HookEvent> = Vec::new();
+    {
+        let now = Instant::now();
+        let mut r = bus.router();
+        for msg in batch.iter_mut() {
+            let ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
+            match r.route(sid, msg, now) {
+                Ok(routed) => {
+                    if hooks.wants(
+                        HookEventKind::Message,
+                        TRANSPORT,
+                        routed.to.as_deref(),
+                        None,
+                    ) {
+                        events.push(HookEvent::message(
+                            TRANSPORT,
+                            routed.to,
+                            routed.frame.slice(4..),
+                        ));
+                    }
+                    if ack {
+                        let mut a = BusMessage::with_type("ack");
+                        if let Some(id) = msg.raw("id") {
+                            a.set_json("id", id);
+                        }
+                        r.reply(sid, Delivery::reply(a.to_frame()), false);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(sid, code = %e.code, detail = %e.detail, "protocol error");
+                    r.reply(sid, error_frame(&e, msg.raw("id")), true);
+                }
+            }
+        }
+    }
+    batch.clear();
+    for ev in events {
+        hooks.offer(ev);
     }
 }
 
