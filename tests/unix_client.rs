@@ -126,7 +126,7 @@ async fn starts_the_daemon_when_no_bus_answers() {
             .arg("--socket")
             .arg(&socket)
             .arg("--root")
-            .arg(&home_root)
+            .arg(home_root)
             .arg("stop")
             .output()
             .expect("stop");

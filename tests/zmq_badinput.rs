@@ -1,6 +1,7 @@
 //! Bad input through the proxy: wrong frame counts, frames that are not
 //! JSON, oversized messages, and MessagePack for peers that did not opt
 //! in. Each is counted; nothing crashes; valid traffic keeps flowing.
+#![cfg(feature = "zmq")]
 
 mod zmq_util;
 

@@ -1,6 +1,7 @@
 //! The proxy inside the bus: a topic hook fires for ZeroMQ traffic, a
 //! router session receives ZeroMQ topics, and a topic published into the
 //! router reaches ZeroMQ subscribers (without coming back).
+#![cfg(feature = "zmq")]
 
 mod zmq_util;
 

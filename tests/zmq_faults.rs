@@ -1,5 +1,6 @@
 //! Faults: a stalled subscriber, a publisher dying mid-frame, a subscriber
 //! reset mid-stream, and a proxy restart. Counts, never durations.
+#![cfg(feature = "zmq")]
 
 mod zmq_util;
 

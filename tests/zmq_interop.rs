@@ -2,6 +2,7 @@
 //! Python publisher → our proxy → our receiver; our publisher → our proxy →
 //! Python receiver; ours through libzmq's proxy; a pyzmq SUB with a prefix
 //! on our proxy.
+#![cfg(feature = "zmq")]
 
 mod common;
 mod zmq_util;

@@ -5,6 +5,7 @@
 //! `--exact netns_helper` and a role in the environment (so no other build
 //! is needed). Skipped, with a printed reason, where namespaces cannot be
 //! made (not root, no `ip`).
+#![cfg(feature = "zmq")]
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
