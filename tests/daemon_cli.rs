@@ -300,3 +300,50 @@ async fn python_client_reconnects_after_restart() {
     .await
     .expect("test timed out");
 }
+
+/// The reference client starts `hermes-busd start` from PATH when no bus
+/// answers: with our binaries first on PATH, it starts ours and works.
+#[tokio::test]
+async fn python_client_autostarts_our_daemon() {
+    let Some(py) = common::python("py07") else {
+        return;
+    };
+    tokio::time::timeout(LIMIT, async {
+        let root = Root::new();
+        let script = r#"
+from hermes_bus.client import BusClient, send_message
+c = BusClient("starter")
+print("connected", c.connect())
+print("sent", send_message("starter", {"k": 1}))
+import time
+end = time.time() + 10
+got = []
+while time.time() < end and not got:
+    got = c.poll()
+    time.sleep(0.05)
+print("got", got[0]["body"]["k"] if got else None)
+c.disconnect()
+"#;
+        let root_s = root.path().display().to_string();
+        let home = root.path().join("home").display().to_string();
+        let out = common::run_python(
+            &py,
+            script,
+            &[("HERMES_BUS_ROOT", &root_s), ("HERMES_HOME", &home)],
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(out.contains("connected True"), "{out}");
+        assert!(out.contains("sent True"), "{out}");
+        assert!(out.contains("got 1"), "{out}");
+        // It is our daemon, managed by our busd: status and stop work.
+        let (code, status) = root.busd(&["status"]).await;
+        assert_eq!(code, 0, "{status}");
+        assert!(status.contains("busd running"), "{status}");
+        let (code, out) = root.busd(&["stop"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(!root.socket().exists());
+    })
+    .await
+    .expect("test timed out");
+}
