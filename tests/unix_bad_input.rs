@@ -184,3 +184,44 @@ async fn abrupt_disconnects_mid_frame_leave_the_bus_serving() {
     .await
     .expect("test timed out");
 }
+
+/// Deep nesting (far past serde_json's recursion limit) is routed as
+/// valid JSON without exhausting any stack, and a Rust client that cannot
+/// represent it skips it and keeps its connection.
+#[tokio::test]
+async fn deeply_nested_payloads_crash_nothing() {
+    tokio::time::timeout(LIMIT, async {
+        let bus = TestBus::start().await;
+        let mut client = hermes_bus::transports::unix::BusClient::connect("deep", &bus.socket)
+            .await
+            .expect("client");
+        let mut raw = Raw::register(&bus.socket, "raw").await;
+        let depth = 1_000_000;
+        let payload = format!(
+            r#"{{"type": "message", "to": "deep", "body": {}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        raw.send_payload(payload.as_bytes()).await;
+        // Unbalanced: invalid, answered as such.
+        let bad = format!(
+            r#"{{"type": "message", "to": "deep", "body": {}}}"#,
+            "[".repeat(depth)
+        );
+        raw.send_payload(bad.as_bytes()).await;
+        let v = raw.recv().await.expect("an error reply");
+        assert_eq!(v["code"], "bad_json", "{v}");
+        raw.send(&json!({"type": "message", "to": "deep", "body": {"after": 1}}))
+            .await;
+        let m = tokio::time::timeout(Duration::from_secs(10), client.recv())
+            .await
+            .expect("in time")
+            .expect("message");
+        assert_eq!(m["body"]["after"], 1);
+        assert!(client.is_connected());
+        assert_eq!(bus.totals().routed, 2);
+        bus.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

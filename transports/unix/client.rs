@@ -503,8 +503,15 @@ async fn serve_connection(
         loop {
             match frame::decode(&mut buf, MAX_FRAME) {
                 Ok(Some(p)) => {
-                    let Ok(v) = serde_json::from_slice::<Value>(&p) else {
-                        return "bus sent invalid JSON".into();
+                    // The frame boundary is intact, so one frame we cannot
+                    // represent (e.g. nested deeper than serde_json's
+                    // limit) is skipped, not a reason to drop the link.
+                    let v = match serde_json::from_slice::<Value>(&p) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!("skipped a frame the client cannot decode: {e}");
+                            continue;
+                        }
                     };
                     if v.get("type").and_then(Value::as_str) == Some("pong") {
                         continue;
