@@ -127,3 +127,37 @@ impl ServeArgs {
         secs(self.heartbeat_check).max(Duration::from_millis(10))
     }
 }
+
+/// The daemon manager's commands (`hermes-busd X`, `hermes-bus daemon X`).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DaemonCmd {
+    /// Start the bus in the background (server flags after `--`).
+    Start {
+        /// Flags for hermes-bus-server, e.g. `-- --hold-grace-ms 2000`.
+        #[arg(last = true)]
+        server_args: Vec<String>,
+    },
+    /// Stop the bus (SIGTERM, then SIGKILL after ~4.5 s).
+    Stop,
+    /// Show whether the bus runs, its endpoints, counters and log tail.
+    Status,
+    /// Stop, then start.
+    Restart {
+        /// Flags for hermes-bus-server.
+        #[arg(last = true)]
+        server_args: Vec<String>,
+    },
+}
+
+impl DaemonCmd {
+    /// Runs the command; returns the process exit code.
+    pub fn run(&self, paths: &Paths) -> i32 {
+        use crate::daemon;
+        match self {
+            DaemonCmd::Start { server_args } => daemon::cmd_start(paths, server_args),
+            DaemonCmd::Stop => daemon::cmd_stop(paths),
+            DaemonCmd::Status => daemon::cmd_status(paths),
+            DaemonCmd::Restart { server_args } => daemon::cmd_restart(paths, server_args),
+        }
+    }
+}

@@ -6,7 +6,7 @@ use hermes_bus::cli::{PathArgs, ServeArgs};
 
 /// Run the hermes-bus server in the foreground.
 #[derive(Parser)]
-#[command(name = "hermes-bus-server", version, about)]
+#[command(name = "hermes-bus-server", version)]
 struct Cli {
     #[command(flatten)]
     paths: PathArgs,

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hermes_bus::cli::{PathArgs, ServeArgs};
+use hermes_bus::cli::{DaemonCmd, PathArgs, ServeArgs};
 use hermes_bus::daemon;
 use hermes_bus::transports::unix::client::{self, BusClient, ClientConfig};
 
@@ -17,26 +17,6 @@ struct Cli {
     paths: PathArgs,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum DaemonCmd {
-    /// Start in the background (server flags after `--`).
-    Start {
-        /// Flags for the server.
-        #[arg(last = true)]
-        server_args: Vec<String>,
-    },
-    /// Stop.
-    Stop,
-    /// Status, endpoints, counters, diagnosis, log tail.
-    Status,
-    /// Stop, then start.
-    Restart {
-        /// Flags for the server.
-        #[arg(last = true)]
-        server_args: Vec<String>,
-    },
 }
 
 #[derive(Subcommand)]
@@ -86,12 +66,7 @@ fn main() {
     let cli = Cli::parse();
     let paths = cli.paths.paths();
     let code = match cli.cmd {
-        Cmd::Daemon(d) => match d {
-            DaemonCmd::Start { server_args } => daemon::cmd_start(&paths, &server_args),
-            DaemonCmd::Stop => daemon::cmd_stop(&paths),
-            DaemonCmd::Status => daemon::cmd_status(&paths),
-            DaemonCmd::Restart { server_args } => daemon::cmd_restart(&paths, &server_args),
-        },
+        Cmd::Daemon(d) => d.run(&paths),
         cmd => {
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
