@@ -58,6 +58,10 @@ enum Inner {
     Reply(Bytes),
     /// A topic message; its Unix frame is encoded on first use.
     Topic(Arc<TopicInner>),
+    /// Another delivery in a session's own wire form (MessagePack), made by
+    /// that session's writer; the original is kept so what was not written
+    /// can be held for the name in its shared (JSON) form.
+    Transcoded(Bytes, Box<Delivery>),
 }
 
 #[derive(Debug)]
@@ -89,7 +93,41 @@ impl Delivery {
 
     /// True for a reply (as opposed to routed traffic).
     pub fn is_reply(&self) -> bool {
-        matches!(&self.0, Inner::Reply(_))
+        match &self.0 {
+            Inner::Reply(_) => true,
+            Inner::Transcoded(_, original) => original.is_reply(),
+            _ => false,
+        }
+    }
+
+    /// This delivery as a MessagePack frame (4-byte length, then the
+    /// marker byte and MessagePack), for a session that asked for it.
+    /// A delivery that cannot be transcoded stays JSON.
+    pub fn to_msgpack(self) -> Delivery {
+        if matches!(self.0, Inner::Transcoded(..)) {
+            return self;
+        }
+        let json = &self.unix_frame()[4..];
+        let encoded = serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| crate::codec::encode(crate::codec::Codec::MsgPack, &v).ok());
+        match encoded {
+            Some(payload) => {
+                let mut out = BytesMut::with_capacity(4 + payload.len());
+                out.put_u32(payload.len() as u32);
+                out.put_slice(&payload);
+                Delivery(Inner::Transcoded(out.freeze(), Box::new(self)))
+            }
+            None => self,
+        }
+    }
+
+    /// The shared form of a delivery a writer transcoded for its session.
+    pub fn into_original(self) -> Delivery {
+        match self.0 {
+            Inner::Transcoded(_, original) => *original,
+            _ => self,
+        }
     }
 
     /// The topic message, when this is one.
@@ -97,13 +135,14 @@ impl Delivery {
         match &self.0 {
             Inner::Topic(t) => Some(&t.msg),
             Inner::Frame(_) | Inner::Reply(_) => None,
+            Inner::Transcoded(_, original) => original.topic_message(),
         }
     }
 
     /// The Unix-protocol frame (length header + JSON), encoded at most once.
     pub fn unix_frame(&self) -> &Bytes {
         match &self.0 {
-            Inner::Frame(b) | Inner::Reply(b) => b,
+            Inner::Frame(b) | Inner::Reply(b) | Inner::Transcoded(b, _) => b,
             Inner::Topic(t) => t.unix.get_or_init(|| {
                 let msg = &t.msg;
                 let mut out = BytesMut::with_capacity(64 + msg.data.get().len());

@@ -13,6 +13,8 @@ pub enum ErrorCode {
     BadJson,
     /// The frame's payload is not valid UTF-8.
     BadUtf8,
+    /// A payload marked as MessagePack (first byte 0xC1) does not decode.
+    BadMsgpack,
     /// The payload is valid JSON but not an object.
     NotObject,
     /// A required field (`type`, `endpoint`, `topic`) is absent.
@@ -47,6 +49,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadJson => "bad_json",
             ErrorCode::BadUtf8 => "bad_utf8",
+            ErrorCode::BadMsgpack => "bad_msgpack",
             ErrorCode::NotObject => "not_object",
             ErrorCode::MissingField => "missing_field",
             ErrorCode::BadField => "bad_field",

@@ -188,6 +188,21 @@ impl Raw {
         }
     }
 
+    /// Next frame's raw payload within 5 s (any codec); None on EOF or
+    /// timeout.
+    pub async fn recv_payload(&mut self) -> Option<bytes::Bytes> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(Some(p)) = frame::decode(&mut self.buf, frame::MAX_FRAME) {
+                return Some(p);
+            }
+            match tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
     /// True when the bus closed the connection within `limit`.
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;

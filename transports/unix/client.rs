@@ -35,6 +35,10 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// Start the daemon (`hermes-busd start`) when no bus answers.
     pub autostart: bool,
+    /// How the bus should encode what it sends this client: JSON (the
+    /// default, what the reference speaks) or MessagePack (ours, asked for
+    /// at register). What the client sends stays JSON either way.
+    pub codec: crate::codec::Codec,
     /// The daemon manager to run for that: by default `hermes-busd` next
     /// to this executable, else on `PATH`.
     pub busd: PathBuf,
@@ -52,6 +56,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(30),
             autostart: true,
+            codec: crate::codec::Codec::Json,
             busd: crate::daemon::sibling_exe("hermes-busd"),
             inbox_capacity: 65536,
         }
@@ -194,9 +199,9 @@ async fn read_frame(
     loop {
         match frame::decode(buf, MAX_FRAME) {
             Ok(Some(p)) => {
-                return serde_json::from_slice(&p)
+                return crate::codec::decode::<Value>(&p)
                     .map(Some)
-                    .map_err(|e| ClientError::Protocol(format!("bad JSON from bus: {e}")))
+                    .map_err(|e| ClientError::Protocol(format!("undecodable frame from bus: {e}")))
             }
             Ok(None) => {}
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
@@ -299,9 +304,10 @@ async fn connect_register(
     endpoint: &str,
 ) -> Result<(UnixStream, String, BytesMut), ClientError> {
     let mut s = dial(cfg).await?;
-    s.write_all(&frame_of(
-        &serde_json::json!({"type": "register", "endpoint": endpoint}),
-    ))
+    s.write_all(&frame_of(&match cfg.codec {
+        crate::codec::Codec::Json => serde_json::json!({"type": "register", "endpoint": endpoint}),
+        c => serde_json::json!({"type": "register", "endpoint": endpoint, "codec": c.name()}),
+    }))
     .await?;
     let mut buf = BytesMut::with_capacity(8192);
     let reply = tokio::time::timeout(Duration::from_secs(3), read_frame(&mut s, &mut buf))
@@ -506,7 +512,8 @@ async fn serve_connection(
                     // The frame boundary is intact, so one frame we cannot
                     // represent (e.g. nested deeper than serde_json's
                     // limit) is skipped, not a reason to drop the link.
-                    let v = match serde_json::from_slice::<Value>(&p) {
+                    // JSON, or MessagePack (marker byte first) when asked for.
+                    let v = match crate::codec::decode::<Value>(&p) {
                         Ok(v) => v,
                         Err(e) => {
                             tracing::warn!("skipped a frame the client cannot decode: {e}");

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::codec::{self, Codec, MSGPACK_MARKER};
 use crate::delivery::{encode_frame, Delivery};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::hooks::{HookEvent, HookEventKind};
@@ -46,14 +48,17 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
     let (rd, wr) = stream.into_split();
     let writer_stop = CancellationToken::new();
     let writer_done = CancellationToken::new();
+    // Set once the session registered with `"codec": "msgpack"`.
+    let msgpack = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_loop(
         wr,
         outbox,
+        msgpack.clone(),
         writer_stop.clone(),
         writer_done.clone(),
     ));
 
-    let end = read_loop(&bus, sid, rd, &limits, &writer_done).await;
+    let end = read_loop(&bus, sid, rd, &limits, &writer_done, &msgpack).await;
     tracing::debug!(sid, ?end, "session reader ended");
 
     // Anything still routed to this session's name now waits in the
@@ -106,6 +111,7 @@ async fn read_loop(
     rd: OwnedReadHalf,
     limits: &SessionLimits,
     writer_done: &CancellationToken,
+    msgpack: &AtomicBool,
 ) -> ReadEnd {
     let mut buf = BytesMut::new();
     // Messages parsed and waiting to be routed together (one router lock
@@ -127,12 +133,22 @@ async fn read_loop(
                     buf.advance(used);
                     used = 0;
                     let frame = buf.split_to(4 + len).freeze();
-                    handle_frame(bus, sid, BusMessage::parse_frame(frame), &mut batch);
+                    let parsed = if frame[4] == MSGPACK_MARKER {
+                        parse_msgpack(&frame[4..])
+                    } else {
+                        BusMessage::parse_frame(frame)
+                    };
+                    handle_frame(bus, sid, parsed, &mut batch, msgpack);
                     handled = true;
                 }
                 Ok(Some(len)) => {
-                    let parsed = BusMessage::parse(&buf[used + 4..used + 4 + len]);
-                    handle_frame(bus, sid, parsed, &mut batch);
+                    let payload = &buf[used + 4..used + 4 + len];
+                    let parsed = if payload.first() == Some(&MSGPACK_MARKER) {
+                        parse_msgpack(payload)
+                    } else {
+                        BusMessage::parse(payload)
+                    };
+                    handle_frame(bus, sid, parsed, &mut batch, msgpack);
                     used += 4 + len;
                     handled = true;
                 }
@@ -213,6 +229,33 @@ async fn read_loop(
 /// Most messages routed under one router lock.
 const ROUTE_BATCH: usize = 64;
 
+/// Decodes a MessagePack payload (marker byte first; ours, opt-in) into
+/// the same message model as JSON.
+fn parse_msgpack(payload: &[u8]) -> Result<BusMessage, ProtocolError> {
+    let raw = codec::to_raw_json(payload).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::BadMsgpack,
+            format!("payload is not valid MessagePack ({e})"),
+        )
+    })?;
+    BusMessage::parse(raw.get().as_bytes())
+}
+
+/// The codec a `register` asks for: `"codec": "json"` (the default) or
+/// `"msgpack"` (ours: every frame the bus then sends to this session is
+/// MessagePack, marker byte first).
+fn register_codec(msg: &BusMessage) -> Result<Codec, ProtocolError> {
+    match msg.str_field("codec")? {
+        None => Ok(Codec::Json),
+        Some(name) => Codec::from_name(&name).ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::BadField,
+                format!("unknown codec '{name}' (json or msgpack)"),
+            )
+        }),
+    }
+}
+
 /// Handles one frame's payload: every outcome is a routing decision or a
 /// reply queued to this session's outbox; nothing here awaits. A
 /// `message` joins `batch`; anything else first routes what the batch
@@ -222,6 +265,7 @@ fn handle_frame(
     sid: SessionId,
     parsed: Result<BusMessage, ProtocolError>,
     batch: &mut Vec<BusMessage>,
+    msgpack: &AtomicBool,
 ) {
     let msg = match parsed {
         Ok(m) => m,
@@ -259,13 +303,26 @@ fn handle_frame(
             );
             Ok(())
         }
-        "register" => match msg.str_field("endpoint") {
-            Ok(Some(name)) => bus.router().register(sid, &name, now).map(|_| ()),
-            Ok(None) => Err(ProtocolError::new(
+        "register" => match (msg.str_field("endpoint"), register_codec(&msg)) {
+            (_, Err(e)) => Err(e),
+            (Ok(Some(name)), Ok(codec)) => {
+                // Set before the router queues `registered`, so that reply
+                // and everything after it reach the writer as MessagePack.
+                let before = msgpack.load(Ordering::Acquire);
+                if codec == Codec::MsgPack {
+                    msgpack.store(true, Ordering::Release);
+                }
+                let r = bus.router().register(sid, &name, now).map(|_| ());
+                if r.is_err() {
+                    msgpack.store(before, Ordering::Release);
+                }
+                r
+            }
+            (Ok(None), _) => Err(ProtocolError::new(
                 ErrorCode::MissingField,
                 "register needs a string field 'endpoint'",
             )),
-            Err(e) => Err(e),
+            (Err(e), _) => Err(e),
         },
         "list_endpoints" => {
             let mut r = bus.router();
@@ -425,6 +482,7 @@ fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), Protoc
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut outbox: OutboxReader,
+    msgpack: Arc<AtomicBool>,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> VecDeque<Delivery> {
@@ -443,6 +501,7 @@ async fn write_loop(
                 more = outbox.recv_batch(&mut pending) => if !more { break; },
                 _ = stop.cancelled() => break,
             }
+            transcode_if_asked(&msgpack, &mut pending);
         }
         let written = {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(pending.len().min(MAX_IOV));
@@ -472,6 +531,7 @@ async fn write_loop(
                 }
                 if pending.is_empty() {
                     outbox.try_recv_batch(&mut pending);
+                    transcode_if_asked(&msgpack, &mut pending);
                 }
             }
         }
@@ -480,5 +540,16 @@ async fn write_loop(
     // Whatever is still queued was never written either.
     outbox.try_recv_batch(&mut pending);
     done.cancel();
-    pending
+    // Given back in their shared form, to be held for the name.
+    pending.into_iter().map(Delivery::into_original).collect()
+}
+
+/// Turns a batch into MessagePack frames when the session asked for them
+/// at register (each delivery once per session; the JSON path is untouched).
+fn transcode_if_asked(msgpack: &AtomicBool, pending: &mut VecDeque<Delivery>) {
+    if msgpack.load(Ordering::Acquire) {
+        for d in pending.iter_mut() {
+            *d = std::mem::replace(d, Delivery::reply(bytes::Bytes::new())).to_msgpack();
+        }
+    }
 }
