@@ -503,8 +503,13 @@ impl Router {
     /// Publishes a topic message to every other session subscribed to a
     /// prefix of its topic; returns how many it was queued to.
     pub fn publish(&mut self, from: SessionId, msg: TopicMessage) -> usize {
+        self.publish_delivery(from, &Delivery::topic(msg))
+    }
+
+    /// [`Router::publish`] of a topic delivery the caller already made
+    /// (so its encodings are shared with, e.g., the hook event).
+    pub fn publish_delivery(&mut self, from: SessionId, d: &Delivery) -> usize {
         self.totals.routed += 1;
-        let d = Delivery::topic(msg);
         let topic = d.topic_message().map(|m| m.topic.as_str()).unwrap_or("");
         let mut n = 0;
         for id in &self.subscribers {
@@ -513,7 +518,7 @@ impl Router {
             }
             if let Some(s) = self.sessions.get_mut(id) {
                 if s.topics.iter().any(|p| topic.starts_with(p.as_str()))
-                    && deliver(&self.cfg, &mut self.totals, s, &d)
+                    && deliver(&self.cfg, &mut self.totals, s, d)
                 {
                     n += 1;
                 }

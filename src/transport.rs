@@ -109,6 +109,24 @@ impl Bus {
         self.router().disconnect(sid, Instant::now());
     }
 
+    /// The hook event of a routed message, when some hook wants it (the
+    /// one place that decides this for every transport).
+    pub fn message_hook_event(
+        &self,
+        transport: &'static str,
+        routed: &Routed,
+    ) -> Option<HookEvent> {
+        self.inner
+            .hooks
+            .wants(
+                HookEventKind::Message,
+                transport,
+                routed.to.as_deref(),
+                None,
+            )
+            .then(|| HookEvent::message(transport, routed.to.clone(), routed.frame.slice(4..)))
+    }
+
     /// Routes a `message` from a session and offers it to the hooks.
     pub fn route(
         &self,
@@ -117,43 +135,25 @@ impl Bus {
         msg: &mut BusMessage,
     ) -> Result<Routed, ProtocolError> {
         let routed = self.router().route(sid, msg, Instant::now())?;
-        let hooks = &self.inner.hooks;
-        if hooks.wants(
-            HookEventKind::Message,
-            transport,
-            routed.to.as_deref(),
-            None,
-        ) {
-            hooks.offer(HookEvent {
-                transport,
-                kind: HookEventKind::Message,
-                to: routed.to.clone(),
-                topic: None,
-                json: routed.frame.slice(4..),
-            });
+        if let Some(ev) = self.message_hook_event(transport, &routed) {
+            self.inner.hooks.offer(ev);
         }
         Ok(routed)
     }
 
     /// Publishes a topic message from a session (or a transport's sink) to
-    /// every other subscribed session, and offers it to the hooks.
+    /// every other subscribed session, and offers it to the hooks. The
+    /// message is wrapped once: subscribers and the hook event share its
+    /// Unix JSON encoding.
     pub fn publish(&self, transport: &'static str, from: SessionId, msg: TopicMessage) -> usize {
         let hooks = &self.inner.hooks;
-        let event = if hooks.wants(HookEventKind::Topic, transport, None, Some(&msg.topic)) {
-            let d = Delivery::topic(msg.clone());
-            Some(HookEvent {
-                transport,
-                kind: HookEventKind::Topic,
-                to: None,
-                topic: Some(msg.topic.clone()),
-                json: d.unix_json(),
-            })
-        } else {
-            None
-        };
-        let n = self.router().publish(from, msg);
-        if let Some(ev) = event {
-            hooks.offer(ev);
+        let wanted = hooks.wants(HookEventKind::Topic, transport, None, Some(&msg.topic));
+        let d = Delivery::topic(msg);
+        let n = self.router().publish_delivery(from, &d);
+        if wanted {
+            if let Some(m) = d.topic_message() {
+                hooks.offer(HookEvent::topic(transport, m.topic.clone(), d.unix_json()));
+            }
         }
         n
     }

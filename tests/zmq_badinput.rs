@@ -146,31 +146,12 @@ async fn receiver_counts_a_codec_it_did_not_opt_in_to() {
     // Without our proxy in between (a peer that ignores the opt-in), the
     // JSON receiver must count MessagePack data, not decode garbage.
     tokio::time::timeout(TEST_LIMIT, async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = format!("tcp://{}", listener.local_addr().expect("addr"));
-        let r = receiver(&addr, Codec::Json);
-        let (s, _) = listener.accept().await.expect("accept");
-        let (mut rd, mut wr) = s.into_split();
-        let mut reader = hermes_bus::transports::zmq::zmtp::FrameReader::new(1 << 20);
-        hermes_bus::transports::zmq::zmtp::handshake(
-            &mut rd,
-            &mut wr,
-            &mut reader,
-            SocketType::XPub,
-            &[],
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("handshake");
+        let xpub = FakeXpub::bind().await;
+        let r = receiver(&xpub.addr, Codec::Json);
+        let mut peer = xpub.accept().await;
         let mp = codec::encode(Codec::MsgPack, &serde_json::json!([1, 2])).expect("mp");
-        let mut b = bytes::BytesMut::new();
-        hermes_bus::transports::zmq::zmtp::put_message(&mut b, &[TOPIC, ORIGIN, &mp[..], b"1.5"]);
-        hermes_bus::transports::zmq::zmtp::put_message(&mut b, &[TOPIC, ORIGIN, b"3", b"1.5"]);
-        tokio::io::AsyncWriteExt::write_all(&mut wr, &b)
-            .await
-            .expect("send");
+        peer.send(&[TOPIC, ORIGIN, &mp[..], b"1.5"]).await;
+        peer.send(&[TOPIC, ORIGIN, b"3", b"1.5"]).await;
         let e = r
             .recv_timeout(Duration::from_secs(10))
             .await

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{self, Codec, MSGPACK_MARKER};
 use crate::delivery::{encode_frame, Delivery};
 use crate::error::{ErrorCode, ProtocolError};
-use crate::hooks::{HookEvent, HookEventKind};
+use crate::hooks::HookEvent;
 use crate::message::BusMessage;
 use crate::outbox::OutboxReader;
 use crate::router::{error_frame, unix_now, SessionId};
@@ -372,18 +372,7 @@ fn route_batch(bus: &Bus, sid: SessionId, batch: &mut Vec<BusMessage>) {
             let ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
             match r.route(sid, msg, now) {
                 Ok(routed) => {
-                    if hooks.wants(
-                        HookEventKind::Message,
-                        TRANSPORT,
-                        routed.to.as_deref(),
-                        None,
-                    ) {
-                        events.push(HookEvent::message(
-                            TRANSPORT,
-                            routed.to,
-                            routed.frame.slice(4..),
-                        ));
-                    }
+                    events.extend(bus.message_hook_event(TRANSPORT, &routed));
                     if ack {
                         let mut a = BusMessage::with_type("ack");
                         if let Some(id) = msg.raw("id") {
