@@ -41,13 +41,30 @@ pub struct ServeArgs {
     /// (0 disables holding).
     #[arg(long, default_value_t = 5000)]
     pub hold_grace_ms: u64,
-    /// Hold at most this many messages per name.
+    /// Hold at most this many messages per name (a sender to a full
+    /// mailbox waits for the name to come back or its grace to end).
     #[arg(long, default_value_t = 4096)]
     pub hold_limit: usize,
-    /// Deliveries queued per session before the slow-consumer policy applies.
+    /// Hold at most this many bytes per name (K, M, G suffixes: KiB...).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub hold_bytes: usize,
+    /// Deliveries queued per session before its senders wait.
     #[arg(long, default_value_t = 16384)]
     pub outbox_capacity: usize,
-    /// What a full outbox means: drop (count) or disconnect.
+    /// Bytes queued per session before its senders wait (K, M, G suffixes).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub outbox_bytes: usize,
+    /// Bytes all outboxes and held mailboxes together may hold (K, M, G
+    /// suffixes); past it, senders wait.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory_budget: usize,
+    /// Seconds a receiver may make no progress (write nothing to its
+    /// socket) while senders wait for it, before the slow-consumer policy
+    /// applies to it and they go on.
+    #[arg(long, default_value_t = 10.0)]
+    pub slow_consumer_timeout: f64,
+    /// The slow-consumer policy: drop (what is queued for it and what
+    /// comes while it stays stuck; counted) or disconnect (with a reason).
     #[arg(long, default_value = "drop")]
     pub slow_consumer: SlowConsumerPolicy,
     /// Most connections open at once.
@@ -95,6 +112,26 @@ pub struct ServeArgs {
     pub zmq_capture: Option<String>,
 }
 
+/// A size in bytes: a number with an optional K, M or G suffix (powers of
+/// 1024; "KiB", "MB" and the like are read the same way).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 65536, 64K, 32M, 1G)"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit '{other}' in '{s}' (K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
 fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
@@ -106,7 +143,11 @@ impl ServeArgs {
             heartbeat_timeout: secs(self.heartbeat_timeout),
             hold_grace: Duration::from_millis(self.hold_grace_ms),
             hold_limit: self.hold_limit,
+            hold_bytes: self.hold_bytes,
             outbox_capacity: self.outbox_capacity,
+            outbox_bytes: self.outbox_bytes,
+            memory_budget: self.memory_budget,
+            slow_consumer_timeout: secs(self.slow_consumer_timeout),
             slow_consumer: self.slow_consumer,
         }
     }

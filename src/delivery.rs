@@ -10,6 +10,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::error::ProtocolError;
+use crate::message::BusMessage;
+use crate::outbox::Outbox;
+
 /// A pub-sub message as the router carries it between transports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TopicMessage {
@@ -46,7 +50,57 @@ fn put_json<T: Serialize + ?Sized>(out: &mut BytesMut, v: &T) {
 /// What the router hands to a session's outbox. Cloning it is cheap: a
 /// frame is shared `Bytes`, a topic message an `Arc`.
 #[derive(Debug, Clone)]
-pub struct Delivery(Inner);
+pub struct Delivery {
+    /// The content, in its shared form.
+    inner: Inner,
+    /// The sender's receipt, when it asked for one: answered once every
+    /// copy of this delivery was written (or settled otherwise).
+    ack: Option<Arc<Ack>>,
+}
+
+/// A sender's receipt for one message (`"ack": true`, ours). Shared by
+/// every copy of the delivery; when the last copy goes away the sender
+/// gets `{"type":"ack","id":..}`, or the error that one copy recorded
+/// (`{"type":"error","code":..,"id":..}`) if a copy was dropped. So an ack
+/// means "written to every receiver's socket, or held for its name".
+#[derive(Debug)]
+pub struct Ack {
+    /// The sender's outbox (acks are replies: never dropped, counted).
+    to: Outbox,
+    /// The message's `id`, as raw JSON.
+    id: Option<Box<RawValue>>,
+    /// Why a copy was not delivered, when one was not.
+    failed: OnceLock<ProtocolError>,
+}
+
+impl Ack {
+    /// A receipt owed to the session behind `to` for message `id`.
+    pub fn new(to: Outbox, id: Option<Box<RawValue>>) -> Arc<Ack> {
+        Arc::new(Ack {
+            to,
+            id,
+            failed: OnceLock::new(),
+        })
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        let mut m = match self.failed.get() {
+            Some(err) => {
+                let mut m = BusMessage::with_type("error");
+                m.set_str("code", err.code.as_str());
+                m.set_str("detail", &err.detail);
+                m
+            }
+            None => BusMessage::with_type("ack"),
+        };
+        if let Some(id) = &self.id {
+            m.set_raw("id", id.clone());
+        }
+        let _ = self.to.push_forced(Delivery::reply(m.to_frame()));
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Inner {
@@ -73,14 +127,63 @@ struct TopicInner {
 }
 
 impl Delivery {
+    /// Bytes a queued delivery is charged beyond its wire length: the
+    /// queue slot, reference counts and bookkeeping.
+    pub const OVERHEAD: usize = 64;
+
+    fn of(inner: Inner) -> Self {
+        Delivery { inner, ack: None }
+    }
+
+    /// The same delivery with the sender's receipt attached.
+    pub fn with_ack(mut self, ack: Arc<Ack>) -> Self {
+        self.ack = Some(ack);
+        self
+    }
+
+    /// This delivery without the receipt (a copy held for a gone name
+    /// settles its share of the receipt: held counts as delivered).
+    pub fn without_ack(&self) -> Self {
+        Delivery {
+            inner: self.inner.clone(),
+            ack: None,
+        }
+    }
+
+    /// Records that this copy was not delivered: the sender, if it asked
+    /// for a receipt, gets this error naming the message's id instead.
+    pub fn fail(&self, err: impl FnOnce() -> ProtocolError) {
+        if let Some(a) = &self.ack {
+            if a.failed.get().is_none() {
+                let _ = a.failed.set(err());
+            }
+        }
+    }
+
+    /// Bytes this delivery is charged in a queue: its Unix wire length
+    /// (computed without encoding a topic message) plus [`Self::OVERHEAD`].
+    /// The same for every copy and every form, so what is charged at push
+    /// is exactly what is given back at write.
+    pub fn charge(&self) -> usize {
+        Self::OVERHEAD
+            + match &self.inner {
+                Inner::Frame(b) | Inner::Reply(b) => b.len(),
+                Inner::Topic(t) => {
+                    let m = &t.msg;
+                    64 + m.topic.len() + m.origin.len() + m.data.get().len()
+                }
+                Inner::Transcoded(_, original) => original.charge() - Self::OVERHEAD,
+            }
+    }
+
     /// A delivery of a ready Unix frame (4-byte length + JSON).
     pub fn frame(frame: Bytes) -> Self {
-        Delivery(Inner::Frame(frame))
+        Delivery::of(Inner::Frame(frame))
     }
 
     /// A delivery of a topic message.
     pub fn topic(msg: TopicMessage) -> Self {
-        Delivery(Inner::Topic(Arc::new(TopicInner {
+        Delivery::of(Inner::Topic(Arc::new(TopicInner {
             msg,
             unix: OnceLock::new(),
         })))
@@ -88,12 +191,12 @@ impl Delivery {
 
     /// A reply to one connection (never held for a reconnect).
     pub fn reply(frame: Bytes) -> Self {
-        Delivery(Inner::Reply(frame))
+        Delivery::of(Inner::Reply(frame))
     }
 
     /// True for a reply (as opposed to routed traffic).
     pub fn is_reply(&self) -> bool {
-        match &self.0 {
+        match &self.inner {
             Inner::Reply(_) => true,
             Inner::Transcoded(_, original) => original.is_reply(),
             _ => false,
@@ -104,7 +207,7 @@ impl Delivery {
     /// marker byte and MessagePack), for a session that asked for it.
     /// A delivery that cannot be transcoded stays JSON.
     pub fn to_msgpack(self) -> Delivery {
-        if matches!(self.0, Inner::Transcoded(..)) {
+        if matches!(self.inner, Inner::Transcoded(..)) {
             return self;
         }
         let json = &self.unix_frame()[4..];
@@ -116,7 +219,11 @@ impl Delivery {
                 let mut out = BytesMut::with_capacity(4 + payload.len());
                 out.put_u32(payload.len() as u32);
                 out.put_slice(&payload);
-                Delivery(Inner::Transcoded(out.freeze(), Box::new(self)))
+                let ack = self.ack.clone();
+                Delivery {
+                    inner: Inner::Transcoded(out.freeze(), Box::new(self.without_ack())),
+                    ack,
+                }
             }
             None => self,
         }
@@ -124,15 +231,21 @@ impl Delivery {
 
     /// The shared form of a delivery a writer transcoded for its session.
     pub fn into_original(self) -> Delivery {
-        match self.0 {
-            Inner::Transcoded(_, original) => *original,
-            _ => self,
+        match self.inner {
+            Inner::Transcoded(_, original) => Delivery {
+                inner: original.inner,
+                ack: self.ack,
+            },
+            inner => Delivery {
+                inner,
+                ack: self.ack,
+            },
         }
     }
 
     /// The topic message, when this is one.
     pub fn topic_message(&self) -> Option<&TopicMessage> {
-        match &self.0 {
+        match &self.inner {
             Inner::Topic(t) => Some(&t.msg),
             Inner::Frame(_) | Inner::Reply(_) => None,
             Inner::Transcoded(_, original) => original.topic_message(),
@@ -141,7 +254,7 @@ impl Delivery {
 
     /// The Unix-protocol frame (length header + JSON), encoded at most once.
     pub fn unix_frame(&self) -> &Bytes {
-        match &self.0 {
+        match &self.inner {
             Inner::Frame(b) | Inner::Reply(b) | Inner::Transcoded(b, _) => b,
             Inner::Topic(t) => t.unix.get_or_init(|| {
                 let msg = &t.msg;

@@ -41,6 +41,9 @@ pub enum ErrorCode {
     PermissionDenied,
     /// The bus is shutting down.
     ShuttingDown,
+    /// A message the sender asked a receipt for (`"ack": true`) was not
+    /// written: its receiver went away for good before reading it.
+    NotDelivered,
 }
 
 impl ErrorCode {
@@ -63,6 +66,7 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::NotDelivered => "not_delivered",
         }
     }
 }

@@ -2,32 +2,39 @@
 //!
 //! It owns the session table, the endpoint names (live, or held for a
 //! client that went away a moment ago), the topic subscriptions and the
-//! counters. Every operation runs to completion without awaiting: a
-//! delivery is pushed into a bounded outbox or dropped and counted; a slow
-//! session never slows the router. The transports do all the I/O.
+//! counters. Every operation runs to completion without awaiting. A
+//! delivery is pushed into a bounded outbox; when the outbox is full the
+//! router does not drop: it returns the decision "blocked on X"
+//! ([`Blocked`]) and the sending session waits (see `Bus::settle`), then
+//! hands the decision back ([`Router::resume`]) with a verdict: room, or
+//! stuck (no progress for the slow-consumer timeout, when the policy
+//! applies), or gone. The transports do all the I/O and all the waiting.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::{encode_frame, Delivery, TopicMessage};
+use crate::delivery::{encode_frame, Ack, Delivery, TopicMessage};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::message::{BusMessage, RawJson};
-use crate::outbox::{Outbox, PushError};
-use crate::stats::{EndpointStats, HeldStats, RouterStats, SessionCounters, Totals};
+use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
+use crate::stats::{EndpointStats, FlowStats, HeldStats, RouterStats, SessionCounters, Totals};
 
 /// Identifies a session inside this process (never on the wire; the wire
 /// gets the UUID `session_id`).
 pub type SessionId = u64;
 
-/// What to do with a session whose outbox is full.
+/// What happens to deliveries for a receiver that made no progress (wrote
+/// nothing to its socket) for the slow-consumer timeout.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowConsumerPolicy {
-    /// Drop the new delivery for that session and count it.
+    /// Drop what is queued for it and what comes while it stays stuck,
+    /// and count it; it gets traffic again once it reads.
     #[default]
     Drop,
     /// Disconnect the session, telling it why (`slow_consumer`).
@@ -55,13 +62,22 @@ pub struct RouterConfig {
     /// How long a name stays held after its session went away, so a client
     /// that reconnects gets what was sent meanwhile. Zero disables holding.
     pub hold_grace: Duration,
-    /// At most this many messages are held per name; more are dropped and
-    /// counted.
+    /// At most this many messages are held per name; a sender to a full
+    /// mailbox waits for the name to come back (or its grace to end).
     pub hold_limit: usize,
-    /// Deliveries a session's outbox holds before the slow-consumer policy
-    /// applies.
+    /// At most this many bytes are held per name (same rule).
+    pub hold_bytes: usize,
+    /// Deliveries a session's outbox holds before its senders wait.
     pub outbox_capacity: usize,
-    /// What a full outbox means.
+    /// Bytes a session's outbox holds before its senders wait.
+    pub outbox_bytes: usize,
+    /// Bytes all outboxes and held mailboxes together may hold.
+    pub memory_budget: usize,
+    /// A receiver that wrote nothing to its socket for this long, while
+    /// senders wait for it, gets the slow-consumer policy; its senders then
+    /// go on. Nobody else ever waits for it.
+    pub slow_consumer_timeout: Duration,
+    /// What the policy does.
     pub slow_consumer: SlowConsumerPolicy,
 }
 
@@ -71,7 +87,11 @@ impl Default for RouterConfig {
             heartbeat_timeout: Duration::from_secs(90),
             hold_grace: Duration::from_secs(5),
             hold_limit: 4096,
+            hold_bytes: 16 << 20,
             outbox_capacity: 16384,
+            outbox_bytes: 32 << 20,
+            memory_budget: 512 << 20,
+            slow_consumer_timeout: Duration::from_secs(10),
             slow_consumer: SlowConsumerPolicy::Drop,
         }
     }
@@ -108,6 +128,8 @@ enum Slot {
         since: Instant,
         /// Messages routed to the name meanwhile, oldest first.
         queue: VecDeque<Delivery>,
+        /// Their charge in bytes (also charged to the bus's budget).
+        bytes: usize,
     },
 }
 
@@ -122,8 +144,51 @@ impl Slot {
     }
 }
 
-/// The result of routing one `message`.
+/// What a blocked sender waits for.
 #[derive(Debug, Clone)]
+pub enum WaitOn {
+    /// A live session's outbox is full: wait for its writer to drain it
+    /// below the low-water mark, or for the slow-consumer verdict.
+    Session {
+        /// The receiving session.
+        sid: SessionId,
+        /// Its name, to find it again if it reconnects meanwhile.
+        name: Option<String>,
+        /// Its outbox, to wait on.
+        outbox: Outbox,
+    },
+    /// A held name's mailbox is full: wait for the name to register again
+    /// (its mailbox is then replayed) or for its grace to end.
+    Held {
+        /// The name.
+        name: String,
+    },
+}
+
+/// The decision "blocked": a delivery that some targets could not take
+/// yet. The other targets already have it.
+#[derive(Debug)]
+pub struct Blocked {
+    /// The delivery still owed to `waits`.
+    pub delivery: Delivery,
+    /// The targets that were full, in routing order.
+    pub waits: Vec<WaitOn>,
+}
+
+/// How a wait on a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The receiver drained below its low-water mark: deliver.
+    Room,
+    /// The receiver made no progress for the slow-consumer timeout: the
+    /// policy applies.
+    Stuck,
+    /// The receiver's session closed meanwhile.
+    Gone,
+}
+
+/// The result of routing one `message`.
+#[derive(Debug)]
 pub struct Routed {
     /// The message as delivered (one Unix frame, header included).
     pub frame: Bytes,
@@ -133,6 +198,9 @@ pub struct Routed {
     pub delivered: usize,
     /// Held names it was queued for.
     pub held: usize,
+    /// Targets that were full: the sender must wait for them before it
+    /// sends anything else.
+    pub blocked: Option<Blocked>,
 }
 
 /// The routing state. See the module docs.
@@ -149,6 +217,10 @@ pub struct Router {
     next_id: SessionId,
     /// Counters since start.
     totals: Totals,
+    /// The byte budget every outbox and held mailbox shares.
+    budget: Arc<Budget>,
+    /// Senders waiting right now (a gauge for status).
+    blocked_now: usize,
 }
 
 /// The hasher of the router's maps: a multiply-rotate hash (as rustc's
@@ -224,9 +296,29 @@ pub fn error_frame(err: &ProtocolError, id: Option<RawJson<'_>>) -> Delivery {
     Delivery::reply(m.to_frame())
 }
 
+/// An error delivery for a copy the slow-consumer policy dropped.
+fn slow_error(name: Option<&str>) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::SlowConsumer,
+        match name {
+            Some(n) => format!("dropped: receiver '{n}' made no progress (slow consumer)"),
+            None => "dropped: the receiver made no progress (slow consumer)".to_owned(),
+        },
+    )
+}
+
+/// An error for a copy whose receiver went away for good.
+fn gone_error() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::NotDelivered,
+        "dropped: the receiver went away before it was written",
+    )
+}
+
 impl Router {
     /// An empty router.
     pub fn new(cfg: RouterConfig) -> Self {
+        let budget = Budget::new(cfg.memory_budget);
         Router {
             cfg,
             sessions: HashMap::default(),
@@ -234,12 +326,27 @@ impl Router {
             subscribers: Vec::new(),
             next_id: 1,
             totals: Totals::default(),
+            budget,
+            blocked_now: 0,
         }
     }
 
     /// The configuration in force.
     pub fn config(&self) -> &RouterConfig {
         &self.cfg
+    }
+
+    /// A new outbox with the configured bounds, charging the shared budget.
+    pub fn new_outbox(&self) -> (Outbox, OutboxReader) {
+        outbox(
+            Bounds::new(self.cfg.outbox_capacity, self.cfg.outbox_bytes),
+            self.budget.clone(),
+        )
+    }
+
+    /// The byte budget shared by every queue.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// Adds a client session whose deliveries go to `outbox`; it is
@@ -292,7 +399,10 @@ impl Router {
         }
     }
 
-    /// Queues a reply to one session (pong, error, lists). Counts errors.
+    /// Queues a reply to one session (pong, error, lists). Replies are
+    /// never dropped for space: they count against the requester's own
+    /// outbox, and a requester that does not read them is held back by
+    /// its session (it stops reading requests). Counts errors.
     pub fn reply(&mut self, sid: SessionId, d: Delivery, is_error: bool) {
         if is_error {
             self.totals.errors += 1;
@@ -301,12 +411,7 @@ impl Router {
             if is_error {
                 s.counters.errors += 1;
             }
-            // Replies are bounded like traffic but not counted as
-            // deliveries; a reply a full outbox cannot take is a drop.
-            if s.outbox.push(d).is_err() {
-                s.counters.dropped += 1;
-                self.totals.dropped_slow += 1;
-            }
+            let _ = s.outbox.push_forced(d);
         }
     }
 
@@ -350,7 +455,12 @@ impl Router {
                     self.totals.replaced += 1;
                 }
             }
-            Some(Slot::Held { since, queue }) => {
+            Some(Slot::Held {
+                since,
+                queue,
+                bytes,
+            }) => {
+                self.budget.release(bytes);
                 if now.duration_since(since) < self.cfg.hold_grace {
                     replay = queue;
                 } else {
@@ -373,9 +483,9 @@ impl Router {
         let reply = encode_frame(&serde_json::json!({
             "type": "registered", "endpoint": name, "session_id": uuid,
         }));
-        let _ = s.outbox.push_unbounded(Delivery::reply(reply));
+        let _ = s.outbox.push_forced(Delivery::reply(reply));
         for d in replay {
-            if s.outbox.push_unbounded(d).is_ok() {
+            if s.outbox.push_forced(d).is_ok() {
                 s.counters.delivered += 1;
                 self.totals.delivered += 1;
             }
@@ -386,7 +496,9 @@ impl Router {
     /// Routes a `message`: notes the sender's traffic (as [`Router::touch`]
     /// does, so a transport need not lock twice), fills in `id`, `ts` and
     /// (for a registered sender) `from`, encodes it once, and queues it to
-    /// its target or to every registered endpoint. `Err(EndpointNotFound)`
+    /// its target or to every registered endpoint. A field `"ack": true`
+    /// (ours) is taken off and answered once the message was written to
+    /// every receiver's socket (or held for its name). `Err(EndpointNotFound)`
     /// when `to` names nobody; the message is then not routed.
     pub fn route(
         &mut self,
@@ -414,62 +526,224 @@ impl Router {
         }
         // One lookup of the target: found (live, or held within its
         // grace), or an error before anything is encoded.
-        let slot = match &to {
-            Some(target) => match self.names.get_mut(target.as_str()) {
-                Some(slot) if slot.open(now, self.cfg.hold_grace) => Some(slot),
-                _ => {
-                    self.expire_name(target, now);
-                    return Err(ProtocolError::new(
-                        ErrorCode::EndpointNotFound,
-                        format!("Endpoint '{target}' is not connected"),
-                    ));
-                }
-            },
-            None => None,
-        };
+        if let Some(target) = &to {
+            let open = self
+                .names
+                .get(target.as_str())
+                .is_some_and(|slot| slot.open(now, self.cfg.hold_grace));
+            if !open {
+                self.expire_name(target, now);
+                return Err(ProtocolError::new(
+                    ErrorCode::EndpointNotFound,
+                    format!("Endpoint '{target}' is not connected"),
+                ));
+            }
+        }
+        let wants_ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
         let frame = msg.to_frame();
-        let d = Delivery::frame(frame.clone());
+        let mut d = Delivery::frame(frame.clone());
+        if wants_ack {
+            if let Some(s) = self.sessions.get(&sid) {
+                let id = msg.raw("id").map(|r| r.to_raw_value());
+                d = d.with_ack(Ack::new(s.outbox.clone(), id));
+            }
+        }
         self.totals.routed += 1;
         let (mut delivered, mut held) = (0, 0);
-        let cfg = &self.cfg;
-        let totals = &mut self.totals;
-        let sessions = &mut self.sessions;
-        let mut offer = |slot: &mut Slot| match slot {
-            Slot::Live(id) => {
-                if let Some(s) = sessions.get_mut(id) {
-                    if deliver(cfg, totals, s, &d) {
-                        delivered += 1;
+        let mut waits = Vec::new();
+        match &to {
+            Some(target) => {
+                if let Some((name, slot)) = self.names.get_key_value(target.as_str()) {
+                    let name = name.clone();
+                    let live = matches!(slot, Slot::Live(_));
+                    match self.offer_name(&name, &d, true, now) {
+                        Offered::Queued if live => delivered += 1,
+                        Offered::Queued => held += 1,
+                        Offered::Wait(w) => waits.push(w),
+                        Offered::Dropped => {}
                     }
                 }
             }
-            Slot::Held { queue, .. } => {
-                if queue.len() < cfg.hold_limit {
-                    queue.push_back(d.clone());
-                    totals.held += 1;
-                    held += 1;
-                } else {
-                    totals.dropped_held += 1;
+            None => {
+                let names: Vec<String> = self.names.keys().cloned().collect();
+                for name in names {
+                    let live = matches!(self.names.get(&name), Some(Slot::Live(_)));
+                    match self.offer_name(&name, &d, true, now) {
+                        Offered::Queued if live => delivered += 1,
+                        Offered::Queued => held += 1,
+                        Offered::Wait(w) => waits.push(w),
+                        Offered::Dropped => {}
+                    }
                 }
             }
-        };
-        match slot {
-            Some(slot) => offer(slot),
-            None => self.names.values_mut().for_each(offer),
         }
+        let blocked = self.blocked(d, waits);
         Ok(Routed {
             frame,
             to,
             delivered,
             held,
+            blocked,
         })
+    }
+
+    fn blocked(&mut self, delivery: Delivery, waits: Vec<WaitOn>) -> Option<Blocked> {
+        if waits.is_empty() {
+            return None;
+        }
+        self.totals.blocked += 1;
+        self.blocked_now += 1;
+        Some(Blocked { delivery, waits })
+    }
+
+    /// Offers a delivery to whoever answers to `name` now (live session or
+    /// held mailbox).
+    fn offer_name(&mut self, name: &str, d: &Delivery, wait: bool, now: Instant) -> Offered {
+        let grace = self.cfg.hold_grace;
+        match self.names.get_mut(name) {
+            Some(Slot::Live(id)) => {
+                let id = *id;
+                match self.sessions.get_mut(&id) {
+                    Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, wait),
+                    None => Offered::Dropped,
+                }
+            }
+            Some(Slot::Held {
+                since,
+                queue,
+                bytes,
+            }) => {
+                if now.duration_since(*since) >= grace {
+                    self.totals.dropped_held += 1;
+                    d.fail(gone_error);
+                    return Offered::Dropped;
+                }
+                let charge = d.charge();
+                if queue.len() >= self.cfg.hold_limit
+                    || (*bytes + charge > self.cfg.hold_bytes && !queue.is_empty())
+                    || (self.budget.full() && !queue.is_empty())
+                {
+                    if wait {
+                        return Offered::Wait(WaitOn::Held {
+                            name: name.to_owned(),
+                        });
+                    }
+                    self.totals.dropped_held += 1;
+                    d.fail(gone_error);
+                    return Offered::Dropped;
+                }
+                // Held counts as delivered for the sender's receipt.
+                queue.push_back(d.without_ack());
+                *bytes += charge;
+                self.budget.charge(charge);
+                self.totals.held += 1;
+                Offered::Queued
+            }
+            None => Offered::Dropped,
+        }
+    }
+
+    /// Takes back a [`Blocked`] decision once its sender waited for `wait`
+    /// (the verdict says how the wait ended) and delivers, drops by the
+    /// policy, or reroutes (the receiver reconnected under its name).
+    /// `waited` is how long the sender was held back.
+    pub fn resume(
+        &mut self,
+        wait: &WaitOn,
+        d: &Delivery,
+        verdict: Verdict,
+        now: Instant,
+    ) -> Option<WaitOn> {
+        match wait {
+            WaitOn::Session { sid, name, outbox } => {
+                let same = self
+                    .sessions
+                    .get(sid)
+                    .is_some_and(|s| s.outbox.same(outbox));
+                if same && verdict != Verdict::Gone {
+                    let s = self.sessions.get_mut(sid)?;
+                    match verdict {
+                        Verdict::Room => {
+                            if s.outbox.push_forced(d.clone()).is_ok() {
+                                s.counters.delivered += 1;
+                                self.totals.delivered += 1;
+                            } else {
+                                s.counters.dropped += 1;
+                                self.totals.dropped_slow += 1;
+                                d.fail(gone_error);
+                            }
+                        }
+                        _ => apply_policy(&self.cfg, &mut self.totals, s, d),
+                    }
+                    return None;
+                }
+                // The session went away: its name, if any, may be held
+                // now, or live again on a new connection.
+                match name {
+                    Some(n) if self.names.contains_key(n.as_str()) => {
+                        match self.offer_name(n, d, true, now) {
+                            Offered::Wait(w) => Some(w),
+                            _ => None,
+                        }
+                    }
+                    _ => {
+                        self.totals.dropped_slow += 1;
+                        d.fail(gone_error);
+                        None
+                    }
+                }
+            }
+            WaitOn::Held { name } => match self.names.get(name.as_str()) {
+                Some(Slot::Live(_)) => match self.offer_name(name, d, false, now) {
+                    Offered::Queued | Offered::Dropped => None,
+                    Offered::Wait(w) => Some(w),
+                },
+                Some(Slot::Held { .. }) => match self.offer_name(name, d, true, now) {
+                    Offered::Wait(w) => Some(w),
+                    _ => None,
+                },
+                None => {
+                    self.totals.dropped_held += 1;
+                    d.fail(gone_error);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Counts copies a sender still owed when its session closed while it
+    /// waited.
+    pub fn abandon(&mut self, copies: usize) {
+        self.totals.dropped_slow += copies as u64;
+    }
+
+    /// Counts what a closed session's writer could not write, when its
+    /// session had no name to hold it for.
+    pub fn count_unsent(&mut self, unsent: VecDeque<Delivery>) {
+        self.count_lost(&unsent);
+    }
+
+    /// Notes that a session stopped reading because its own outbox is
+    /// full (its peer does not read what it is sent).
+    pub fn begin_own_wait(&mut self) {
+        self.totals.blocked += 1;
+        self.blocked_now += 1;
+    }
+
+    /// Notes that a sender's wait ended after `waited` (status counters).
+    pub fn end_wait(&mut self, waited: Duration) {
+        self.blocked_now = self.blocked_now.saturating_sub(1);
+        self.totals.blocked_ms += waited.as_millis() as u64;
     }
 
     /// Drops a held name whose grace has passed, counting what it held.
     fn expire_name(&mut self, name: &str, now: Instant) {
-        if let Some(Slot::Held { since, queue }) = self.names.get(name) {
+        if let Some(Slot::Held { since, .. }) = self.names.get(name) {
             if now.duration_since(*since) >= self.cfg.hold_grace {
-                self.totals.dropped_held += queue.len() as u64;
-                self.names.remove(name);
+                if let Some(Slot::Held { queue, bytes, .. }) = self.names.remove(name) {
+                    self.budget.release(bytes);
+                    self.totals.dropped_held += queue.len() as u64;
+                }
             }
         }
     }
@@ -501,30 +775,43 @@ impl Router {
     }
 
     /// Publishes a topic message to every other session subscribed to a
-    /// prefix of its topic; returns how many it was queued to.
+    /// prefix of its topic, dropping (and counting) for full ones (PUB
+    /// semantics, for transports that cannot wait); returns how many it
+    /// was queued to.
     pub fn publish(&mut self, from: SessionId, msg: TopicMessage) -> usize {
-        self.publish_delivery(from, &Delivery::topic(msg))
+        self.publish_delivery(from, &Delivery::topic(msg), false).0
     }
 
     /// [`Router::publish`] of a topic delivery the caller already made
-    /// (so its encodings are shared with, e.g., the hook event).
-    pub fn publish_delivery(&mut self, from: SessionId, d: &Delivery) -> usize {
+    /// (so its encodings are shared with, e.g., the hook event). With
+    /// `wait`, full subscribers are returned as [`Blocked`] instead of
+    /// dropped.
+    pub fn publish_delivery(
+        &mut self,
+        from: SessionId,
+        d: &Delivery,
+        wait: bool,
+    ) -> (usize, Option<Blocked>) {
         self.totals.routed += 1;
         let topic = d.topic_message().map(|m| m.topic.as_str()).unwrap_or("");
         let mut n = 0;
+        let mut waits = Vec::new();
         for id in &self.subscribers {
             if *id == from {
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(id) {
-                if s.topics.iter().any(|p| topic.starts_with(p.as_str()))
-                    && deliver(&self.cfg, &mut self.totals, s, d)
-                {
-                    n += 1;
+                if s.topics.iter().any(|p| topic.starts_with(p.as_str())) {
+                    match offer(&self.cfg, &mut self.totals, *id, s, d, wait) {
+                        Offered::Queued => n += 1,
+                        Offered::Wait(w) => waits.push(w),
+                        Offered::Dropped => {}
+                    }
                 }
             }
         }
-        n
+        let blocked = self.blocked(d.clone(), waits);
+        (n, blocked)
     }
 
     /// Removes a session (its connection ended). A registered name is held
@@ -550,6 +837,7 @@ impl Router {
                         Slot::Held {
                             since: now,
                             queue: VecDeque::new(),
+                            bytes: 0,
                         },
                     );
                     self.restore(&name, unsent);
@@ -565,39 +853,46 @@ impl Router {
     }
 
     fn count_lost(&mut self, unsent: &VecDeque<Delivery>) {
-        let n = unsent.iter().filter(|d| !d.is_reply()).count() as u64;
+        let mut n = 0;
+        for d in unsent.iter().filter(|d| !d.is_reply()) {
+            d.fail(gone_error);
+            n += 1;
+        }
         self.totals.dropped_slow += n;
     }
 
     /// Gives back deliveries a gone session's writer could not write: they
     /// go to the front of the name's held queue (they are older than
     /// anything routed there since), or straight to the name's new session
-    /// if it is already back. Replies are not kept.
+    /// if it is already back. Replies are not kept. A mailbox is not
+    /// bounded against these: they were accepted already.
     pub fn restore(&mut self, name: &str, undelivered: VecDeque<Delivery>) {
-        let mut items: VecDeque<Delivery> =
-            undelivered.into_iter().filter(|d| !d.is_reply()).collect();
+        let items: VecDeque<Delivery> = undelivered.into_iter().filter(|d| !d.is_reply()).collect();
         if items.is_empty() {
             return;
         }
         match self.names.get_mut(name) {
-            Some(Slot::Held { queue, .. }) => {
-                let room = self.cfg.hold_limit.saturating_sub(queue.len());
-                if items.len() > room {
-                    self.totals.dropped_held += (items.len() - room) as u64;
-                    items.truncate(room);
-                }
-                while let Some(d) = items.pop_back() {
-                    queue.push_front(d);
+            Some(Slot::Held { queue, bytes, .. }) => {
+                for d in items.into_iter().rev() {
+                    let c = d.charge();
+                    *bytes += c;
+                    self.budget.charge(c);
+                    queue.push_front(d.without_ack());
                 }
             }
             Some(Slot::Live(id)) => {
                 if let Some(s) = self.sessions.get_mut(id) {
                     for d in items {
-                        let _ = s.outbox.push_unbounded(d);
+                        let _ = s.outbox.push_forced(d);
                     }
                 }
             }
-            None => self.totals.dropped_held += items.len() as u64,
+            None => {
+                self.totals.dropped_held += items.len() as u64;
+                for d in &items {
+                    d.fail(gone_error);
+                }
+            }
         }
     }
 
@@ -622,13 +917,20 @@ impl Router {
         self.totals.evicted += evicted.len() as u64;
         let grace = self.cfg.hold_grace;
         let mut dropped = 0u64;
+        let mut freed = 0usize;
         self.names.retain(|_, slot| match slot {
-            Slot::Held { since, queue } if now.duration_since(*since) >= grace => {
+            Slot::Held {
+                since,
+                queue,
+                bytes,
+            } if now.duration_since(*since) >= grace => {
                 dropped += queue.len() as u64;
+                freed += *bytes;
                 false
             }
             _ => true,
         });
+        self.budget.release(freed);
         self.totals.dropped_held += dropped;
         evicted
     }
@@ -672,6 +974,8 @@ impl Router {
                     session_id: s.uuid.clone(),
                     transport: s.transport.to_owned(),
                     queued: s.outbox.len(),
+                    queued_bytes: s.outbox.bytes(),
+                    stuck: s.outbox.is_stuck(),
                     counters: s.counters,
                 })
             })
@@ -681,9 +985,14 @@ impl Router {
             .names
             .iter()
             .filter_map(|(name, slot)| match slot {
-                Slot::Held { since, queue } => Some(HeldStats {
+                Slot::Held {
+                    since,
+                    queue,
+                    bytes,
+                } => Some(HeldStats {
                     name: name.clone(),
                     queued: queue.len(),
+                    bytes: *bytes,
                     gone_ms: now.duration_since(*since).as_millis() as u64,
                 }),
                 Slot::Live(_) => None,
@@ -695,6 +1004,14 @@ impl Router {
             endpoints,
             held,
             totals: self.totals,
+            flow: FlowStats {
+                blocked_now: self.blocked_now,
+                budget_used: self.budget.used(),
+                budget_limit: self.budget.limit(),
+                outbox_bytes: self.cfg.outbox_bytes,
+                outbox_capacity: self.cfg.outbox_capacity,
+                slow_consumer_timeout_ms: self.cfg.slow_consumer_timeout.as_millis() as u64,
+            },
         }
     }
 
@@ -712,45 +1029,96 @@ impl Router {
     }
 }
 
-/// Queues `d` to a session, applying its slow-consumer policy when full.
-/// True when queued.
-fn deliver(cfg: &RouterConfig, totals: &mut Totals, s: &mut Session, d: &Delivery) -> bool {
+/// The outcome of offering a delivery to one target.
+enum Offered {
+    /// Queued (to a session or a held mailbox).
+    Queued,
+    /// Full: the sender must wait for this.
+    Wait(WaitOn),
+    /// Not queued, and counted (stuck receiver, closed session, or full
+    /// for a sender that cannot wait).
+    Dropped,
+}
+
+/// Offers `d` to a session. A full outbox is a wait (or, for a sender
+/// that cannot wait, a counted drop); a stuck receiver's copy is dropped
+/// and counted at once.
+fn offer(
+    cfg: &RouterConfig,
+    totals: &mut Totals,
+    sid: SessionId,
+    s: &mut Session,
+    d: &Delivery,
+    wait: bool,
+) -> Offered {
     match s.outbox.push(d.clone()) {
         Ok(()) => {
             s.counters.delivered += 1;
             totals.delivered += 1;
-            true
+            Offered::Queued
         }
-        Err(PushError::Full) => {
+        Err(PushError::Full) if wait => Offered::Wait(WaitOn::Session {
+            sid,
+            name: s.name.clone(),
+            outbox: s.outbox.clone(),
+        }),
+        Err(PushError::Full) | Err(PushError::Stuck) => {
             s.counters.dropped += 1;
             totals.dropped_slow += 1;
-            if cfg.slow_consumer == SlowConsumerPolicy::Disconnect {
-                let err = ProtocolError::new(
-                    ErrorCode::SlowConsumer,
-                    format!(
-                        "outbox full ({} messages): disconnected",
-                        cfg.outbox_capacity
-                    ),
-                );
-                let discarded = s.outbox.abort(Some(error_frame(&err, None)));
-                s.counters.dropped += discarded as u64;
-                totals.dropped_slow += discarded as u64;
-                totals.slow_disconnects += 1;
+            d.fail(|| slow_error(s.name.as_deref()));
+            if cfg.slow_consumer == SlowConsumerPolicy::Disconnect && s.outbox.is_stuck() {
+                apply_policy(cfg, totals, s, d);
             }
-            false
+            Offered::Dropped
         }
         Err(PushError::Closed) => {
             s.counters.dropped += 1;
             totals.dropped_slow += 1;
-            false
+            d.fail(gone_error);
+            Offered::Dropped
         }
     }
+}
+
+/// The slow-consumer policy for a receiver that made no progress: its
+/// queue is dropped (and counted, senders' receipts told), and it is
+/// either left to catch up (drop) or closed with a reason (disconnect).
+fn apply_policy(cfg: &RouterConfig, totals: &mut Totals, s: &mut Session, d: &Delivery) {
+    s.outbox.mark_stuck();
+    d.fail(|| slow_error(s.name.as_deref()));
+    let discarded = match cfg.slow_consumer {
+        SlowConsumerPolicy::Drop => s.outbox.discard(),
+        SlowConsumerPolicy::Disconnect => {
+            if s.outbox.is_closed() {
+                Vec::new()
+            } else {
+                totals.slow_disconnects += 1;
+                let err = ProtocolError::new(
+                    ErrorCode::SlowConsumer,
+                    format!(
+                        "no progress for {} s while senders waited: disconnected",
+                        cfg.slow_consumer_timeout.as_secs_f64()
+                    ),
+                );
+                s.outbox.abort(Some(error_frame(&err, None)))
+            }
+        }
+    };
+    let n = 1 + discarded.iter().filter(|x| !x.is_reply()).count() as u64;
+    for x in &discarded {
+        x.fail(|| slow_error(s.name.as_deref()));
+    }
+    s.counters.dropped += n;
+    totals.dropped_slow += n;
+    // The discarded copies are dropped here, outside every queue lock
+    // (their receipts may go into other outboxes).
+    drop(discarded);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{outbox, OutboxReader};
+    use crate::outbox::{standalone, OutboxReader};
 
     fn frames(rx: &mut OutboxReader) -> Vec<serde_json::Value> {
         let mut b = VecDeque::new();
@@ -769,7 +1137,7 @@ mod tests {
     }
 
     fn session(r: &mut Router, now: Instant) -> (SessionId, OutboxReader) {
-        let (tx, rx) = outbox(8);
+        let (tx, rx) = standalone(8, 1 << 20);
         (r.connect("unix", tx, now), rx)
     }
 
@@ -819,30 +1187,59 @@ mod tests {
         r.register(a, "a", t0).unwrap();
         r.register(b, "b", t0).unwrap();
         assert_eq!(r.disconnect(b, t0).as_deref(), Some("b"));
+        let mut blocked = None;
         for n in 0..3 {
             let out = r
                 .route(a, &mut msg("b", n), t0 + Duration::from_secs(1))
                 .unwrap();
             assert_eq!(out.held, usize::from(n < 2));
+            blocked = out.blocked;
         }
-        assert_eq!(r.totals().dropped_held, 1);
+        // The third found the mailbox full: its sender waits, nothing is
+        // dropped.
+        let blocked = blocked.expect("a full mailbox is a wait");
+        assert_eq!(r.totals().dropped_held, 0);
+        let w = &blocked.waits[0];
+        let again = r.resume(
+            w,
+            &blocked.delivery,
+            Verdict::Room,
+            t0 + Duration::from_secs(1),
+        );
+        assert!(
+            matches!(again, Some(WaitOn::Held { .. })),
+            "still full: wait on"
+        );
         assert!(
             r.endpoints().iter().all(|(n, _)| n != "b"),
             "held names are not listed"
         );
         let (b2, mut rb2) = session(&mut r, t0);
         r.register(b2, "b", t0 + Duration::from_secs(2)).unwrap();
+        assert!(r
+            .resume(
+                w,
+                &blocked.delivery,
+                Verdict::Room,
+                t0 + Duration::from_secs(2)
+            )
+            .is_none());
         let got = frames(&mut rb2);
         assert_eq!(got[0]["type"], "registered");
         assert_eq!(got[1]["body"]["n"], 0);
         assert_eq!(got[2]["body"]["n"], 1);
+        assert_eq!(
+            got[3]["body"]["n"], 2,
+            "the waiting one comes after the held ones"
+        );
 
         // Gone for good: swept after the grace, held ones counted.
         r.disconnect(b2, t0 + Duration::from_secs(3));
         r.route(a, &mut msg("b", 9), t0 + Duration::from_secs(4))
             .unwrap();
         r.sweep(t0 + Duration::from_secs(9));
-        assert_eq!(r.totals().dropped_held, 2);
+        assert_eq!(r.totals().dropped_held, 1);
+        assert_eq!(r.budget().used(), 0, "a swept mailbox gives its bytes back");
         let err = r
             .route(a, &mut msg("b", 10), t0 + Duration::from_secs(9))
             .unwrap_err();
@@ -869,23 +1266,134 @@ mod tests {
         assert_eq!(r.endpoints().len(), 1);
     }
 
+    fn written(rx: &mut OutboxReader) -> usize {
+        let mut b = VecDeque::new();
+        rx.try_recv_batch(&mut b);
+        let bytes = b.iter().map(Delivery::charge).sum();
+        rx.written(b.len(), bytes);
+        b.len()
+    }
+
     #[test]
-    fn full_outbox_drops_and_counts_without_blocking() {
+    fn full_outbox_blocks_the_sender_then_room_delivers_in_order() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (a, _ra) = session(&mut r, t0);
+        let (b, mut rb) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        // Capacity 8, one slot taken by `registered`.
+        let mut blocked = None;
+        let mut n = 0;
+        while blocked.is_none() {
+            let out = r.route(a, &mut msg("b", n), t0).unwrap();
+            blocked = out.blocked;
+            n += 1;
+        }
+        assert_eq!(n, 8, "the eighth message found the outbox full");
+        assert_eq!(r.totals().delivered, 7);
+        assert_eq!(r.totals().dropped_slow, 0, "full is a wait, not a drop");
+        assert_eq!(r.stats(t0).flow.blocked_now, 1);
+        let blocked = blocked.unwrap();
+        // The writer drains; the sender's wait ends with room.
+        assert_eq!(written(&mut rb), 8);
+        for w in &blocked.waits {
+            assert!(r.resume(w, &blocked.delivery, Verdict::Room, t0).is_none());
+        }
+        r.end_wait(Duration::from_millis(3));
+        let got = frames(&mut rb);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["body"]["n"], 7);
+        let t = r.totals();
+        assert_eq!(
+            (t.delivered, t.dropped_slow, t.blocked, t.blocked_ms),
+            (8, 0, 1, 3)
+        );
+        assert_eq!(r.stats(t0).flow.blocked_now, 0);
+    }
+
+    #[test]
+    fn stuck_receiver_gets_the_policy_and_its_senders_go_on() {
         let t0 = Instant::now();
         let mut r = Router::new(RouterConfig::default());
         let (a, _ra) = session(&mut r, t0);
         let (b, _rb) = session(&mut r, t0);
         r.register(a, "a", t0).unwrap();
         r.register(b, "b", t0).unwrap();
-        for n in 0..20 {
-            r.route(a, &mut msg("b", n), t0).unwrap();
+        let mut blocked = None;
+        let mut n = 0;
+        while blocked.is_none() {
+            blocked = r.route(a, &mut msg("b", n), t0).unwrap().blocked;
+            n += 1;
         }
-        // Capacity 8, one slot taken by `registered`.
-        assert_eq!(r.totals().delivered, 7);
-        assert_eq!(r.totals().dropped_slow, 13);
-        let st = r.stats(t0);
-        let eb = st.endpoints.iter().find(|e| e.name == "b").unwrap();
-        assert_eq!(eb.counters.dropped, 13);
+        let blocked = blocked.unwrap();
+        for w in &blocked.waits {
+            r.resume(w, &blocked.delivery, Verdict::Stuck, t0);
+        }
+        // The 7 queued and the waiting one are dropped and counted.
+        assert_eq!(r.totals().dropped_slow, 8);
+        // While stuck, what comes for it is dropped at once: no wait.
+        let out = r.route(a, &mut msg("b", 99), t0).unwrap();
+        assert!(out.blocked.is_none());
+        assert_eq!(r.totals().dropped_slow, 9);
+        let eb = r
+            .stats(t0)
+            .endpoints
+            .into_iter()
+            .find(|e| e.name == "b")
+            .unwrap();
+        assert!(eb.stuck);
+        assert_eq!(eb.counters.dropped, 9);
+    }
+
+    #[test]
+    fn acks_come_when_written_and_errors_when_dropped() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (a, mut ra) = session(&mut r, t0);
+        let (b, mut rb) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        frames(&mut ra);
+        let mut m =
+            BusMessage::parse(br#"{"type":"message","to":"b","id":"m1","ack":true,"body":{}}"#)
+                .unwrap();
+        r.route(a, &mut m, t0).unwrap();
+        assert!(frames(&mut ra).is_empty(), "no ack before it is written");
+        let got = frames(&mut rb);
+        assert_eq!(got.len(), 2, "registered + the message");
+        assert!(
+            got[1].get("ack").is_none(),
+            "the ack field is ours, not passed on"
+        );
+        let acks = frames(&mut ra);
+        assert_eq!(acks.len(), 1);
+        assert_eq!(acks[0]["type"], "ack");
+        assert_eq!(acks[0]["id"], "m1");
+
+        // Dropped by the policy: the sender hears it, by id.
+        let mut blocked = None;
+        let mut n = 0;
+        while blocked.is_none() {
+            let text =
+                format!(r#"{{"type":"message","to":"b","id":"x{n}","ack":true,"body":{{}}}}"#);
+            blocked = r
+                .route(a, &mut BusMessage::parse(text.as_bytes()).unwrap(), t0)
+                .unwrap()
+                .blocked;
+            n += 1;
+        }
+        let blocked = blocked.unwrap();
+        for w in &blocked.waits {
+            r.resume(w, &blocked.delivery, Verdict::Stuck, t0);
+        }
+        drop(blocked);
+        let errs = frames(&mut ra);
+        assert_eq!(errs.len(), n as usize, "{errs:?}");
+        assert!(errs
+            .iter()
+            .all(|e| e["type"] == "error" && e["code"] == "slow_consumer"));
+        assert_eq!(errs[0]["id"], "x0");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub struct SessionCounters {
 
 /// Counters of the whole bus.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct Totals {
     /// Messages and topic publications accepted for routing.
     pub routed: u64,
@@ -41,6 +42,29 @@ pub struct Totals {
     pub slow_disconnects: u64,
     /// Connections accepted since start.
     pub connections: u64,
+    /// Times a sender was held back because a receiver's outbox (or a
+    /// held mailbox, or the byte budget) was full.
+    pub blocked: u64,
+    /// Milliseconds senders spent held back, added up.
+    pub blocked_ms: u64,
+}
+
+/// Flow control now: who waits, and how much of the byte budget is used.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Sending sessions held back right now.
+    pub blocked_now: usize,
+    /// Bytes queued in every outbox and held mailbox together.
+    pub budget_used: usize,
+    /// The bound on that (`--memory-budget`).
+    pub budget_limit: usize,
+    /// Bytes one outbox holds before its senders wait (`--outbox-bytes`).
+    pub outbox_bytes: usize,
+    /// Deliveries one outbox holds before its senders wait.
+    pub outbox_capacity: usize,
+    /// Milliseconds without progress after which a receiver gets the
+    /// slow-consumer policy.
+    pub slow_consumer_timeout_ms: u64,
 }
 
 /// One registered endpoint in a snapshot.
@@ -52,8 +76,14 @@ pub struct EndpointStats {
     pub session_id: String,
     /// Which transport the session uses.
     pub transport: String,
-    /// Deliveries waiting in its outbox.
+    /// Deliveries waiting in its outbox (or being written).
     pub queued: usize,
+    /// Their bytes.
+    #[serde(default)]
+    pub queued_bytes: usize,
+    /// True while declared stuck by the slow-consumer timeout.
+    #[serde(default)]
+    pub stuck: bool,
     /// Its counters.
     pub counters: SessionCounters,
 }
@@ -65,6 +95,9 @@ pub struct HeldStats {
     pub name: String,
     /// Messages waiting for it.
     pub queued: usize,
+    /// Their bytes.
+    #[serde(default)]
+    pub bytes: usize,
     /// Milliseconds since it went away.
     pub gone_ms: u64,
 }
@@ -80,4 +113,7 @@ pub struct RouterStats {
     pub held: Vec<HeldStats>,
     /// Totals since start.
     pub totals: Totals,
+    /// Flow control now.
+    #[serde(default)]
+    pub flow: FlowStats,
 }

@@ -16,8 +16,8 @@ use crate::delivery::{Delivery, TopicMessage};
 use crate::error::ProtocolError;
 use crate::hooks::{HookEngine, HookEvent, HookEventKind};
 use crate::message::BusMessage;
-use crate::outbox::{outbox, OutboxReader};
-use crate::router::{Routed, Router, RouterConfig, SessionId};
+use crate::outbox::{clock_ms, outbox, Bounds, Outbox, OutboxReader};
+use crate::router::{Blocked, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
 use crate::stats::RouterStats;
 
 /// A way into the bus (Unix socket, ZeroMQ proxy, ...).
@@ -90,18 +90,68 @@ impl Bus {
     /// Opens a client session for `transport`; returns its id and the
     /// reader end of its outbox.
     pub fn connect(&self, transport: &'static str) -> (SessionId, OutboxReader) {
-        let cap = self.router().config().outbox_capacity;
-        let (tx, rx) = outbox(cap);
-        let id = self.router().connect(transport, tx, Instant::now());
+        let mut r = self.router();
+        let (tx, rx) = r.new_outbox();
+        let id = r.connect(transport, tx, Instant::now());
         (id, rx)
     }
 
     /// Opens a transport's own sink session (not evicted for silence),
-    /// e.g. the ZeroMQ proxy's bridge into the router.
+    /// e.g. the ZeroMQ proxy's bridge into the router, bounded at
+    /// `capacity` deliveries (and the configured bytes).
     pub fn attach(&self, transport: &'static str, capacity: usize) -> (SessionId, OutboxReader) {
-        let (tx, rx) = outbox(capacity);
-        let id = self.router().connect_sink(transport, tx, Instant::now());
+        let mut r = self.router();
+        let bounds = Bounds::new(capacity, r.config().outbox_bytes);
+        let (tx, rx) = outbox(bounds, r.budget().clone());
+        let id = r.connect_sink(transport, tx, Instant::now());
         (id, rx)
+    }
+
+    /// Waits out a [`Blocked`] decision for the sending session: for each
+    /// full target in turn, until it drained below its low-water mark
+    /// (the message is then delivered), or made no progress for the
+    /// slow-consumer timeout (its policy applies), or went away. Meanwhile
+    /// the sender reads nothing more, so the kernel pushes back on the
+    /// sending process. Returns false when `cancel` fired first (the
+    /// sender's session is closing; what was still owed is counted as
+    /// dropped).
+    pub async fn settle(&self, blocked: Blocked, cancel: &CancellationToken) -> bool {
+        let started = Instant::now();
+        let timeout = self.router().config().slow_consumer_timeout;
+        let Blocked { delivery, waits } = blocked;
+        let mut waits: std::collections::VecDeque<WaitOn> = waits.into();
+        let mut done = true;
+        while let Some(w) = waits.pop_front() {
+            let verdict = match &w {
+                WaitOn::Session { outbox, .. } => wait_session(outbox, timeout, cancel).await,
+                // A held mailbox drains only when its name comes back (or
+                // its grace ends): look again every few milliseconds.
+                WaitOn::Held { .. } => tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => Some(Verdict::Room),
+                    _ = cancel.cancelled() => None,
+                },
+            };
+            let Some(verdict) = verdict else {
+                waits.push_front(w);
+                done = false;
+                break;
+            };
+            if let Some(next) = self.router().resume(&w, &delivery, verdict, Instant::now()) {
+                waits.push_front(next);
+            }
+        }
+        let mut r = self.router();
+        if !done {
+            delivery.fail(|| {
+                ProtocolError::new(
+                    crate::error::ErrorCode::NotDelivered,
+                    "dropped: the sending session closed while it waited",
+                )
+            });
+            r.abandon(waits.len());
+        }
+        r.end_wait(started.elapsed());
+        done
     }
 
     /// Closes a session.
@@ -127,7 +177,9 @@ impl Bus {
             .then(|| HookEvent::message(transport, routed.to.clone(), routed.frame.slice(4..)))
     }
 
-    /// Routes a `message` from a session and offers it to the hooks.
+    /// Routes a `message` from a session and offers it to the hooks. A
+    /// `blocked` part of the result must be waited out ([`Bus::settle`])
+    /// before the session sends anything else.
     pub fn route(
         &self,
         transport: &'static str,
@@ -141,21 +193,44 @@ impl Bus {
         Ok(routed)
     }
 
-    /// Publishes a topic message from a session (or a transport's sink) to
-    /// every other subscribed session, and offers it to the hooks. The
-    /// message is wrapped once: subscribers and the hook event share its
-    /// Unix JSON encoding.
+    /// Publishes a topic message from a transport that cannot wait (the
+    /// ZeroMQ bridge: PUB semantics, a full subscriber's copy is dropped
+    /// and counted) to every other subscribed session, and offers it to
+    /// the hooks. The message is wrapped once: subscribers and the hook
+    /// event share its Unix JSON encoding.
     pub fn publish(&self, transport: &'static str, from: SessionId, msg: TopicMessage) -> usize {
+        self.publish_inner(transport, from, msg, false).0
+    }
+
+    /// Publishes a topic message from a session that waits for full
+    /// subscribers: the `Blocked` part must be waited out
+    /// ([`Bus::settle`]) before the session sends anything else.
+    pub fn publish_waiting(
+        &self,
+        transport: &'static str,
+        from: SessionId,
+        msg: TopicMessage,
+    ) -> (usize, Option<Blocked>) {
+        self.publish_inner(transport, from, msg, true)
+    }
+
+    fn publish_inner(
+        &self,
+        transport: &'static str,
+        from: SessionId,
+        msg: TopicMessage,
+        wait: bool,
+    ) -> (usize, Option<Blocked>) {
         let hooks = &self.inner.hooks;
         let wanted = hooks.wants(HookEventKind::Topic, transport, None, Some(&msg.topic));
         let d = Delivery::topic(msg);
-        let n = self.router().publish_delivery(from, &d);
+        let out = self.router().publish_delivery(from, &d, wait);
         if wanted {
             if let Some(m) = d.topic_message() {
                 hooks.offer(HookEvent::topic(transport, m.topic.clone(), d.unix_json()));
             }
         }
-        n
+        out
     }
 
     /// Subscribes a session to a topic prefix.
@@ -234,5 +309,38 @@ impl Bus {
     /// queue replies without a routing decision).
     pub fn reply(&self, sid: SessionId, d: Delivery, is_error: bool) {
         self.router().reply(sid, d, is_error);
+    }
+}
+
+/// Waits on one full outbox: room (below its low-water mark), the stuck
+/// verdict (no progress for `timeout`; declared here if nobody did yet),
+/// or gone (closed). None when `cancel` fired first.
+async fn wait_session(
+    outbox: &Outbox,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Option<Verdict> {
+    let timeout_ms = timeout.as_millis() as u64;
+    loop {
+        if outbox.is_closed() {
+            return Some(Verdict::Gone);
+        }
+        if outbox.is_stuck() {
+            return Some(Verdict::Stuck);
+        }
+        if outbox.has_room() {
+            return Some(Verdict::Room);
+        }
+        let now = clock_ms();
+        let deadline = outbox.progress_ms().saturating_add(timeout_ms);
+        if now >= deadline {
+            outbox.mark_stuck();
+            return Some(Verdict::Stuck);
+        }
+        tokio::select! {
+            _ = outbox.room() => {}
+            _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
+            _ = cancel.cancelled() => return None,
+        }
     }
 }

@@ -16,6 +16,9 @@ const LIMIT: Duration = Duration::from_secs(120);
 fn small_outbox(policy: SlowConsumerPolicy) -> RouterConfig {
     RouterConfig {
         outbox_capacity: 256,
+        // A receiver that makes no progress for this long gets the policy
+        // (its senders wait until then).
+        slow_consumer_timeout: Duration::from_secs(1),
         slow_consumer: policy,
         ..RouterConfig::default()
     }

@@ -42,8 +42,8 @@ pub struct ClientConfig {
     /// The daemon manager to run for that: by default `hermes-busd` next
     /// to this executable, else on `PATH`.
     pub busd: PathBuf,
-    /// Messages buffered for `recv` before the client stops reading (and
-    /// the bus starts counting drops for it).
+    /// Messages buffered for `recv` before the client stops reading (the
+    /// bus then holds back whoever sends to it).
     pub inbox_capacity: usize,
 }
 
@@ -234,6 +234,15 @@ fn as_error(v: &Value) -> Option<ProtocolError> {
         "too_many_connections" => ErrorCode::TooManyConnections,
         "bad_field" => ErrorCode::BadField,
         "missing_field" => ErrorCode::MissingField,
+        "slow_consumer" => ErrorCode::SlowConsumer,
+        "not_delivered" => ErrorCode::NotDelivered,
+        "shutting_down" => ErrorCode::ShuttingDown,
+        "heartbeat_timeout" => ErrorCode::HeartbeatTimeout,
+        "frame_too_large" => ErrorCode::FrameTooLarge,
+        "bad_json" => ErrorCode::BadJson,
+        "bad_utf8" => ErrorCode::BadUtf8,
+        "bad_msgpack" => ErrorCode::BadMsgpack,
+        "not_object" => ErrorCode::NotObject,
         _ => ErrorCode::UnknownType,
     };
     Some(ProtocolError::new(
@@ -404,7 +413,9 @@ impl BusClient {
     }
 
     /// Sends `body` to `to` (empty `to`: broadcast). Builds the reference
-    /// shape `{"type","to","from","id","ts","body"}`.
+    /// shape `{"type","to","from","id","ts","body"}`. Waits while the bus
+    /// pushes back (a full receiver): nothing is queued without bound or
+    /// dropped on this side.
     pub async fn send(&self, to: &str, body: Value) -> Result<(), ClientError> {
         let id = self.ids.next();
         let frame = message_frame(to, &self.endpoint, &id, crate::router::unix_now(), &body);
@@ -490,60 +501,50 @@ async fn connection_task(
 }
 
 /// Serves one live connection; returns why it ended ("closed" when the
-/// client itself went away).
+/// client itself went away). Reading runs in its own task, so the client
+/// keeps reading what the bus sends while a write waits (the bus holds a
+/// sender back by not reading it: a client that stopped reading then
+/// could wait on itself).
 async fn serve_connection(
     cfg: &ClientConfig,
     stream: UnixStream,
-    mut buf: BytesMut,
+    buf: BytesMut,
     out: &mut mpsc::Receiver<Bytes>,
     inbox: &mpsc::Sender<Value>,
 ) -> String {
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = tokio::spawn(read_loop(rd, buf, inbox.clone()));
+    let reason = write_loop(cfg, &mut wr, out, &mut reader).await;
+    reader.abort();
+    reason
+}
+
+/// Writes queued frames and pings until the connection or the client
+/// ends (or the reader ends, with its reason).
+async fn write_loop(
+    cfg: &ClientConfig,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    out: &mut mpsc::Receiver<Bytes>,
+    reader: &mut JoinHandle<String>,
+) -> String {
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let ping_frame = frame_of(&serde_json::json!({"type": "ping"}));
     let mut batch: Vec<Bytes> = Vec::with_capacity(256);
     let mut wbuf: Vec<u8> = Vec::new();
     loop {
-        // Deliver whatever complete frames are buffered.
-        loop {
-            match frame::decode(&mut buf, MAX_FRAME) {
-                Ok(Some(p)) => {
-                    // The frame boundary is intact, so one frame we cannot
-                    // represent (e.g. nested deeper than serde_json's
-                    // limit) is skipped, not a reason to drop the link.
-                    // JSON, or MessagePack (marker byte first) when asked for.
-                    let v = match crate::codec::decode::<Value>(&p) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            tracing::warn!("skipped a frame the client cannot decode: {e}");
-                            continue;
-                        }
-                    };
-                    if v.get("type").and_then(Value::as_str) == Some("pong") {
-                        continue;
-                    }
-                    if inbox.send(v).await.is_err() {
-                        return "closed".into();
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return e.to_string(),
-            }
-        }
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => return "bus closed the connection".into(),
-                Ok(_) => {}
-                Err(e) => return e.to_string(),
-            },
+            r = &mut *reader => {
+                return r.unwrap_or_else(|e| format!("reader failed: {e}"));
+            }
             n = out.recv_many(&mut batch, 256) => {
                 if n == 0 {
                     return "closed".into();
                 }
                 // Everything queued goes out in as few writes as possible:
                 // small frames are gathered into one buffer, a large one
-                // is written as it is.
+                // is written as it is. A write that waits (the bus pushes
+                // back) makes `send` wait once the channel is full.
                 for f in batch.drain(..) {
                     if f.len() >= 16 * 1024 {
                         if !wbuf.is_empty() {
@@ -574,6 +575,50 @@ async fn serve_connection(
                     return e.to_string();
                 }
             }
+        }
+    }
+}
+
+/// Reads frames and passes messages up (pong is not) until the
+/// connection ends; returns why ("closed" when the client went away).
+async fn read_loop(
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    mut buf: BytesMut,
+    inbox: mpsc::Sender<Value>,
+) -> String {
+    loop {
+        // Deliver whatever complete frames are buffered.
+        loop {
+            match frame::decode(&mut buf, MAX_FRAME) {
+                Ok(Some(p)) => {
+                    // The frame boundary is intact, so one frame we cannot
+                    // represent (e.g. nested deeper than serde_json's
+                    // limit) is skipped, not a reason to drop the link.
+                    // JSON, or MessagePack (marker byte first) when asked for.
+                    let v = match crate::codec::decode::<Value>(&p) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!("skipped a frame the client cannot decode: {e}");
+                            continue;
+                        }
+                    };
+                    if v.get("type").and_then(Value::as_str) == Some("pong") {
+                        continue;
+                    }
+                    // A full inbox (the application does not call `recv`)
+                    // stops reading: the bus then holds back the senders.
+                    if inbox.send(v).await.is_err() {
+                        return "closed".into();
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return "bus closed the connection".into(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
         }
     }
 }

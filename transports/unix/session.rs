@@ -23,8 +23,8 @@ use crate::delivery::{encode_frame, Delivery};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::hooks::HookEvent;
 use crate::message::BusMessage;
-use crate::outbox::OutboxReader;
-use crate::router::{error_frame, unix_now, SessionId};
+use crate::outbox::{Outbox, OutboxReader};
+use crate::router::{error_frame, unix_now, Blocked, SessionId};
 use crate::transport::Bus;
 use crate::TopicMessage;
 
@@ -45,6 +45,7 @@ pub struct SessionLimits {
 /// Serves one connection until it ends.
 pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
     let (sid, outbox) = bus.connect(TRANSPORT);
+    let own = outbox.outbox();
     let (rd, wr) = stream.into_split();
     let writer_stop = CancellationToken::new();
     let writer_done = CancellationToken::new();
@@ -58,7 +59,14 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
         writer_done.clone(),
     ));
 
-    let end = read_loop(&bus, sid, rd, &limits, &writer_done, &msgpack).await;
+    let ctx = Ctx {
+        bus: &bus,
+        sid,
+        own: &own,
+        writer_done: &writer_done,
+        msgpack: &msgpack,
+    };
+    let end = read_loop(&ctx, rd, &limits).await;
     tracing::debug!(sid, ?end, "session reader ended");
 
     // Anything still routed to this session's name now waits in the
@@ -72,9 +80,11 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
         writer_stop.cancel();
     }
     if let Ok(rest) = writer.await {
-        if let Some(name) = held_name {
-            if !rest.is_empty() {
-                bus.router().restore(&name, rest);
+        if !rest.is_empty() {
+            let mut r = bus.router();
+            match held_name {
+                Some(name) => r.restore(&name, rest),
+                None => r.count_unsent(rest),
             }
         }
     }
@@ -105,14 +115,27 @@ const LARGE_FRAME: usize = 16 * 1024;
 /// How long a session must be quiet before its read buffer is released.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
-async fn read_loop(
-    bus: &Bus,
+/// What every step of one session's reader needs.
+struct Ctx<'a> {
+    /// The bus.
+    bus: &'a Bus,
+    /// This session.
     sid: SessionId,
-    rd: OwnedReadHalf,
-    limits: &SessionLimits,
-    writer_done: &CancellationToken,
-    msgpack: &AtomicBool,
-) -> ReadEnd {
+    /// This session's own outbox: when it is over its bound (the peer
+    /// does not read what it is sent, replies included) the reader stops
+    /// reading requests until it drains.
+    own: &'a Outbox,
+    /// Fires when the writer ended (the session is closing): every wait
+    /// ends with it.
+    writer_done: &'a CancellationToken,
+    /// Set once the session registered with `"codec": "msgpack"`.
+    msgpack: &'a AtomicBool,
+}
+
+/// The session is closing while the reader waited.
+struct Closing;
+
+async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> ReadEnd {
     let mut buf = BytesMut::new();
     // Messages parsed and waiting to be routed together (one router lock
     // for many messages).
@@ -124,7 +147,9 @@ async fn read_loop(
     loop {
         // Every complete frame, parsed straight from the buffer: a small
         // one is copied out (so a kept message never pins the buffer), a
-        // large one is split off and kept as it is (no copy).
+        // large one is split off and kept as it is (no copy). A frame
+        // whose target is full waits here, before the next is parsed:
+        // nothing more is read from this sender meanwhile.
         let mut used = 0;
         let mut handled = false;
         loop {
@@ -138,7 +163,9 @@ async fn read_loop(
                     } else {
                         BusMessage::parse_frame(frame)
                     };
-                    handle_frame(bus, sid, parsed, &mut batch, msgpack);
+                    if handle_frame(ctx, parsed, &mut batch).await.is_err() {
+                        return ReadEnd::WriterDone;
+                    }
                     handled = true;
                 }
                 Ok(Some(len)) => {
@@ -148,26 +175,34 @@ async fn read_loop(
                     } else {
                         BusMessage::parse(payload)
                     };
-                    handle_frame(bus, sid, parsed, &mut batch, msgpack);
                     used += 4 + len;
+                    if handle_frame(ctx, parsed, &mut batch).await.is_err() {
+                        return ReadEnd::WriterDone;
+                    }
                     handled = true;
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    route_batch(bus, sid, &mut batch);
+                    let _ = flush(ctx, &mut batch).await;
                     let err = ProtocolError::new(
                         ErrorCode::FrameTooLarge,
                         format!("{e}; closing the connection"),
                     );
-                    tracing::warn!(sid, "{err}");
-                    let mut r = bus.router();
-                    r.reply(sid, error_frame(&err, None), true);
+                    tracing::warn!(sid = ctx.sid, "{err}");
+                    ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
                     return ReadEnd::Desync(e);
                 }
             }
         }
-        route_batch(bus, sid, &mut batch);
+        if flush(ctx, &mut batch).await.is_err() {
+            return ReadEnd::WriterDone;
+        }
         buf.advance(used);
+        // A peer that does not read what it is sent (its replies included)
+        // is not read from either, until its outbox drains.
+        if ctx.own.over_bound() && wait_own_room(ctx).await.is_err() {
+            return ReadEnd::WriterDone;
+        }
 
         if handled && drained {
             // The socket is most likely empty: let the writers just woken
@@ -192,7 +227,7 @@ async fn read_loop(
         };
         tokio::select! {
             r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
-            _ = writer_done.cancelled() => return ReadEnd::WriterDone,
+            _ = ctx.writer_done.cancelled() => return ReadEnd::WriterDone,
             _ = quiet, if may_release => {
                 buf = BytesMut::new();
                 want = READ_MIN;
@@ -224,6 +259,37 @@ async fn read_loop(
             Err(e) => return ReadEnd::Io(e),
         }
     }
+}
+
+/// Waits until this session's own outbox drained below its low-water
+/// mark (or the session closes).
+async fn wait_own_room(ctx: &Ctx<'_>) -> Result<(), Closing> {
+    let started = Instant::now();
+    ctx.bus.router().begin_own_wait();
+    let result = loop {
+        if !ctx.own.over_bound() || ctx.own.has_room() {
+            break Ok(());
+        }
+        if ctx.own.is_closed() {
+            break Err(Closing);
+        }
+        tokio::select! {
+            _ = ctx.own.room() => {}
+            _ = ctx.writer_done.cancelled() => break Err(Closing),
+        }
+    };
+    ctx.bus.router().end_wait(started.elapsed());
+    result
+}
+
+/// Routes what the batch holds, waiting out every full target in order.
+async fn flush(ctx: &Ctx<'_>, batch: &mut Vec<BusMessage>) -> Result<(), Closing> {
+    while let Some(blocked) = route_batch(ctx.bus, ctx.sid, batch) {
+        if !ctx.bus.settle(blocked, ctx.writer_done).await {
+            return Err(Closing);
+        }
+    }
+    Ok(())
 }
 
 /// Most messages routed under one router lock.
@@ -260,37 +326,38 @@ fn register_codec(msg: &BusMessage) -> Result<Codec, ProtocolError> {
 /// reply queued to this session's outbox; nothing here awaits. A
 /// `message` joins `batch`; anything else first routes what the batch
 /// holds, so every frame takes effect in the order it came.
-fn handle_frame(
-    bus: &Bus,
-    sid: SessionId,
+async fn handle_frame(
+    ctx: &Ctx<'_>,
     parsed: Result<BusMessage, ProtocolError>,
     batch: &mut Vec<BusMessage>,
-    msgpack: &AtomicBool,
-) {
+) -> Result<(), Closing> {
+    let (bus, sid, msgpack) = (ctx.bus, ctx.sid, ctx.msgpack);
     let msg = match parsed {
         Ok(m) => m,
         Err(e) => {
-            route_batch(bus, sid, batch);
+            flush(ctx, batch).await?;
             bus.router().touch(sid, Instant::now());
-            return reply_error(bus, sid, &e, None);
+            reply_error(bus, sid, &e, None);
+            return own_room(ctx).await;
         }
     };
     let kind = match msg.kind() {
         Ok(k) if k == "message" => {
             batch.push(msg);
             if batch.len() >= ROUTE_BATCH {
-                route_batch(bus, sid, batch);
+                flush(ctx, batch).await?;
             }
-            return;
+            return Ok(());
         }
         Ok(k) => k.into_owned(),
         Err(e) => {
-            route_batch(bus, sid, batch);
+            flush(ctx, batch).await?;
             bus.router().touch(sid, Instant::now());
-            return reply_error(bus, sid, &e, msg.raw("id"));
+            reply_error(bus, sid, &e, msg.raw("id"));
+            return own_room(ctx).await;
         }
     };
-    route_batch(bus, sid, batch);
+    flush(ctx, batch).await?;
     let mut msg = msg;
     let now = Instant::now();
     bus.router().touch(sid, now);
@@ -343,7 +410,16 @@ fn handle_frame(
             Ok(())
         }
         "subscribe" | "unsubscribe" => topic_op(bus, sid, &msg, kind == "subscribe"),
-        "publish" => publish(bus, sid, &mut msg),
+        "publish" => match publish(bus, sid, &mut msg) {
+            Ok(Some(blocked)) => {
+                if !bus.settle(blocked, ctx.writer_done).await {
+                    return Err(Closing);
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        },
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             format!("unknown message type '{other}'"),
@@ -352,33 +428,45 @@ fn handle_frame(
     if let Err(e) = result {
         reply_error(bus, sid, &e, msg.raw("id"));
     }
+    own_room(ctx).await
+}
+
+/// After a reply: a peer that does not read its replies is not read from
+/// either, until its outbox drains.
+async fn own_room(ctx: &Ctx<'_>) -> Result<(), Closing> {
+    if ctx.own.over_bound() {
+        wait_own_room(ctx).await
+    } else {
+        Ok(())
+    }
 }
 
 /// Routes the batched messages under one router lock, in order: each is
-/// noted as the sender's traffic, routed, and answered in place when it
-/// fails (`error`) or asked for a receipt (`"ack": true`, ours, opt-in:
-/// a short-lived sender need not wait for a possible error). Then offers
-/// them to the hooks (as [`Bus::route`] does, outside the lock).
-fn route_batch(bus: &Bus, sid: SessionId, batch: &mut Vec<BusMessage>) {
+/// noted as the sender's traffic, routed (a receipt asked for with
+/// `"ack": true` is the router's to send, once written), and answered in
+/// place when it fails (`error`). Stops after a message that found a
+/// target full and returns that decision: the caller waits it out, then
+/// routes the rest. Then offers the routed ones to the hooks (as
+/// [`Bus::route`] does, outside the lock).
+fn route_batch(bus: &Bus, sid: SessionId, batch: &mut Vec<BusMessage>) -> Option<Blocked> {
     if batch.is_empty() {
-        return;
+        return None;
     }
     let hooks = bus.hooks();
     let mut events: Vec<HookEvent> = Vec::new();
+    let mut blocked = None;
+    let mut done = 0;
     {
         let now = Instant::now();
         let mut r = bus.router();
         for msg in batch.iter_mut() {
-            let ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
+            done += 1;
             match r.route(sid, msg, now) {
-                Ok(routed) => {
+                Ok(mut routed) => {
                     events.extend(bus.message_hook_event(TRANSPORT, &routed));
-                    if ack {
-                        let mut a = BusMessage::with_type("ack");
-                        if let Some(id) = msg.raw("id") {
-                            a.set_json("id", id);
-                        }
-                        r.reply(sid, Delivery::reply(a.to_frame()), false);
+                    if let Some(b) = routed.blocked.take() {
+                        blocked = Some(b);
+                        break;
                     }
                 }
                 Err(e) => {
@@ -388,10 +476,15 @@ fn route_batch(bus: &Bus, sid: SessionId, batch: &mut Vec<BusMessage>) {
             }
         }
     }
-    batch.clear();
+    if done == batch.len() {
+        batch.clear();
+    } else {
+        batch.drain(..done);
+    }
     for ev in events {
         hooks.offer(ev);
     }
+    blocked
 }
 
 fn reply_error(
@@ -426,7 +519,11 @@ fn topic_op(
     Ok(())
 }
 
-fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), ProtocolError> {
+fn publish(
+    bus: &Bus,
+    sid: SessionId,
+    msg: &mut BusMessage,
+) -> Result<Option<Blocked>, ProtocolError> {
     let topic = msg
         .str_field("topic")?
         .ok_or_else(|| {
@@ -452,7 +549,7 @@ fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), Protoc
             .map_err(|_| ProtocolError::new(ErrorCode::BadField, "field 'ts' must be a number"))?,
         None => unix_now(),
     };
-    bus.publish(
+    let (_, blocked) = bus.publish_waiting(
         TRANSPORT,
         sid,
         TopicMessage {
@@ -462,7 +559,7 @@ fn publish(bus: &Bus, sid: SessionId, msg: &mut BusMessage) -> Result<(), Protoc
             ts,
         },
     );
-    Ok(())
+    Ok(blocked)
 }
 
 /// The writer: drains the outbox with vectored writes until it is closed
@@ -506,18 +603,27 @@ async fn write_loop(
         match written {
             Ok(0) | Err(_) => break,
             Ok(mut n) => {
+                let (mut items, mut bytes) = (0, 0);
                 while n > 0 {
                     let Some(first) = pending.front() else { break };
                     let left = first.unix_frame().len() - offset;
                     if n >= left {
                         n -= left;
                         offset = 0;
-                        pending.pop_front();
+                        if let Some(d) = pending.pop_front() {
+                            items += 1;
+                            bytes += d.charge();
+                            // Dropping the last copy of a delivery sends
+                            // its sender's receipt, if it asked for one.
+                            drop(d);
+                        }
                     } else {
                         offset += n;
                         n = 0;
                     }
                 }
+                // Any write is progress (the slow-consumer clock).
+                outbox.written(items, bytes);
                 if pending.is_empty() {
                     outbox.try_recv_batch(&mut pending);
                     transcode_if_asked(&msgpack, &mut pending);
@@ -527,7 +633,9 @@ async fn write_loop(
     }
     let _ = wr.shutdown().await;
     // Whatever is still queued was never written either.
-    outbox.try_recv_batch(&mut pending);
+    while outbox.try_recv_batch(&mut pending) > 0 {}
+    let bytes = pending.iter().map(Delivery::charge).sum();
+    outbox.forget(pending.len(), bytes);
     done.cancel();
     // Given back in their shared form, to be held for the name.
     pending.into_iter().map(Delivery::into_original).collect()
