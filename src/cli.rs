@@ -76,6 +76,12 @@ pub struct ServeArgs {
     /// Accept connections from other users' processes.
     #[arg(long)]
     pub allow_other_users: bool,
+    /// Milliseconds of silence towards a registered session after which it
+    /// is sent a keepalive `pong` (0: never). Reference clients drop every
+    /// pong; the 0.7.0 client would otherwise take a silent second for a
+    /// lost connection and reconnect (sends made meanwhile return False).
+    #[arg(long, default_value_t = 500)]
+    pub keepalive_ms: u64,
     /// Seconds to let sessions drain at shutdown.
     #[arg(long, default_value_t = 2.0)]
     pub drain_timeout: f64,
@@ -160,6 +166,7 @@ impl ServeArgs {
             max_frame: self.max_frame,
             allow_other_users: self.allow_other_users,
             drain_timeout: secs(self.drain_timeout),
+            keepalive: Duration::from_millis(self.keepalive_ms),
         }
     }
 

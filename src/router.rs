@@ -1104,12 +1104,16 @@ fn apply_policy(cfg: &RouterConfig, totals: &mut Totals, s: &mut Session, d: &De
             }
         }
     };
-    let n = 1 + discarded.iter().filter(|x| !x.is_reply()).count() as u64;
+    // Copies taken back out of the queue were counted delivered when
+    // queued: they move to dropped.
+    let taken = discarded.iter().filter(|x| !x.is_reply()).count() as u64;
     for x in &discarded {
         x.fail(|| slow_error(s.name.as_deref()));
     }
-    s.counters.dropped += n;
-    totals.dropped_slow += n;
+    s.counters.delivered = s.counters.delivered.saturating_sub(taken);
+    totals.delivered = totals.delivered.saturating_sub(taken);
+    s.counters.dropped += taken + 1;
+    totals.dropped_slow += taken + 1;
     // The discarded copies are dropped here, outside every queue lock
     // (their receipts may go into other outboxes).
     drop(discarded);

@@ -23,11 +23,28 @@ const GAPS_MS: [u64; 5] = [1300, 150, 1700, 600, 2100];
 
 #[tokio::test]
 async fn idle_070_client_gets_a_numbered_stream_complete_and_in_order() {
+    // Without keepalives the quirk happens: the stream crosses reconnects.
+    idle_070_stream(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn keepalives_spare_an_idle_070_client_its_reconnects() {
+    // With the bus's keepalive pongs (the default) the 0.7.0 client never
+    // sees a silent second, so it keeps one session all along.
+    idle_070_stream(Duration::from_millis(500)).await;
+}
+
+async fn idle_070_stream(keepalive: Duration) {
     let Some(py) = common::python("py07") else {
         return;
     };
     tokio::time::timeout(Duration::from_secs(150), async {
-        let bus = TestBus::start().await;
+        let bus = TestBus::start_unix(
+            hermes_bus::RouterConfig::default(),
+            hermes_bus::hooks::HookEngine::disabled(),
+            |u| u.keepalive = keepalive,
+        )
+        .await;
         let mut child = tokio::process::Command::new(&py)
             .arg(common::repo_root().join("tests/py/unix_listener.py"))
             .env("SOCK", &bus.socket)
@@ -74,10 +91,15 @@ async fn idle_070_client_gets_a_numbered_stream_complete_and_in_order() {
         }
         let (got, sessions) = collector.await.expect("collector");
         assert_eq!(got, (0..COUNT).collect::<Vec<_>>(), "complete and in order");
-        // The quirk really happened: the client re-registered along the way
-        // and some messages waited for it.
-        assert!(sessions > 1, "the 0.7.0 client never reconnected");
-        assert!(bus.totals().held > 0, "{:?}", bus.totals());
+        if keepalive.is_zero() {
+            // The quirk really happened: the client re-registered along the
+            // way and some messages waited for it.
+            assert!(sessions > 1, "the 0.7.0 client never reconnected");
+            assert!(bus.totals().held > 0, "{:?}", bus.totals());
+        } else {
+            assert_eq!(sessions, 1, "kept alive, the client never reconnected");
+            assert_eq!(bus.totals().held, 0, "{:?}", bus.totals());
+        }
         assert_eq!(bus.totals().dropped_held, 0);
         let _ = child.kill().await;
         bus.stop().await;

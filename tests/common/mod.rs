@@ -92,9 +92,20 @@ pub struct TestBus {
 impl TestBus {
     /// Starts a bus with the given router config and hooks.
     pub async fn start_with(cfg: RouterConfig, hooks: HookEngine) -> TestBus {
+        TestBus::start_unix(cfg, hooks, |_| {}).await
+    }
+
+    /// Starts a bus whose Unix transport settings `tune` adjusts.
+    pub async fn start_unix(
+        cfg: RouterConfig,
+        hooks: HookEngine,
+        tune: impl FnOnce(&mut UnixConfig),
+    ) -> TestBus {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("hermes-bus.sock");
-        let server = UnixServer::bind(UnixConfig::new(&socket)).expect("bind");
+        let mut unix = UnixConfig::new(&socket);
+        tune(&mut unix);
+        let server = UnixServer::bind(unix).expect("bind");
         let bus = Bus::new(cfg, hooks);
         let shutdown = CancellationToken::new();
         bus.spawn_sweeper(Duration::from_millis(100), shutdown.clone());
@@ -173,12 +184,19 @@ impl Raw {
         self.recv_within(Duration::from_secs(5)).await
     }
 
-    /// Next frame as JSON within `limit`; None on EOF or timeout.
+    /// Next frame as JSON within `limit`; None on EOF or timeout. The
+    /// bus's keepalive pongs (`"keepalive": true`, sent to quiet
+    /// registered sessions) are skipped, as the reference clients skip
+    /// every pong.
     pub async fn recv_within(&mut self, limit: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Ok(Some(p)) = frame::decode(&mut self.buf, frame::MAX_FRAME) {
-                return Some(serde_json::from_slice(&p).expect("bus sent invalid JSON"));
+                let v: Value = serde_json::from_slice(&p).expect("bus sent invalid JSON");
+                if v["keepalive"] == true {
+                    continue;
+                }
+                return Some(v);
             }
             let r = tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.buf)).await;
             match r {
@@ -194,6 +212,11 @@ impl Raw {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(Some(p)) = frame::decode(&mut self.buf, frame::MAX_FRAME) {
+                let keepalive = hermes_bus::codec::decode::<Value>(&p)
+                    .is_ok_and(|v| v["type"] == "pong" && v["keepalive"] == true);
+                if keepalive {
+                    continue;
+                }
                 return Some(p);
             }
             match tokio::time::timeout_at(deadline, self.s.read_buf(&mut self.buf)).await {

@@ -37,6 +37,9 @@ pub struct UnixConfig {
     pub allow_other_users: bool,
     /// How long sessions may take to drain their outboxes at shutdown.
     pub drain_timeout: Duration,
+    /// A registered session sent nothing for this long gets a keepalive
+    /// `pong` (zero: never); see [`super::session::KEEPALIVE`].
+    pub keepalive: Duration,
 }
 
 impl UnixConfig {
@@ -48,6 +51,7 @@ impl UnixConfig {
             max_frame: MAX_FRAME,
             allow_other_users: false,
             drain_timeout: Duration::from_secs(2),
+            keepalive: Duration::from_millis(500),
         }
     }
 }
@@ -172,6 +176,7 @@ impl Transport for UnixServer {
         let limits = Arc::new(SessionLimits {
             max_frame: config.max_frame,
             drain_timeout: config.drain_timeout,
+            keepalive: config.keepalive,
         });
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let tasks = TaskTracker::new();

@@ -40,7 +40,15 @@ pub struct SessionLimits {
     pub max_frame: usize,
     /// How long the writer may take to drain after the session ends.
     pub drain_timeout: Duration,
+    /// A registered session that was sent nothing for this long gets a
+    /// `{"type":"pong","keepalive":true}` (zero: never). The reference
+    /// clients drop every `pong`; 0.7.0's reads a silent second as a lost
+    /// connection and reconnects, losing what it sends meanwhile.
+    pub keepalive: Duration,
 }
+
+/// The frame a quiet registered session gets every keepalive period.
+pub const KEEPALIVE: &[u8] = br#"{"type":"pong","keepalive":true}"#;
 
 /// Serves one connection until it ends.
 pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
@@ -51,10 +59,16 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
     let writer_done = CancellationToken::new();
     // Set once the session registered with `"codec": "msgpack"`.
     let msgpack = Arc::new(AtomicBool::new(false));
+    // Set once the session registered (keepalives go only to those).
+    let registered = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_loop(
         wr,
         outbox,
-        msgpack.clone(),
+        Flags {
+            msgpack: msgpack.clone(),
+            registered: registered.clone(),
+            keepalive: limits.keepalive,
+        },
         writer_stop.clone(),
         writer_done.clone(),
     ));
@@ -65,6 +79,7 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
         own: &own,
         writer_done: &writer_done,
         msgpack: &msgpack,
+        registered: &registered,
     };
     let end = read_loop(&ctx, rd, &limits).await;
     tracing::debug!(sid, ?end, "session reader ended");
@@ -130,6 +145,8 @@ struct Ctx<'a> {
     writer_done: &'a CancellationToken,
     /// Set once the session registered with `"codec": "msgpack"`.
     msgpack: &'a AtomicBool,
+    /// Set once the session registered.
+    registered: &'a AtomicBool,
 }
 
 /// The session is closing while the reader waited.
@@ -382,6 +399,8 @@ async fn handle_frame(
                 let r = bus.router().register(sid, &name, now).map(|_| ());
                 if r.is_err() {
                     msgpack.store(before, Ordering::Release);
+                } else {
+                    ctx.registered.store(true, Ordering::Release);
                 }
                 r
             }
@@ -568,7 +587,7 @@ fn publish(
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut outbox: OutboxReader,
-    msgpack: Arc<AtomicBool>,
+    flags: Flags,
     stop: CancellationToken,
     done: CancellationToken,
 ) -> VecDeque<Delivery> {
@@ -583,11 +602,25 @@ async fn write_loop(
                 // A burst is over: an idle session keeps no big queue.
                 pending = VecDeque::new();
             }
+            let keepalive = async {
+                if flags.keepalive.is_zero() {
+                    std::future::pending::<()>().await;
+                } else {
+                    tokio::time::sleep(flags.keepalive).await;
+                }
+            };
             tokio::select! {
                 more = outbox.recv_batch(&mut pending) => if !more { break; },
                 _ = stop.cancelled() => break,
+                _ = keepalive => {
+                    if flags.registered.load(Ordering::Acquire) {
+                        let frame = super::frame::encode(KEEPALIVE);
+                        let _ = outbox.outbox().push_forced(Delivery::reply(frame));
+                    }
+                    continue;
+                }
             }
-            transcode_if_asked(&msgpack, &mut pending);
+            transcode_if_asked(&flags.msgpack, &mut pending);
         }
         let written = {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(pending.len().min(MAX_IOV));
@@ -626,7 +659,7 @@ async fn write_loop(
                 outbox.written(items, bytes);
                 if pending.is_empty() {
                     outbox.try_recv_batch(&mut pending);
-                    transcode_if_asked(&msgpack, &mut pending);
+                    transcode_if_asked(&flags.msgpack, &mut pending);
                 }
             }
         }
@@ -639,6 +672,16 @@ async fn write_loop(
     done.cancel();
     // Given back in their shared form, to be held for the name.
     pending.into_iter().map(Delivery::into_original).collect()
+}
+
+/// What the writer learns from the reader.
+struct Flags {
+    /// Set once the session registered with `"codec": "msgpack"`.
+    msgpack: Arc<AtomicBool>,
+    /// Set once the session registered.
+    registered: Arc<AtomicBool>,
+    /// The keepalive period (zero: none).
+    keepalive: Duration,
 }
 
 /// Turns a batch into MessagePack frames when the session asked for them
