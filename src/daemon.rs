@@ -476,14 +476,16 @@ fn print_live_details(paths: &Paths) {
         for e in &eps {
             let c = &e["counters"];
             println!(
-                "    {}  (sid={})  received={} delivered={} dropped={} errors={} queued={}",
+                "    {}  (sid={})  received={} delivered={} dropped={} errors={} queued={} queued_bytes={}{}",
                 e["name"].as_str().unwrap_or(""),
                 e["session_id"].as_str().unwrap_or(""),
                 c["received"],
                 c["delivered"],
                 c["dropped"],
                 c["errors"],
-                e["queued"]
+                e["queued"],
+                e["queued_bytes"],
+                if e["stuck"] == true { "  STUCK (slow consumer)" } else { "" }
             );
         }
     }
@@ -491,9 +493,10 @@ fn print_live_details(paths: &Paths) {
         println!("  Held for reconnect ({}):", held.len());
         for h in held {
             println!(
-                "    {}  queued={} gone_ms={}",
+                "    {}  queued={} bytes={} gone_ms={}",
                 h["name"].as_str().unwrap_or(""),
                 h["queued"],
+                h["bytes"],
                 h["gone_ms"]
             );
         }
@@ -507,6 +510,11 @@ fn print_live_details(paths: &Paths) {
     println!(
         "  Totals: routed={} delivered={} dropped_slow={} dropped_held={} errors={} evicted={} replaced={} slow_disconnects={} connections={}",
         t["routed"], t["delivered"], t["dropped_slow"], t["dropped_held"], t["errors"], t["evicted"], t["replaced"], t["slow_disconnects"], t["connections"]
+    );
+    let f = &router["flow"];
+    println!(
+        "  Flow: blocked_now={} blocked_total={} blocked_ms={} budget_used={} of {} bytes (outbox {} bytes / {} messages, slow-consumer timeout {} ms)",
+        f["blocked_now"], t["blocked"], t["blocked_ms"], f["budget_used"], f["budget_limit"], f["outbox_bytes"], f["outbox_capacity"], f["slow_consumer_timeout_ms"]
     );
     let h = &stats["hooks"];
     if h.is_object() {

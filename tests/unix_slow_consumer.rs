@@ -127,6 +127,11 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
             .unwrap_or_else(|| panic!("{line}"));
         assert!(dropped >= 1000, "{line}");
         assert!(text.contains("dropped_slow="), "{text}");
+        // Flow control is visible too: who was held back, for how long,
+        // how much of the byte budget is used, and who is stuck.
+        assert!(text.contains("Flow: blocked_now="), "{text}");
+        assert!(text.contains("budget_used="), "{text}");
+        assert!(line.contains("STUCK"), "{line}");
         drop(stuck);
         bus.stop().await;
     })
