@@ -238,23 +238,28 @@ impl<'a> Iterator for FrameIter<'a> {
     type Item = &'a [u8];
     fn next(&mut self) -> Option<&'a [u8]> {
         let (hdr, len) = parse_header(self.rest)?;
-        let body = self.rest.get(hdr..hdr + len)?;
-        self.rest = &self.rest[hdr + len..];
+        let end = hdr.checked_add(usize::try_from(len).ok()?)?;
+        let body = self.rest.get(hdr..end)?;
+        self.rest = self.rest.get(end..)?;
         Some(body)
     }
 }
 
-/// Parses a frame header: (header length, body length).
-fn parse_header(b: &[u8]) -> Option<(usize, usize)> {
+/// The largest frame length the wire allows: ZMTP sizes are 63-bit
+/// (RFC 23: a long size's most significant bit must be zero). A length
+/// past it is a protocol error, never a number to compute with.
+pub const MAX_WIRE_FRAME: u64 = i64::MAX as u64;
+
+/// A frame header: its size and the announced body length; None when the
+/// header is not all there yet. The length is only a claim of the peer:
+/// every use of it below is checked.
+fn parse_header(b: &[u8]) -> Option<(usize, u64)> {
     let flags = *b.first()?;
     if flags & FLAG_LONG != 0 {
         let raw: [u8; 8] = b.get(1..9)?.try_into().ok()?;
-        Some((
-            9,
-            usize::try_from(u64::from_be_bytes(raw)).unwrap_or(usize::MAX),
-        ))
+        Some((9, u64::from_be_bytes(raw)))
     } else {
-        Some((2, *b.get(1)? as usize))
+        Some((2, u64::from(*b.get(1)?)))
     }
 }
 
@@ -336,10 +341,12 @@ impl FrameReader {
             if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
                 return Err(ZmtpError::Protocol("reserved flag bits set"));
             }
-            let Some((hdr, len)) = parse_header(&b[pos..]) else {
+            let Some((hdr, len64)) = parse_header(&b[pos..]) else {
                 return Ok(None);
             };
-            let len64 = len as u64;
+            if len64 > MAX_WIRE_FRAME {
+                return Err(ZmtpError::Protocol("frame length past 2^63-1"));
+            }
             if flags & FLAG_COMMAND != 0 {
                 if frames > 0 {
                     return Err(ZmtpError::Protocol("command inside a multipart message"));
@@ -350,6 +357,8 @@ impl FrameReader {
                 if len64 > self.max_msg.max(4096) {
                     return Err(ZmtpError::Protocol("oversized command"));
                 }
+                // Bounded by the check above, so it fits.
+                let len = len64 as usize;
                 if b.len() < hdr + len {
                     self.buf.reserve((hdr + len - b.len()).min(1 << 20));
                     return Ok(None);
@@ -358,7 +367,10 @@ impl FrameReader {
                 body.advance(hdr);
                 return parse_command(body).map(Some);
             }
-            total += len64;
+            // Checked: a peer's length must never wrap the running total
+            // (a wrapped total would pass the limit and cut the message
+            // short, desyncing every subscriber it is forwarded to).
+            total = total.checked_add(len64).unwrap_or(u64::MAX);
             if total > self.max_msg {
                 // Discard this message: what is buffered now, then the
                 // rest as it arrives.
@@ -375,7 +387,14 @@ impl FrameReader {
                     None => Ok(None),
                 };
             }
-            let end = pos + hdr + len;
+            // total <= max_msg here, so this frame's length fits memory;
+            // still, no unchecked arithmetic on a peer's numbers.
+            let Some(end) = usize::try_from(len64)
+                .ok()
+                .and_then(|len| pos.checked_add(hdr)?.checked_add(len))
+            else {
+                return Err(ZmtpError::Protocol("frame length overflows"));
+            };
             frames += 1;
             if b.len() < end {
                 // Grow toward the whole message, at most 1 MiB per step, so
@@ -419,11 +438,14 @@ impl FrameReader {
             let Some((hdr, len)) = parse_header(&self.buf) else {
                 return Ok(None);
             };
+            if len > MAX_WIRE_FRAME {
+                return Err(ZmtpError::Protocol("frame length past 2^63-1"));
+            }
             self.buf.advance(hdr);
             self.skip = Some(Skip {
-                remaining: len as u64,
+                remaining: len,
                 more: flags & FLAG_MORE != 0,
-                total: s.total.saturating_add(len as u64),
+                total: s.total.saturating_add(len),
             });
         }
         Ok(None)
@@ -606,6 +628,48 @@ fn parse_properties(mut d: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ZmtpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message whose second frame announces a LONG length near 2^64
+    /// (the total would wrap) or at 2^63: never yielded, never a panic.
+    #[test]
+    fn wrapping_and_63_bit_lengths_are_never_yielded() {
+        for bad_len in [u64::MAX - 2, u64::MAX - 40, 1u64 << 63, (1u64 << 63) + 5] {
+            let mut out = BytesMut::new();
+            put_frame(&mut out, true, b"\"T/x");
+            out.put_u8(FLAG_MORE | FLAG_LONG);
+            out.put_u64(bad_len);
+            out.put_slice(&[b'A'; 100]);
+            let mut r = FrameReader::new(1 << 20);
+            r.buf.put_slice(&out);
+            let mut yielded = Vec::new();
+            let end = loop {
+                match r.next_item() {
+                    Ok(Some(item)) => yielded.push(item),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            assert!(
+                yielded.iter().all(|i| !matches!(i, Inbound::Message(_))),
+                "len {bad_len:#x}: {yielded:?}"
+            );
+            assert!(end.is_err(), "len {bad_len:#x}: the connection must close");
+        }
+        // Just under the limit but past max_msg: skipped in sync, counted.
+        let mut out = BytesMut::new();
+        put_frame(&mut out, true, b"\"T/x");
+        out.put_u8(FLAG_LONG);
+        out.put_u64(5000);
+        out.put_slice(&[b'A'; 5000]);
+        put_message(&mut out, &[b"\"ok\"".as_slice()]);
+        let mut r = FrameReader::new(1024);
+        r.buf.put_slice(&out);
+        assert!(matches!(r.next_item(), Ok(Some(Inbound::Oversized(_)))));
+        match r.next_item() {
+            Ok(Some(Inbound::Message(m))) => assert_eq!(m.first_frame(), b"\"ok\""),
+            other => panic!("the next message is intact: {other:?}"),
+        }
+    }
 
     #[test]
     fn parse_messages_and_commands() {
