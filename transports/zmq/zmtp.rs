@@ -370,7 +370,7 @@ impl FrameReader {
             // Checked: a peer's length must never wrap the running total
             // (a wrapped total would pass the limit and cut the message
             // short, desyncing every subscriber it is forwarded to).
-            total = total.checked_add(len64).unwrap_or(u64::MAX);
+            total = total.saturating_add(len64);
             if total > self.max_msg {
                 // Discard this message: what is buffered now, then the
                 // rest as it arrives.
