@@ -67,6 +67,15 @@ pub struct ServeArgs {
     /// comes while it stays stuck; counted) or disconnect (with a reason).
     #[arg(long, default_value = "drop")]
     pub slow_consumer: SlowConsumerPolicy,
+    /// Most topic subscriptions one session may hold.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_subscriptions: usize,
+    /// Most bytes of topic subscriptions one session may hold (K, M, G).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub max_subscription_bytes: usize,
+    /// Longest topic prefix, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub max_topic_len: usize,
     /// Most connections open at once.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
@@ -155,6 +164,11 @@ impl ServeArgs {
             memory_budget: self.memory_budget,
             slow_consumer_timeout: secs(self.slow_consumer_timeout),
             slow_consumer: self.slow_consumer,
+            topics: crate::topics::TopicLimits {
+                max_per_session: self.max_subscriptions,
+                max_bytes_per_session: self.max_subscription_bytes,
+                max_prefix: self.max_topic_len,
+            },
         }
     }
 

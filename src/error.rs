@@ -41,6 +41,16 @@ pub enum ErrorCode {
     PermissionDenied,
     /// The bus is shutting down.
     ShuttingDown,
+    /// A topic prefix longer than the limit (`--max-topic-len`).
+    TopicTooLong,
+    /// The session holds as many subscriptions (or bytes of them) as it
+    /// may (`--max-subscriptions`).
+    TooManySubscriptions,
+    /// An endpoint name longer than 255 bytes.
+    NameTooLong,
+    /// A message nested deeper than the limit (`--max-depth`); it is not
+    /// routed, so no client has to parse it.
+    TooDeep,
     /// A message the sender asked a receipt for (`"ack": true`) was not
     /// written: its receiver went away for good before reading it.
     NotDelivered,
@@ -67,6 +77,10 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::NotDelivered => "not_delivered",
+            ErrorCode::TopicTooLong => "topic_too_long",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::NameTooLong => "name_too_long",
+            ErrorCode::TooDeep => "too_deep",
         }
     }
 }

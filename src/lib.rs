@@ -15,7 +15,11 @@
 //!   per wire form and shared by reference count.
 //! - [`outbox`]: the bounded per-session queue between router and writer.
 //! - [`router`]: plain state: sessions, endpoint names, held names,
-//!   topic subscriptions, fan-out and counters. Never awaits.
+//!   fan-out, flow-control decisions and counters. Never awaits.
+//! - [`topics`]: the topic subscriptions of the router's sessions, with
+//!   per-change and per-publish costs independent of their number.
+//! - [`error`]: the wire error codes.
+//! - [`stats`]: the counters `status` shows.
 //! - [`hooks`]: hook resolution and execution, off the routing path.
 //! - [`transport`]: the `Transport` trait and the `Bus` handle every
 //!   transport gets (router + hooks + shutdown).
@@ -45,6 +49,7 @@ pub mod router;
 #[cfg(feature = "unix")]
 pub mod serve;
 pub mod stats;
+pub mod topics;
 pub mod transport;
 
 #[path = "../transports/mod.rs"]

@@ -23,6 +23,11 @@ use crate::error::{ErrorCode, ProtocolError};
 use crate::message::{BusMessage, RawJson};
 use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
 use crate::stats::{EndpointStats, FlowStats, HeldStats, RouterStats, SessionCounters, Totals};
+use crate::topics::{TopicIndex, TopicLimits};
+
+/// The longest endpoint name, in bytes (as D-Bus bounds its names): a
+/// name is copied into every message's `from`, every list and the status.
+pub const MAX_NAME: usize = 255;
 
 /// Identifies a session inside this process (never on the wire; the wire
 /// gets the UUID `session_id`).
@@ -79,6 +84,8 @@ pub struct RouterConfig {
     pub slow_consumer_timeout: Duration,
     /// What the policy does.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Bounds on topic subscriptions.
+    pub topics: TopicLimits,
 }
 
 impl Default for RouterConfig {
@@ -93,6 +100,7 @@ impl Default for RouterConfig {
             memory_budget: 512 << 20,
             slow_consumer_timeout: Duration::from_secs(10),
             slow_consumer: SlowConsumerPolicy::Drop,
+            topics: TopicLimits::default(),
         }
     }
 }
@@ -114,8 +122,6 @@ struct Session {
     last_seen: Instant,
     /// Its counters.
     counters: SessionCounters,
-    /// Topic prefixes it subscribed to.
-    topics: Vec<String>,
 }
 
 /// Who answers to an endpoint name.
@@ -211,8 +217,10 @@ pub struct Router {
     sessions: HashMap<SessionId, Session, FastHash>,
     /// Endpoint names, live or held.
     names: HashMap<String, Slot, FastHash>,
-    /// Sessions with at least one topic subscription (publish scans only these).
-    subscribers: Vec<SessionId>,
+    /// Topic subscriptions.
+    topics: TopicIndex,
+    /// Scratch list of a publish's targets (kept to reuse its memory).
+    targets: Vec<SessionId>,
     /// The next SessionId.
     next_id: SessionId,
     /// Counters since start.
@@ -319,11 +327,13 @@ impl Router {
     /// An empty router.
     pub fn new(cfg: RouterConfig) -> Self {
         let budget = Budget::new(cfg.memory_budget);
+        let topics = TopicIndex::new(cfg.topics);
         Router {
             cfg,
             sessions: HashMap::default(),
             names: HashMap::default(),
-            subscribers: Vec::new(),
+            topics,
+            targets: Vec::new(),
             next_id: 1,
             totals: Totals::default(),
             budget,
@@ -385,7 +395,6 @@ impl Router {
                 outbox,
                 last_seen: now,
                 counters: SessionCounters::default(),
-                topics: Vec::new(),
             },
         );
         id
@@ -428,6 +437,15 @@ impl Router {
             return Err(ProtocolError::new(
                 ErrorCode::BadField,
                 "field 'endpoint' must be a non-empty string",
+            ));
+        }
+        if name.len() > MAX_NAME {
+            return Err(ProtocolError::new(
+                ErrorCode::NameTooLong,
+                format!(
+                    "endpoint name of {} bytes exceeds the limit of {MAX_NAME} bytes",
+                    name.len()
+                ),
             ));
         }
         let Some(s) = self.sessions.get(&sid) else {
@@ -748,30 +766,18 @@ impl Router {
         }
     }
 
-    /// Subscribes a session to a topic prefix ("" = every topic).
-    pub fn subscribe(&mut self, sid: SessionId, prefix: &str) {
-        if let Some(s) = self.sessions.get_mut(&sid) {
-            if !s.topics.iter().any(|t| t == prefix) {
-                s.topics.push(prefix.to_owned());
-            }
-            if !self.subscribers.contains(&sid) {
-                self.subscribers.push(sid);
-            }
+    /// Subscribes a session to a topic prefix ("" = every topic); refused
+    /// past the session's limits.
+    pub fn subscribe(&mut self, sid: SessionId, prefix: &str) -> Result<(), ProtocolError> {
+        if self.sessions.contains_key(&sid) {
+            self.topics.subscribe(sid, prefix)?;
         }
+        Ok(())
     }
 
     /// Removes a topic prefix; true when the session had it.
     pub fn unsubscribe(&mut self, sid: SessionId, prefix: &str) -> bool {
-        let Some(s) = self.sessions.get_mut(&sid) else {
-            return false;
-        };
-        let before = s.topics.len();
-        s.topics.retain(|t| t != prefix);
-        let had = s.topics.len() != before;
-        if s.topics.is_empty() {
-            self.subscribers.retain(|x| *x != sid);
-        }
-        had
+        self.topics.unsubscribe(sid, prefix)
     }
 
     /// Publishes a topic message to every other session subscribed to a
@@ -796,20 +802,22 @@ impl Router {
         let topic = d.topic_message().map(|m| m.topic.as_str()).unwrap_or("");
         let mut n = 0;
         let mut waits = Vec::new();
-        for id in &self.subscribers {
+        let mut targets = std::mem::take(&mut self.targets);
+        self.topics.matches(topic, &mut targets);
+        for id in &targets {
             if *id == from {
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(id) {
-                if s.topics.iter().any(|p| topic.starts_with(p.as_str())) {
-                    match offer(&self.cfg, &mut self.totals, *id, s, d, wait) {
-                        Offered::Queued => n += 1,
-                        Offered::Wait(w) => waits.push(w),
-                        Offered::Dropped => {}
-                    }
+                match offer(&self.cfg, &mut self.totals, *id, s, d, wait) {
+                    Offered::Queued => n += 1,
+                    Offered::Wait(w) => waits.push(w),
+                    Offered::Dropped => {}
                 }
             }
         }
+        targets.clear();
+        self.targets = targets;
         let blocked = self.blocked(d.clone(), waits);
         (n, blocked)
     }
@@ -823,9 +831,7 @@ impl Router {
         let mut unsent = VecDeque::new();
         s.outbox.take_routed(&mut unsent);
         s.outbox.close(None);
-        if !s.topics.is_empty() {
-            self.subscribers.retain(|x| *x != sid);
-        }
+        self.topics.remove_session(sid);
         if let Some(name) = s.name {
             if matches!(self.names.get(&name), Some(Slot::Live(id)) if *id == sid) {
                 if self.cfg.hold_grace.is_zero() {
@@ -1004,6 +1010,8 @@ impl Router {
             endpoints,
             held,
             totals: self.totals,
+            subscriptions: self.topics.count(),
+            subscription_bytes: self.topics.bytes(),
             flow: FlowStats {
                 blocked_now: self.blocked_now,
                 budget_used: self.budget.used(),
@@ -1407,10 +1415,10 @@ mod tests {
         let (p, mut rp) = session(&mut r, t0);
         let (s1, mut r1) = session(&mut r, t0);
         let (s2, mut r2) = session(&mut r, t0);
-        r.subscribe(p, "");
-        r.subscribe(s1, "md/");
-        r.subscribe(s1, "md/BTC");
-        r.subscribe(s2, "news/");
+        r.subscribe(p, "").unwrap();
+        r.subscribe(s1, "md/").unwrap();
+        r.subscribe(s1, "md/BTC").unwrap();
+        r.subscribe(s2, "news/").unwrap();
         let data = serde_json::value::to_raw_value(&serde_json::json!([1, 2])).unwrap();
         let n = r.publish(
             p,

@@ -113,6 +113,12 @@ pub struct RouterStats {
     pub held: Vec<HeldStats>,
     /// Totals since start.
     pub totals: Totals,
+    /// Topic subscriptions held, all sessions together.
+    #[serde(default)]
+    pub subscriptions: usize,
+    /// Their bytes.
+    #[serde(default)]
+    pub subscription_bytes: usize,
     /// Flow control now.
     #[serde(default)]
     pub flow: FlowStats,

@@ -233,9 +233,9 @@ impl Bus {
         out
     }
 
-    /// Subscribes a session to a topic prefix.
-    pub fn subscribe(&self, sid: SessionId, prefix: &str) {
-        self.router().subscribe(sid, prefix);
+    /// Subscribes a session to a topic prefix (refused past its limits).
+    pub fn subscribe(&self, sid: SessionId, prefix: &str) -> Result<(), ProtocolError> {
+        self.router().subscribe(sid, prefix)
     }
 
     /// Removes a topic prefix of a session.

@@ -80,7 +80,7 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
 
         // A router session (as a Unix client would have) subscribed to MD/.
         let (sid, mut outbox) = bus.connect("test");
-        bus.subscribe(sid, "MD/");
+        bus.subscribe(sid, "MD/").expect("subscribed");
 
         let mut p = Publisher::new(&ep.frontend.to_string(), "feed").expect("publisher");
         p.start().expect("start");

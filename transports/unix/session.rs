@@ -527,7 +527,7 @@ fn topic_op(
         .map(|t| t.into_owned())
         .unwrap_or_default();
     let kind = if subscribe {
-        bus.subscribe(sid, &topic);
+        bus.subscribe(sid, &topic)?;
         "subscribed"
     } else {
         bus.unsubscribe(sid, &topic);

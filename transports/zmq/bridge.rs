@@ -131,7 +131,9 @@ impl Transport for ZmqTransport {
         let stats = self.proxy.stats();
         bus.add_status(TRANSPORT_NAME, Arc::new(Status(stats.clone())));
         let (sid, mut outbox) = bus.attach(TRANSPORT_NAME, SINK_OUTBOX);
-        bus.subscribe(sid, "");
+        if let Err(e) = bus.subscribe(sid, "") {
+            tracing::error!("zmq bridge cannot subscribe to the router: {e}");
+        }
         let to_bus = Arc::new(ToBus {
             queue: WireQueue::new(TO_BUS_QUEUE, 256 << 20),
             stats: stats.clone(),
