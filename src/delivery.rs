@@ -56,6 +56,11 @@ pub struct Delivery {
     /// The sender's receipt, when it asked for one: answered once every
     /// copy of this delivery was written (or settled otherwise).
     ack: Option<Arc<Ack>>,
+    /// When this copy was first held for a gone name. It keeps the stamp
+    /// through a replay to a new session and back (a client that
+    /// re-registers without reading), so the hold's grace is counted from
+    /// the first time, not restarted.
+    held_at: Option<std::time::Instant>,
 }
 
 /// A sender's receipt for one message (`"ack": true`, ours). Shared by
@@ -132,7 +137,22 @@ impl Delivery {
     pub const OVERHEAD: usize = 64;
 
     fn of(inner: Inner) -> Self {
-        Delivery { inner, ack: None }
+        Delivery {
+            inner,
+            ack: None,
+            held_at: None,
+        }
+    }
+
+    /// This copy stamped as held from `now`, unless it was held before.
+    pub fn held(mut self, now: std::time::Instant) -> Self {
+        self.held_at.get_or_insert(now);
+        self
+    }
+
+    /// When this copy was first held for a gone name.
+    pub fn held_at(&self) -> Option<std::time::Instant> {
+        self.held_at
     }
 
     /// The same delivery with the sender's receipt attached.
@@ -147,6 +167,7 @@ impl Delivery {
         Delivery {
             inner: self.inner.clone(),
             ack: None,
+            held_at: self.held_at,
         }
     }
 
@@ -219,10 +240,11 @@ impl Delivery {
                 let mut out = BytesMut::with_capacity(4 + payload.len());
                 out.put_u32(payload.len() as u32);
                 out.put_slice(&payload);
-                let ack = self.ack.clone();
+                let (ack, held_at) = (self.ack.clone(), self.held_at);
                 Delivery {
                     inner: Inner::Transcoded(out.freeze(), Box::new(self.without_ack())),
                     ack,
+                    held_at,
                 }
             }
             None => self,
@@ -235,10 +257,12 @@ impl Delivery {
             Inner::Transcoded(_, original) => Delivery {
                 inner: original.inner,
                 ack: self.ack,
+                held_at: self.held_at,
             },
             inner => Delivery {
                 inner,
                 ack: self.ack,
+                held_at: self.held_at,
             },
         }
     }

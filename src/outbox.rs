@@ -170,6 +170,9 @@ struct Shared {
     notify: Notify,
     /// Wakes senders waiting for room (or for the stuck verdict).
     room: Notify,
+    /// Wakes whoever waits for the queue to close (the writer, to bound
+    /// how long it may still take).
+    closing: Notify,
     /// Senders waiting on `room` now (so the writer notifies only then).
     waiters: AtomicUsize,
     /// Deliveries pushed and not yet written or discarded.
@@ -267,6 +270,7 @@ pub fn outbox(bounds: Bounds, budget: Arc<Budget>) -> (Outbox, OutboxReader) {
         }),
         notify: Notify::new(),
         room: Notify::new(),
+        closing: Notify::new(),
         waiters: AtomicUsize::new(0),
         items: AtomicUsize::new(0),
         bytes: AtomicUsize::new(0),
@@ -338,6 +342,7 @@ impl Outbox {
         drop(st);
         self.shared.notify.notify_one();
         self.shared.room.notify_waiters();
+        self.shared.closing.notify_waiters();
     }
 
     /// Takes out the routed traffic queued that the writer has not taken
@@ -507,6 +512,17 @@ impl OutboxReader {
             sh.stuck.store(false, Ordering::Relaxed);
         }
         sh.release(items, bytes);
+    }
+
+    /// Waits until the queue is closed.
+    pub async fn closed(&self) {
+        let notified = self.shared.closing.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.shared.lock().closed {
+            return;
+        }
+        notified.await;
     }
 
     /// Gives back the bytes of deliveries the writer took and will not

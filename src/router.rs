@@ -481,6 +481,12 @@ impl Router {
                 self.budget.release(bytes);
                 if now.duration_since(since) < self.cfg.hold_grace {
                     replay = queue;
+                    // Copies first held longer ago than the grace (they
+                    // went round a session that never read them) expire.
+                    let grace = self.cfg.hold_grace;
+                    let before = replay.len();
+                    replay.retain(|d| d.held_at().map_or(true, |t| now.duration_since(t) < grace));
+                    self.totals.dropped_held += (before - replay.len()) as u64;
                 } else {
                     self.totals.dropped_held += queue.len() as u64;
                 }
@@ -651,7 +657,7 @@ impl Router {
                     return Offered::Dropped;
                 }
                 // Held counts as delivered for the sender's receipt.
-                queue.push_back(d.without_ack());
+                queue.push_back(d.without_ack().held(now));
                 *bytes += charge;
                 self.budget.charge(charge);
                 self.totals.held += 1;
@@ -846,7 +852,7 @@ impl Router {
                             bytes: 0,
                         },
                     );
-                    self.restore(&name, unsent);
+                    self.restore(&name, unsent, now);
                     return Some(name);
                 }
             } else {
@@ -872,7 +878,7 @@ impl Router {
     /// anything routed there since), or straight to the name's new session
     /// if it is already back. Replies are not kept. A mailbox is not
     /// bounded against these: they were accepted already.
-    pub fn restore(&mut self, name: &str, undelivered: VecDeque<Delivery>) {
+    pub fn restore(&mut self, name: &str, undelivered: VecDeque<Delivery>, now: Instant) {
         let items: VecDeque<Delivery> = undelivered.into_iter().filter(|d| !d.is_reply()).collect();
         if items.is_empty() {
             return;
@@ -883,7 +889,7 @@ impl Router {
                     let c = d.charge();
                     *bytes += c;
                     self.budget.charge(c);
-                    queue.push_front(d.without_ack());
+                    queue.push_front(d.without_ack().held(now));
                 }
             }
             Some(Slot::Live(id)) => {
@@ -929,12 +935,32 @@ impl Router {
                 since,
                 queue,
                 bytes,
-            } if now.duration_since(*since) >= grace => {
-                dropped += queue.len() as u64;
-                freed += *bytes;
-                false
+            } => {
+                if now.duration_since(*since) >= grace {
+                    dropped += queue.len() as u64;
+                    freed += *bytes;
+                    return false;
+                }
+                // Copies that went round a session that never read them
+                // keep their first hold's clock.
+                let expired =
+                    |d: &Delivery| d.held_at().is_some_and(|t| now.duration_since(t) >= grace);
+                if queue.iter().any(expired) {
+                    let mut kept = VecDeque::with_capacity(queue.len());
+                    for d in queue.drain(..) {
+                        if expired(&d) {
+                            dropped += 1;
+                            freed += d.charge();
+                            *bytes -= d.charge();
+                        } else {
+                            kept.push_back(d);
+                        }
+                    }
+                    *queue = kept;
+                }
+                true
             }
-            _ => true,
+            Slot::Live(_) => true,
         });
         self.budget.release(freed);
         self.totals.dropped_held += dropped;

@@ -45,6 +45,72 @@ pub struct SessionLimits {
     /// clients drop every `pong`; 0.7.0's reads a silent second as a lost
     /// connection and reconnects, losing what it sends meanwhile.
     pub keepalive: Duration,
+    /// A frame must be complete this long after its first byte arrived.
+    pub frame_timeout: Duration,
+    /// Bytes buffered for incomplete large frames, all sessions together
+    /// (shared counter and its bound).
+    pub partial: Arc<PartialBudget>,
+}
+
+/// The bound on bytes buffered for incomplete frames across all sessions:
+/// 150 peers each announcing a 10 MiB frame and sending it slowly must
+/// not cost 1.5 GB.
+#[derive(Debug)]
+pub struct PartialBudget {
+    /// Bytes held now.
+    used: std::sync::atomic::AtomicUsize,
+    /// The bound.
+    limit: usize,
+}
+
+impl PartialBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<PartialBudget> {
+        Arc::new(PartialBudget {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// One session's share of the [`PartialBudget`], given back on drop.
+struct PartialCharge<'a> {
+    /// The shared budget.
+    budget: &'a PartialBudget,
+    /// What this session holds of it.
+    charged: usize,
+}
+
+impl PartialCharge<'_> {
+    /// Sets this session's share to `held` bytes; false (nothing changed)
+    /// when that would pass the bound.
+    fn set(&mut self, held: usize) -> bool {
+        if held > self.charged {
+            let more = held - self.charged;
+            let before = self.budget.used.fetch_add(more, Ordering::Relaxed);
+            if before + more > self.budget.limit {
+                self.budget.used.fetch_sub(more, Ordering::Relaxed);
+                return false;
+            }
+        } else {
+            self.budget
+                .used
+                .fetch_sub(self.charged - held, Ordering::Relaxed);
+        }
+        self.charged = held;
+        true
+    }
+}
+
+impl Drop for PartialCharge<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.charged, Ordering::Relaxed);
+    }
 }
 
 /// The frame a quiet registered session gets every keepalive period.
@@ -98,7 +164,7 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
         if !rest.is_empty() {
             let mut r = bus.router();
             match held_name {
-                Some(name) => r.restore(&name, rest),
+                Some(name) => r.restore(&name, rest, Instant::now()),
                 None => r.count_unsent(rest),
             }
         }
@@ -118,6 +184,10 @@ enum ReadEnd {
     /// The writer ended (outbox closed: replaced, evicted, shutdown, or
     /// the peer stopped reading).
     WriterDone,
+    /// A frame stayed incomplete past the frame deadline.
+    FrameTimeout,
+    /// The bound on bytes of incomplete frames was reached.
+    Overloaded,
 }
 
 /// Read buffer sizes: a session starts small and grows while its reads
@@ -161,6 +231,13 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
     // Whether the last read took less than it could (the socket was
     // probably emptied by it).
     let mut drained = false;
+    // When the incomplete frame at the front of `buf` began.
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    // This session's share of the bytes held for incomplete frames.
+    let mut charge = PartialCharge {
+        budget: &limits.partial,
+        charged: 0,
+    };
     loop {
         // Every complete frame, parsed straight from the buffer: a small
         // one is copied out (so a kept message never pins the buffer), a
@@ -215,6 +292,12 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
             return ReadEnd::WriterDone;
         }
         buf.advance(used);
+        // Bytes left now are an incomplete frame: it has a deadline.
+        if buf.is_empty() {
+            partial_since = None;
+        } else if partial_since.is_none() {
+            partial_since = Some(tokio::time::Instant::now());
+        }
         // A peer that does not read what it is sent (its replies included)
         // is not read from either, until its outbox drains.
         if ctx.own.over_bound() && wait_own_room(ctx).await.is_err() {
@@ -242,9 +325,22 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
                 std::future::pending::<()>().await;
             }
         };
+        let frame_deadline = partial_since.map(|t| t + limits.frame_timeout);
         tokio::select! {
             r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
             _ = ctx.writer_done.cancelled() => return ReadEnd::WriterDone,
+            _ = until(frame_deadline) => {
+                let err = ProtocolError::new(
+                    ErrorCode::FrameTimeout,
+                    format!(
+                        "a frame stayed incomplete for {} s; closing the connection",
+                        limits.frame_timeout.as_secs_f64()
+                    ),
+                );
+                tracing::warn!(sid = ctx.sid, "{err}");
+                ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
+                return ReadEnd::FrameTimeout;
+            }
             _ = quiet, if may_release => {
                 buf = BytesMut::new();
                 want = READ_MIN;
@@ -257,9 +353,31 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
                 .saturating_sub(buf.len()),
             None => 0,
         };
-        let room = need.max(want).min(limits.max_frame + 4).max(1);
+        // Toward the announced frame at most 1 MiB at a time, so a peer
+        // announcing a big frame and sending it slowly costs memory only
+        // as its bytes arrive.
+        let room = need.min(1 << 20).max(want).min(limits.max_frame + 4).max(1);
         if buf.capacity() - buf.len() < room {
             buf.reserve(room);
+        }
+        // A buffer grown past the usual read size holds a large frame in
+        // progress: it counts against the shared bound.
+        let held = if buf.capacity() > READ_MAX {
+            buf.capacity()
+        } else {
+            0
+        };
+        if !charge.set(held) {
+            let err = ProtocolError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the bus holds {} bytes of incomplete frames, its bound; closing the connection",
+                    limits.partial.used()
+                ),
+            );
+            tracing::warn!(sid = ctx.sid, "{err}");
+            ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
+            return ReadEnd::Overloaded;
         }
         let before = buf.capacity() - buf.len();
         match rd.try_read_buf(&mut buf) {
@@ -595,6 +713,8 @@ async fn write_loop(
     let mut pending: VecDeque<Delivery> = VecDeque::new();
     // Bytes of `pending[0]` already written.
     let mut offset = 0usize;
+    // Set once the outbox closed: the writer ends by then.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         if pending.is_empty() {
             offset = 0;
@@ -631,6 +751,13 @@ async fn write_loop(
             tokio::select! {
                 r = wr.write_vectored(&slices) => r,
                 _ = stop.cancelled() => break,
+                // Closed (replaced, evicted, disconnected as slow): what
+                // is left gets a short deadline, read or not.
+                _ = outbox.closed(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                    continue;
+                }
+                _ = until(deadline) => break,
             }
         };
         match written {
@@ -672,6 +799,18 @@ async fn write_loop(
     done.cancel();
     // Given back in their shared form, to be held for the name.
     pending.into_iter().map(Delivery::into_original).collect()
+}
+
+/// How long a closed session's writer may still take to write its last
+/// frames (its farewell included) to a peer that does not read them.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until `deadline`, or for ever when there is none.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the writer learns from the reader.
