@@ -91,6 +91,13 @@ pub struct ServeArgs {
     /// lost connection and reconnect (sends made meanwhile return False).
     #[arg(long, default_value_t = 500)]
     pub keepalive_ms: u64,
+    /// Seconds a frame may take to arrive whole once it started.
+    #[arg(long, default_value_t = 30.0)]
+    pub frame_timeout: f64,
+    /// Bytes buffered for incomplete large frames, all connections
+    /// together (K, M, G); a connection that would pass it is closed.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub max_partial_bytes: usize,
     /// Seconds to let sessions drain at shutdown.
     #[arg(long, default_value_t = 2.0)]
     pub drain_timeout: f64,
@@ -181,6 +188,8 @@ impl ServeArgs {
             allow_other_users: self.allow_other_users,
             drain_timeout: secs(self.drain_timeout),
             keepalive: Duration::from_millis(self.keepalive_ms),
+            frame_timeout: secs(self.frame_timeout),
+            max_partial_bytes: self.max_partial_bytes,
         }
     }
 

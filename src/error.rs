@@ -51,6 +51,13 @@ pub enum ErrorCode {
     /// A message nested deeper than the limit (`--max-depth`); it is not
     /// routed, so no client has to parse it.
     TooDeep,
+    /// A frame stayed incomplete past the frame deadline; the connection
+    /// closes (a peer trickling a frame holds a buffer for it).
+    FrameTimeout,
+    /// The bytes buffered for incomplete frames, all connections together,
+    /// are at their bound; this connection's large frame is refused and
+    /// the connection closes.
+    Overloaded,
     /// A message the sender asked a receipt for (`"ack": true`) was not
     /// written: its receiver went away for good before reading it.
     NotDelivered,
@@ -81,6 +88,8 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NameTooLong => "name_too_long",
             ErrorCode::TooDeep => "too_deep",
+            ErrorCode::FrameTimeout => "frame_timeout",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 }

@@ -409,45 +409,20 @@ async fn acks_follow_deliveries_and_every_unknown_name_is_answered() {
     .expect("test timed out");
 }
 
-/// Peak resident memory of a process, in KiB (VmHWM).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 #[tokio::test]
 async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
     tokio::time::timeout(Duration::from_secs(300), async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("bus.sock");
-        let mut server = tokio::process::Command::new(common::bin_dir().join("hermes-bus"))
-            .arg("--socket")
-            .arg(&socket)
-            .args([
-                "server",
-                "--memory-budget",
-                "64M",
-                "--outbox-bytes",
-                "32M",
-                "--slow-consumer-timeout",
-                "2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("server starts");
-        let up = common::wait_for(Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok()
-        })
+        let server = common::ServerProcess::start(&[
+            "--memory-budget",
+            "64M",
+            "--outbox-bytes",
+            "32M",
+            "--slow-consumer-timeout",
+            "2",
+        ])
         .await;
-        assert!(up.is_some(), "server listening");
-        let pid = server.id().expect("pid");
-        let base = peak_rss_kib(pid);
+        let socket = server.socket.clone();
+        let base = server.peak_rss_kib();
 
         let _deaf = Raw::register(&socket, "deaf").await;
         let mut ping = Raw::register(&socket, "ping").await;
@@ -483,7 +458,7 @@ async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let _s = flood.await.expect("flood done");
-        let peak = peak_rss_kib(pid);
+        let peak = server.peak_rss_kib();
         let mut admin = Raw::connect(&socket).await;
         admin.send(&json!({"type": "stats"})).await;
         let stats = admin.recv().await.expect("stats");
@@ -502,7 +477,7 @@ async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
             base / 1024
         );
         assert!(grown_mib < 64 + 96, "peak RSS grew by {grown_mib} MiB");
-        let _ = server.kill().await;
+        drop(server);
     })
     .await
     .expect("test timed out");

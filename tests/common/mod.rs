@@ -269,3 +269,49 @@ pub async fn run_python(
     );
     stdout
 }
+
+/// A real `hermes-bus server` process on a socket in a temp dir (killed
+/// on drop), for tests that watch the process itself (its memory).
+pub struct ServerProcess {
+    /// Holds the temp dir alive.
+    pub dir: tempfile::TempDir,
+    /// The socket path.
+    pub socket: PathBuf,
+    /// The process.
+    pub child: tokio::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts `hermes-bus server ARGS` and waits until it listens.
+    pub async fn start(args: &[&str]) -> ServerProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("bus.sock");
+        let child = tokio::process::Command::new(bin_dir().join("hermes-bus"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("server starts");
+        let up = wait_for(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        })
+        .await;
+        assert!(up.is_some(), "server listening");
+        ServerProcess { dir, socket, child }
+    }
+
+    /// Peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+}

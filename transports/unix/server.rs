@@ -40,6 +40,11 @@ pub struct UnixConfig {
     /// A registered session sent nothing for this long gets a keepalive
     /// `pong` (zero: never); see [`super::session::KEEPALIVE`].
     pub keepalive: Duration,
+    /// A frame must be complete this long after its first byte arrived.
+    pub frame_timeout: Duration,
+    /// Bytes buffered for incomplete large frames, all connections
+    /// together; a connection that would pass it is refused and closed.
+    pub max_partial_bytes: usize,
 }
 
 impl UnixConfig {
@@ -52,6 +57,8 @@ impl UnixConfig {
             allow_other_users: false,
             drain_timeout: Duration::from_secs(2),
             keepalive: Duration::from_millis(500),
+            frame_timeout: Duration::from_secs(30),
+            max_partial_bytes: 256 << 20,
         }
     }
 }
@@ -177,6 +184,8 @@ impl Transport for UnixServer {
             max_frame: config.max_frame,
             drain_timeout: config.drain_timeout,
             keepalive: config.keepalive,
+            frame_timeout: config.frame_timeout,
+            partial: session::PartialBudget::new(config.max_partial_bytes),
         });
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let tasks = TaskTracker::new();

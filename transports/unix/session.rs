@@ -292,10 +292,12 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
             return ReadEnd::WriterDone;
         }
         buf.advance(used);
-        // Bytes left now are an incomplete frame: it has a deadline.
+        // Bytes left now are an incomplete frame: it has a deadline,
+        // counted from when it began (the last frame completed, or its
+        // first byte), never across a wait of ours.
         if buf.is_empty() {
             partial_since = None;
-        } else if partial_since.is_none() {
+        } else if handled || partial_since.is_none() {
             partial_since = Some(tokio::time::Instant::now());
         }
         // A peer that does not read what it is sent (its replies included)
