@@ -98,6 +98,11 @@ pub struct ServeArgs {
     /// together (K, M, G); a connection that would pass it is closed.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub max_partial_bytes: usize,
+    /// Deepest nesting of a message accepted (the top-level object is 1);
+    /// deeper ones are answered `too_deep` and never forwarded. The default
+    /// is serde_json's recursion limit, which Rust clients parse with.
+    #[arg(long, default_value_t = crate::message::MAX_DEPTH)]
+    pub max_depth: usize,
     /// Seconds to let sessions drain at shutdown.
     #[arg(long, default_value_t = 2.0)]
     pub drain_timeout: f64,
@@ -190,6 +195,7 @@ impl ServeArgs {
             keepalive: Duration::from_millis(self.keepalive_ms),
             frame_timeout: secs(self.frame_timeout),
             max_partial_bytes: self.max_partial_bytes,
+            max_depth: self.max_depth,
         }
     }
 

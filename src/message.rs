@@ -42,6 +42,11 @@ impl fmt::Display for RawJson<'_> {
     }
 }
 
+/// How deep a message may nest by default: serde_json's own recursion
+/// limit, so every client built on it (ours included) can read whatever
+/// the bus forwards.
+pub const MAX_DEPTH: usize = 128;
+
 fn null_raw() -> Box<RawValue> {
     // "null" is valid JSON, so this never falls back further.
     RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is valid JSON"))
@@ -108,19 +113,32 @@ impl BusMessage {
 
     /// Parses one frame's payload. Distinguishes bad UTF-8, bad JSON and
     /// JSON that is not an object, so the client gets a precise error.
+    /// Nests at most [`MAX_DEPTH`] levels.
     pub fn parse(payload: &[u8]) -> Result<Self, ProtocolError> {
+        Self::parse_limited(payload, MAX_DEPTH)
+    }
+
+    /// [`BusMessage::parse`] with a nesting limit (the top-level object is
+    /// depth 1; deeper is `too_deep`).
+    pub fn parse_limited(payload: &[u8], max_depth: usize) -> Result<Self, ProtocolError> {
         // One copy, into the buffer the message keeps (and is sent on as
         // when unchanged); validated once, there.
         let mut src = BytesMut::with_capacity(4 + payload.len());
         src.put_u32(payload.len() as u32);
         src.put_slice(payload);
-        Self::parse_frame(src.freeze())
+        Self::parse_frame_limited(src.freeze(), max_depth)
     }
 
     /// Parses a whole frame (4-byte big-endian length, then the payload)
     /// without copying it: the message keeps `frame` and, unchanged, is
-    /// sent on as it. The length header must match the payload.
+    /// sent on as it. The length header must match the payload. Nests at
+    /// most [`MAX_DEPTH`] levels.
     pub fn parse_frame(frame: Bytes) -> Result<Self, ProtocolError> {
+        Self::parse_frame_limited(frame, MAX_DEPTH)
+    }
+
+    /// [`BusMessage::parse_frame`] with a nesting limit.
+    pub fn parse_frame_limited(frame: Bytes, max_depth: usize) -> Result<Self, ProtocolError> {
         let src = frame;
         let announced = src
             .get(..4)
@@ -153,9 +171,16 @@ impl BusMessage {
             }
             // The fast scanner decides valid payloads; anything it refuses
             // goes through serde_json, which gives the error (or, should
-            // the two ever disagree, the answer).
-            if let Some(spans) = scan::object(text) {
+            // the two ever disagree, the answer). Too deep is refused
+            // outright: no client should have to parse it.
+            let mut too_deep = false;
+            if let Some(spans) = scan::object(text, max_depth, &mut too_deep) {
                 spans
+            } else if too_deep {
+                return Err(ProtocolError::new(
+                    ErrorCode::TooDeep,
+                    format!("payload nests deeper than {max_depth} levels"),
+                ));
             } else {
                 let mut de = serde_json::Deserializer::from_str(text);
                 de.deserialize_map(SpanVisitor { json: text })
@@ -653,6 +678,31 @@ mod tests {
     }
 
     #[test]
+    fn nesting_past_the_limit_is_too_deep() {
+        let nest = |n: usize| {
+            format!(
+                r#"{{"type":"message","body":{}{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        // The top-level object is depth 1: `body` at 127 brackets is 128.
+        assert!(BusMessage::parse(nest(127).as_bytes()).is_ok());
+        let err = BusMessage::parse(nest(128).as_bytes()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooDeep);
+        assert_eq!(
+            BusMessage::parse(nest(1500).as_bytes()).unwrap_err().code,
+            ErrorCode::TooDeep
+        );
+        assert!(BusMessage::parse_limited(nest(1500).as_bytes(), 2000).is_ok());
+        let objs = format!(r#"{{"a":{}1{}}}"#, r#"{"b":"#.repeat(200), "}".repeat(200));
+        assert_eq!(
+            BusMessage::parse(objs.as_bytes()).unwrap_err().code,
+            ErrorCode::TooDeep
+        );
+    }
+
+    #[test]
     fn classifies_bad_input() {
         assert_eq!(
             BusMessage::parse(b"\xff\xfe").unwrap_err().code,
@@ -799,6 +849,14 @@ mod tests {
     }
 }
 
+/// Whether the fast scanner alone accepts `text` as a JSON object. For the
+/// fuzz target `json_differential` (it must agree with serde_json); not
+/// part of the API.
+#[doc(hidden)]
+pub fn scanner_accepts(text: &str) -> bool {
+    scan::object(text, usize::MAX, &mut false).is_some()
+}
+
 /// A JSON scanner for the top-level object of a payload: it validates the
 /// whole text (RFC 8259, as serde_json does: no comments, no trailing
 /// commas, no control characters in strings, any nesting depth) and
@@ -809,8 +867,10 @@ mod scan {
     use super::{Fields, KeyIndex, Spans, Text, INDEX_FROM};
 
     /// The spans of the object in `text` (spans offset by the 4-byte
-    /// header), or None when the text is not a valid JSON object.
-    pub(super) fn object(text: &str) -> Option<Spans> {
+    /// header), or None when the text is not a valid JSON object or nests
+    /// deeper than `max_depth` (the top-level object is depth 1); then
+    /// `too_deep` says which.
+    pub(super) fn object(text: &str, max_depth: usize, too_deep: &mut bool) -> Option<Spans> {
         let s = text.as_bytes();
         let mut out = Spans {
             seen: 0,
@@ -838,7 +898,7 @@ mod scan {
                 }
                 i = ws(s, i + 1);
                 let vs = i;
-                i = value(s, i)?;
+                i = value(s, i, max_depth, too_deep)?;
                 let key = if escaped {
                     // Rare: decode the key (serde_json knows every escape).
                     let k: String = serde_json::from_str(&text[ks - 1..kend + 1]).ok()?;
@@ -941,11 +1001,17 @@ mod scan {
     /// Validates one value starting at `i` (no leading whitespace);
     /// returns the index just past it. Nesting is tracked on a stack, not
     /// by recursion, so depth costs no native stack.
-    fn value(s: &[u8], mut i: usize) -> Option<usize> {
+    fn value(s: &[u8], mut i: usize, max_depth: usize, too_deep: &mut bool) -> Option<usize> {
         let mut stack: Vec<u8> = Vec::new();
         loop {
-            // One value (or the opening of a container).
-            match *s.get(i)? {
+            // One value (or the opening of a container, at depth
+            // 2 + what is open: the top-level object is depth 1).
+            let c = *s.get(i)?;
+            if (c == b'{' || c == b'[') && stack.len() + 2 > max_depth {
+                *too_deep = true;
+                return None;
+            }
+            match c {
                 b'{' => {
                     i = ws(s, i + 1);
                     if s.get(i) == Some(&b'}') {
@@ -1169,7 +1235,7 @@ mod scan {
                 std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>,
             >(text)
             .is_ok();
-            let ours = object(text);
+            let ours = object(text, usize::MAX, &mut false);
             assert_eq!(
                 ours.is_some(),
                 serde_ok,
@@ -1242,7 +1308,7 @@ mod scan {
             }
             let deep = format!("{{\"a\":{}{}}}", "[".repeat(300), "]".repeat(300));
             assert!(
-                object(&deep).is_some(),
+                object(&deep, usize::MAX, &mut false).is_some(),
                 "any depth, like serde_json's raw values"
             );
         }
@@ -1284,7 +1350,7 @@ mod scan {
         #[test]
         fn spans_point_at_keys_and_values() {
             let text = r#" {"a" : [1, 2] , "b":"x" ,"a":3} "#;
-            let sp = object(text).unwrap();
+            let sp = object(text, usize::MAX, &mut false).unwrap();
             assert!(sp.repeated);
             assert_eq!(sp.fields.len(), 2);
             fn at<'a>(text: &'a str, t: &'a Text) -> &'a str {

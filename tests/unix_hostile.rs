@@ -221,3 +221,59 @@ async fn unread_list_replies_cannot_amplify_memory() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn a_body_1500_deep_never_reaches_a_reference_070_client() {
+    let Some(py) = common::python("py07") else {
+        return;
+    };
+    use tokio::io::AsyncBufReadExt;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let bus = TestBus::start().await;
+        let mut child = tokio::process::Command::new(&py)
+            .arg(common::repo_root().join("tests/py/unix_listener.py"))
+            .env("SOCK", &bus.socket)
+            .env("NAME", "py07")
+            .env("RUN_SECONDS", "40")
+            .env("PATH", common::path_with_bins())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next_line().await.expect("read").expect("line");
+        assert!(first.starts_with("session "), "{first}");
+        let mut raw = Raw::register(&bus.socket, "attacker").await;
+        let depth = 1500;
+        let deep = format!(
+            r#"{{"type":"message","to":"py07","body":{}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        raw.send_payload(deep.as_bytes()).await;
+        let v = raw.recv().await.expect("an error reply");
+        assert_eq!(v["code"], "too_deep", "{v}");
+        raw.send(&json!({"type": "message", "to": "py07", "body": {"next": 1}}))
+            .await;
+        // The client's receive thread is alive: it gets the next message,
+        // and it never saw the deep one.
+        let line = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let l = lines.next_line().await.expect("read").expect("line");
+                if l.starts_with("msg ") {
+                    return l;
+                }
+            }
+        })
+        .await
+        .expect("the next message arrives");
+        let v: serde_json::Value = serde_json::from_str(&line[4..]).expect("json");
+        assert_eq!(v["body"]["next"], 1, "{v}");
+        assert_eq!(bus.totals().routed, 1);
+        let _ = child.kill().await;
+        bus.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -45,6 +45,9 @@ pub struct UnixConfig {
     /// Bytes buffered for incomplete large frames, all connections
     /// together; a connection that would pass it is refused and closed.
     pub max_partial_bytes: usize,
+    /// Deepest nesting of a message accepted; deeper ones are answered
+    /// `too_deep` and never forwarded.
+    pub max_depth: usize,
 }
 
 impl UnixConfig {
@@ -59,6 +62,7 @@ impl UnixConfig {
             keepalive: Duration::from_millis(500),
             frame_timeout: Duration::from_secs(30),
             max_partial_bytes: 256 << 20,
+            max_depth: crate::message::MAX_DEPTH,
         }
     }
 }
@@ -185,6 +189,7 @@ impl Transport for UnixServer {
             drain_timeout: config.drain_timeout,
             keepalive: config.keepalive,
             frame_timeout: config.frame_timeout,
+            max_depth: config.max_depth,
             partial: session::PartialBudget::new(config.max_partial_bytes),
         });
         let slots = Arc::new(Semaphore::new(config.max_connections));

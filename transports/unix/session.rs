@@ -47,6 +47,8 @@ pub struct SessionLimits {
     pub keepalive: Duration,
     /// A frame must be complete this long after its first byte arrived.
     pub frame_timeout: Duration,
+    /// Deepest nesting accepted (`too_deep` past it).
+    pub max_depth: usize,
     /// Bytes buffered for incomplete large frames, all sessions together
     /// (shared counter and its bound).
     pub partial: Arc<PartialBudget>,
@@ -253,9 +255,9 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
                     used = 0;
                     let frame = buf.split_to(4 + len).freeze();
                     let parsed = if frame[4] == MSGPACK_MARKER {
-                        parse_msgpack(&frame[4..])
+                        parse_msgpack(&frame[4..], limits.max_depth)
                     } else {
-                        BusMessage::parse_frame(frame)
+                        BusMessage::parse_frame_limited(frame, limits.max_depth)
                     };
                     if handle_frame(ctx, parsed, &mut batch).await.is_err() {
                         return ReadEnd::WriterDone;
@@ -265,9 +267,9 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
                 Ok(Some(len)) => {
                     let payload = &buf[used + 4..used + 4 + len];
                     let parsed = if payload.first() == Some(&MSGPACK_MARKER) {
-                        parse_msgpack(payload)
+                        parse_msgpack(payload, limits.max_depth)
                     } else {
-                        BusMessage::parse(payload)
+                        BusMessage::parse_limited(payload, limits.max_depth)
                     };
                     used += 4 + len;
                     if handle_frame(ctx, parsed, &mut batch).await.is_err() {
@@ -434,14 +436,14 @@ const ROUTE_BATCH: usize = 64;
 
 /// Decodes a MessagePack payload (marker byte first; ours, opt-in) into
 /// the same message model as JSON.
-fn parse_msgpack(payload: &[u8]) -> Result<BusMessage, ProtocolError> {
+fn parse_msgpack(payload: &[u8], max_depth: usize) -> Result<BusMessage, ProtocolError> {
     let raw = codec::to_raw_json(payload).map_err(|e| {
         ProtocolError::new(
             ErrorCode::BadMsgpack,
             format!("payload is not valid MessagePack ({e})"),
         )
     })?;
-    BusMessage::parse(raw.get().as_bytes())
+    BusMessage::parse_limited(raw.get().as_bytes(), max_depth)
 }
 
 /// The codec a `register` asks for: `"codec": "json"` (the default) or
