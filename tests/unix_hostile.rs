@@ -165,6 +165,16 @@ async fn partial_frames_are_bounded_in_total_and_in_time() {
             }
         }
         assert!(overloaded > 0, "the bound was reached");
+        // The bound and its use are shown by the stats reply.
+        let mut admin = Raw::connect(&server.socket).await;
+        admin.send(&json!({"type": "stats"})).await;
+        let stats = admin.recv().await.expect("stats");
+        assert_eq!(
+            stats["stats"]["transports"]["unix"]["partial_frame_limit"],
+            64 << 20,
+            "{stats}"
+        );
+        assert_eq!(stats["stats"]["transports"]["unix"]["partial_frame_bytes"], 0);
         assert!(timed_out > 0, "the rest timed out");
         let grown = server.peak_rss_kib().saturating_sub(base) / 1024;
         eprintln!("150 partial 10 MiB frames: peak RSS grew by {grown} MiB; {overloaded} refused, {timed_out} timed out");

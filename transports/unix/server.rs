@@ -192,6 +192,7 @@ impl Transport for UnixServer {
             max_depth: config.max_depth,
             partial: session::PartialBudget::new(config.max_partial_bytes),
         });
+        bus.add_status(session::TRANSPORT, limits.partial.clone());
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let tasks = TaskTracker::new();
         // SAFETY: geteuid has no preconditions.

@@ -80,6 +80,15 @@ impl PartialBudget {
     }
 }
 
+impl crate::transport::TransportStatus for PartialBudget {
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "partial_frame_bytes": self.used(),
+            "partial_frame_limit": self.limit,
+        })
+    }
+}
+
 /// One session's share of the [`PartialBudget`], given back on drop.
 struct PartialCharge<'a> {
     /// The shared budget.
