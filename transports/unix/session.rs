@@ -289,12 +289,11 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
                 Ok(None) => break,
                 Err(e) => {
                     let _ = flush(ctx, &mut batch).await;
-                    let err = ProtocolError::new(
+                    farewell(
+                        ctx,
                         ErrorCode::FrameTooLarge,
                         format!("{e}; closing the connection"),
                     );
-                    tracing::warn!(sid = ctx.sid, "{err}");
-                    ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
                     return ReadEnd::Desync(e);
                 }
             }
@@ -343,15 +342,10 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
             r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
             _ = ctx.writer_done.cancelled() => return ReadEnd::WriterDone,
             _ = until(frame_deadline) => {
-                let err = ProtocolError::new(
-                    ErrorCode::FrameTimeout,
-                    format!(
-                        "a frame stayed incomplete for {} s; closing the connection",
-                        limits.frame_timeout.as_secs_f64()
-                    ),
-                );
-                tracing::warn!(sid = ctx.sid, "{err}");
-                ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
+                farewell(ctx, ErrorCode::FrameTimeout, format!(
+                    "a frame stayed incomplete for {} s; closing the connection",
+                    limits.frame_timeout.as_secs_f64()
+                ));
                 return ReadEnd::FrameTimeout;
             }
             _ = quiet, if may_release => {
@@ -381,15 +375,14 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
             0
         };
         if !charge.set(held) {
-            let err = ProtocolError::new(
+            farewell(
+                ctx,
                 ErrorCode::Overloaded,
                 format!(
-                    "the bus holds {} bytes of incomplete frames, its bound; closing the connection",
-                    limits.partial.used()
-                ),
+                "the bus holds {} bytes of incomplete frames, its bound; closing the connection",
+                limits.partial.used()
+            ),
             );
-            tracing::warn!(sid = ctx.sid, "{err}");
-            ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
             return ReadEnd::Overloaded;
         }
         let before = buf.capacity() - buf.len();
@@ -407,6 +400,13 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
             Err(e) => return ReadEnd::Io(e),
         }
     }
+}
+
+/// Tells the peer why its connection is closing (logged too).
+fn farewell(ctx: &Ctx<'_>, code: ErrorCode, detail: String) {
+    let err = ProtocolError::new(code, detail);
+    tracing::warn!(sid = ctx.sid, "{err}");
+    ctx.bus.reply(ctx.sid, error_frame(&err, None), true);
 }
 
 /// Waits until this session's own outbox drained below its low-water
