@@ -20,6 +20,8 @@ use serde_json::value::RawValue;
 
 use crate::error::{ErrorCode, ProtocolError};
 
+mod scan;
+
 /// The raw JSON text of one field value, borrowed from a [`BusMessage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawJson<'a>(&'a str);
@@ -149,55 +151,52 @@ impl BusMessage {
                 "frame length header does not match its payload",
             ));
         }
-        let spans = {
-            let text = std::str::from_utf8(&src[4..]).map_err(|e| {
-                ProtocolError::new(
-                    ErrorCode::BadUtf8,
-                    format!("payload is not valid UTF-8 ({e})"),
-                )
-            })?;
-            let first = text.trim_start().as_bytes().first().copied();
-            if first != Some(b'{') {
-                return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                    Ok(_) => ProtocolError::new(
-                        ErrorCode::NotObject,
-                        "payload is JSON but not an object",
-                    ),
-                    Err(e) => ProtocolError::new(
-                        ErrorCode::BadJson,
-                        format!("payload is not valid JSON ({e})"),
-                    ),
-                });
-            }
-            // The fast scanner decides valid payloads; anything it refuses
-            // goes through serde_json, which gives the error (or, should
-            // the two ever disagree, the answer). Too deep is refused
-            // outright: no client should have to parse it.
-            let mut too_deep = false;
-            if let Some(spans) = scan::object(text, max_depth, &mut too_deep) {
-                spans
-            } else if too_deep {
-                return Err(ProtocolError::new(
-                    ErrorCode::TooDeep,
-                    format!("payload nests deeper than {max_depth} levels"),
-                ));
-            } else {
-                let mut de = serde_json::Deserializer::from_str(text);
-                de.deserialize_map(SpanVisitor { json: text })
-                    .and_then(|s| de.end().map(|_| s))
-                    .map_err(|e| {
-                        ProtocolError::new(
-                            ErrorCode::BadJson,
-                            format!("payload is not valid JSON ({e})"),
-                        )
-                    })?
-            }
-        };
+        // The message keeps the frame; the fields are recorded into it in
+        // place (spans of the frame).
         let mut m = BusMessage {
             src,
-            fields: spans.fields,
-            changed: spans.repeated,
+            fields: Fields::default(),
+            changed: false,
             known: [ABSENT; KNOWN.len()],
+        };
+        // The scanner checks UTF-8 and JSON in one pass and decides valid
+        // payloads. Anything it refuses is looked at as before: UTF-8
+        // first (bad_utf8), then too deep (refused outright: no client
+        // should have to parse it), then serde_json, which gives the error
+        // (or, should the two ever disagree, the answer).
+        let mut too_deep = false;
+        m.changed = match scan::object_into(&m.src[4..], &mut m.fields, max_depth, &mut too_deep) {
+            Some(repeated) => repeated,
+            None => {
+                let text = utf8(&m.src[4..])?;
+                let first = text.trim_start().as_bytes().first().copied();
+                if first != Some(b'{') {
+                    return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                        Ok(_) => ProtocolError::new(
+                            ErrorCode::NotObject,
+                            "payload is JSON but not an object",
+                        ),
+                        Err(e) => ProtocolError::new(
+                            ErrorCode::BadJson,
+                            format!("payload is not valid JSON ({e})"),
+                        ),
+                    });
+                }
+                if too_deep {
+                    return Err(ProtocolError::new(
+                        ErrorCode::TooDeep,
+                        format!("payload nests deeper than {max_depth} levels"),
+                    ));
+                }
+                let spans = serde_spans(text).map_err(|e| {
+                    ProtocolError::new(
+                        ErrorCode::BadJson,
+                        format!("payload is not valid JSON ({e})"),
+                    )
+                })?;
+                m.fields = spans.fields;
+                spans.repeated
+            }
         };
         m.reindex();
         Ok(m)
@@ -403,6 +402,36 @@ impl BusMessage {
     }
 }
 
+/// The payload as text, for a payload the scanner refused: checked with
+/// SIMD (`simdutf8`); an invalid one is checked again by the standard
+/// library, whose error (with the offending position) the client gets.
+fn utf8(payload: &[u8]) -> Result<&str, ProtocolError> {
+    if let Ok(text) = simdutf8::basic::from_utf8(payload) {
+        return Ok(text);
+    }
+    std::str::from_utf8(payload).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::BadUtf8,
+            format!("payload is not valid UTF-8 ({e})"),
+        )
+    })
+}
+
+/// Whether the fast scanner alone accepts `text` as a JSON object. For the
+/// fuzz target `json_differential` (it must agree with serde_json); not
+/// part of the API.
+#[doc(hidden)]
+pub fn scanner_accepts(text: &str) -> bool {
+    scanner_accepts_bytes(text.as_bytes())
+}
+
+/// Whether the fast scanner alone accepts `payload` (any bytes: it checks
+/// UTF-8 too) as a JSON object. For fuzzing; not part of the API.
+#[doc(hidden)]
+pub fn scanner_accepts_bytes(payload: &[u8]) -> bool {
+    scan::object_into(payload, &mut Fields::default(), usize::MAX, &mut false).is_some()
+}
+
 fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f
 }
@@ -498,10 +527,17 @@ const INDEX_FROM: usize = 32;
 
 /// What parsing a payload records: field spans and whether a key repeated.
 struct Spans {
-    /// A filter of the keys seen so far (scanner only).
-    seen: u64,
     fields: Fields,
     repeated: bool,
+}
+
+/// The fields of the object in `text` through serde_json (the reference
+/// the scanner must agree with, and the error when it refuses).
+fn serde_spans(text: &str) -> Result<Spans, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let spans = de.deserialize_map(SpanVisitor { json: text })?;
+    de.end()?;
+    Ok(spans)
 }
 
 /// Visits the top-level object of a payload, turning each borrowed key
@@ -574,7 +610,6 @@ impl<'de> Visitor<'de> for SpanVisitor<'de> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Spans, A::Error> {
         let mut out = Spans {
-            seen: 0,
             fields: Fields::default(),
             repeated: false,
         };
@@ -833,6 +868,156 @@ mod tests {
     }
 
     #[test]
+    fn bad_utf8_anywhere_in_a_large_frame_is_found_and_placed() {
+        // The SIMD check finds it; the detail (with the position) is the
+        // standard library's, as before.
+        let body = "x".repeat(70_000);
+        let good = format!(r#"{{"type":"message","body":"{body}","é":"ü"}}"#);
+        assert!(BusMessage::parse(good.as_bytes()).is_ok());
+        for pos in [
+            0,
+            1,
+            15,
+            16,
+            31,
+            63,
+            64,
+            65,
+            4095,
+            4096,
+            40_000,
+            good.len() - 1,
+        ] {
+            for bad in [
+                &b"\xff"[..],
+                b"\xc3",
+                b"\xe2\x82",
+                b"\xed\xa0\x80",
+                b"\xc0\xaf",
+            ] {
+                let mut v = good.as_bytes().to_vec();
+                v.splice(pos..pos, bad.iter().copied());
+                let want = std::str::from_utf8(&v).unwrap_err();
+                let e = BusMessage::parse(&v).unwrap_err();
+                assert_eq!(e.code, ErrorCode::BadUtf8, "at {pos}");
+                assert_eq!(e.detail, format!("payload is not valid UTF-8 ({want})"));
+            }
+        }
+    }
+
+    /// What parsing answered before the one-pass scanner: UTF-8 by the
+    /// standard library, then serde_json (the reference of the test below).
+    fn reference_parse(payload: &[u8]) -> Result<Vec<(String, String)>, (ErrorCode, String)> {
+        let text = std::str::from_utf8(payload).map_err(|e| {
+            (
+                ErrorCode::BadUtf8,
+                format!("payload is not valid UTF-8 ({e})"),
+            )
+        })?;
+        if text.trim_start().as_bytes().first() != Some(&b'{') {
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => (
+                    ErrorCode::NotObject,
+                    "payload is JSON but not an object".to_string(),
+                ),
+                Err(e) => (
+                    ErrorCode::BadJson,
+                    format!("payload is not valid JSON ({e})"),
+                ),
+            });
+        }
+        let spans = serde_spans(text).map_err(|e| {
+            (
+                ErrorCode::BadJson,
+                format!("payload is not valid JSON ({e})"),
+            )
+        })?;
+        let m = BusMessage {
+            src: crate::transports::unix::frame::encode(payload),
+            fields: spans.fields,
+            changed: spans.repeated,
+            known: [ABSENT; KNOWN.len()],
+        };
+        Ok(m.iter()
+            .map(|(k, v)| (k.to_string(), v.get().to_string()))
+            .collect())
+    }
+
+    #[test]
+    fn parse_answers_as_std_and_serde_json_do_on_mutated_bytes() {
+        // Byte-level changes (invalid UTF-8 included) of a few payloads:
+        // the same fields, or the same error code and detail.
+        let bases: [&[u8]; 5] = [
+            br#"{"type":"message","to":"b","from":"a","id":"1","ts":1.5,"body":{"k":[1,2.5,"\u00e9"]}}"#,
+            "{\"type\": \"message\", \"body\": \"héllo wörld 😀 and some more text to pass 64 bytes........\"}".as_bytes(),
+            br#"  [1, {"a": 2}]  "#,
+            br#"{"a":1,"a":{"b":[true,false,null]},"t\u0079pe":"x"}"#,
+            br#""just a string""#,
+        ];
+        let palette = [
+            0x00u8, 0x1f, b' ', b'"', b'\\', b'{', b'}', b'[', b']', b',', b':', b'0', b'-', b'e',
+            b'x', 0x7f, 0x80, 0xbf, 0xc3, 0xa9, 0xe2, 0xed, 0xf0, 0xff,
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33) as usize % n.max(1)
+        };
+        let (mut ok, mut bad) = (0, 0);
+        for round in 0..20_000 {
+            let mut v = bases[round % bases.len()].to_vec();
+            for _ in 0..1 + next(3) {
+                let at = next(v.len() + 1);
+                match next(4) {
+                    0 if at < v.len() => {
+                        v.remove(at);
+                    }
+                    1 => v.insert(at, palette[next(palette.len())]),
+                    2 if at < v.len() => v[at] = palette[next(palette.len())],
+                    _ => v.truncate(at.max(1)),
+                }
+            }
+            let ours = BusMessage::parse_limited(&v, usize::MAX)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.to_string(), v.get().to_string()))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| (e.code, e.detail));
+            assert_eq!(
+                ours,
+                reference_parse(&v),
+                "on {:?}",
+                String::from_utf8_lossy(&v)
+            );
+            if ours.is_ok() {
+                ok += 1;
+            } else {
+                bad += 1;
+            }
+        }
+        assert!(ok > 1000 && bad > 1000, "{ok} {bad}");
+    }
+
+    #[test]
+    fn bad_utf8_comes_before_too_deep_wherever_it_is() {
+        // The one-pass scanner meets the depth first; the answer is still
+        // the one of a whole-payload UTF-8 check first.
+        let deep = "[".repeat(200);
+        let mut after = format!("{{\"a\":{deep}").into_bytes();
+        after.push(0xff);
+        let mut before = b"{\"a\":\"\xff\",\"b\":".to_vec();
+        before.extend_from_slice(deep.as_bytes());
+        for v in [after, before] {
+            assert_eq!(BusMessage::parse(&v).unwrap_err().code, ErrorCode::BadUtf8);
+        }
+        let e = BusMessage::parse(format!("{{\"a\":{deep}").as_bytes()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooDeep);
+    }
+
+    #[test]
     fn escaped_keys_and_values_are_decoded_for_lookup() {
         let m = BusMessage::parse(br#"{"t\u0079pe": "m\u0065ssage", "to": "\u00e9"}"#).unwrap();
         assert_eq!(m.kind().unwrap(), "message");
@@ -846,523 +1031,5 @@ mod tests {
         assert_eq!(v["x"], "1");
         let via_serde: serde_json::Value = serde_json::to_value(&m2).unwrap();
         assert_eq!(via_serde, v);
-    }
-}
-
-/// Whether the fast scanner alone accepts `text` as a JSON object. For the
-/// fuzz target `json_differential` (it must agree with serde_json); not
-/// part of the API.
-#[doc(hidden)]
-pub fn scanner_accepts(text: &str) -> bool {
-    scan::object(text, usize::MAX, &mut false).is_some()
-}
-
-/// A JSON scanner for the top-level object of a payload: it validates the
-/// whole text (RFC 8259, as serde_json does: no comments, no trailing
-/// commas, no control characters in strings, any nesting depth) and
-/// records each member's key and value as spans, without building
-/// anything. It only ever answers "valid, here are the spans" or "not
-/// sure"; the caller then asks serde_json.
-mod scan {
-    use super::{Fields, KeyIndex, Spans, Text, INDEX_FROM};
-
-    /// The spans of the object in `text` (spans offset by the 4-byte
-    /// header), or None when the text is not a valid JSON object or nests
-    /// deeper than `max_depth` (the top-level object is depth 1); then
-    /// `too_deep` says which.
-    pub(super) fn object(text: &str, max_depth: usize, too_deep: &mut bool) -> Option<Spans> {
-        let s = text.as_bytes();
-        let mut out = Spans {
-            seen: 0,
-            fields: Fields::default(),
-            repeated: false,
-        };
-        let mut index = None;
-        let mut i = ws(s, 0);
-        if s.get(i) != Some(&b'{') {
-            return None;
-        }
-        i = ws(s, i + 1);
-        if s.get(i) == Some(&b'}') {
-            i += 1;
-        } else {
-            loop {
-                if s.get(i) != Some(&b'"') {
-                    return None;
-                }
-                let (ke, escaped) = string_end(s, i + 1)?;
-                let (ks, kend) = (i + 1, ke);
-                i = ws(s, ke + 1);
-                if s.get(i) != Some(&b':') {
-                    return None;
-                }
-                i = ws(s, i + 1);
-                let vs = i;
-                i = value(s, i, max_depth, too_deep)?;
-                let key = if escaped {
-                    // Rare: decode the key (serde_json knows every escape).
-                    let k: String = serde_json::from_str(&text[ks - 1..kend + 1]).ok()?;
-                    Text::Owned(k.into_boxed_str())
-                } else {
-                    Text::Span((ks + 4) as u32, (kend + 4) as u32)
-                };
-                push(
-                    &mut out,
-                    text,
-                    key,
-                    Text::Span((vs + 4) as u32, (i + 4) as u32),
-                    &mut index,
-                );
-                i = ws(s, i);
-                match s.get(i) {
-                    Some(b',') => i = ws(s, i + 1),
-                    Some(b'}') => {
-                        i += 1;
-                        break;
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        (ws(s, i) == s.len()).then_some(out)
-    }
-
-    /// Adds a member; a repeated key replaces the earlier value in place.
-    /// Small objects are searched directly; past [`INDEX_FROM`] keys a
-    /// hash index keeps a payload of very many keys linear in time.
-    fn push(out: &mut Spans, text: &str, key: Text, value: Text, index: &mut Option<KeyIndex>) {
-        if index.is_none() && out.fields.len() >= INDEX_FROM {
-            let mut m = KeyIndex::with_capacity(2 * out.fields.len());
-            for (i, (k, _)) in out.fields.iter().enumerate() {
-                m.insert(key_bytes(text, k).to_vec(), i);
-            }
-            *index = Some(m);
-        }
-        if let Some(m) = index {
-            let name = key_bytes(text, &key).to_vec();
-            match m.get(&name) {
-                Some(&i) => {
-                    out.fields[i].1 = value;
-                    out.repeated = true;
-                }
-                None => {
-                    m.insert(name, out.fields.len());
-                    out.fields.push((key, value));
-                }
-            }
-            return;
-        }
-        let name = key_bytes(text, &key);
-        // A 64-bit filter of the keys seen: a key whose bit is not set
-        // cannot be a repeat, so the usual message compares no keys.
-        let (f, l) = (
-            u64::from(name.first().copied().unwrap_or(0)),
-            u64::from(name.last().copied().unwrap_or(0)),
-        );
-        let bit = 1u64 << ((name.len() as u64 * 7 + f * 3 + l) & 63);
-        let seen = out.seen & bit != 0;
-        out.seen |= bit;
-        if !seen {
-            out.fields.push((key, value));
-            return;
-        }
-        let dup = out.fields.iter().position(|(k, _)| {
-            let other = key_bytes(text, k);
-            // Length and first byte first: most keys differ there.
-            other.len() == name.len() && other.first() == name.first() && other == name
-        });
-        match dup {
-            Some(i) => {
-                out.fields[i].1 = value;
-                out.repeated = true;
-            }
-            None => out.fields.push((key, value)),
-        }
-    }
-
-    fn key_bytes<'a>(text: &'a str, k: &'a Text) -> &'a [u8] {
-        match k {
-            Text::Span(a, b) => text
-                .as_bytes()
-                .get(*a as usize - 4..*b as usize - 4)
-                .unwrap_or(b""),
-            Text::Owned(o) => o.as_bytes(),
-        }
-    }
-
-    #[inline]
-    fn ws(s: &[u8], mut i: usize) -> usize {
-        while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(i) {
-            i += 1;
-        }
-        i
-    }
-
-    /// Validates one value starting at `i` (no leading whitespace);
-    /// returns the index just past it. Nesting is tracked on a stack, not
-    /// by recursion, so depth costs no native stack.
-    fn value(s: &[u8], mut i: usize, max_depth: usize, too_deep: &mut bool) -> Option<usize> {
-        let mut stack: Vec<u8> = Vec::new();
-        loop {
-            // One value (or the opening of a container, at depth
-            // 2 + what is open: the top-level object is depth 1).
-            let c = *s.get(i)?;
-            if (c == b'{' || c == b'[') && stack.len() + 2 > max_depth {
-                *too_deep = true;
-                return None;
-            }
-            match c {
-                b'{' => {
-                    i = ws(s, i + 1);
-                    if s.get(i) == Some(&b'}') {
-                        i += 1;
-                    } else {
-                        stack.push(b'{');
-                        i = member_key(s, i)?;
-                        continue;
-                    }
-                }
-                b'[' => {
-                    i = ws(s, i + 1);
-                    if s.get(i) == Some(&b']') {
-                        i += 1;
-                    } else {
-                        stack.push(b'[');
-                        continue;
-                    }
-                }
-                b'"' => i = string_end(s, i + 1)?.0 + 1,
-                b't' => i = literal(s, i, b"true")?,
-                b'f' => i = literal(s, i, b"false")?,
-                b'n' => i = literal(s, i, b"null")?,
-                b'-' | b'0'..=b'9' => i = number(s, i)?,
-                _ => return None,
-            }
-            // A value is complete: close containers or move to the next
-            // element.
-            loop {
-                let Some(&open) = stack.last() else {
-                    return Some(i);
-                };
-                i = ws(s, i);
-                match (open, *s.get(i)?) {
-                    (_, b',') => {
-                        i = ws(s, i + 1);
-                        if open == b'{' {
-                            i = member_key(s, i)?;
-                        }
-                        break;
-                    }
-                    (b'[', b']') | (b'{', b'}') => {
-                        i += 1;
-                        stack.pop();
-                    }
-                    _ => return None,
-                }
-            }
-        }
-    }
-
-    /// `"key"` `:` and the whitespace after it; returns where the value
-    /// starts.
-    fn member_key(s: &[u8], i: usize) -> Option<usize> {
-        if s.get(i) != Some(&b'"') {
-            return None;
-        }
-        let (end, _) = string_end(s, i + 1)?;
-        let i = ws(s, end + 1);
-        if s.get(i) != Some(&b':') {
-            return None;
-        }
-        Some(ws(s, i + 1))
-    }
-
-    fn literal(s: &[u8], i: usize, lit: &[u8]) -> Option<usize> {
-        (s.get(i..i + lit.len())? == lit).then_some(i + lit.len())
-    }
-
-    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
-    fn number(s: &[u8], mut i: usize) -> Option<usize> {
-        let digits = |s: &[u8], mut i: usize| -> Option<usize> {
-            let start = i;
-            while let Some(b'0'..=b'9') = s.get(i) {
-                i += 1;
-            }
-            (i > start).then_some(i)
-        };
-        if s.get(i) == Some(&b'-') {
-            i += 1;
-        }
-        match s.get(i)? {
-            b'0' => i += 1,
-            b'1'..=b'9' => i = digits(s, i)?,
-            _ => return None,
-        }
-        if s.get(i) == Some(&b'.') {
-            i = digits(s, i + 1)?;
-        }
-        if let Some(b'e' | b'E') = s.get(i) {
-            i += 1;
-            if let Some(b'+' | b'-') = s.get(i) {
-                i += 1;
-            }
-            i = digits(s, i)?;
-        }
-        // serde_json refuses a digit right after a leading zero ("01").
-        match s.get(i) {
-            Some(b'0'..=b'9') => None,
-            _ => Some(i),
-        }
-    }
-
-    /// From just after an opening quote: the index of the closing quote,
-    /// and whether the string had escapes. Refuses control characters and
-    /// bad escapes (the text is already known to be UTF-8).
-    fn string_end(s: &[u8], mut i: usize) -> Option<(usize, bool)> {
-        let mut escaped = false;
-        loop {
-            i += plain_run(&s[i.min(s.len())..]);
-            match *s.get(i)? {
-                b'"' => return Some((i, escaped)),
-                b'\\' => {
-                    escaped = true;
-                    match *s.get(i + 1)? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
-                        b'u' => {
-                            let hex = s.get(i + 2..i + 6)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return None;
-                            }
-                            i += 6;
-                        }
-                        _ => return None,
-                    }
-                }
-                _ => return None, // a control character
-            }
-        }
-    }
-
-    /// Length of the leading run of bytes that need no attention in a
-    /// string: not `"`, not `\`, not a control character. Sixteen bytes
-    /// at a time with SSE2 (part of every x86-64), then eight at a time.
-    #[inline]
-    fn plain_run(s: &[u8]) -> usize {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: SSE2 is part of the x86-64 baseline; every x86-64
-            // CPU has it (the function is safe code otherwise).
-            unsafe { plain_run_sse2(s) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            plain_run_swar(s)
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "sse2")]
-    fn plain_run_sse2(s: &[u8]) -> usize {
-        use std::arch::x86_64::{
-            _mm_cmpeq_epi8, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
-            _mm_set_epi64x,
-        };
-        let quote = _mm_set1_epi8(b'"' as i8);
-        let backslash = _mm_set1_epi8(b'\\' as i8);
-        let ctrl_max = _mm_set1_epi8(0x1f);
-        let mut i = 0;
-        while i + 16 <= s.len() {
-            let mut lo = [0u8; 8];
-            let mut hi = [0u8; 8];
-            lo.copy_from_slice(&s[i..i + 8]);
-            hi.copy_from_slice(&s[i + 8..i + 16]);
-            let x = _mm_set_epi64x(i64::from_le_bytes(hi), i64::from_le_bytes(lo));
-            let q = _mm_cmpeq_epi8(x, quote);
-            let b = _mm_cmpeq_epi8(x, backslash);
-            // x <= 0x1f (unsigned) exactly when min(x, 0x1f) == x.
-            let c = _mm_cmpeq_epi8(_mm_min_epu8(x, ctrl_max), x);
-            let m = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(q, b), c)) as u32;
-            if m != 0 {
-                return i + m.trailing_zeros() as usize;
-            }
-            i += 16;
-        }
-        i + plain_run_swar(&s[i..])
-    }
-
-    /// [`plain_run`], eight bytes at a time.
-    #[inline]
-    fn plain_run_swar(s: &[u8]) -> usize {
-        const ONES: u64 = u64::MAX / 255;
-        const HIGH: u64 = ONES << 7;
-        let mut i = 0;
-        while i + 8 <= s.len() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&s[i..i + 8]);
-            let x = u64::from_le_bytes(w);
-            // High bit set in each byte that is < 0x20, == '"' or == '\\'
-            // (exact: no false positives from borrows, since each test is
-            // masked with !x or the xor'ed value).
-            let ctrl = x.wrapping_sub(ONES * 0x20) & !x;
-            let q = x ^ (ONES * u64::from(b'"'));
-            let q = q.wrapping_sub(ONES) & !q;
-            let b = x ^ (ONES * u64::from(b'\\'));
-            let b = b.wrapping_sub(ONES) & !b;
-            let m = (ctrl | q | b) & HIGH;
-            if m != 0 {
-                // The lowest flagged byte is exact; later ones may not be,
-                // which does not matter.
-                return i + (m.trailing_zeros() / 8) as usize;
-            }
-            i += 8;
-        }
-        while i < s.len() && !matches!(s[i], b'"' | b'\\' | 0..=0x1f) {
-            i += 1;
-        }
-        i
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        /// Valid for the scanner exactly when serde_json reads it as an
-        /// object.
-        fn agrees(text: &str) {
-            // What the serde path accepts: an object of raw values
-            // (numbers are not range-checked, escapes only in keys decoded).
-            let serde_ok = serde_json::from_str::<
-                std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>,
-            >(text)
-            .is_ok();
-            let ours = object(text, usize::MAX, &mut false);
-            assert_eq!(
-                ours.is_some(),
-                serde_ok,
-                "scanner and serde_json disagree on {text:?}"
-            );
-        }
-
-        #[test]
-        fn matches_serde_json_on_edge_cases() {
-            let cases = [
-                r#"{}"#,
-                r#" { } "#,
-                r#"{"a":1}"#,
-                r#"{"a":-0}"#,
-                r#"{"a":-}"#,
-                r#"{"a":01}"#,
-                r#"{"a":1.}"#,
-                r#"{"a":.5}"#,
-                r#"{"a":1.5e}"#,
-                r#"{"a":1.5e+3}"#,
-                r#"{"a":1E-3}"#,
-                r#"{"a":-1.25e10}"#,
-                r#"{"a":1,}"#,
-                r#"{,"a":1}"#,
-                r#"{"a" 1}"#,
-                r#"{"a":}"#,
-                r#"{"a":[1,2,[3,{"b":null}]]}"#,
-                r#"{"a":[1,]}"#,
-                r#"{"a":[,1]}"#,
-                r#"{"a":[}"#,
-                r#"{"a":{"b":{"c":{}}}}"#,
-                r#"{"a":{"b":1,}}"#,
-                r#"{"a":tru}"#,
-                r#"{"a":truex}"#,
-                r#"{"a":true,"b":false,"c":null}"#,
-                r#"{"a":"x\"y"}"#,
-                r#"{"a":"\u00e9\ud83d\ude00"}"#,
-                r#"{"a":"\u00g9"}"#,
-                r#"{"a":"\x"}"#,
-                r#"{"a":"\/\b\f\n\r\t"}"#,
-                "{\"a\":\"tab\there\"}",
-                "{\"a\":\"nl\nhere\"}",
-                "{\"a\":\"del\u{7f}ok\"}",
-                r#"{"a":"é ü 😀"}"#,
-                r#"{"a":1} x"#,
-                r#"{"a":1}}"#,
-                r#"{"a":1"#,
-                r#"{"a"#,
-                r#"{"#,
-                r#"[1]"#,
-                r#"{"a":[1 2]}"#,
-                r#"{"a":{"b"}}"#,
-                r#"{"a":{"b":1 "c":2}}"#,
-                r#"{"t\u0079pe":"m"}"#,
-                r#"{"a":"unterminated}"#,
-                "{\"a\":1}\n\t ",
-                r#"{"a":[[[[[[[[[[]]]]]]]]]]}"#,
-                r#"{"a":[[[[[[[[[[]]]]]]]]]}"#,
-                r#"{"a":NaN}"#,
-                r#"{"a":1e400}"#,
-                r#"{"a":18446744073709551616}"#,
-                r#"{"a":-9223372036854775809}"#,
-                r#"{"a" : [ 1 , { } ] , "b" : "" }"#,
-                "{\"aaaaaaaaaaaaaaaaaaaaaaaa\":\"bbbbbbbbbbbbbbbb\\\"cccccccc\"}",
-                r#"{"a":"\"#,
-                r#"{"a":"\u12"}"#,
-            ];
-            for c in cases {
-                agrees(c);
-            }
-            let deep = format!("{{\"a\":{}{}}}", "[".repeat(300), "]".repeat(300));
-            assert!(
-                object(&deep, usize::MAX, &mut false).is_some(),
-                "any depth, like serde_json's raw values"
-            );
-        }
-
-        #[test]
-        fn matches_serde_json_on_mutations() {
-            // Every single-byte deletion and a few substitutions of a rich
-            // document: the scanner must agree with serde_json each time.
-            let doc = r#"{"type":"message","to":"b","n":-12.5e-3,"body":{"x":[1,true,null,"\u00e9\n"],"y":{}},"z":[]}"#;
-            agrees(doc);
-            for i in 0..doc.len() {
-                if !doc.is_char_boundary(i) || !doc.is_char_boundary(i + 1) {
-                    continue;
-                }
-                agrees(&format!("{}{}", &doc[..i], &doc[i + 1..]));
-                for sub in ["\"", "\\", ",", "}", "]", "0", " ", "\u{1}", "x", "-", "."] {
-                    agrees(&format!("{}{}{}", &doc[..i], sub, &doc[i + 1..]));
-                }
-            }
-        }
-
-        #[test]
-        fn plain_run_stops_at_the_first_special_byte() {
-            for len in 0..70 {
-                for pos in 0..=len {
-                    for special in [b'"', b'\\', 0u8, 0x1f, b'\n'] {
-                        let mut v = vec![b'a'; len];
-                        v.extend_from_slice("é\u{7f}".as_bytes());
-                        if pos < len {
-                            v[pos] = special;
-                        }
-                        let want = if pos < len { pos } else { v.len() };
-                        assert_eq!(plain_run(&v), want, "len {len} pos {pos} byte {special}");
-                    }
-                }
-            }
-        }
-
-        #[test]
-        fn spans_point_at_keys_and_values() {
-            let text = r#" {"a" : [1, 2] , "b":"x" ,"a":3} "#;
-            let sp = object(text, usize::MAX, &mut false).unwrap();
-            assert!(sp.repeated);
-            assert_eq!(sp.fields.len(), 2);
-            fn at<'a>(text: &'a str, t: &'a Text) -> &'a str {
-                match t {
-                    Text::Span(a, b) => &text[*a as usize - 4..*b as usize - 4],
-                    Text::Owned(o) => o,
-                }
-            }
-            assert_eq!(at(text, &sp.fields[0].0), "a");
-            assert_eq!(at(text, &sp.fields[0].1), "3");
-            assert_eq!(at(text, &sp.fields[1].0), "b");
-            assert_eq!(at(text, &sp.fields[1].1), r#""x""#);
-        }
     }
 }
