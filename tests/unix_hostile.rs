@@ -223,6 +223,26 @@ async fn unread_list_replies_cannot_amplify_memory() {
             .await;
         assert_eq!(b.recv().await.expect("served")["body"]["n"], 1);
         let _deaf = writer.await.expect("writer");
+        // Measure once the bus answered all it will and stopped reading
+        // the deaf peer (it shows as blocked).
+        let mut admin = Raw::connect(&server.socket).await;
+        let mut blocked = false;
+        for _ in 0..600 {
+            admin.send(&json!({"type": "stats"})).await;
+            let st = admin.recv().await.expect("stats");
+            if st["stats"]["router"]["flow"]["blocked_now"].as_u64() >= Some(1) {
+                blocked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            blocked,
+            "the bus stopped reading the peer that does not read its replies"
+        );
+        a.send(&json!({"type": "message", "to": "ctl-b", "body": {"n": 2}}))
+            .await;
+        assert_eq!(b.recv().await.expect("served")["body"]["n"], 2);
         let grown = server.peak_rss_kib().saturating_sub(base) / 1024;
         eprintln!("1,500 unread list replies: peak RSS grew by {grown} MiB");
         assert!(grown < 256, "peak RSS grew by {grown} MiB");

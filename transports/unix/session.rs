@@ -542,15 +542,12 @@ async fn handle_frame(
             (Err(e), _) => Err(e),
         },
         "list_endpoints" => {
-            let mut r = bus.router();
-            let map: serde_json::Map<String, serde_json::Value> = r
-                .endpoints()
-                .into_iter()
-                .map(|(n, s)| (n, serde_json::Value::String(s)))
-                .collect();
-            let frame =
-                encode_frame(&serde_json::json!({"type": "endpoints_list", "endpoints": map}));
-            r.reply(sid, Delivery::reply(frame), false);
+            // The names are copied under the lock; the (possibly large)
+            // reply is written outside it.
+            let endpoints = bus.router().endpoints();
+            bus.reply(sid, Delivery::reply(endpoints_frame(&endpoints)), false);
+            // A costly reply: let the worker serve others before the next.
+            tokio::task::yield_now().await;
             Ok(())
         }
         "stats" => {
@@ -581,9 +578,31 @@ async fn handle_frame(
     own_room(ctx).await
 }
 
+/// The `endpoints_list` reply, written straight into one frame.
+fn endpoints_frame(endpoints: &[(String, String)]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(64 + endpoints.len() * 64);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(br#"{"type":"endpoints_list","endpoints":{"#);
+    for (i, (name, session)) in endpoints.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, name);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, session);
+    }
+    out.extend_from_slice(b"}}");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    bytes::Bytes::from(out)
+}
+
 /// After a reply: a peer that does not read its replies is not read from
-/// either, until its outbox drains.
+/// either, until its outbox drains. Requests also take a share of the
+/// task budget, so a peer sending many costly ones yields its worker to
+/// others between them.
 async fn own_room(ctx: &Ctx<'_>) -> Result<(), Closing> {
+    tokio::task::consume_budget().await;
     if ctx.own.over_bound() {
         wait_own_room(ctx).await
     } else {
