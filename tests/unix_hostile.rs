@@ -15,7 +15,7 @@ use serde_json::json;
 async fn a_held_name_re_registered_without_reading_still_expires_on_time() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let cfg = RouterConfig {
-            hold_grace: Duration::from_secs(1),
+            hold_grace: Duration::from_secs(3),
             ..RouterConfig::default()
         };
         let bus = TestBus::start_with(cfg, HookEngine::disabled()).await;
@@ -41,10 +41,10 @@ async fn a_held_name_re_registered_without_reading_still_expires_on_time() {
         })
         .await;
         assert!(queued.is_some(), "{:?}", bus.totals());
-        // Re-register every 300 ms without reading, for up to 8 s: the
-        // hold's grace (1 s) is not extended by that.
+        // Re-register every 300 ms without reading, for up to 15 s: the
+        // hold's grace (3 s) is not extended by that.
         let mut expired = false;
-        for _ in 0..26 {
+        for _ in 0..50 {
             let again = Raw::register(&bus.socket, "ghost").await;
             tokio::time::sleep(Duration::from_millis(300)).await;
             drop(again);
