@@ -57,6 +57,8 @@ pub struct Budget {
     used: AtomicUsize,
     /// The bound; a bounded push that would pass it is refused.
     limit: usize,
+    /// The most charged since [`Budget::take_peak`] last looked.
+    peak: AtomicUsize,
     /// Senders waiting for the budget to fall below its low-water mark.
     waiters: AtomicUsize,
     /// Wakes them.
@@ -69,6 +71,7 @@ impl Budget {
         Arc::new(Budget {
             used: AtomicUsize::new(0),
             limit: limit.max(1),
+            peak: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
             room: Notify::new(),
         })
@@ -96,7 +99,16 @@ impl Budget {
 
     /// Charges `n` bytes.
     pub fn charge(&self, n: usize) {
-        self.used.fetch_add(n, Ordering::Relaxed);
+        let now = self.used.fetch_add(n, Ordering::Relaxed) + n;
+        if now > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The most charged since the last call, and the use now.
+    pub fn take_peak(&self) -> (usize, usize) {
+        let used = self.used();
+        (self.peak.swap(used, Ordering::Relaxed), used)
     }
 
     /// Gives back `n` bytes, waking waiters once below the low-water mark.
@@ -546,6 +558,10 @@ fn take(queue: &mut VecDeque<Delivery>, batch: &mut VecDeque<Delivery>) -> usize
         std::mem::swap(queue, batch);
     } else {
         batch.extend(queue.drain(..n));
+        if queue.is_empty() && queue.capacity() > 1024 {
+            // A burst is over: an idle queue keeps no big allocation.
+            *queue = VecDeque::new();
+        }
     }
     n
 }

@@ -290,9 +290,19 @@ impl Bus {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {
-                        let evicted = bus.router().sweep(Instant::now());
+                        let (evicted, peak, used) = {
+                            let mut r = bus.router();
+                            let evicted = r.sweep(Instant::now());
+                            let (peak, used) = r.budget().take_peak();
+                            (evicted, peak, used)
+                        };
                         if !evicted.is_empty() {
                             tracing::info!(count = evicted.len(), "evicted silent sessions");
+                        }
+                        // After a burst, give the freed memory back to the
+                        // system (the allocator keeps it otherwise).
+                        if peak > 16 << 20 && used < peak / 4 {
+                            release_free_memory();
                         }
                     }
                 }
@@ -342,5 +352,15 @@ async fn wait_session(
             _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
             _ = cancel.cancelled() => return None,
         }
+    }
+}
+
+/// Returns the allocator's free memory to the system, where the C
+/// library can (glibc's `malloc_trim`).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -419,12 +419,14 @@ async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
             "32M",
             "--slow-consumer-timeout",
             "2",
+            "--heartbeat-check",
+            "1",
         ])
         .await;
         let socket = server.socket.clone();
         let base = server.peak_rss_kib();
 
-        let _deaf = Raw::register(&socket, "deaf").await;
+        let deaf = Raw::register(&socket, "deaf").await;
         let mut ping = Raw::register(&socket, "ping").await;
         let pong = Raw::register(&socket, "pong").await;
         // 1 GiB in 1 MiB messages to a reader that never reads.
@@ -477,6 +479,19 @@ async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
             base / 1024
         );
         assert!(grown_mib < 64 + 96, "peak RSS grew by {grown_mib} MiB");
+        // Once the deaf reader goes away its queue is freed, and the
+        // memory is given back to the system.
+        drop(deaf);
+        let given_back = common::wait_for(Duration::from_secs(20), || {
+            (server.rss_kib() < base + 24 * 1024).then_some(())
+        })
+        .await;
+        eprintln!("RSS after the flood: {} MiB", server.rss_kib() / 1024);
+        assert!(
+            given_back.is_some(),
+            "RSS stayed at {} MiB",
+            server.rss_kib() / 1024
+        );
         drop(server);
     })
     .await

@@ -306,12 +306,21 @@ impl ServerProcess {
 
     /// Peak resident memory so far, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
+        self.proc_kib("VmHWM:")
+    }
+
+    /// Resident memory now, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_kib("VmRSS:")
+    }
+
+    fn proc_kib(&self, field: &str) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
+            .expect("proc field")
     }
 }
