@@ -11,8 +11,10 @@
 //! `bench/run` builds and runs all of it. By hand:
 //! `cargo bench --bench bus -- [--runs N] [--quick] [--only TEXT] [--out FILE]`
 //! Environment: `HERMES_BENCH_PY03` (python of the 0.3.0 venv),
-//! `HERMES_BENCH_ZMQ_ANCHOR` (the built zmq-anchor binary).
+//! `HERMES_BENCH_ZMQ_ANCHOR` (the built zmq-anchor binary),
+//! `HERMES_BENCH_SERVER` (another `hermes-bus-server` build to measure).
 
+mod parse;
 mod redis;
 mod unix;
 mod util;
@@ -31,11 +33,13 @@ enum Unit {
     Micros,
     /// Bytes (lower is better).
     Bytes,
+    /// Bytes per second (higher is better).
+    ByteRate,
 }
 
 impl Unit {
     fn higher_is_better(self) -> bool {
-        self == Unit::Rate
+        matches!(self, Unit::Rate | Unit::ByteRate)
     }
 
     fn show(self, v: f64) -> String {
@@ -46,6 +50,8 @@ impl Unit {
             Unit::Micros => format!("{v:.1} µs"),
             Unit::Bytes if v >= (1u64 << 20) as f64 => format!("{:.1} MiB", v / (1 << 20) as f64),
             Unit::Bytes => format!("{:.2} KiB", v / 1024.0),
+            Unit::ByteRate if v >= 1e9 => format!("{:.2} GB/s", v / 1e9),
+            Unit::ByteRate => format!("{:.0} MB/s", v / 1e6),
         }
     }
 }
@@ -58,13 +64,16 @@ enum Outcome {
         notes: Vec<String>,
     },
     Missing(String),
+    /// A run lost messages, delivered them out of order, or stalled: no
+    /// speed is shown for it.
+    Failed(String),
 }
 
 impl Outcome {
     fn median(&self) -> Option<f64> {
         match self {
             Outcome::Figures { values, .. } => util::summary(values).map(|s| s.0),
-            Outcome::Missing(_) => None,
+            Outcome::Missing(_) | Outcome::Failed(_) => None,
         }
     }
 
@@ -84,6 +93,7 @@ impl Outcome {
                 s
             }
             Outcome::Missing(why) => format!("missing: {why}"),
+            Outcome::Failed(why) => format!("FAILED: {why}"),
         }
     }
 }
@@ -138,6 +148,9 @@ impl Row {
             return String::new();
         };
         let hib = self.unit.higher_is_better();
+        if let Outcome::Failed(_) = self.ours {
+            return "NOT met (FAILED)".into();
+        }
         match t {
             Target::Ratio(x) => {
                 let want = format!("{} {x}×", if hib { "≥" } else { "≤" });
@@ -180,11 +193,21 @@ fn interleave(
         .iter()
         .map(|(_, f)| f.as_ref().err().cloned())
         .collect();
+    // Runs that ended in "FAILED: ..." (loss, disorder, a stall): the
+    // subject then shows FAILED, never a speed.
+    let mut failed: Vec<Vec<String>> = subjects.iter().map(|_| Vec::new()).collect();
     let mut fns: Vec<Option<RunFn<'_>>> = subjects.into_iter().map(|(_, f)| f.ok()).collect();
     // One unrecorded run of each subject first: the processes just
     // started (allocator, socket buffers, caches) and so did the case.
-    for f in fns.iter_mut().flatten() {
-        let _ = f();
+    // A warm-up run that lost messages still fails the case.
+    for (k, f) in fns.iter_mut().enumerate() {
+        let Some(f) = f else { continue };
+        if let Err(e) = f() {
+            if let Some(why) = e.strip_prefix("FAILED: ") {
+                eprintln!("    warm-up run {e}");
+                failed[k].push(format!("(warm-up run) {why}"));
+            }
+        }
     }
     for _ in 0..runs {
         for (k, f) in fns.iter_mut().enumerate() {
@@ -195,6 +218,10 @@ fn interleave(
                         vals[k][m].push(x);
                     }
                     notes[k].extend(note);
+                }
+                Err(e) if e.starts_with("FAILED: ") => {
+                    eprintln!("    run {e}");
+                    failed[k].push(e["FAILED: ".len()..].to_string());
                 }
                 Err(e) => {
                     eprintln!("    run failed: {e}");
@@ -207,11 +234,18 @@ fn interleave(
     vals.into_iter()
         .zip(notes)
         .zip(errors)
-        .map(|((per_metric, notes), err)| {
+        .zip(failed)
+        .map(|(((per_metric, notes), err), failed)| {
             per_metric
                 .into_iter()
                 .map(|values| {
-                    if values.is_empty() {
+                    if let Some(first) = failed.first() {
+                        Outcome::Failed(format!(
+                            "{} of {} runs (with the warm-up): {first}",
+                            failed.len(),
+                            runs + 1
+                        ))
+                    } else if values.is_empty() {
                         Outcome::Missing(err.clone().unwrap_or_else(|| "no run".into()))
                     } else {
                         Outcome::Figures {
@@ -286,11 +320,30 @@ fn tp(r: Result<util::Throughput, String>) -> Result<(Vec<f64>, Option<String>),
     Ok((vec![t.rate()], note))
 }
 
+/// A plain-blast run as a RunFn result: the delivered rate when every
+/// message arrived once and in order (noted "loss 0"), else "FAILED: ..."
+/// with what was lost. Each run's check is printed.
+fn checked(
+    label: &str,
+    r: Result<util::Checked, String>,
+) -> Result<(Vec<f64>, Option<String>), String> {
+    let c = r.map_err(|e| format!("FAILED: {e}"))?;
+    eprintln!("    {label}: {}", c.summary());
+    if !c.ok() {
+        return Err(format!("FAILED: {}", c.summary()));
+    }
+    Ok((vec![c.rate()], Some("loss 0".into())))
+}
+
 fn main() {
     let args = parse_args();
     let started = Instant::now();
     let nofile = util::raise_nofile();
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus-server"));
+    // HERMES_BENCH_SERVER: measure another build of the server (before /
+    // after comparisons); by default the one cargo just built.
+    let exe = std::env::var_os("HERMES_BENCH_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus-server")));
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var_os("HERMES_BENCH_PY03")
         .map(PathBuf::from)
@@ -299,6 +352,64 @@ fn main() {
         |case: &str| args.only.is_empty() || args.only.iter().any(|o| case.contains(o.as_str()));
     let runs = args.runs;
     let mut rows: Vec<Row> = Vec::new();
+
+    // In-process: reading one frame (validation and field spans) against
+    // copying it (memory speed) and against serde_json checking it.
+    let frames = [
+        ("100 B", parse::message_frame(100)),
+        ("1 KB", parse::message_frame(1024)),
+        ("64 KB", parse::message_frame(64 * 1024)),
+        ("64 KB dense JSON", parse::dense_frame(64 * 1024)),
+    ];
+    for (name, frame) in &frames {
+        let case = format!("parse {name} frame (BusMessage::parse_frame)");
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let time = if args.quick {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(300)
+        };
+        let f = frame.clone();
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                (
+                    "ours",
+                    Ok(Box::new(|| Ok((vec![parse::parse(&f, time)?], None))) as RunFn<'_>),
+                ),
+                (
+                    "memcpy",
+                    Ok(Box::new(|| Ok((vec![parse::memcpy(&f, time)?], None)))),
+                ),
+                (
+                    "simd-json",
+                    Ok(Box::new(|| Ok((vec![parse::simd_json(&f, time)?], None)))),
+                ),
+                (
+                    "serde",
+                    Ok(Box::new(|| Ok((vec![parse::serde(&f, time)?], None)))),
+                ),
+            ],
+        );
+        for (k, anchor) in [
+            (1, "memcpy of the frame (memory speed)"),
+            (2, "simd-json (copy + tape)"),
+            (3, "serde_json, IgnoredAny"),
+        ] {
+            rows.push(Row {
+                case: case.clone(),
+                unit: Unit::ByteRate,
+                ours: out[0][0].clone(),
+                anchor: anchor.into(),
+                theirs: out[k][0].clone(),
+                target: None,
+            });
+        }
+    }
 
     eprintln!("starting subjects ...");
     let ours = unix::start_ours(&exe, None);
@@ -484,6 +595,116 @@ fn main() {
             ours: o,
             anchor: "Redis pub/sub (pipelined)".into(),
             theirs: out[2][0].clone(),
+            target: None,
+        });
+    }
+
+    // Plain blast: senders write as fast as their sockets accept (no
+    // window, no pacing), every message is checked (count and order per
+    // sender); a run with loss is FAILED, never a speed.
+    let blast_run = |label: &'static str,
+                     sock: &Result<PathBuf, String>,
+                     senders: usize,
+                     receivers: usize,
+                     size: usize,
+                     b: Bounds|
+     -> Result<RunFn<'static>, String> {
+        let sock = sock.clone()?;
+        Ok(Box::new(move || {
+            checked(label, unix::bus_blast(&sock, senders, receivers, size, b))
+        }))
+    };
+    for size in [100, 1024, 64 * 1024] {
+        let case = format!("unix 1→1 {} plain-blast", size_name(size));
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let b = bounds(size, args.quick);
+        let rd = rds.as_ref().map_err(|e| e.clone());
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                ("ours", blast_run("ours", &ours_sock, 1, 1, size, b)),
+                (
+                    "raw",
+                    Ok(Box::new(move || checked("raw", unix::raw_blast(size, b)))),
+                ),
+                (
+                    "redis",
+                    rd.map(|r| -> RunFn<'_> {
+                        Box::new(move || checked("redis", redis::blast(r, 1, size, b)))
+                    }),
+                ),
+            ],
+        );
+        rows.push(Row {
+            case: case.clone(),
+            unit: Unit::Rate,
+            ours: out[0][0].clone(),
+            anchor: "raw socket, 1 write/msg, no window".into(),
+            theirs: out[1][0].clone(),
+            target: (size == 100).then_some(Target::Ratio(1.0)),
+        });
+        rows.push(Row {
+            case,
+            unit: Unit::Rate,
+            ours: out[0][0].clone(),
+            anchor: "Redis pub/sub, plain blast".into(),
+            theirs: out[2][0].clone(),
+            target: (size == 64 * 1024).then_some(Target::Ratio(1.0)),
+        });
+    }
+    let case = "unix 10→1 100 B plain-blast".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let b = bounds(100, args.quick);
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                ("ours", blast_run("ours 10→1", &ours_sock, 10, 1, 100, b)),
+                ("ours 1→1", blast_run("ours 1→1", &ours_sock, 1, 1, 100, b)),
+            ],
+        );
+        rows.push(Row {
+            case,
+            unit: Unit::Rate,
+            ours: out[0][0].clone(),
+            anchor: "ours 1→1 plain-blast, runs alternating".into(),
+            theirs: out[1][0].clone(),
+            target: Some(Target::Ratio(0.8)),
+        });
+    }
+    let case = "unix 1→10 broadcast 100 B plain-blast".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let b = bounds(100, args.quick);
+        let b = Bounds {
+            max_msgs: b.max_msgs / 10,
+            ..b
+        };
+        let rd = rds.as_ref().map_err(|e| e.clone());
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                ("ours", blast_run("ours", &ours_sock, 1, 10, 100, b)),
+                (
+                    "redis",
+                    rd.map(|r| -> RunFn<'_> {
+                        Box::new(move || checked("redis", redis::blast(r, 10, 100, b)))
+                    }),
+                ),
+            ],
+        );
+        rows.push(Row {
+            case,
+            unit: Unit::Rate,
+            ours: out[0][0].clone(),
+            anchor: "Redis pub/sub, plain blast".into(),
+            theirs: out[1][0].clone(),
             target: None,
         });
     }

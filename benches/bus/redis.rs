@@ -283,3 +283,161 @@ pub fn throughput(
         elapsed: end.saturating_duration_since(t0),
     })
 }
+
+/// Like [`push`], with where the payload of a `message` push lies.
+fn push_payload(b: &[u8]) -> Option<(Option<(usize, usize)>, usize)> {
+    let (is_msg, used) = push(b)?;
+    if !is_msg {
+        return Some((None, used));
+    }
+    // `*3`, `$7 message`, `$N channel`, then the payload's bulk.
+    let nl = b.iter().position(|&c| c == b'\n')?;
+    let mut pos = nl + 1;
+    let (_, _, c) = bulk(&b[pos..])?;
+    pos += c;
+    let (_, _, c) = bulk(&b[pos..])?;
+    pos += c;
+    let (s, e, _) = bulk(&b[pos..])?;
+    Some((Some((pos + s, pos + e)), used))
+}
+
+/// Plain blast into Redis pub/sub (the anchor of the bus's plain blast):
+/// one publisher writes big batches of pre-encoded PUBLISH commands (the
+/// bus's message bytes as payload) as fast as its socket accepts, no
+/// window; `receivers` subscribers check every message (count, order).
+/// Redis keeps pub/sub output buffers unbounded here (see [`start`]).
+pub fn blast(r: &Redis, receivers: usize, size: usize, b: Bounds) -> Result<util::Checked, String> {
+    static TAG: AtomicU64 = AtomicU64::new(0);
+    let channel = format!("blast{}", TAG.fetch_add(1, Ordering::Relaxed));
+    let state = Arc::new(util::BlastState::new());
+    let barrier = Arc::new(Barrier::new(receivers + 1));
+    let cap = b.max_time + Duration::from_secs(20);
+    let mut rx = Vec::new();
+    for _ in 0..receivers {
+        let mut s = subscriber(&r.socket, &channel).map_err(|e| format!("subscriber: {e}"))?;
+        let (state, barrier) = (state.clone(), barrier.clone());
+        rx.push(thread::spawn(
+            move || -> (util::SeqCheck, Option<String>) {
+                let mut check = util::SeqCheck::new(1);
+                let mut buf = vec![0u8; 256 * 1024];
+                let (mut start, mut end) = (0usize, 0usize);
+                barrier.wait();
+                let cap = Instant::now() + cap;
+                let mut progress = Instant::now();
+                loop {
+                    if end == buf.len() {
+                        if start > 0 {
+                            buf.copy_within(start..end, 0);
+                            end -= start;
+                            start = 0;
+                        } else {
+                            let n = buf.len() * 2;
+                            buf.resize(n, 0);
+                        }
+                    }
+                    match s.read(&mut buf[end..]) {
+                        Ok(0) => return (check, Some("subscriber: redis closed".into())),
+                        Ok(n) => end += n,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => return (check, Some(format!("subscriber: {e}"))),
+                    }
+                    let before = check.got;
+                    while let Some((payload, used)) = push_payload(&buf[start..end]) {
+                        if let Some((ps, pe)) = payload {
+                            check.see(&buf[start + ps..start + pe]);
+                        }
+                        start += used;
+                    }
+                    if start == end {
+                        start = 0;
+                        end = 0;
+                    }
+                    let now = Instant::now();
+                    if check.got > before {
+                        progress = now;
+                        state.arrived();
+                    }
+                    if state.done.load(Ordering::Acquire)
+                        && check.got >= state.sent.load(Ordering::Acquire)
+                    {
+                        return (check, None);
+                    }
+                    if now.duration_since(progress) > util::STALL {
+                        return (
+                            check,
+                            Some(format!("subscriber got nothing for {:?}", util::STALL)),
+                        );
+                    }
+                    if now > cap {
+                        return (check, Some("run took too long".into()));
+                    }
+                }
+            },
+        ));
+    }
+    let mut p = UnixStream::connect(&r.socket).map_err(|e| e.to_string())?;
+    p.set_write_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    // Drain the publisher's replies (`:N`) on another thread.
+    let mut replies = p.try_clone().map_err(|e| e.to_string())?;
+    replies
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let drain = thread::spawn(move || {
+        let mut b = vec![0u8; 64 * 1024];
+        while !stop2.load(Ordering::Acquire) {
+            match replies.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let frame = crate::unix::blast_frame(0, size);
+    let mut unit = Vec::with_capacity(frame.len() + 64);
+    command(&mut unit, &[b"PUBLISH", channel.as_bytes(), &frame[4..]]);
+    let mut batch = util::Batch::new(unit, 0, 256 * 1024);
+    barrier.wait();
+    let t0 = Instant::now();
+    let deadline = t0 + b.max_time;
+    let mut seq = 0u64;
+    let mut problem = None;
+    while seq < b.max_msgs && Instant::now() < deadline {
+        let n = (b.max_msgs - seq).min(batch.len() as u64) as usize;
+        if let Err(e) = util::write_all_stalling(&mut p, batch.fill(seq, n)) {
+            problem = Some(format!("publisher: {e}"));
+            break;
+        }
+        seq += n as u64;
+        state.sent.fetch_add(n as u64, Ordering::AcqRel);
+    }
+    state.done.store(true, Ordering::Release);
+    let mut out = util::Checked {
+        expected: seq * receivers as u64,
+        ..Default::default()
+    };
+    for t in rx {
+        let (check, why) = t.join().map_err(|_| "subscriber panicked")?;
+        out.delivered += check.got;
+        out.disorder += check.disorder + check.unreadable;
+        if let Some(w) = why {
+            problem.get_or_insert(w);
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let _ = drain.join();
+    out.problem = problem;
+    out.elapsed = state.last().saturating_duration_since(t0);
+    Ok(out)
+}

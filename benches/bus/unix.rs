@@ -542,3 +542,176 @@ pub fn client_throughput(socket: &Path, size: usize, b: Bounds) -> Result<Throug
         })
     })
 }
+
+/// Bytes a plain-blast sender hands to one write (pre-encoded frames).
+const BLAST_BATCH: usize = 256 * 1024;
+
+/// Plain blast: `senders` → bus → `receivers`, as real clients send: no
+/// window, no pacing; each sender writes big batches of pre-encoded frames
+/// as fast as its socket accepts them, the receivers read and check every
+/// message (count per sender, in order per sender). With one receiver
+/// every sender sends to it by name; with several, a single anonymous
+/// sender broadcasts. Bounded in count and time; a sender refused, or a
+/// receiver starved, for [`util::STALL`] ends the run with the reason.
+pub fn bus_blast(
+    socket: &Path,
+    senders: usize,
+    receivers: usize,
+    size: usize,
+    b: Bounds,
+) -> Result<util::Checked, String> {
+    let tag = run_tag();
+    let broadcast = receivers > 1;
+    let body = util::body(size);
+    let state = Arc::new(util::BlastState::new());
+    let barrier = Arc::new(Barrier::new(senders + receivers + 1));
+    let cap = b.max_time + Duration::from_secs(20);
+
+    let mut rx_threads = Vec::new();
+    for i in 0..receivers {
+        let (mut s, mut r) = connect_registered(socket, &format!("dst{tag}-{i}"))
+            .map_err(|e| format!("receiver: {e}"))?;
+        let (state, barrier) = (state.clone(), barrier.clone());
+        rx_threads.push(thread::spawn(move || {
+            barrier.wait();
+            let cap = Instant::now() + cap;
+            util::receive_checked(&mut s, &mut r, senders, &state, cap, is_message)
+        }));
+    }
+    let mut tx_threads = Vec::new();
+    let per_sender = b.max_msgs / senders as u64;
+    for j in 0..senders {
+        let from = format!("src{tag}-{j}");
+        let (mut s, reader) = if broadcast {
+            (
+                UnixStream::connect(socket).map_err(|e| format!("sender: {e}"))?,
+                None,
+            )
+        } else {
+            let (s, r) = connect_registered(socket, &from).map_err(|e| format!("sender: {e}"))?;
+            (s, Some(r))
+        };
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
+        let to = if broadcast {
+            String::new()
+        } else {
+            format!("dst{tag}-0")
+        };
+        let mut unit = Vec::with_capacity(size + 256);
+        put_blast_message(&mut unit, &to, &from, j, &body);
+        let mut batch = util::Batch::new(unit, j, BLAST_BATCH);
+        let (state, barrier) = (state.clone(), barrier.clone());
+        let max_time = b.max_time;
+        tx_threads.push(thread::spawn(move || {
+            barrier.wait();
+            let deadline = Instant::now() + max_time;
+            let mut seq = 0u64;
+            let mut result = Ok(());
+            while seq < per_sender && Instant::now() < deadline {
+                let n = (per_sender - seq).min(batch.len() as u64) as usize;
+                if let Err(e) = util::write_all_stalling(&mut s, batch.fill(seq, n)) {
+                    result = Err(format!("sender {j}: {e}"));
+                    break;
+                }
+                seq += n as u64;
+                state.sent.fetch_add(n as u64, Ordering::AcqRel);
+            }
+            // The connection stays open until the receivers are done.
+            (result, s, reader)
+        }));
+    }
+    barrier.wait();
+    let t0 = Instant::now();
+    let mut problem = None;
+    let mut keep = Vec::new();
+    for t in tx_threads {
+        let (r, s, reader) = t.join().map_err(|_| "sender panicked")?;
+        if let Err(e) = r {
+            problem.get_or_insert(e);
+        }
+        keep.push((s, reader));
+    }
+    state.done.store(true, Ordering::Release);
+    let mut out = util::Checked {
+        expected: state.sent.load(Ordering::Acquire) * receivers as u64,
+        ..Default::default()
+    };
+    for t in rx_threads {
+        let (check, why) = t.join().map_err(|_| "receiver panicked")?;
+        out.delivered += check.got;
+        out.disorder += check.disorder + check.unreadable;
+        if let Some(w) = why {
+            problem.get_or_insert(w);
+        }
+    }
+    drop(keep);
+    out.problem = problem;
+    out.elapsed = state.last().saturating_duration_since(t0);
+    Ok(out)
+}
+
+/// A message frame in the reference client's shape whose id is
+/// `util::blast_id(sender, 0)` (renumbered in place by [`util::Batch`]).
+fn put_blast_message(out: &mut Vec<u8>, to: &str, from: &str, sender: usize, body: &str) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    let id = util::blast_id(sender, 0);
+    let _ = write!(
+        out,
+        r#"{{"type":"message","to":"{to}","from":"{from}","id":"{id}","ts":1700000000.5,"body":{body}}}"#
+    );
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// One plain-blast message frame (for the anchors).
+pub fn blast_frame(sender: usize, size: usize) -> Vec<u8> {
+    let mut unit = Vec::new();
+    put_blast_message(&mut unit, "dst", "src", sender, &util::body(size));
+    unit
+}
+
+/// Anchor of the plain blast: a raw Unix stream socket, the same frames,
+/// one `write` per message, no window (the kernel's socket buffer is the
+/// only flow control), the reader checks every message as for the bus.
+pub fn raw_blast(size: usize, b: Bounds) -> Result<util::Checked, String> {
+    let (mut a, mut z) = UnixStream::pair().map_err(|e| e.to_string())?;
+    z.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    a.set_write_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let state = Arc::new(util::BlastState::new());
+    let barrier = Arc::new(Barrier::new(2));
+    let (s2, b2) = (state.clone(), barrier.clone());
+    let cap = b.max_time + Duration::from_secs(20);
+    let rx = thread::spawn(move || {
+        let mut r = FrameReader::new(256 * 1024);
+        b2.wait();
+        let cap = Instant::now() + cap;
+        util::receive_checked(&mut z, &mut r, 1, &s2, cap, |_| true)
+    });
+    let mut one = util::Batch::new(blast_frame(0, size), 0, 0);
+    barrier.wait();
+    let t0 = Instant::now();
+    let deadline = t0 + b.max_time;
+    let mut seq = 0;
+    let mut problem = None;
+    while seq < b.max_msgs && Instant::now() < deadline {
+        if let Err(e) = util::write_all_stalling(&mut a, one.fill(seq, 1)) {
+            problem = Some(format!("sender: {e}"));
+            break;
+        }
+        seq += 1;
+        state.sent.store(seq, Ordering::Release);
+    }
+    state.done.store(true, Ordering::Release);
+    let (check, why) = rx.join().map_err(|_| "receiver panicked")?;
+    Ok(util::Checked {
+        delivered: check.got,
+        expected: seq,
+        disorder: check.disorder + check.unreadable,
+        elapsed: state.last().saturating_duration_since(t0),
+        problem: problem.or(why),
+    })
+}

@@ -376,3 +376,269 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// How long a plain-blast sender may be refused by its socket, or a
+/// receiver get nothing, before the run ends as failed (instead of
+/// hanging).
+pub const STALL: Duration = Duration::from_secs(5);
+
+/// Pre-encoded frames for a plain-blast sender: `n` copies of one unit (a
+/// Unix frame, or a Redis PUBLISH command around one) whose message id
+/// `b<sender>-<seq>` has a fixed width, so a batch is renumbered in place
+/// (ten digits per message) and written as it is.
+pub struct Batch {
+    buf: Vec<u8>,
+    unit: usize,
+    /// Where each unit's ten sequence digits start.
+    seq_at: Vec<usize>,
+}
+
+/// The message id of a plain-blast message.
+pub fn blast_id(sender: usize, seq: u64) -> String {
+    format!("b{sender:03}-{seq:010}")
+}
+
+impl Batch {
+    /// `unit` is one encoded message whose id is `blast_id(sender, 0)`;
+    /// the batch holds as many as fit in `bytes` (at least one).
+    pub fn new(unit: Vec<u8>, sender: usize, bytes: usize) -> Batch {
+        let id = blast_id(sender, 0);
+        let at = find(&unit, id.as_bytes()).expect("the unit carries its id") + id.len() - 10;
+        let n = (bytes / unit.len()).max(1);
+        let mut buf = Vec::with_capacity(n * unit.len());
+        for _ in 0..n {
+            buf.extend_from_slice(&unit);
+        }
+        let seq_at = (0..n).map(|k| k * unit.len() + at).collect();
+        Batch {
+            buf,
+            unit: unit.len(),
+            seq_at,
+        }
+    }
+
+    /// Units per batch.
+    pub fn len(&self) -> usize {
+        self.seq_at.len()
+    }
+
+    /// The first `n` units numbered `first..first + n`.
+    pub fn fill(&mut self, first: u64, n: usize) -> &[u8] {
+        let n = n.min(self.seq_at.len());
+        for (k, &at) in self.seq_at[..n].iter().enumerate() {
+            let mut v = first + k as u64;
+            for d in self.buf[at..at + 10].iter_mut().rev() {
+                *d = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        }
+        &self.buf[..n * self.unit]
+    }
+}
+
+/// Where `needle` first occurs in `hay`.
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Writes all of `buf`, waiting while the socket is full, for at most
+/// [`STALL`] without progress (the socket needs a write timeout).
+pub fn write_all_stalling(s: &mut UnixStream, mut buf: &[u8]) -> Result<(), String> {
+    let mut progress = Instant::now();
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return Err("socket closed".into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                progress = Instant::now();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                if progress.elapsed() > STALL {
+                    return Err(format!("sender blocked for {STALL:?} (nothing accepted)"));
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Checks what one receiver got of plain-blast messages: per sender, a
+/// count and the order (each sender's sequence must come 0, 1, 2, ...).
+#[derive(Debug, Clone, Default)]
+pub struct SeqCheck {
+    /// Per sender, the next sequence number expected.
+    next: Vec<u64>,
+    /// Messages seen (all senders).
+    pub got: u64,
+    /// Messages that came out of order (a gap, a repeat or a step back).
+    pub disorder: u64,
+    /// Messages without a readable id.
+    pub unreadable: u64,
+}
+
+impl SeqCheck {
+    pub fn new(senders: usize) -> Self {
+        SeqCheck {
+            next: vec![0; senders],
+            ..Default::default()
+        }
+    }
+
+    /// One message payload.
+    pub fn see(&mut self, p: &[u8]) {
+        self.got += 1;
+        let head = &p[..p.len().min(256)];
+        let Some(at) = find(head, b"\"id\":\"b").or_else(|| find(p, b"\"id\":\"b")) else {
+            self.unreadable += 1;
+            return;
+        };
+        let id = &p[at + 7..];
+        let num = |b: &[u8]| -> Option<u64> {
+            b.iter().try_fold(0u64, |v, d| {
+                d.is_ascii_digit().then(|| v * 10 + u64::from(d - b'0'))
+            })
+        };
+        let (Some(j), Some(seq)) = (id.get(..3).and_then(num), id.get(4..14).and_then(num)) else {
+            self.unreadable += 1;
+            return;
+        };
+        match self.next.get_mut(j as usize) {
+            Some(next) if *next == seq => *next += 1,
+            Some(next) => {
+                self.disorder += 1;
+                *next = (*next).max(seq + 1);
+            }
+            None => self.unreadable += 1,
+        }
+    }
+}
+
+/// What one plain-blast run measured and checked.
+#[derive(Debug, Clone, Default)]
+pub struct Checked {
+    /// Messages delivered (summed over receivers).
+    pub delivered: u64,
+    /// Messages that should have been delivered.
+    pub expected: u64,
+    /// Delivered out of order, or without a readable id.
+    pub disorder: u64,
+    /// From the first send to the last delivery.
+    pub elapsed: Duration,
+    /// Why the run ended early (a stalled sender or receiver), if it did.
+    pub problem: Option<String>,
+}
+
+impl Checked {
+    pub fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.delivered)
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Nothing lost, nothing out of order, no stall.
+    pub fn ok(&self) -> bool {
+        self.lost() == 0
+            && self.delivered == self.expected
+            && self.disorder == 0
+            && self.problem.is_none()
+    }
+
+    /// One line: sent, delivered, lost, out of order, problem.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "expected {}, delivered {}, lost {}",
+            self.expected,
+            self.delivered,
+            self.lost()
+        );
+        if self.delivered > self.expected {
+            s.push_str(&format!(", {} extra", self.delivered - self.expected));
+        }
+        if self.disorder > 0 {
+            s.push_str(&format!(", {} out of order", self.disorder));
+        }
+        if let Some(p) = &self.problem {
+            s.push_str(&format!(", {p}"));
+        }
+        s
+    }
+}
+
+/// The state a plain-blast run's threads share: how much was sent (final
+/// once `done`), and when the last message arrived.
+pub struct BlastState {
+    pub sent: AtomicU64,
+    pub done: AtomicBool,
+    pub last_rx: Mutex<Instant>,
+}
+
+impl BlastState {
+    pub fn new() -> Self {
+        BlastState {
+            sent: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            last_rx: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn arrived(&self) {
+        let mut l = self.last_rx.lock().unwrap_or_else(|p| p.into_inner());
+        *l = (*l).max(Instant::now());
+    }
+
+    pub fn last(&self) -> Instant {
+        *self.last_rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A plain-blast receiver: reads frames (the socket has a short read
+/// timeout) and checks every message until it got all that was sent, or
+/// got nothing for [`STALL`], or `cap` passed. Returns the check and why
+/// it stopped early, if it did.
+pub fn receive_checked(
+    s: &mut UnixStream,
+    r: &mut FrameReader,
+    senders: usize,
+    state: &BlastState,
+    cap: Instant,
+    mut is_message: impl FnMut(&[u8]) -> bool,
+) -> (SeqCheck, Option<String>) {
+    let mut check = SeqCheck::new(senders);
+    let mut progress = Instant::now();
+    loop {
+        let before = check.got;
+        match r.read_some(s, |p| {
+            if is_message(p) {
+                check.see(p)
+            }
+        }) {
+            Ok(Some(_)) => {}
+            Ok(None) => return (check, Some("receiver: connection closed".into())),
+            Err(e) => return (check, Some(format!("receiver: {e}"))),
+        }
+        let now = Instant::now();
+        if check.got > before {
+            progress = now;
+            state.arrived();
+        }
+        if state.done.load(Ordering::Acquire) && check.got >= state.sent.load(Ordering::Acquire) {
+            return (check, None);
+        }
+        if now.duration_since(progress) > STALL {
+            return (check, Some(format!("receiver got nothing for {STALL:?}")));
+        }
+        if now > cap {
+            return (check, Some("run took too long".into()));
+        }
+    }
+}
