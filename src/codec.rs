@@ -155,6 +155,21 @@ mod tests {
     }
 
     #[test]
+    fn json_floats_transcode_exactly() {
+        // Found by the `msgpack` fuzz target: serde_json's default float
+        // parser is one ULP off on these; the `float_roundtrip` feature
+        // makes JSON -> MessagePack -> JSON keep the number.
+        for text in [
+            "-9.532911223794579e-28",
+            "[-9.53291122379458e-28,0.1,1e-300]",
+        ] {
+            let raw = RawValue::from_string(text.to_owned()).expect("raw");
+            let mp = json_to_msgpack(&raw).expect("to msgpack");
+            assert_eq!(to_raw_json(&mp).expect("back").get(), text);
+        }
+    }
+
+    #[test]
     fn strict_rejects_other_codec() {
         let bytes = encode(Codec::MsgPack, &1u8).expect("encode");
         assert!(matches!(

@@ -46,8 +46,9 @@ impl fmt::Display for RawJson<'_> {
 
 /// How deep a message may nest by default: serde_json's own recursion
 /// limit, so every client built on it (ours included) can read whatever
-/// the bus forwards.
-pub const MAX_DEPTH: usize = 128;
+/// the bus forwards. Its counter starts at 128 and fails on entering the
+/// 128th container, so it reads 127 levels at most (found by fuzzing).
+pub const MAX_DEPTH: usize = 127;
 
 fn null_raw() -> Box<RawValue> {
     // "null" is valid JSON, so this never falls back further.
@@ -721,10 +722,13 @@ mod tests {
                 "]".repeat(n)
             )
         };
-        // The top-level object is depth 1: `body` at 127 brackets is 128.
-        assert!(BusMessage::parse(nest(127).as_bytes()).is_ok());
-        let err = BusMessage::parse(nest(128).as_bytes()).unwrap_err();
+        // The top-level object is depth 1: `body` at 126 brackets is 127,
+        // the deepest serde_json reads.
+        assert!(BusMessage::parse(nest(126).as_bytes()).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&nest(126)).is_ok());
+        let err = BusMessage::parse(nest(127).as_bytes()).unwrap_err();
         assert_eq!(err.code, ErrorCode::TooDeep);
+        assert!(serde_json::from_str::<serde_json::Value>(&nest(127)).is_err());
         assert_eq!(
             BusMessage::parse(nest(1500).as_bytes()).unwrap_err().code,
             ErrorCode::TooDeep
