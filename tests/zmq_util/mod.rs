@@ -132,8 +132,25 @@ pub fn peer_script() -> PathBuf {
 /// Starts `zmq_peer.py MODE ARGS` with `python` and waits for its
 /// `{"ready":true}` line.
 pub async fn py_peer(python: &std::path::Path, args: &[&str]) -> PyPeer {
+    py_script_peer(python, &peer_script(), args).await
+}
+
+/// A script under `tests/py/`.
+pub fn py_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(name)
+}
+
+/// Starts `script ARGS` with `python` and waits for its `{"ready":true}`
+/// line.
+pub async fn py_script_peer(
+    python: &std::path::Path,
+    script: &std::path::Path,
+    args: &[&str],
+) -> PyPeer {
     let mut child = Command::new(python)
-        .arg(peer_script())
+        .arg(script)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

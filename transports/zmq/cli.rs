@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use super::proxy::{ProxyConfig, ZmqProxy, DEFAULT_BACKEND, DEFAULT_CAPTURE, DEFAULT_FRONTEND};
+use super::proxy::{
+    ProxyConfig, ZmqProxy, DEFAULT_BACKEND, DEFAULT_CAPTURE, DEFAULT_FRONTEND, DEFAULT_SLOW_TIMEOUT,
+};
 use super::publisher::{Publisher, PublisherConfig};
 use super::receiver::{Receiver, ReceiverConfig, SlowPolicy};
 use super::ZmqTransport;
@@ -40,6 +42,31 @@ pub struct ProxyArgs {
     /// Maximum connections per side.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// Lossless: a full subscriber queue makes the proxy stop reading the
+    /// publisher until it drains (pushback) instead of dropping; only a
+    /// subscriber stuck for --slow-consumer-timeout gets drops.
+    #[arg(long)]
+    pub lossless: bool,
+    /// With --lossless: seconds without progress after which a subscriber
+    /// is stuck (its messages are dropped and counted, publishers resume).
+    #[arg(long, default_value_t = DEFAULT_SLOW_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
+    pub slow_consumer_timeout: f64,
+}
+
+/// Seconds as a `Duration` (the value was checked by [`parse_secs`]).
+pub fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(DEFAULT_SLOW_TIMEOUT)
+}
+
+/// A number of seconds: finite, not negative, not absurdly large.
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if Duration::try_from_secs_f64(v).is_err() {
+        return Err(format!("{s:?} is not a usable number of seconds"));
+    }
+    Ok(v)
 }
 
 impl ProxyArgs {
@@ -53,6 +80,8 @@ impl ProxyArgs {
             sub_queue: self.sub_queue,
             sub_queue_bytes: self.sub_queue_bytes,
             max_connections: self.max_connections,
+            lossless: self.lossless,
+            slow_timeout: secs(self.slow_consumer_timeout),
             ..ProxyConfig::default()
         }
     }
@@ -256,4 +285,39 @@ pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
     }
     r.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `hermes-bus proxy`'s flags alone.
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn lossless_is_opt_in_with_a_slow_consumer_timeout() {
+        let off = Cmd::try_parse_from(["proxy"])
+            .expect("defaults")
+            .proxy
+            .config();
+        assert!(!off.lossless);
+        assert_eq!(off.slow_timeout, DEFAULT_SLOW_TIMEOUT);
+        let on = Cmd::try_parse_from(["proxy", "--lossless", "--slow-consumer-timeout", "1.5"])
+            .expect("flags")
+            .proxy
+            .config();
+        assert!(on.lossless);
+        assert_eq!(on.slow_timeout, Duration::from_millis(1500));
+        for bad in ["-1", "nan", "inf", "x"] {
+            assert!(
+                Cmd::try_parse_from(["proxy", &format!("--slow-consumer-timeout={bad}")]).is_err(),
+                "{bad} refused"
+            );
+        }
+    }
 }

@@ -6,16 +6,28 @@
 //!   awaited while a lock is held.
 //! - A message read from a publisher is one `Bytes` of its wire form; it is
 //!   queued, without copy or re-encoding, to every subscriber whose prefixes
-//!   match (bounded per-subscriber queues: a full queue drops and counts,
-//!   so a stalled subscriber never holds the others back).
+//!   match (bounded per-subscriber queues: by default a full queue drops and
+//!   counts, ZeroMQ PUB semantics, so a stalled subscriber never holds the
+//!   others back).
+//! - Lossless mode (opt-in, the idea of libzmq's `ZMQ_XPUB_NODROP`): a full
+//!   queue of a subscriber that still makes progress makes the publisher
+//!   connection stop reading (so the kernel pushes back on the publishing
+//!   process) until that queue drains below its low-water mark; the others
+//!   got the message at once. A subscriber that made no progress for the
+//!   slow-consumer timeout is stuck: it gets the default policy (drop and
+//!   count) until its writer writes again, so it delays its publishers at
+//!   most that long and nobody else at all. Dispatch itself never waits:
+//!   it returns the full peers, and the publisher's async read loop waits.
 //! - Subscriptions are reference-counted across subscribers and flow
 //!   upstream to every publisher (and are replayed to a new publisher).
 //! - A broken peer (reset, half frame, garbage) ends only its connection.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
@@ -34,6 +46,13 @@ pub const DEFAULT_FRONTEND: &str = "tcp://127.0.0.1:6000";
 pub const DEFAULT_BACKEND: &str = "tcp://127.0.0.1:6001";
 /// Default capture address (the reference's `DEBUG_ADDR`).
 pub const DEFAULT_CAPTURE: &str = "tcp://127.0.0.1:6002";
+/// Default slow-consumer timeout of lossless mode.
+pub const DEFAULT_SLOW_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most items a subscriber's writer takes per batch (the batch counts as
+/// outstanding until written, so it must be small next to the queue).
+const WRITE_BATCH_ITEMS: usize = 256;
+/// Most bytes a writer takes per batch (at least one item).
+const WRITE_BATCH_BYTES: usize = 1 << 20;
 
 /// Limits and addresses of a proxy.
 #[derive(Debug, Clone)]
@@ -56,6 +75,24 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     /// Maximum open connections per side; more are closed and counted.
     pub max_connections: usize,
+    /// Lossless mode: a full subscriber queue pushes back on the publisher
+    /// (it stops being read) instead of dropping, for subscribers that
+    /// make progress. Off by default: ZeroMQ PUB semantics (drop and
+    /// count), which is what libzmq peers expect of a proxy. Applies to
+    /// the XPUB side only: the capture side is a debugging copy and must
+    /// never slow production, and messages from the router bridge are
+    /// still dropped and counted when a queue is full (the bridge cannot
+    /// wait on one subscriber without delaying the router).
+    pub lossless: bool,
+    /// Lossless mode: a subscriber whose socket accepted nothing for this
+    /// long while it had work is stuck; waiting publishers then drop for
+    /// it (counted) and read on, so one dead peer delays its publishers at
+    /// most this long. Progress is seen at our end of the socket (which
+    /// in this mode keeps little unsent data), so a healthy subscriber
+    /// still working through megabytes in its own receive buffer can look
+    /// idle for a while (TCP reopens a closed window only once the reader
+    /// freed a good part of that buffer): keep this well above that time.
+    pub slow_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +106,8 @@ impl Default for ProxyConfig {
             sub_queue_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
             max_connections: 4096,
+            lossless: false,
+            slow_timeout: DEFAULT_SLOW_TIMEOUT,
         }
     }
 }
@@ -103,6 +142,19 @@ struct SubPeer {
     side: Side,
     /// Messages dropped because its queue was full.
     drops: AtomicU64,
+}
+
+/// A message a subscriber could not take yet (lossless mode): the peer and
+/// the wire form meant for it.
+type Waiting = (Arc<SubPeer>, Bytes);
+
+/// Outcome of waiting for room at one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// Queued, or dropped and counted (stuck or gone).
+    Done,
+    /// The connection is shutting down.
+    Cancelled,
 }
 
 /// A fan-out target with its prefixes, immutable once published.
@@ -226,8 +278,27 @@ impl Hub {
         self.publish_targets(ctl);
     }
 
+    /// Counts one message dropped for `peer`.
+    fn count_drop(&self, peer: &SubPeer) {
+        peer.drops.fetch_add(1, Ordering::Relaxed);
+        self.counters(peer.side)
+            .drops
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether `peer` made no progress for the slow-consumer timeout (only
+    /// meaningful right after its queue refused a push).
+    fn is_stuck(&self, peer: &SubPeer) -> bool {
+        peer.queue.stalled_for() >= self.cfg.slow_timeout
+    }
+
     /// Queues one message to every matching subscriber and capture peer.
-    fn dispatch(&self, msg: &RawMessage) {
+    /// Never waits. With `waiting` (lossless mode, from a publisher's read
+    /// loop), a full XPUB-side peer that is not stuck is added there
+    /// instead of dropping; the caller then waits with
+    /// [`Hub::deliver_waiting`] before it reads on. Without it, or for a
+    /// stuck peer, a full queue drops and counts.
+    fn dispatch(&self, msg: &RawMessage, mut waiting: Option<&mut Vec<Waiting>>) {
         let targets = self
             .targets
             .read()
@@ -258,11 +329,75 @@ impl Hub {
             } else {
                 msg.wire.clone()
             };
-            if t.peer.queue.push(wire) != Pushed::Ok {
-                t.peer.drops.fetch_add(1, Ordering::Relaxed);
-                self.counters(t.peer.side)
-                    .drops
-                    .fetch_add(1, Ordering::Relaxed);
+            match t.peer.queue.push(wire.clone()) {
+                Pushed::Ok => {}
+                Pushed::Full => match waiting.as_deref_mut() {
+                    Some(w) if t.peer.side == Side::Backend && !self.is_stuck(&t.peer) => {
+                        w.push((t.peer.clone(), wire));
+                    }
+                    _ => self.count_drop(&t.peer),
+                },
+                Pushed::Closed => self.count_drop(&t.peer),
+            }
+        }
+    }
+
+    /// Lossless mode: delivers each waiting message in order, waiting for
+    /// room at its subscriber (below the queue's low-water mark) for as
+    /// long as that subscriber makes progress; drops and counts for a
+    /// stuck or closed one. Counts the time spent as publisher pushback.
+    async fn deliver_waiting(
+        &self,
+        waiting: &mut Vec<Waiting>,
+        done: &CancellationToken,
+    ) -> Waited {
+        let start = Instant::now();
+        self.stats.publisher_blocks.fetch_add(1, Ordering::Relaxed);
+        let mut res = Waited::Done;
+        for (peer, wire) in waiting.drain(..) {
+            if res == Waited::Cancelled {
+                continue;
+            }
+            res = self.wait_and_push(&peer, wire, done).await;
+        }
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.stats
+            .publisher_blocked_ms
+            .fetch_add(ms, Ordering::Relaxed);
+        res
+    }
+
+    /// Pushes `wire` to `peer`, waiting for room while it makes progress.
+    async fn wait_and_push(&self, peer: &SubPeer, wire: Bytes, done: &CancellationToken) -> Waited {
+        loop {
+            match peer.queue.push(wire.clone()) {
+                Pushed::Ok => return Waited::Done,
+                Pushed::Closed => {
+                    self.count_drop(peer);
+                    return Waited::Done;
+                }
+                Pushed::Full => {}
+            }
+            let stalled = peer.queue.stalled_for();
+            let Some(left) = self
+                .cfg
+                .slow_timeout
+                .checked_sub(stalled)
+                .filter(|d| !d.is_zero())
+            else {
+                self.stats.stuck_subscribers.fetch_add(1, Ordering::Relaxed);
+                self.count_drop(peer);
+                tracing::warn!(
+                    stalled_ms = stalled.as_millis() as u64,
+                    "zmq proxy: subscriber made no progress, dropping for it until it does"
+                );
+                return Waited::Done;
+            };
+            tokio::select! {
+                _ = done.cancelled() => return Waited::Cancelled,
+                // On timeout the loop re-checks progress: a peer that wrote
+                // meanwhile gets a fresh timeout.
+                _ = tokio::time::timeout(left, peer.queue.wait_room(wire.len())) => {}
             }
         }
     }
@@ -435,7 +570,8 @@ pub struct ProxyHandle {
 
 impl ProxyHandle {
     /// Sends one multipart message to every matching subscriber (and the
-    /// capture side), as if a publisher had sent it.
+    /// capture side), as if a publisher had sent it. Never waits: a full
+    /// queue drops and counts, in lossless mode too.
     pub fn send(&self, frames: &[&[u8]]) {
         let mut out = BytesMut::new();
         zmtp::put_message(&mut out, frames);
@@ -443,7 +579,7 @@ impl ProxyHandle {
             wire: out.freeze(),
             frames: frames.len(),
         };
-        self.hub.dispatch(&msg);
+        self.hub.dispatch(&msg, None);
     }
 
     /// The proxy's counters.
@@ -597,6 +733,10 @@ async fn publisher_read_loop(
     done: &CancellationToken,
 ) -> Result<(), ZmtpError> {
     let c = &hub.stats.publishers;
+    // Lossless mode: messages full subscribers could not take yet. Empty
+    // (no allocation) unless a queue was full.
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let lossless = hub.cfg.lossless;
     loop {
         let (mut n, mut bytes, mut bad, mut big) = (0u64, 0u64, 0u64, 0u64);
         let mut result = Ok(());
@@ -605,7 +745,7 @@ async fn publisher_read_loop(
                 Ok(Some(Inbound::Message(m))) => {
                     n += 1;
                     bytes += count_bytes(&m);
-                    hub.dispatch(&m);
+                    hub.dispatch(&m, lossless.then_some(&mut waiting));
                     if m.frames_n::<4>()
                         .is_some_and(|f| envelope::looks_like_envelope(&f))
                     {
@@ -614,6 +754,14 @@ async fn publisher_read_loop(
                         }
                     } else {
                         bad += 1;
+                    }
+                    // Stop reading this publisher until every full
+                    // subscriber took the message (or was found stuck),
+                    // so its later messages stay behind it.
+                    if !waiting.is_empty()
+                        && hub.deliver_waiting(&mut waiting, done).await == Waited::Cancelled
+                    {
+                        break;
                     }
                 }
                 Ok(Some(Inbound::Command(name, data))) => {
@@ -653,6 +801,9 @@ async fn publisher_read_loop(
 
 async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: CancellationToken) {
     let c = hub.counters(side);
+    if hub.cfg.lossless && side == Side::Backend {
+        limit_unsent(&stream);
+    }
     let (mut r, mut w) = stream.into_split();
     // Subscribers send only subscriptions: a small limit is plenty.
     let mut reader = FrameReader::new(hub.cfg.max_msg_size.min(1 << 20));
@@ -759,8 +910,43 @@ async fn subscriber_read_loop(
     }
 }
 
+/// Unsent bytes a lossless-mode subscriber's TCP socket holds at most
+/// before it stops accepting writes (`TCP_NOTSENT_LOWAT`).
+const NOTSENT_LOWAT: usize = 128 * 1024;
+
+/// Makes a TCP socket accept writes only while its unsent data is small,
+/// so that "the socket accepted bytes" (the writer's progress) follows the
+/// subscriber's reading closely instead of the kernel's buffers, which
+/// can hold megabytes and wake the writer only after a large part of them
+/// drained (a slow but healthy reader would then look stuck). A failure
+/// only makes the progress signal coarser, so it is logged, not fatal.
+fn limit_unsent(stream: &Stream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Stream::Tcp(s) = stream {
+        use std::os::fd::AsRawFd;
+        let v = libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is a TCP socket owned by `s`, open for the whole
+        // call; the option value is a c_int living across the call and its
+        // exact size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                std::ptr::addr_of!(v).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "zmq proxy: TCP_NOTSENT_LOWAT not set");
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
+}
+
 /// Something a writer task drains.
-trait Drain: Send + Sync + 'static {
+trait Drain: Clone + Send + Sync + Unpin + 'static {
     fn queue(&self) -> &WireQueue;
 }
 
@@ -771,6 +957,7 @@ impl Drain for Arc<WireQueue> {
 }
 
 /// A subscriber's queue, seen through its peer.
+#[derive(Clone)]
 struct PeerQueue(Arc<SubPeer>);
 
 impl Drain for PeerQueue {
@@ -779,17 +966,76 @@ impl Drain for PeerQueue {
     }
 }
 
-/// Writes queued wire bytes in batches (one lock per batch, many messages
-/// per write syscall, flush when the queue is empty), counting messages
-/// and wire bytes per batch on `counters`. Ends on write error, on
-/// `done`, or when the queue closes.
+/// A socket that records on its queue every time it accepts bytes: the
+/// writer's progress, which tells a slow subscriber from a stuck one.
+struct ProgressWriter<D: Drain> {
+    /// The socket.
+    inner: WriteHalf,
+    /// Whose progress it is.
+    src: D,
+}
+
+impl<D: Drain> AsyncWrite for ProgressWriter<D> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.src.queue().note_progress();
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.src.queue().note_progress();
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Writes queued wire bytes in bounded batches (one lock to take a batch
+/// and one to report it written, many messages per write syscall, flush
+/// when the queue is empty), counting messages and wire bytes per batch
+/// on `counters`. A batch stays outstanding in the queue until written,
+/// and every write the socket accepts is recorded as progress. Ends on
+/// write error, on `done`, or when the queue closes.
 async fn writer_task<D: Drain>(
     w: WriteHalf,
     src: D,
     counters: Option<(Arc<ProxyStats>, Side)>,
     done: CancellationToken,
 ) {
-    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    let mut w = BufWriter::with_capacity(
+        64 * 1024,
+        ProgressWriter {
+            inner: w,
+            src: src.clone(),
+        },
+    );
     let mut batch = VecDeque::new();
     loop {
         let (mut msgs, mut bytes) = (0u64, 0u64);
@@ -806,7 +1052,7 @@ async fn writer_task<D: Drain>(
                 break;
             }
         }
-        q.take_all(&mut batch);
+        let (taken, taken_bytes) = q.take_batch(&mut batch, WRITE_BATCH_ITEMS, WRITE_BATCH_BYTES);
         let mut failed = false;
         for item in batch.drain(..) {
             if write_item(&mut w, &item).await.is_err() {
@@ -816,6 +1062,9 @@ async fn writer_task<D: Drain>(
             msgs += 1;
             bytes += item.len() as u64;
         }
+        // All of it leaves the outstanding count, written or (on failure)
+        // about to be discarded with the queue.
+        q.written(taken, taken_bytes);
         if let Some((stats, side)) = &counters {
             let c = match side {
                 Side::Backend => &stats.subscribers,

@@ -13,7 +13,8 @@ pub struct SideCounters {
     /// Wire bytes of those messages (frame headers included).
     pub bytes: AtomicU64,
     /// Messages dropped: oversized (publisher side) or a full queue
-    /// (subscriber sides).
+    /// (subscriber sides; in lossless mode only for a stuck subscriber,
+    /// on the capture side, or for traffic from the router bridge).
     pub drops: AtomicU64,
     /// Messages that are not valid hermes envelopes (forwarded anyway, not
     /// routed), or unusable control messages from subscribers.
@@ -88,6 +89,18 @@ pub struct ProxyStats {
     /// Subscription prefixes currently held by subscriber and capture
     /// peers (a gauge).
     pub subscriptions: AtomicU64,
+    /// Lossless mode: times a publisher connection stopped reading because
+    /// a matching subscriber's queue was full (once per waiting message),
+    /// so the pushback on publishers is visible.
+    pub publisher_blocks: AtomicU64,
+    /// Lossless mode: total time publisher connections spent stopped that
+    /// way, in milliseconds.
+    pub publisher_blocked_ms: AtomicU64,
+    /// Lossless mode: times a waiting publisher gave up on a subscriber
+    /// that made no progress for the slow-consumer timeout (its message
+    /// then counts in that side's `drops`, like every later one while it
+    /// stays stuck).
+    pub stuck_subscribers: AtomicU64,
 }
 
 /// A plain copy of [`ProxyStats`].
@@ -109,6 +122,12 @@ pub struct ProxySnapshot {
     pub transcoded: u64,
     /// See [`ProxyStats::subscriptions`].
     pub subscriptions: u64,
+    /// See [`ProxyStats::publisher_blocks`].
+    pub publisher_blocks: u64,
+    /// See [`ProxyStats::publisher_blocked_ms`].
+    pub publisher_blocked_ms: u64,
+    /// See [`ProxyStats::stuck_subscribers`].
+    pub stuck_subscribers: u64,
 }
 
 impl ProxyStats {
@@ -123,6 +142,9 @@ impl ProxyStats {
             from_bus: self.from_bus.load(Ordering::Relaxed),
             transcoded: self.transcoded.load(Ordering::Relaxed),
             subscriptions: self.subscriptions.load(Ordering::Relaxed),
+            publisher_blocks: self.publisher_blocks.load(Ordering::Relaxed),
+            publisher_blocked_ms: self.publisher_blocked_ms.load(Ordering::Relaxed),
+            stuck_subscribers: self.stuck_subscribers.load(Ordering::Relaxed),
         }
     }
 }

@@ -1,0 +1,292 @@
+//! The proxy's opt-in lossless mode, over real loopback sockets:
+//! - lossless: a pyzmq SUB that reads slowly gets every message of a
+//!   200,000-message burst, in order, and the publisher was pushed back;
+//! - default: the same burst to the same slow reader is dropped in part,
+//!   and the proxy's counters account for every missing message;
+//! - lossless with a subscriber that never reads: after the slow-consumer
+//!   timeout it is dropped for (counted), and a healthy slow subscriber
+//!   still gets the whole burst.
+//!
+//! Counts, never durations: every wait is bounded, nothing asserts on time.
+#![cfg(feature = "zmq")]
+
+mod common;
+mod zmq_util;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hermes_bus::envelope::Data;
+use hermes_bus::transports::zmq::zmtp::SocketType;
+use hermes_bus::transports::zmq::{Publisher, PublisherConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use zmq_util::*;
+
+/// Messages in the burst.
+const N: u64 = 200_000;
+/// Topic of the burst.
+const TOPIC: &str = "B/burst";
+/// Per-subscriber queue in the proxy: small, so a slow reader fills it.
+const SUB_QUEUE: usize = 1_000;
+/// The slow reader sleeps this long after every `EVERY` messages.
+const PAUSE_MS: &str = "10";
+/// See `PAUSE_MS`.
+const EVERY: &str = "2000";
+
+/// The burst tests run one at a time: each keeps a Python reader and the
+/// proxy busy, and on a 2-core machine three at once would mostly measure
+/// the scheduler.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes [`SERIAL`], waiting at most for the other burst tests.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    tokio::time::timeout(3 * TEST_LIMIT, SERIAL.lock())
+        .await
+        .expect("the other burst tests finished in time")
+}
+
+/// Starts the slow pyzmq subscriber; `idle_ms` ends it after that long
+/// without a message once one arrived.
+async fn slow_sub(py: &std::path::Path, back: &str, idle_ms: u64) -> PyPeer {
+    py_script_peer(
+        py,
+        &py_script("zmq_lossless_peer.py"),
+        &[
+            "slow-sub",
+            back,
+            &N.to_string(),
+            "50",
+            EVERY,
+            PAUSE_MS,
+            &idle_ms.to_string(),
+        ],
+    )
+    .await
+}
+
+/// A publisher whose own queue holds the whole burst, so every message
+/// reaches the proxy (its socket, not its queue, meets the pushback).
+async fn burst_publisher(front: &str) -> Publisher {
+    let mut cfg = PublisherConfig::new(front, "burst");
+    cfg.queue = N as usize + 1_000;
+    cfg.queue_bytes = 1 << 30;
+    cfg.linger = Duration::from_secs(5);
+    let mut p = Publisher::with_config(cfg).expect("publisher");
+    p.start().expect("start");
+    p.wait_for_subscriber(TOPIC, Duration::from_secs(20))
+        .await
+        .expect("subscriber reached the publisher");
+    p
+}
+
+/// Publishes `[seq, padding]` for seq in 0..N as fast as it can, then
+/// waits until the publisher wrote everything to its socket.
+async fn publish_burst(p: &Publisher) {
+    let pad = "x".repeat(100);
+    for seq in 0..N {
+        let data = Data::json(&(seq, &pad)).expect("json");
+        assert!(
+            p.publish_parts(TOPIC, "burst", &data).expect("publish"),
+            "publisher dropped message {seq}: {:?}",
+            p.stats()
+        );
+    }
+    // `flush` means "queue empty"; the last batch may still be in the
+    // writer's hands, so wait for the sent count.
+    let sent = eventually(Duration::from_secs(40), || p.stats().sent >= N).await;
+    let s = p.stats();
+    assert!(sent, "publisher wrote the burst: {s:?}");
+    assert_eq!((s.sent, s.dropped), (N, 0), "{s:?}");
+}
+
+/// The slow subscriber's summary line.
+async fn summary(peer: &mut PyPeer) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(50), peer.lines.recv())
+        .await
+        .expect("subscriber summary in time")
+        .expect("subscriber summary")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossless_slow_subscriber_gets_the_whole_burst_in_order() {
+    let Some(py) = common::python("py07") else {
+        return;
+    };
+    let _serial = one_at_a_time().await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| {
+            c.lossless = true;
+            c.sub_queue = SUB_QUEUE;
+        })
+        .await;
+        let mut sub = slow_sub(&py, &proxy.back(), 10_000).await;
+        let p = burst_publisher(&proxy.front()).await;
+        publish_burst(&p).await;
+        let s = summary(&mut sub).await;
+        assert_eq!(
+            s["got"],
+            N,
+            "every message arrived: {s} {:?}",
+            proxy.stats.snapshot()
+        );
+        assert_eq!(s["first"], 0, "{s}");
+        assert_eq!(s["last"], N - 1, "{s}");
+        assert_eq!(s["gaps"], 0, "none missing, none reordered: {s}");
+        assert_eq!(s["bad"], 0, "{s}");
+        let ps = proxy.stats.snapshot();
+        assert_eq!(ps.publishers.messages, N);
+        assert_eq!(ps.subscribers.drops, 0, "{ps:?}");
+        assert_eq!(ps.stuck_subscribers, 0, "{ps:?}");
+        assert!(
+            ps.publisher_blocks > 0,
+            "the full queue pushed back on the publisher: {ps:?}"
+        );
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_mode_drops_for_a_slow_subscriber_and_counts_every_drop() {
+    let Some(py) = common::python("py07") else {
+        return;
+    };
+    let _serial = one_at_a_time().await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| {
+            c.sub_queue = SUB_QUEUE;
+        })
+        .await;
+        let mut sub = slow_sub(&py, &proxy.back(), 3_000).await;
+        let p = burst_publisher(&proxy.front()).await;
+        publish_burst(&p).await;
+        // The proxy has handled the whole burst once every message was
+        // either written to the subscriber or dropped for it.
+        let handled = eventually(Duration::from_secs(40), || {
+            let s = proxy.stats.snapshot().subscribers;
+            s.messages + s.drops == N
+        })
+        .await;
+        let ps = proxy.stats.snapshot();
+        assert!(handled, "proxy handled the burst: {ps:?}");
+        let s = summary(&mut sub).await;
+        assert_eq!(ps.publishers.messages, N);
+        assert!(ps.subscribers.drops > 0, "a slow reader loses: {ps:?}");
+        assert_eq!(
+            s["got"], ps.subscribers.messages,
+            "it got what was written: {s} {ps:?}"
+        );
+        assert_eq!(s["disorder"], 0, "what arrives is in order: {s}");
+        assert_eq!(s["bad"], 0, "{s}");
+        assert_eq!(ps.publisher_blocks, 0, "no pushback by default: {ps:?}");
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossless_drops_only_for_a_stuck_subscriber() {
+    let Some(py) = common::python("py07") else {
+        return;
+    };
+    let _serial = one_at_a_time().await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| {
+            c.lossless = true;
+            c.sub_queue = SUB_QUEUE;
+            // Short, so the test is quick; still well above how long the
+            // healthy reader may go without freeing socket buffer space.
+            c.slow_timeout = Duration::from_secs(2);
+        })
+        .await;
+        // Completes the handshake, subscribes to everything, never reads.
+        let mut stuck = raw_peer(&proxy.back(), SocketType::Sub).await;
+        stuck.subscribe(b"").await;
+        let mut sub = slow_sub(&py, &proxy.back(), 10_000).await;
+        let both = eventually(Duration::from_secs(20), || {
+            proxy.stats.snapshot().subscriptions >= 2
+        })
+        .await;
+        assert!(both, "both subscribed: {:?}", proxy.stats.snapshot());
+        let p = burst_publisher(&proxy.front()).await;
+        publish_burst(&p).await;
+        let s = summary(&mut sub).await;
+        assert_eq!(
+            s["got"],
+            N,
+            "the healthy one got everything: {s} {:?}",
+            proxy.stats.snapshot()
+        );
+        assert_eq!(s["first"], 0, "{s}");
+        assert_eq!(s["last"], N - 1, "{s}");
+        assert_eq!(s["gaps"], 0, "{s}");
+        let ps = proxy.stats.snapshot();
+        assert_eq!(ps.publishers.messages, N);
+        assert!(
+            ps.stuck_subscribers >= 1,
+            "the stuck one was given up on: {ps:?}"
+        );
+        assert!(
+            ps.subscribers.drops > 0,
+            "the stuck one's drops are counted: {ps:?}"
+        );
+        assert!(
+            ps.subscribers.drops < N,
+            "what it took before it stuck was not dropped: {ps:?}"
+        );
+        drop(stuck);
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn the_proxy_command_takes_the_lossless_flags() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let bin = common::bin_dir().join("hermes-bus");
+        let mut child = tokio::process::Command::new(&bin)
+            .args([
+                "proxy",
+                "--frontend",
+                "tcp://127.0.0.1:0",
+                "--backend",
+                "tcp://127.0.0.1:0",
+                "--lossless",
+                "--slow-consumer-timeout",
+                "2.5",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn proxy");
+        let out = child.stdout.take().expect("stdout");
+        let line = BufReader::new(out)
+            .lines()
+            .next_line()
+            .await
+            .expect("read")
+            .expect("a line with the bound addresses");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert!(
+            v["frontend"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("tcp://127.0.0.1:")),
+            "{v}"
+        );
+        let _ = child.kill().await;
+        let bad = tokio::process::Command::new(&bin)
+            .args(["proxy", "--lossless", "--slow-consumer-timeout=-1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("run");
+        assert!(!bad.success(), "a negative timeout is refused");
+    })
+    .await
+    .expect("test timed out");
+}
