@@ -137,6 +137,16 @@ pub struct ServeArgs {
     #[cfg(feature = "zmq")]
     #[arg(long)]
     pub zmq_capture: Option<String>,
+    /// ZeroMQ proxy: push back on publishers instead of dropping for a
+    /// full subscriber that is still reading (libzmq's XPUB_NODROP idea).
+    #[cfg(feature = "zmq")]
+    #[arg(long)]
+    pub zmq_lossless: bool,
+    /// ZeroMQ proxy, with --zmq-lossless: seconds a subscriber may make no
+    /// progress before it counts as stuck (its copies are then dropped).
+    #[cfg(feature = "zmq")]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::transports::zmq::cli::parse_secs)]
+    pub zmq_slow_consumer_timeout: f64,
 }
 
 /// A size in bytes: a number with an optional K, M or G suffix (powers of

@@ -57,11 +57,13 @@ impl Default for FlowOptions {
 pub fn transport_from_args(
     args: &crate::cli::ServeArgs,
 ) -> anyhow::Result<Box<dyn crate::transport::Transport>> {
-    // Wiring: once `ServeArgs` has `zmq_lossless` and
-    // `zmq_slow_consumer_timeout`, pass
-    // `FlowOptions { lossless: args.zmq_lossless, slow_consumer_timeout: args.zmq_slow_consumer_timeout }`
-    // here instead of the defaults.
-    transport_with_flow(args, FlowOptions::default())
+    transport_with_flow(
+        args,
+        FlowOptions {
+            lossless: args.zmq_lossless,
+            slow_consumer_timeout: args.zmq_slow_consumer_timeout,
+        },
+    )
 }
 
 /// [`transport_from_args`] with explicit flow control.
