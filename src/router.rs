@@ -580,7 +580,7 @@ impl Router {
                 if let Some((name, slot)) = self.names.get_key_value(target.as_str()) {
                     let name = name.clone();
                     let live = matches!(slot, Slot::Live(_));
-                    match self.offer_name(&name, &d, true, now) {
+                    match self.offer_name(&name, &d, Full::Wait, Full::Wait, now) {
                         Offered::Queued if live => delivered += 1,
                         Offered::Queued => held += 1,
                         Offered::Wait(w) => waits.push(w),
@@ -592,7 +592,9 @@ impl Router {
                 let names: Vec<String> = self.names.keys().cloned().collect();
                 for name in names {
                     let live = matches!(self.names.get(&name), Some(Slot::Live(_)));
-                    match self.offer_name(&name, &d, true, now) {
+                    // A broadcast waits for members that are reading, not
+                    // for the mailbox of one that left.
+                    match self.offer_name(&name, &d, Full::Wait, Full::Drop, now) {
                         Offered::Queued if live => delivered += 1,
                         Offered::Queued => held += 1,
                         Offered::Wait(w) => waits.push(w),
@@ -622,13 +624,35 @@ impl Router {
 
     /// Offers a delivery to whoever answers to `name` now (live session or
     /// held mailbox).
-    fn offer_name(&mut self, name: &str, d: &Delivery, wait: bool, now: Instant) -> Offered {
+    /// `live` says what a full live outbox means, `held` what a full
+    /// mailbox means.
+    fn offer_name(
+        &mut self,
+        name: &str,
+        d: &Delivery,
+        live: Full,
+        held: Full,
+        now: Instant,
+    ) -> Offered {
         let grace = self.cfg.hold_grace;
         match self.names.get_mut(name) {
             Some(Slot::Live(id)) => {
                 let id = *id;
                 match self.sessions.get_mut(&id) {
-                    Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, wait),
+                    Some(s) if live == Full::Force => match s.outbox.push_forced(d.clone()) {
+                        Ok(()) => {
+                            s.counters.delivered += 1;
+                            self.totals.delivered += 1;
+                            Offered::Queued
+                        }
+                        Err(_) => {
+                            s.counters.dropped += 1;
+                            self.totals.dropped_slow += 1;
+                            d.fail(gone_error);
+                            Offered::Dropped
+                        }
+                    },
+                    Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live == Full::Wait),
                     None => Offered::Dropped,
                 }
             }
@@ -647,7 +671,7 @@ impl Router {
                     || (*bytes + charge > self.cfg.hold_bytes && !queue.is_empty())
                     || (self.budget.full() && !queue.is_empty())
                 {
-                    if wait {
+                    if held == Full::Wait {
                         return Offered::Wait(WaitOn::Held {
                             name: name.to_owned(),
                         });
@@ -705,7 +729,7 @@ impl Router {
                 // now, or live again on a new connection.
                 match name {
                     Some(n) if self.names.contains_key(n.as_str()) => {
-                        match self.offer_name(n, d, true, now) {
+                        match self.offer_name(n, d, Full::Wait, Full::Drop, now) {
                             Offered::Wait(w) => Some(w),
                             _ => None,
                         }
@@ -718,14 +742,19 @@ impl Router {
                 }
             }
             WaitOn::Held { name } => match self.names.get(name.as_str()) {
-                Some(Slot::Live(_)) => match self.offer_name(name, d, false, now) {
+                // Back: after what was held for it, whatever its bound (the
+                // sender has waited already).
+                Some(Slot::Live(_)) => match self.offer_name(name, d, Full::Force, Full::Wait, now)
+                {
                     Offered::Queued | Offered::Dropped => None,
                     Offered::Wait(w) => Some(w),
                 },
-                Some(Slot::Held { .. }) => match self.offer_name(name, d, true, now) {
-                    Offered::Wait(w) => Some(w),
-                    _ => None,
-                },
+                Some(Slot::Held { .. }) => {
+                    match self.offer_name(name, d, Full::Wait, Full::Wait, now) {
+                        Offered::Wait(w) => Some(w),
+                        _ => None,
+                    }
+                }
                 None => {
                     self.totals.dropped_held += 1;
                     d.fail(gone_error);
@@ -1063,6 +1092,17 @@ impl Router {
     }
 }
 
+/// What a full target means for one offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// The sender waits for it.
+    Wait,
+    /// The copy is dropped and counted.
+    Drop,
+    /// Queued past the bound (the sender has waited already).
+    Force,
+}
+
 /// The outcome of offering a delivery to one target.
 enum Offered {
     /// Queued (to a session or a held mailbox).
@@ -1282,6 +1322,34 @@ mod tests {
             .route(a, &mut msg("b", 10), t0 + Duration::from_secs(9))
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::EndpointNotFound);
+    }
+
+    #[test]
+    fn a_broadcast_never_waits_for_the_mailbox_of_a_name_that_left() {
+        let t0 = Instant::now();
+        let cfg = RouterConfig {
+            hold_limit: 2,
+            ..RouterConfig::default()
+        };
+        let mut r = Router::new(cfg);
+        let (a, _ra) = session(&mut r, t0);
+        let (b, _rb) = session(&mut r, t0);
+        let (c, mut rc) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        r.register(c, "c", t0).unwrap();
+        r.disconnect(b, t0);
+        frames(&mut rc);
+        for n in 0..5 {
+            let out = r.route(a, &mut msg("", n), t0).unwrap();
+            assert!(out.blocked.is_none(), "message {n} waited for a gone name");
+            frames(&mut rc);
+        }
+        assert_eq!(r.totals().held, 2);
+        assert_eq!(r.totals().dropped_held, 3, "counted, not waited for");
+        // Point to point, a full mailbox is still a wait.
+        let out = r.route(a, &mut msg("b", 9), t0).unwrap();
+        assert!(out.blocked.is_some());
     }
 
     #[test]
