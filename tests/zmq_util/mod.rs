@@ -231,3 +231,38 @@ impl FakeXpub {
         RawPeer { r, w, reader }
     }
 }
+
+/// Like [`raw_peer`], but an error instead of a panic when the connection
+/// or the handshake fails (e.g. refused for the connection limit).
+pub async fn try_raw_peer(addr: &str, ty: SocketType) -> Result<RawPeer, String> {
+    let ep = addr.parse().map_err(|e| format!("{e}"))?;
+    let s = endpoint::connect(&ep).await.map_err(|e| format!("{e}"))?;
+    let (mut r, mut w) = s.into_split();
+    let mut reader = FrameReader::new(64 << 20);
+    zmtp::handshake(&mut r, &mut w, &mut reader, ty, &[], Duration::from_secs(5))
+        .await
+        .map_err(|e| format!("{e}"))?;
+    Ok(RawPeer { r, w, reader })
+}
+
+impl RawPeer {
+    /// The next item read, or None when the peer closed or `limit` passed.
+    pub async fn next_item(&mut self, limit: Duration) -> Option<zmtp::Inbound> {
+        tokio::time::timeout(limit, async {
+            loop {
+                match self.reader.next_item() {
+                    Ok(Some(item)) => return Some(item),
+                    Ok(None) => {}
+                    Err(_) => return None,
+                }
+                match self.reader.fill(&mut self.r).await {
+                    Ok(true) => {}
+                    _ => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}

@@ -20,9 +20,18 @@
 //!   it returns the full peers, and the publisher's async read loop waits.
 //! - Subscriptions are reference-counted across subscribers and flow
 //!   upstream to every publisher (and are replayed to a new publisher).
+//!   They live in an index (prefix → peers, plus the prefix lengths in
+//!   use), so a change and a message cost the same whatever the total
+//!   count; each peer's own multiset belongs to its connection task.
+//!   Per-peer limits (count, bytes, prefix length) ignore and count
+//!   what breaks them, which then never goes upstream.
+//! - A connection that neither subscribes nor publishes within the idle
+//!   timeout after its handshake is closed, so idle peers cannot hold the
+//!   connection limit.
 //! - A broken peer (reset, half frame, garbage) ends only its connection.
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -53,6 +62,18 @@ pub const DEFAULT_SLOW_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_BATCH_ITEMS: usize = 256;
 /// Most bytes a writer takes per batch (at least one item).
 const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// Prefixes a disconnecting subscriber's cleanup removes per lock taken
+/// (it yields between chunks, so a peer with many prefixes never holds
+/// the index or the runtime for long).
+const CLEANUP_CHUNK: usize = 256;
+/// Default most subscriptions one subscriber peer may hold.
+pub const DEFAULT_MAX_SUBS_PER_PEER: usize = 100_000;
+/// Default most bytes of prefixes one subscriber peer may hold.
+pub const DEFAULT_MAX_SUB_BYTES_PER_PEER: usize = 16 << 20;
+/// Default longest subscription prefix (topics are short routing keys).
+pub const DEFAULT_MAX_PREFIX_LEN: usize = 1024;
+/// Default time a connection may stay idle after its handshake.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Limits and addresses of a proxy.
 #[derive(Debug, Clone)]
@@ -93,6 +114,21 @@ pub struct ProxyConfig {
     /// idle for a while (TCP reopens a closed window only once the reader
     /// freed a good part of that buffer): keep this well above that time.
     pub slow_timeout: Duration,
+    /// Most subscriptions (a multiset: a repeated prefix counts again) one
+    /// subscriber peer may hold; more are ignored and counted
+    /// (`subs_over_count`), never forwarded upstream.
+    pub max_subs_per_peer: usize,
+    /// Most bytes of prefixes one subscriber peer may hold; more are
+    /// ignored and counted (`subs_over_bytes`).
+    pub max_sub_bytes_per_peer: usize,
+    /// Longest prefix accepted; longer ones are ignored and counted
+    /// (`subs_too_long`).
+    pub max_prefix_len: usize,
+    /// A connection that completed its handshake but neither subscribed
+    /// (subscriber sides) nor published (publisher side) for this long is
+    /// closed and counted (`idle_closed`), so idle peers cannot hold the
+    /// connection limit. A peer that did either once is never idle.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -108,6 +144,10 @@ impl Default for ProxyConfig {
             max_connections: 4096,
             lossless: false,
             slow_timeout: DEFAULT_SLOW_TIMEOUT,
+            max_subs_per_peer: DEFAULT_MAX_SUBS_PER_PEER,
+            max_sub_bytes_per_peer: DEFAULT_MAX_SUB_BYTES_PER_PEER,
+            max_prefix_len: DEFAULT_MAX_PREFIX_LEN,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -157,26 +197,83 @@ enum Waited {
     Cancelled,
 }
 
-/// A fan-out target with its prefixes, immutable once published.
-#[derive(Debug, Clone)]
-struct Target {
-    /// The peer.
-    peer: Arc<SubPeer>,
-    /// Its subscription prefixes (a multiset, as ZMQ counts them).
-    prefixes: Arc<[Bytes]>,
+/// Every subscriber-like peer's prefixes for matching: prefix → the peers
+/// holding it (each once, however many times it subscribed), plus the
+/// prefix lengths in use, so a message probes only the prefixes of its
+/// topic frame whose length is in use. A change costs O(1) (plus the
+/// peers sharing that exact prefix); a message costs its topic's length
+/// in probes plus its matches, whatever the total count.
+#[derive(Debug, Default)]
+struct SubIndex {
+    /// Prefix → peers subscribed to exactly it.
+    by_prefix: HashMap<Bytes, Vec<Arc<SubPeer>>>,
+    /// Prefix length → how many distinct prefixes have it.
+    lengths: BTreeMap<usize, usize>,
+}
+
+impl SubIndex {
+    /// Adds `peer` under `prefix` (the peer's first reference to it).
+    fn add(&mut self, prefix: Bytes, peer: &Arc<SubPeer>) {
+        let len = prefix.len();
+        let v = self.by_prefix.entry(prefix).or_default();
+        if v.is_empty() {
+            *self.lengths.entry(len).or_insert(0) += 1;
+        }
+        v.push(peer.clone());
+    }
+
+    /// Removes `peer` from under `prefix` (its last reference went).
+    fn remove(&mut self, prefix: &[u8], peer: &Arc<SubPeer>) {
+        let Some(v) = self.by_prefix.get_mut(prefix) else {
+            return;
+        };
+        if let Some(i) = v.iter().position(|x| Arc::ptr_eq(x, peer)) {
+            v.swap_remove(i);
+        }
+        if v.is_empty() {
+            self.by_prefix.remove(prefix);
+            if let Some(n) = self.lengths.get_mut(&prefix.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lengths.remove(&prefix.len());
+                }
+            }
+        }
+    }
+}
+
+/// One subscriber peer's own subscriptions, owned by its connection task
+/// (its only writer), so a change touches nothing shared but the index
+/// entry of that prefix.
+#[derive(Debug, Default)]
+struct PeerSubs {
+    /// Prefix → how many times this peer subscribed to it.
+    prefixes: HashMap<Bytes, usize>,
+    /// Subscriptions held (the multiset's size).
+    count: usize,
+    /// Their bytes.
+    bytes: usize,
+    /// Whether it ever had a subscription accepted (not idle then).
+    active: bool,
+}
+
+thread_local! {
+    /// Reused scratch of `dispatch` for messages matching several
+    /// prefixes (deduplication of peers), so dispatch does not allocate
+    /// per message.
+    static MATCHED: RefCell<Vec<Arc<SubPeer>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Mutable connection state, changed only on connect, disconnect and
-/// subscription changes.
+/// upstream subscription changes.
 #[derive(Debug, Default)]
 struct Control {
     /// Next connection id.
     next_id: u64,
-    /// Subscriber-like peers and their prefixes.
-    subs: HashMap<u64, (Arc<SubPeer>, Vec<Bytes>)>,
     /// Publishers: the queue of control bytes (subscriptions) to each.
     pubs: HashMap<u64, Arc<WireQueue>>,
-    /// Union of the backend subscriptions, with reference counts.
+    /// Union of the backend subscriptions, with reference counts (one per
+    /// peer holding the prefix).
     upstream: HashMap<Bytes, usize>,
 }
 
@@ -186,11 +283,11 @@ struct Hub {
     cfg: ProxyConfig,
     /// Counters.
     stats: Arc<ProxyStats>,
-    /// Connection and subscription state.
+    /// Connection and upstream subscription state.
     ctl: Mutex<Control>,
-    /// The fan-out targets, rebuilt on every change (copy-on-write) so the
-    /// hot path takes only a read lock and an `Arc` clone.
-    targets: RwLock<Arc<Vec<Target>>>,
+    /// The subscription index the hot path matches against (read lock;
+    /// a change takes the write lock for one entry).
+    index: RwLock<SubIndex>,
     /// The router bridge, when the proxy runs inside the bus.
     sink: Option<Arc<dyn EnvelopeSink>>,
 }
@@ -200,25 +297,15 @@ impl Hub {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, SubIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn counters(&self, side: Side) -> &SideCounters {
         match side {
             Side::Backend => &self.stats.subscribers,
             Side::Capture => &self.stats.capture,
         }
-    }
-
-    /// Rebuilds the fan-out targets; call with the control lock held.
-    fn publish_targets(&self, ctl: &Control) {
-        let mut v: Vec<Target> = ctl
-            .subs
-            .values()
-            .map(|(peer, prefixes)| Target {
-                peer: peer.clone(),
-                prefixes: prefixes.clone().into(),
-            })
-            .collect();
-        v.retain(|t| !t.prefixes.is_empty());
-        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
     }
 
     /// Sends a subscription change to every publisher.
@@ -251,31 +338,87 @@ impl Hub {
         }
     }
 
-    fn apply_sub_change(&self, id: u64, side: Side, change: SubChange) {
-        let mut ctl = self.ctl();
-        let ctl = &mut *ctl;
-        let Some((_, prefixes)) = ctl.subs.get_mut(&id) else {
-            return;
-        };
+    /// Applies one subscription change of `peer`, within its limits.
+    /// Takes the index lock (and the control lock for an upstream change)
+    /// for this one change only.
+    fn apply_sub_change(&self, peer: &Arc<SubPeer>, subs: &mut PeerSubs, change: SubChange) {
+        let st = &self.stats;
         match change {
             SubChange::Subscribe(p) => {
-                self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
-                prefixes.push(p.clone());
-                if side == Side::Backend {
-                    Self::upstream_add(ctl, p);
+                if p.len() > self.cfg.max_prefix_len {
+                    st.subs_too_long.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if subs.count >= self.cfg.max_subs_per_peer {
+                    st.subs_over_count.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if subs.bytes.saturating_add(p.len()) > self.cfg.max_sub_bytes_per_peer {
+                    st.subs_over_bytes.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                subs.count += 1;
+                subs.bytes += p.len();
+                subs.active = true;
+                st.subscriptions.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = subs.prefixes.get_mut(&p[..]) {
+                    *n += 1;
+                    return;
+                }
+                // Our own copy: a slice would pin the whole read buffer.
+                let p = Bytes::copy_from_slice(&p);
+                subs.prefixes.insert(p.clone(), 1);
+                self.index_mut().add(p.clone(), peer);
+                if peer.side == Side::Backend {
+                    Self::upstream_add(&mut self.ctl(), p);
                 }
             }
             SubChange::Cancel(p) => {
-                if let Some(i) = prefixes.iter().position(|x| *x == p) {
-                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
-                    prefixes.swap_remove(i);
-                    if side == Side::Backend {
-                        Self::upstream_remove(ctl, &p);
-                    }
+                let Some(n) = subs.prefixes.get_mut(&p[..]) else {
+                    return;
+                };
+                *n -= 1;
+                subs.count -= 1;
+                subs.bytes -= p.len();
+                st.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                if *n > 0 {
+                    return;
+                }
+                let Some((k, _)) = subs.prefixes.remove_entry(&p[..]) else {
+                    return;
+                };
+                self.index_mut().remove(&k, peer);
+                if peer.side == Side::Backend {
+                    Self::upstream_remove(&mut self.ctl(), &k);
                 }
             }
         }
-        self.publish_targets(ctl);
+    }
+
+    /// Removes every subscription of a leaving peer, a chunk per lock
+    /// taken, yielding between chunks.
+    async fn drop_subs(&self, peer: &Arc<SubPeer>, subs: PeerSubs) {
+        self.stats
+            .subscriptions
+            .fetch_sub(subs.count as u64, Ordering::Relaxed);
+        let all: Vec<Bytes> = subs.prefixes.into_keys().collect();
+        for chunk in all.chunks(CLEANUP_CHUNK) {
+            {
+                let mut idx = self.index_mut();
+                for p in chunk {
+                    idx.remove(p, peer);
+                }
+            }
+            if peer.side == Side::Backend {
+                let mut ctl = self.ctl();
+                for p in chunk {
+                    Self::upstream_remove(&mut ctl, p);
+                }
+            }
+            if all.len() > CLEANUP_CHUNK {
+                tokio::task::yield_now().await;
+            }
+        }
     }
 
     /// Counts one message dropped for `peer`.
@@ -299,22 +442,31 @@ impl Hub {
     /// [`Hub::deliver_waiting`] before it reads on. Without it, or for a
     /// stuck peer, a full queue drops and counts.
     fn dispatch(&self, msg: &RawMessage, mut waiting: Option<&mut Vec<Waiting>>) {
-        let targets = self
-            .targets
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if targets.is_empty() {
+        let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+        if idx.by_prefix.is_empty() {
             return;
         }
         let topic = msg.first_frame();
+        // The first matching prefix's peers, and whether more prefixes
+        // match (then peers are deduplicated through the scratch list).
+        let mut first: Option<&Vec<Arc<SubPeer>>> = None;
+        let mut several = false;
+        for &len in idx.lengths.range(..=topic.len()).map(|(l, _)| l) {
+            if let Some(v) = idx.by_prefix.get(&topic[..len]) {
+                if first.is_some() {
+                    several = true;
+                    break;
+                }
+                first = Some(v);
+            }
+        }
+        let Some(first) = first else {
+            return;
+        };
         let msgpack = is_msgpack_envelope(msg);
         let mut json_form: Option<Option<Bytes>> = None;
-        for t in targets.iter() {
-            if !t.prefixes.iter().any(|p| topic.starts_with(p)) {
-                continue;
-            }
-            let wire = if msgpack && !t.peer.msgpack {
+        let mut deliver = |peer: &Arc<SubPeer>| {
+            let wire = if msgpack && !peer.msgpack {
                 let form = json_form.get_or_insert_with(|| {
                     let j = transcode_to_json(msg);
                     if j.is_some() {
@@ -324,22 +476,39 @@ impl Hub {
                 });
                 match form {
                     Some(b) => b.clone(),
-                    None => continue,
+                    None => return,
                 }
             } else {
                 msg.wire.clone()
             };
-            match t.peer.queue.push(wire.clone()) {
+            match peer.queue.push(wire.clone()) {
                 Pushed::Ok => {}
                 Pushed::Full => match waiting.as_deref_mut() {
-                    Some(w) if t.peer.side == Side::Backend && !self.is_stuck(&t.peer) => {
-                        w.push((t.peer.clone(), wire));
+                    Some(w) if peer.side == Side::Backend && !self.is_stuck(peer) => {
+                        w.push((peer.clone(), wire));
                     }
-                    _ => self.count_drop(&t.peer),
+                    _ => self.count_drop(peer),
                 },
-                Pushed::Closed => self.count_drop(&t.peer),
+                Pushed::Closed => self.count_drop(peer),
             }
+        };
+        if !several {
+            first.iter().for_each(&mut deliver);
+            return;
         }
+        MATCHED.with(|cell| {
+            let mut m = std::mem::take(&mut *cell.borrow_mut());
+            for &len in idx.lengths.range(..=topic.len()).map(|(l, _)| l) {
+                if let Some(v) = idx.by_prefix.get(&topic[..len]) {
+                    m.extend(v.iter().cloned());
+                }
+            }
+            m.sort_unstable_by_key(|p| Arc::as_ptr(p) as usize);
+            m.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            m.iter().for_each(&mut deliver);
+            m.clear();
+            *cell.borrow_mut() = m;
+        });
     }
 
     /// Lossless mode: delivers each waiting message in order, waiting for
@@ -514,7 +683,7 @@ impl ZmqProxy {
             cfg: self.cfg.clone(),
             stats: self.stats.clone(),
             ctl: Mutex::new(Control::default()),
-            targets: RwLock::new(Arc::new(Vec::new())),
+            index: RwLock::new(SubIndex::default()),
             sink,
         });
         if all_upstream {
@@ -737,6 +906,8 @@ async fn publisher_read_loop(
     // (no allocation) unless a queue was full.
     let mut waiting: Vec<Waiting> = Vec::new();
     let lossless = hub.cfg.lossless;
+    let idle_at = tokio::time::Instant::now() + hub.cfg.idle_timeout;
+    let mut active = false;
     loop {
         let (mut n, mut bytes, mut bad, mut big) = (0u64, 0u64, 0u64, 0u64);
         let mut result = Ok(());
@@ -778,6 +949,9 @@ async fn publisher_read_loop(
                 }
             }
         }
+        if n > 0 || big > 0 {
+            active = true;
+        }
         if n > 0 {
             c.messages.fetch_add(n, Ordering::Relaxed);
             c.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -789,8 +963,13 @@ async fn publisher_read_loop(
             c.drops.fetch_add(big, Ordering::Relaxed);
         }
         result?;
+        let deadline = (!active).then_some(idle_at);
         let more = tokio::select! {
             _ = done.cancelled() => return Ok(()),
+            _ = idle_deadline(deadline) => {
+                hub.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
             r = reader.fill(r) => r?,
         };
         if !more {
@@ -833,13 +1012,6 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
         side,
         drops: AtomicU64::new(0),
     });
-    let id = {
-        let mut ctl = hub.ctl();
-        ctl.next_id += 1;
-        let id = ctl.next_id;
-        ctl.subs.insert(id, (peer.clone(), Vec::new()));
-        id
-    };
     let conn_done = shutdown.child_token();
     let peer_q = PeerQueue(peer.clone());
     let writer = tokio::spawn(writer_task(
@@ -848,44 +1020,41 @@ async fn subscriber_conn(hub: Arc<Hub>, stream: Stream, side: Side, shutdown: Ca
         Some((hub.stats.clone(), side)),
         conn_done.clone(),
     ));
-    let res = subscriber_read_loop(&hub, id, side, &mut r, &mut reader, &peer, &conn_done).await;
+    let mut subs = PeerSubs::default();
+    let res = subscriber_read_loop(&hub, &mut subs, &mut r, &mut reader, &peer, &conn_done).await;
     if let Err(e) = res {
         note_end(c, &e);
     }
-    {
-        let mut ctl = hub.ctl();
-        let ctl = &mut *ctl;
-        if let Some((_, prefixes)) = ctl.subs.remove(&id) {
-            hub.stats
-                .subscriptions
-                .fetch_sub(prefixes.len() as u64, Ordering::Relaxed);
-            if side == Side::Backend {
-                for p in &prefixes {
-                    Hub::upstream_remove(ctl, p);
-                }
-            }
-        }
-        hub.publish_targets(ctl);
-    }
+    hub.drop_subs(&peer, subs).await;
     peer.queue.close(true);
     conn_done.cancel();
     let _ = writer.await;
 }
 
+/// Waits until `deadline`, or forever without one.
+async fn idle_deadline(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn subscriber_read_loop(
     hub: &Hub,
-    id: u64,
-    side: Side,
+    subs: &mut PeerSubs,
     r: &mut ReadHalf,
     reader: &mut FrameReader,
-    peer: &SubPeer,
+    peer: &Arc<SubPeer>,
     done: &CancellationToken,
 ) -> Result<(), ZmtpError> {
-    let c = hub.counters(side);
+    let c = hub.counters(peer.side);
+    let idle_at = tokio::time::Instant::now() + hub.cfg.idle_timeout;
     loop {
         while let Some(item) = reader.next_item()? {
             if let Some(change) = SubChange::from_inbound(&item) {
-                hub.apply_sub_change(id, side, change);
+                hub.apply_sub_change(peer, subs, change);
+                // A storm of changes shares the runtime with everyone.
+                tokio::task::consume_budget().await;
                 continue;
             }
             match item {
@@ -900,8 +1069,13 @@ async fn subscriber_read_loop(
                 }
             }
         }
+        let deadline = (!subs.active).then_some(idle_at);
         let more = tokio::select! {
             _ = done.cancelled() => return Ok(()),
+            _ = idle_deadline(deadline) => {
+                hub.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
             r = reader.fill(r) => r?,
         };
         if !more {

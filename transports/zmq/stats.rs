@@ -101,6 +101,17 @@ pub struct ProxyStats {
     /// then counts in that side's `drops`, like every later one while it
     /// stays stuck).
     pub stuck_subscribers: AtomicU64,
+    /// Subscriptions ignored because their prefix was longer than
+    /// `max_prefix_len` (never forwarded upstream).
+    pub subs_too_long: AtomicU64,
+    /// Subscriptions ignored because their peer held `max_subs_per_peer`.
+    pub subs_over_count: AtomicU64,
+    /// Subscriptions ignored because their peer's prefixes would pass
+    /// `max_sub_bytes_per_peer`.
+    pub subs_over_bytes: AtomicU64,
+    /// Connections closed for staying idle (no subscription, no message)
+    /// for `idle_timeout` after their handshake.
+    pub idle_closed: AtomicU64,
 }
 
 /// A plain copy of [`ProxyStats`].
@@ -128,6 +139,14 @@ pub struct ProxySnapshot {
     pub publisher_blocked_ms: u64,
     /// See [`ProxyStats::stuck_subscribers`].
     pub stuck_subscribers: u64,
+    /// See [`ProxyStats::subs_too_long`].
+    pub subs_too_long: u64,
+    /// See [`ProxyStats::subs_over_count`].
+    pub subs_over_count: u64,
+    /// See [`ProxyStats::subs_over_bytes`].
+    pub subs_over_bytes: u64,
+    /// See [`ProxyStats::idle_closed`].
+    pub idle_closed: u64,
 }
 
 impl ProxyStats {
@@ -145,6 +164,10 @@ impl ProxyStats {
             publisher_blocks: self.publisher_blocks.load(Ordering::Relaxed),
             publisher_blocked_ms: self.publisher_blocked_ms.load(Ordering::Relaxed),
             stuck_subscribers: self.stuck_subscribers.load(Ordering::Relaxed),
+            subs_too_long: self.subs_too_long.load(Ordering::Relaxed),
+            subs_over_count: self.subs_over_count.load(Ordering::Relaxed),
+            subs_over_bytes: self.subs_over_bytes.load(Ordering::Relaxed),
+            idle_closed: self.idle_closed.load(Ordering::Relaxed),
         }
     }
 }
