@@ -66,8 +66,9 @@ async fn subscription_storm_does_not_stall_other_traffic() {
             let mut absorbed: Option<Duration> = None;
             while sent < 3_000 && (sent < 200 || absorbed.is_none()) {
                 let n = sent.to_string();
+                let at = storm_start.elapsed().as_micros().to_string();
                 let mut b = BytesMut::new();
-                zmtp::put_message(&mut b, &[b"CTRL", n.as_bytes(), b"0", b"1.0"]);
+                zmtp::put_message(&mut b, &[b"CTRL", n.as_bytes(), b"0", at.as_bytes()]);
                 w.write_all(&b).await.expect("control publish");
                 sent += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -83,27 +84,36 @@ async fn subscription_storm_does_not_stall_other_traffic() {
             }
             (sent, absorbed)
         });
+        // The control subscriber reads as messages come, noting each one's
+        // delay, until 5 s of silence (the sender sends every 10 ms).
+        let receiver = tokio::spawn(async move {
+            let mut got = HashSet::new();
+            let mut max_delay = Duration::ZERO;
+            while let Some(item) = ctl_sub.next_item(Duration::from_secs(5)).await {
+                if let Inbound::Message(m) = item {
+                    let f: Vec<&[u8]> = m.frames().collect();
+                    assert_eq!(f[0], b"CTRL");
+                    got.insert(String::from_utf8_lossy(f[1]).into_owned());
+                    let at: u64 = std::str::from_utf8(f[3]).expect("utf8").parse().expect("time");
+                    let delay = storm_start
+                        .elapsed()
+                        .saturating_sub(Duration::from_micros(at));
+                    max_delay = max_delay.max(delay);
+                }
+            }
+            // Still subscribed: the count below includes it.
+            (got, max_delay, ctl_sub)
+        });
         let mut storm_bytes = 0;
         for t in storm {
             storm_bytes += t.await.expect("storm task");
         }
         let (sent, absorbed) = sender.await.expect("sender");
-        let mut got = HashSet::new();
-        while got.len() < sent as usize {
-            match ctl_sub.next_item(Duration::from_secs(5)).await {
-                Some(Inbound::Message(m)) => {
-                    let f: Vec<&[u8]> = m.frames().collect();
-                    assert_eq!(f[0], b"CTRL");
-                    got.insert(String::from_utf8_lossy(f[1]).into_owned());
-                }
-                Some(_) => {}
-                None => break,
-            }
-        }
+        let (got, max_delay, ctl_sub) = receiver.await.expect("receiver");
         let pct = got.len() as f64 * 100.0 / f64::from(sent);
         println!(
             "storm: {storm_bytes} bytes of subscriptions from 2 peers; absorbed after {absorbed:?}; \
-             control delivery {}/{sent} = {pct:.1} %",
+             control delivery {}/{sent} = {pct:.1} %, slowest control message {max_delay:?}",
             got.len()
         );
         assert!(pct >= 95.0, "control delivery {pct:.1} %");
@@ -116,6 +126,7 @@ async fn subscription_storm_does_not_stall_other_traffic() {
             "the storm's subscriptions left with it: {:?}",
             proxy.stats.snapshot()
         );
+        drop(ctl_sub);
         drainer.abort();
         proxy.shutdown().await;
     })
