@@ -336,6 +336,30 @@ fn checked(
 }
 
 fn main() {
+    // `--parse-count N [--parse-size 100|1024|65536|dense]`: parse one frame
+    // N times and exit, for counting instructions and cycles with
+    // `perf stat` (deterministic, unlike a timed rate on a busy machine).
+    let argv: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        argv.iter()
+            .position(|a| a == name)
+            .and_then(|i| argv.get(i + 1).cloned())
+    };
+    if let Some(n) = flag("--parse-count").and_then(|v| v.parse::<u64>().ok()) {
+        let size = flag("--parse-size").unwrap_or_else(|| "100".into());
+        let frame = match size.as_str() {
+            "dense" => parse::dense_frame(64 * 1024),
+            s => parse::message_frame(s.parse().unwrap_or(100)),
+        };
+        let t = Instant::now();
+        let ok = parse::count(&frame, n);
+        println!(
+            "parsed {ok} of {n} frames of {} bytes in {:.3} s",
+            frame.len(),
+            t.elapsed().as_secs_f64()
+        );
+        return;
+    }
     let args = parse_args();
     let started = Instant::now();
     let nofile = util::raise_nofile();

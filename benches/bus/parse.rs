@@ -113,3 +113,14 @@ pub fn simd_json(frame: &Bytes, time: Duration) -> Result<f64, String> {
     })
     .map(|r| r * len)
 }
+
+/// Parses `frame` `n` times; returns how many parsed.
+pub fn count(frame: &Bytes, n: u64) -> u64 {
+    (0..n)
+        .filter(|_| {
+            BusMessage::parse_frame(black_box(frame.clone()))
+                .map(|m| black_box(m).contains("type"))
+                .unwrap_or(false)
+        })
+        .count() as u64
+}

@@ -350,7 +350,7 @@ fn number(s: &[u8], mut i: usize) -> Option<usize> {
 /// From just after an opening quote: the index of the closing quote,
 /// and whether the string had escapes. Refuses control characters, bad
 /// escapes and content that is not UTF-8.
-#[inline]
+#[inline(always)]
 fn string_end(s: &[u8], start: usize) -> Option<(usize, bool)> {
     let mut escaped = false;
     let mut high = false;
