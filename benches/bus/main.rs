@@ -635,7 +635,10 @@ fn main() {
      -> Result<RunFn<'static>, String> {
         let sock = sock.clone()?;
         Ok(Box::new(move || {
-            checked(label, unix::bus_blast(&sock, senders, receivers, size, b))
+            checked(
+                label,
+                unix::bus_blast(&sock, senders, receivers, size, b, false),
+            )
         }))
     };
     for size in [100, 1024, 64 * 1024] {
@@ -699,6 +702,38 @@ fn main() {
             anchor: "ours 1→1 plain-blast, runs alternating".into(),
             theirs: out[1][0].clone(),
             target: Some(Target::Ratio(0.8)),
+        });
+    }
+    // One-shot senders: each closes its connection right after its last
+    // write (as `send_message` does); what it wrote must still arrive.
+    let case = "unix 10→1 100 B plain-blast, senders close after writing".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let b = bounds(100, args.quick);
+        let closing = |sock: &Result<PathBuf, String>| -> Result<RunFn<'static>, String> {
+            let sock = sock.clone()?;
+            Ok(Box::new(move || {
+                checked("ours, closing", unix::bus_blast(&sock, 10, 1, 100, b, true))
+            }))
+        };
+        let out = interleave(
+            runs,
+            1,
+            vec![
+                ("ours", closing(&ours_sock)),
+                (
+                    "ours 10→1",
+                    blast_run("ours 10→1", &ours_sock, 10, 1, 100, b),
+                ),
+            ],
+        );
+        rows.push(Row {
+            case,
+            unit: Unit::Rate,
+            ours: out[0][0].clone(),
+            anchor: "ours 10→1 plain-blast, senders stay, runs alternating".into(),
+            theirs: out[1][0].clone(),
+            target: None,
         });
     }
     let case = "unix 1→10 broadcast 100 B plain-blast".to_string();

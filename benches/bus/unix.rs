@@ -553,12 +553,16 @@ const BLAST_BATCH: usize = 256 * 1024;
 /// every sender sends to it by name; with several, a single anonymous
 /// sender broadcasts. Bounded in count and time; a sender refused, or a
 /// receiver starved, for [`util::STALL`] ends the run with the reason.
+/// With `close_after`, each sender closes its connection right after its
+/// last write (as a one-shot client does); else it stays open until the
+/// receivers are done.
 pub fn bus_blast(
     socket: &Path,
     senders: usize,
     receivers: usize,
     size: usize,
     b: Bounds,
+    close_after: bool,
 ) -> Result<util::Checked, String> {
     let tag = run_tag();
     let broadcast = receivers > 1;
@@ -617,8 +621,13 @@ pub fn bus_blast(
                 seq += n as u64;
                 state.sent.fetch_add(n as u64, Ordering::AcqRel);
             }
+            if close_after {
+                drop(s);
+                drop(reader);
+                return (result, None);
+            }
             // The connection stays open until the receivers are done.
-            (result, s, reader)
+            (result, Some((s, reader)))
         }));
     }
     barrier.wait();
@@ -626,11 +635,11 @@ pub fn bus_blast(
     let mut problem = None;
     let mut keep = Vec::new();
     for t in tx_threads {
-        let (r, s, reader) = t.join().map_err(|_| "sender panicked")?;
+        let (r, open) = t.join().map_err(|_| "sender panicked")?;
         if let Err(e) = r {
             problem.get_or_insert(e);
         }
-        keep.push((s, reader));
+        keep.extend(open);
     }
     state.done.store(true, Ordering::Release);
     let mut out = util::Checked {
