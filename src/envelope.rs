@@ -484,7 +484,14 @@ impl Registry {
         if let Some(dtype) = peek_dtype(payload) {
             if let Some(dec) = self.decoders.get(dtype.as_str()) {
                 if let Ok(m) = dec(payload) {
-                    return Ok(Data::Typed(m));
+                    // serde_json does not check the UTF-8 of what a struct
+                    // skips (extra trailing elements): a JSON payload that
+                    // is not UTF-8 is refused below, as raw JSON is.
+                    if Codec::detect(payload) == Codec::MsgPack
+                        || std::str::from_utf8(payload).is_ok()
+                    {
+                        return Ok(Data::Typed(m));
+                    }
                 }
             }
         }
@@ -654,6 +661,17 @@ mod tests {
         assert!(reg.decode(b"not json").is_err());
         let m = reg.decode(br#"["Message", 2.5]"#).expect("msg");
         assert_eq!(m.downcast_ref::<Message>(), Some(&Message { ts: 2.5 }));
+    }
+
+    #[test]
+    fn typed_decode_refuses_bad_utf8_like_raw_json() {
+        // Found by the `envelope` fuzz target: bad UTF-8 in an element the
+        // struct ignores was accepted as a typed `Message`.
+        let data = b"[\"Message\",1.5,\"x\xf2a\"]";
+        assert!(codec::to_raw_json(data).is_err());
+        assert!(Registry::builtin().decode(data).is_err());
+        let frames = [&b"\"T\""[..], b"\"o\"", data, b"-0"];
+        assert!(Envelope::from_frames(&frames, &Registry::builtin()).is_err());
     }
 
     #[test]
