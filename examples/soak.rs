@@ -17,18 +17,28 @@
 //! - `topic`: Unix topic publish / subscribe;
 //! - `zmq`: our `Publisher` → the proxy → our `Receiver` (PUB semantics: a
 //!   loss is acceptable only where a drop counter accounts for it);
-//! - `ping`: a Unix `ping` → `pong` round trip on its own OS thread.
+//! - `unix→zmq`: the `topic` stream as that `Receiver` gets it through the
+//!   bus's bridge (same rule);
+//! - `ping`: a Unix `ping` → `pong` round trip on its own OS thread (so
+//!   the soak's own load does not count as bus latency).
 //!
-//! Attacks, each in its own loop, bounded in count and time: a ZMTP
-//! length-wrap message, subscription storms, 10 MiB partial Unix frames
-//! that stall, 1,500-deep JSON bodies, a 1 MiB endpoint name, unread
-//! `list_endpoints` replies, a receiver that never reads while others
-//! blast it, a name re-registered without reading, idle ZeroMQ peers.
+//! Attacks (`--attacks`, default all), each in its own loop, bounded in
+//! count and time: `wrap` (a ZMTP LONG frame length near 2^64 / 2^63),
+//! `storm` (subscription storms), `partial` (10 MiB partial Unix frames
+//! that stall), `deep` (1,500-deep bodies), `name1m` (a 1 MiB endpoint
+//! name), `lists` (unread `list_endpoints` replies), `deaf` (a receiver
+//! that never reads while others blast it), `ghost` (a name re-registered
+//! without reading), `idle` (ZeroMQ peers that handshake and do nothing).
 //!
-//! Every `--report-secs` it prints one line; at the end a summary. Exit
-//! code 0 only if the Unix streams lost nothing, the server is alive and
-//! answers, and its RSS at the end is within `--memory-budget-mib` +
-//! `--rss-slack-mib`.
+//! Every `--report-secs` it prints one line: server RSS / peak and CPU;
+//! per stream `sent→received` copies, gaps, out-of-order, the largest
+//! latency in the interval, copies later than 100 ms and how far the
+//! sender fell behind its schedule; ping p50/p99/max; the attack counters;
+//! the server's own counters (`stats`). At the end a summary. Exit code 0
+//! only if the Unix streams lost nothing, the server is alive and answers,
+//! and its RSS at the end is within `--memory-budget-mib` +
+//! `--rss-slack-mib`; everything else worth a look is printed as a
+//! `FINDING` line.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -1458,7 +1468,7 @@ fn server_line(st: &Value) -> String {
     let u = &st["transports"]["unix"];
     let g = |v: &Value| v.as_u64().unwrap_or(0);
     format!(
-        "dropped_slow {} dropped_held {} blocked {} budget {} partial {} | zmq subs {} open pub/sub {}/{} drops pub/sub {}/{} proto_err {} to_bus_dropped {}",
+        "dropped_slow {} dropped_held {} blocked {} budget {} partial {} | zmq subs {} open pub/sub {}/{} drops pub/sub {}/{} proto_err {} idle_closed {} subs_refused {} to_bus_dropped {}",
         g(&t["dropped_slow"]),
         g(&t["dropped_held"]),
         g(&t["blocked"]),
@@ -1470,6 +1480,8 @@ fn server_line(st: &Value) -> String {
         g(&z["publishers"]["drops"]),
         g(&z["subscribers"]["drops"]),
         g(&z["publishers"]["protocol_errors"]),
+        g(&z["idle_closed"]),
+        g(&z["subs_over_count"]) + g(&z["subs_over_bytes"]) + g(&z["subs_too_long"]),
         g(&z["to_bus_dropped"]),
     )
 }
@@ -1874,6 +1886,13 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         findings.push(format!(
             "ping p99 reached {} in a report interval",
             fmt_us(rep.worst_ping_p99)
+        ));
+    }
+    if end.hwm > bound_kib {
+        findings.push(format!(
+            "peak RSS {} passed the bound {} during the run",
+            mib(end.hwm),
+            mib(bound_kib)
         ));
     }
     if rep.stats_misses > 0 {
