@@ -367,13 +367,10 @@ async fn read_loop(ctx: &Ctx<'_>, rd: OwnedReadHalf, limits: &SessionLimits) -> 
         if buf.capacity() - buf.len() < room {
             buf.reserve(room);
         }
-        // A buffer grown past the usual read size holds a large frame in
-        // progress: it counts against the shared bound.
-        let held = if buf.capacity() > READ_MAX {
-            buf.capacity()
-        } else {
-            0
-        };
+        // A buffer waiting for the rest of a frame larger than the usual
+        // read holds a large frame in progress: it counts against the
+        // shared bound (a busy sender's ordinary buffer does not).
+        let held = if need > READ_MAX { buf.capacity() } else { 0 };
         if !charge.set(held) {
             farewell(
                 ctx,

@@ -187,6 +187,10 @@ impl Transport for ZmqTransport {
                     if !more {
                         break;
                     }
+                    // Handed to the proxy: the bridge's outbox gives their
+                    // bytes back (and counts it as progress).
+                    let bytes = batch.iter().map(|d| d.charge()).sum();
+                    outbox.written(batch.len(), bytes);
                     for d in batch.drain(..) {
                         let Some(m) = d.topic_message() else { continue };
                         let topic = envelope::topic_frame(&m.topic);
