@@ -46,13 +46,7 @@ pub enum EnvelopeError {
     Data(#[from] CodecError),
 }
 
-/// Current time as float Unix seconds (the envelope `ts`).
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
+pub use crate::clock::unix_now;
 
 /// Appends `s` as a JSON string the way Python's `json.dumps` does by
 /// default: `"`, `\` and control characters escaped, and every non-ASCII

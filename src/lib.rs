@@ -14,10 +14,12 @@
 //! - [`delivery`]: what the router hands to a session, encoded at most once
 //!   per wire form and shared by reference count.
 //! - [`outbox`]: the bounded per-session queue between router and writer.
-//! - [`router`]: plain state: sessions, endpoint names, held names,
-//!   fan-out, flow-control decisions and counters. Never awaits.
-//! - [`topics`]: the topic subscriptions of the router's sessions, with
-//!   per-change and per-publish costs independent of their number.
+//! - [`router`]: plain state: sessions, fan-out, flow-control decisions
+//!   and counters. Never awaits. Inside it, [`router::names`] (endpoint
+//!   names, live or held; returns what happened) and [`router::topics`]
+//!   (topic subscriptions, with per-change and per-publish costs
+//!   independent of their number).
+//! - [`clock`]: wall-clock time and fresh ids, generated in one place.
 //! - [`error`]: the wire error codes.
 //! - [`stats`]: the counters `status` shows.
 //! - [`hooks`]: hook resolution and execution, off the routing path.
@@ -35,6 +37,7 @@
 
 #[cfg(feature = "unix")]
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 #[cfg(feature = "unix")]
@@ -49,8 +52,9 @@ pub mod router;
 #[cfg(feature = "unix")]
 pub mod serve;
 pub mod stats;
-pub mod topics;
 pub mod transport;
+
+pub use router::topics;
 
 #[path = "../transports/mod.rs"]
 pub mod transports;

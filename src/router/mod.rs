@@ -11,9 +11,8 @@
 //! applies), or gone. The transports do all the I/O and all the waiting.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -22,8 +21,14 @@ use crate::delivery::{encode_frame, Ack, Delivery, TopicMessage};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::message::{BusMessage, RawJson};
 use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
-use crate::stats::{EndpointStats, FlowStats, HeldStats, RouterStats, SessionCounters, Totals};
-use crate::topics::{TopicIndex, TopicLimits};
+use crate::stats::{EndpointStats, FlowStats, RouterStats, SessionCounters, Totals};
+use hash::FastHash;
+use names::{Answer, Hold, HoldLimits, Names, Released, Returned};
+use topics::{TopicIndex, TopicLimits};
+
+mod hash;
+pub mod names;
+pub mod topics;
 
 /// The longest endpoint name, in bytes (as D-Bus bounds its names): a
 /// name is copied into every message's `from`, every list and the status.
@@ -124,32 +129,6 @@ struct Session {
     counters: SessionCounters,
 }
 
-/// Who answers to an endpoint name.
-enum Slot {
-    /// A connected session.
-    Live(SessionId),
-    /// Nobody right now: the session went away at `since`; messages wait.
-    Held {
-        /// When the session went away; the hold ends at `since + grace`.
-        since: Instant,
-        /// Messages routed to the name meanwhile, oldest first.
-        queue: VecDeque<Delivery>,
-        /// Their charge in bytes (also charged to the bus's budget).
-        bytes: usize,
-    },
-}
-
-impl Slot {
-    /// True when a message for this name is taken: a live session, or a
-    /// name held within its grace.
-    fn open(&self, now: Instant, grace: Duration) -> bool {
-        match self {
-            Slot::Live(_) => true,
-            Slot::Held { since, .. } => now.duration_since(*since) < grace,
-        }
-    }
-}
-
 /// What a blocked sender waits for.
 #[derive(Debug, Clone)]
 pub enum WaitOn {
@@ -216,7 +195,7 @@ pub struct Router {
     /// Every open session.
     sessions: HashMap<SessionId, Session, FastHash>,
     /// Endpoint names, live or held.
-    names: HashMap<String, Slot, FastHash>,
+    names: Names,
     /// Topic subscriptions.
     topics: TopicIndex,
     /// Scratch list of a publish's targets (kept to reuse its memory).
@@ -231,67 +210,7 @@ pub struct Router {
     blocked_now: usize,
 }
 
-/// The hasher of the router's maps: a multiply-rotate hash (as rustc's
-/// FxHash), several times cheaper than SipHash on the per-message
-/// lookups. Keys are session ids the bus assigns and endpoint names from
-/// the bus's own user (peer credentials are checked), so resistance to
-/// hash flooding buys nothing here.
-#[derive(Default, Clone, Copy)]
-pub struct FxHasher(u64);
-
-const FX_K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(FX_K);
-    }
-}
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-    #[inline]
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-    #[inline]
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// `BuildHasher` of [`FxHasher`].
-type FastHash = BuildHasherDefault<FxHasher>;
-
-/// Float Unix seconds now (the protocol's `ts`).
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
+pub use crate::clock::unix_now;
 
 /// An error reply frame: `{"type":"error","code":..,"detail":..,"id":..}`.
 pub fn error_frame(err: &ProtocolError, id: Option<RawJson<'_>>) -> Delivery {
@@ -328,10 +247,15 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Self {
         let budget = Budget::new(cfg.memory_budget);
         let topics = TopicIndex::new(cfg.topics);
+        let holds = HoldLimits {
+            grace: cfg.hold_grace,
+            count: cfg.hold_limit,
+            bytes: cfg.hold_bytes,
+        };
         Router {
             cfg,
             sessions: HashMap::default(),
-            names: HashMap::default(),
+            names: Names::new(holds, budget.clone()),
             topics,
             targets: Vec::new(),
             next_id: 1,
@@ -460,40 +384,18 @@ impl Router {
                 format!("this connection is already registered as '{old}'"),
             ));
         }
-        let mut replay = VecDeque::new();
-        match self.names.remove(name) {
-            Some(Slot::Live(old)) if old != sid => {
-                if let Some(o) = self.sessions.get_mut(&old) {
-                    o.name = None;
-                    let err = ProtocolError::new(
-                        ErrorCode::Replaced,
-                        format!("endpoint '{name}' was registered by another connection"),
-                    );
-                    o.outbox.close(Some(error_frame(&err, None)));
-                    self.totals.replaced += 1;
-                }
-            }
-            Some(Slot::Held {
-                since,
-                queue,
-                bytes,
-            }) => {
-                self.budget.release(bytes);
-                if now.duration_since(since) < self.cfg.hold_grace {
-                    replay = queue;
-                    // Copies first held longer ago than the grace (they
-                    // went round a session that never read them) expire.
-                    let grace = self.cfg.hold_grace;
-                    let before = replay.len();
-                    replay.retain(|d| d.held_at().map_or(true, |t| now.duration_since(t) < grace));
-                    self.totals.dropped_held += (before - replay.len()) as u64;
-                } else {
-                    self.totals.dropped_held += queue.len() as u64;
-                }
-            }
-            _ => {}
+        let claimed = self.names.claim(name, sid, now);
+        self.totals.dropped_held += claimed.expired;
+        if let Some(o) = claimed.replaced.and_then(|old| self.sessions.get_mut(&old)) {
+            o.name = None;
+            let err = ProtocolError::new(
+                ErrorCode::Replaced,
+                format!("endpoint '{name}' was registered by another connection"),
+            );
+            o.outbox.close(Some(error_frame(&err, None)));
+            self.totals.replaced += 1;
         }
-        let uuid = uuid::Uuid::new_v4().to_string();
+        let uuid = crate::clock::new_id();
         let Some(s) = self.sessions.get_mut(&sid) else {
             return Err(ProtocolError::new(
                 ErrorCode::ShuttingDown,
@@ -503,12 +405,11 @@ impl Router {
         s.name = Some(name.to_owned());
         s.uuid = uuid.clone();
         s.last_seen = now;
-        self.names.insert(name.to_owned(), Slot::Live(sid));
         let reply = encode_frame(&serde_json::json!({
             "type": "registered", "endpoint": name, "session_id": uuid,
         }));
         let _ = s.outbox.push_forced(Delivery::reply(reply));
-        for d in replay {
+        for d in claimed.replay {
             if s.outbox.push_forced(d).is_ok() {
                 s.counters.delivered += 1;
                 self.totals.delivered += 1;
@@ -543,7 +444,7 @@ impl Router {
             .map(|c| c.into_owned())
             .filter(|t| !t.is_empty());
         if !msg.contains("id") {
-            msg.set_str("id", &uuid::Uuid::new_v4().to_string());
+            msg.set_str("id", &crate::clock::new_id());
         }
         if !msg.contains("ts") {
             msg.set("ts", &unix_now());
@@ -551,12 +452,8 @@ impl Router {
         // One lookup of the target: found (live, or held within its
         // grace), or an error before anything is encoded.
         if let Some(target) = &to {
-            let open = self
-                .names
-                .get(target.as_str())
-                .is_some_and(|slot| slot.open(now, self.cfg.hold_grace));
-            if !open {
-                self.expire_name(target, now);
+            if !self.names.is_open(target, now) {
+                self.totals.dropped_held += self.names.expire(target, now);
                 return Err(ProtocolError::new(
                     ErrorCode::EndpointNotFound,
                     format!("Endpoint '{target}' is not connected"),
@@ -577,25 +474,33 @@ impl Router {
         let mut waits = Vec::new();
         match &to {
             Some(target) => {
-                if let Some((name, slot)) = self.names.get_key_value(target.as_str()) {
-                    let name = name.clone();
-                    let live = matches!(slot, Slot::Live(_));
-                    match self.offer_name(&name, &d, Full::Wait, Full::Wait, now) {
-                        Offered::Queued if live => delivered += 1,
-                        Offered::Queued => held += 1,
-                        Offered::Wait(w) => waits.push(w),
-                        Offered::Dropped => {}
-                    }
+                let live = matches!(self.names.answer(target), Some(Answer::Live(_)));
+                match self.offer_name(target, &d, Full::Wait, Full::Wait, now) {
+                    Offered::Queued if live => delivered += 1,
+                    Offered::Queued => held += 1,
+                    Offered::Wait(w) => waits.push(w),
+                    Offered::Dropped => {}
                 }
             }
             None => {
-                let names: Vec<String> = self.names.keys().cloned().collect();
-                for name in names {
-                    let live = matches!(self.names.get(&name), Some(Slot::Live(_)));
-                    // A broadcast waits for members that are reading, not
-                    // for the mailbox of one that left.
-                    match self.offer_name(&name, &d, Full::Wait, Full::Drop, now) {
-                        Offered::Queued if live => delivered += 1,
+                // Every live member gets it (waiting for the full ones);
+                // a held mailbox gets it if it has room: a broadcast waits
+                // for members that are reading, not for one that left.
+                let mut targets = std::mem::take(&mut self.targets);
+                targets.extend(self.names.live().map(|(_, id)| id));
+                for id in &targets {
+                    if let Some(s) = self.sessions.get_mut(id) {
+                        match offer(&self.cfg, &mut self.totals, *id, s, &d, true) {
+                            Offered::Queued => delivered += 1,
+                            Offered::Wait(w) => waits.push(w),
+                            Offered::Dropped => {}
+                        }
+                    }
+                }
+                targets.clear();
+                self.targets = targets;
+                for name in self.names.held() {
+                    match self.hold(&name, &d, Full::Drop, now) {
                         Offered::Queued => held += 1,
                         Offered::Wait(w) => waits.push(w),
                         Offered::Dropped => {}
@@ -634,60 +539,46 @@ impl Router {
         held: Full,
         now: Instant,
     ) -> Offered {
-        let grace = self.cfg.hold_grace;
-        match self.names.get_mut(name) {
-            Some(Slot::Live(id)) => {
-                let id = *id;
-                match self.sessions.get_mut(&id) {
-                    Some(s) if live == Full::Force => match s.outbox.push_forced(d.clone()) {
-                        Ok(()) => {
-                            s.counters.delivered += 1;
-                            self.totals.delivered += 1;
-                            Offered::Queued
-                        }
-                        Err(_) => {
-                            s.counters.dropped += 1;
-                            self.totals.dropped_slow += 1;
-                            d.fail(gone_error);
-                            Offered::Dropped
-                        }
-                    },
-                    Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live == Full::Wait),
-                    None => Offered::Dropped,
-                }
-            }
-            Some(Slot::Held {
-                since,
-                queue,
-                bytes,
-            }) => {
-                if now.duration_since(*since) >= grace {
-                    self.totals.dropped_held += 1;
-                    d.fail(gone_error);
-                    return Offered::Dropped;
-                }
-                let charge = d.charge();
-                if queue.len() >= self.cfg.hold_limit
-                    || (*bytes + charge > self.cfg.hold_bytes && !queue.is_empty())
-                    || (self.budget.full() && !queue.is_empty())
-                {
-                    if held == Full::Wait {
-                        return Offered::Wait(WaitOn::Held {
-                            name: name.to_owned(),
-                        });
+        match self.names.answer(name) {
+            Some(Answer::Live(id)) => match self.sessions.get_mut(&id) {
+                Some(s) if live == Full::Force => match s.outbox.push_forced(d.clone()) {
+                    Ok(()) => {
+                        s.counters.delivered += 1;
+                        self.totals.delivered += 1;
+                        Offered::Queued
                     }
-                    self.totals.dropped_held += 1;
-                    d.fail(gone_error);
-                    return Offered::Dropped;
-                }
+                    Err(_) => {
+                        s.counters.dropped += 1;
+                        self.totals.dropped_slow += 1;
+                        d.fail(gone_error);
+                        Offered::Dropped
+                    }
+                },
+                Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live == Full::Wait),
+                None => Offered::Dropped,
+            },
+            Some(Answer::Held) => self.hold(name, d, held, now),
+            None => Offered::Dropped,
+        }
+    }
+
+    /// Offers a delivery to `name`'s held mailbox; `full` says what a
+    /// full mailbox means.
+    fn hold(&mut self, name: &str, d: &Delivery, full: Full, now: Instant) -> Offered {
+        match self.names.hold(name, d, full == Full::Force, now) {
+            Hold::Queued => {
                 // Held counts as delivered for the sender's receipt.
-                queue.push_back(d.without_ack().held(now));
-                *bytes += charge;
-                self.budget.charge(charge);
                 self.totals.held += 1;
                 Offered::Queued
             }
-            None => Offered::Dropped,
+            Hold::Full if full == Full::Wait => Offered::Wait(WaitOn::Held {
+                name: name.to_owned(),
+            }),
+            Hold::Full | Hold::Closed => {
+                self.totals.dropped_held += 1;
+                d.fail(gone_error);
+                Offered::Dropped
+            }
         }
     }
 
@@ -728,7 +619,7 @@ impl Router {
                 // The session went away: its name, if any, may be held
                 // now, or live again on a new connection.
                 match name {
-                    Some(n) if self.names.contains_key(n.as_str()) => {
+                    Some(n) if self.names.answer(n).is_some() => {
                         match self.offer_name(n, d, Full::Wait, Full::Drop, now) {
                             Offered::Wait(w) => Some(w),
                             _ => None,
@@ -741,20 +632,19 @@ impl Router {
                     }
                 }
             }
-            WaitOn::Held { name } => match self.names.get(name.as_str()) {
+            WaitOn::Held { name } => match self.names.answer(name) {
                 // Back: after what was held for it, whatever its bound (the
                 // sender has waited already).
-                Some(Slot::Live(_)) => match self.offer_name(name, d, Full::Force, Full::Wait, now)
-                {
-                    Offered::Queued | Offered::Dropped => None,
-                    Offered::Wait(w) => Some(w),
-                },
-                Some(Slot::Held { .. }) => {
-                    match self.offer_name(name, d, Full::Wait, Full::Wait, now) {
+                Some(Answer::Live(_)) => {
+                    match self.offer_name(name, d, Full::Force, Full::Wait, now) {
+                        Offered::Queued | Offered::Dropped => None,
                         Offered::Wait(w) => Some(w),
-                        _ => None,
                     }
                 }
+                Some(Answer::Held) => match self.offer_name(name, d, Full::Wait, Full::Wait, now) {
+                    Offered::Wait(w) => Some(w),
+                    _ => None,
+                },
                 None => {
                     self.totals.dropped_held += 1;
                     d.fail(gone_error);
@@ -787,18 +677,6 @@ impl Router {
     pub fn end_wait(&mut self, waited: Duration) {
         self.blocked_now = self.blocked_now.saturating_sub(1);
         self.totals.blocked_ms += waited.as_millis() as u64;
-    }
-
-    /// Drops a held name whose grace has passed, counting what it held.
-    fn expire_name(&mut self, name: &str, now: Instant) {
-        if let Some(Slot::Held { since, .. }) = self.names.get(name) {
-            if now.duration_since(*since) >= self.cfg.hold_grace {
-                if let Some(Slot::Held { queue, bytes, .. }) = self.names.remove(name) {
-                    self.budget.release(bytes);
-                    self.totals.dropped_held += queue.len() as u64;
-                }
-            }
-        }
     }
 
     /// Subscribes a session to a topic prefix ("" = every topic); refused
@@ -868,28 +746,12 @@ impl Router {
         s.outbox.close(None);
         self.topics.remove_session(sid);
         if let Some(name) = s.name {
-            if matches!(self.names.get(&name), Some(Slot::Live(id)) if *id == sid) {
-                if self.cfg.hold_grace.is_zero() {
-                    self.names.remove(&name);
-                    self.count_lost(&unsent);
-                } else {
-                    self.names.insert(
-                        name.clone(),
-                        Slot::Held {
-                            since: now,
-                            queue: VecDeque::new(),
-                            bytes: 0,
-                        },
-                    );
-                    self.restore(&name, unsent, now);
-                    return Some(name);
-                }
-            } else {
-                self.count_lost(&unsent);
+            if self.names.release(&name, sid, now) == Released::Held {
+                self.restore(&name, unsent, now);
+                return Some(name);
             }
-        } else {
-            self.count_lost(&unsent);
         }
+        self.count_lost(&unsent);
         None
     }
 
@@ -912,23 +774,16 @@ impl Router {
         if items.is_empty() {
             return;
         }
-        match self.names.get_mut(name) {
-            Some(Slot::Held { queue, bytes, .. }) => {
-                for d in items.into_iter().rev() {
-                    let c = d.charge();
-                    *bytes += c;
-                    self.budget.charge(c);
-                    queue.push_front(d.without_ack().held(now));
-                }
-            }
-            Some(Slot::Live(id)) => {
-                if let Some(s) = self.sessions.get_mut(id) {
+        match self.names.give_back(name, items, now) {
+            Returned::Held => {}
+            Returned::Live(id, items) => {
+                if let Some(s) = self.sessions.get_mut(&id) {
                     for d in items {
                         let _ = s.outbox.push_forced(d);
                     }
                 }
             }
-            None => {
+            Returned::Unknown(items) => {
                 self.totals.dropped_held += items.len() as u64;
                 for d in &items {
                     d.fail(gone_error);
@@ -956,43 +811,9 @@ impl Router {
         // The sessions end (and are disconnected) once their writer has
         // sent the reason; until then their outbox refuses new traffic.
         self.totals.evicted += evicted.len() as u64;
-        let grace = self.cfg.hold_grace;
-        let mut dropped = 0u64;
-        let mut freed = 0usize;
-        self.names.retain(|_, slot| match slot {
-            Slot::Held {
-                since,
-                queue,
-                bytes,
-            } => {
-                if now.duration_since(*since) >= grace {
-                    dropped += queue.len() as u64;
-                    freed += *bytes;
-                    return false;
-                }
-                // Copies that went round a session that never read them
-                // keep their first hold's clock.
-                let expired =
-                    |d: &Delivery| d.held_at().is_some_and(|t| now.duration_since(t) >= grace);
-                if queue.iter().any(expired) {
-                    let mut kept = VecDeque::with_capacity(queue.len());
-                    for d in queue.drain(..) {
-                        if expired(&d) {
-                            dropped += 1;
-                            freed += d.charge();
-                            *bytes -= d.charge();
-                        } else {
-                            kept.push_back(d);
-                        }
-                    }
-                    *queue = kept;
-                }
-                true
-            }
-            Slot::Live(_) => true,
-        });
-        self.budget.release(freed);
-        self.totals.dropped_held += dropped;
+        // Held names past their grace go, and copies that went round a
+        // session that never read them keep their first hold's clock.
+        self.totals.dropped_held += self.names.sweep(now);
         evicted
     }
 
@@ -1001,13 +822,11 @@ impl Router {
     pub fn endpoints(&self) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = self
             .names
-            .iter()
-            .filter_map(|(name, slot)| match slot {
-                Slot::Live(id) => self
-                    .sessions
-                    .get(id)
-                    .map(|s| (name.clone(), s.uuid.clone())),
-                Slot::Held { .. } => None,
+            .live()
+            .filter_map(|(name, id)| {
+                self.sessions
+                    .get(&id)
+                    .map(|s| (name.to_owned(), s.uuid.clone()))
             })
             .collect();
         out.sort();
@@ -1042,24 +861,7 @@ impl Router {
             })
             .collect();
         endpoints.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut held: Vec<HeldStats> = self
-            .names
-            .iter()
-            .filter_map(|(name, slot)| match slot {
-                Slot::Held {
-                    since,
-                    queue,
-                    bytes,
-                } => Some(HeldStats {
-                    name: name.clone(),
-                    queued: queue.len(),
-                    bytes: *bytes,
-                    gone_ms: now.duration_since(*since).as_millis() as u64,
-                }),
-                Slot::Live(_) => None,
-            })
-            .collect();
-        held.sort_by(|a, b| a.name.cmp(&b.name));
+        let held = self.names.held_stats(now);
         RouterStats {
             sessions: self.sessions.len(),
             endpoints,
