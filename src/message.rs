@@ -20,7 +20,12 @@ use serde_json::value::RawValue;
 
 use crate::error::{ErrorCode, ProtocolError};
 
+mod fallback;
+mod fields;
 mod scan;
+
+use fallback::serde_spans;
+use fields::{Fields, Text};
 
 /// The raw JSON text of one field value, borrowed from a [`BusMessage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,16 +58,6 @@ pub const MAX_DEPTH: usize = 127;
 fn null_raw() -> Box<RawValue> {
     // "null" is valid JSON, so this never falls back further.
     RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is valid JSON"))
-}
-
-/// A key or value: a range of the source frame, or text of its own.
-#[derive(Debug, Clone)]
-enum Text {
-    /// `src[start..end]`; for a key, the text between its quotes (only
-    /// keys without escapes are kept this way).
-    Span(u32, u32),
-    /// A key (unescaped) or a value (JSON text) set or decoded later.
-    Owned(Box<str>),
 }
 
 /// A JSON object whose values are kept as raw JSON text.
@@ -445,219 +440,6 @@ fn write_json_str(out: &mut BytesMut, s: &str) {
         out.put_u8(b'"');
     } else if let Ok(v) = serde_json::to_vec(s) {
         out.put_slice(&v);
-    }
-}
-
-/// The fields of a message: up to eight in place (no allocation for the
-/// usual message), more in a vector.
-#[derive(Debug, Clone)]
-struct Fields {
-    inline: [(Text, Text); INLINE],
-    /// How many of `inline` are used (0 once spilled).
-    len: usize,
-    /// All the fields, once there were more than `INLINE`.
-    spill: Vec<(Text, Text)>,
-}
-
-const INLINE: usize = 8;
-const EMPTY: (Text, Text) = (Text::Span(0, 0), Text::Span(0, 0));
-
-impl Default for Fields {
-    fn default() -> Self {
-        Fields {
-            inline: [EMPTY; INLINE],
-            len: 0,
-            spill: Vec::new(),
-        }
-    }
-}
-
-impl std::ops::Deref for Fields {
-    type Target = [(Text, Text)];
-    fn deref(&self) -> &Self::Target {
-        if self.spill.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.spill
-        }
-    }
-}
-
-impl std::ops::DerefMut for Fields {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        if self.spill.is_empty() {
-            &mut self.inline[..self.len]
-        } else {
-            &mut self.spill
-        }
-    }
-}
-
-impl Fields {
-    fn push(&mut self, f: (Text, Text)) {
-        if self.spill.is_empty() {
-            if self.len < INLINE {
-                self.inline[self.len] = f;
-                self.len += 1;
-                return;
-            }
-            self.spill.reserve(2 * INLINE);
-            for x in &mut self.inline[..self.len] {
-                self.spill.push(std::mem::replace(x, EMPTY));
-            }
-            self.len = 0;
-        }
-        self.spill.push(f);
-    }
-
-    fn remove(&mut self, i: usize) -> (Text, Text) {
-        if !self.spill.is_empty() {
-            return self.spill.remove(i);
-        }
-        let f = std::mem::replace(&mut self.inline[i], EMPTY);
-        self.inline[i..self.len].rotate_left(1);
-        self.len -= 1;
-        f
-    }
-}
-
-/// Keys to positions, for the repeated-key check of objects with many keys.
-type KeyIndex = std::collections::HashMap<Vec<u8>, usize>;
-/// From this many keys on, repeated keys are found through a [`KeyIndex`].
-const INDEX_FROM: usize = 32;
-
-/// What parsing a payload records: field spans and whether a key repeated.
-struct Spans {
-    fields: Fields,
-    repeated: bool,
-}
-
-/// The fields of the object in `text` through serde_json (the reference
-/// the scanner must agree with, and the error when it refuses).
-fn serde_spans(text: &str) -> Result<Spans, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let spans = de.deserialize_map(SpanVisitor { json: text })?;
-    de.end()?;
-    Ok(spans)
-}
-
-/// Visits the top-level object of a payload, turning each borrowed key
-/// and raw value into a span of it (offset by the 4-byte header).
-struct SpanVisitor<'j> {
-    json: &'j str,
-}
-
-/// A key as the deserializer gives it: borrowed from the payload when it
-/// has no escapes, decoded otherwise.
-enum Key<'de> {
-    Borrowed(&'de str),
-    Decoded(String),
-}
-
-impl Key<'_> {
-    fn as_str(&self) -> &str {
-        match self {
-            Key::Borrowed(s) => s,
-            Key::Decoded(s) => s,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key::Borrowed(v))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key::Decoded(v.to_owned()))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key::Decoded(v))
-            }
-        }
-        d.deserialize_str(KeyVisitor)
-    }
-}
-
-impl SpanVisitor<'_> {
-    /// The span of `s`, a slice of `self.json`.
-    fn span(&self, s: &str) -> Text {
-        let start = s.as_ptr() as usize - self.json.as_ptr() as usize;
-        Text::Span((start + 4) as u32, (start + 4 + s.len()) as u32)
-    }
-
-    /// The decoded text of a key recorded so far.
-    fn key_text<'a>(&'a self, k: &'a Text) -> &'a str {
-        match k {
-            Text::Span(a, b) => self
-                .json
-                .get(*a as usize - 4..*b as usize - 4)
-                .unwrap_or(""),
-            Text::Owned(s) => s,
-        }
-    }
-}
-
-impl<'de> Visitor<'de> for SpanVisitor<'de> {
-    type Value = Spans;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Spans, A::Error> {
-        let mut out = Spans {
-            fields: Fields::default(),
-            repeated: false,
-        };
-        // Repeated keys: a direct search while the object is small, a
-        // hash index past INDEX_FROM keys (linear time for huge objects).
-        let mut index: Option<std::collections::HashMap<String, usize>> = None;
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            let value: &'de RawValue = map.next_value()?;
-            let v = self.span(value.get());
-            let name = key.as_str();
-            if index.is_none() && out.fields.len() >= INDEX_FROM {
-                let m = out
-                    .fields
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (k, _))| (self.key_text(k).to_owned(), i))
-                    .collect();
-                index = Some(m);
-            }
-            let dup = match &mut index {
-                Some(m) => {
-                    let d = m.get(name).copied();
-                    if d.is_none() {
-                        m.insert(name.to_owned(), out.fields.len());
-                    }
-                    d
-                }
-                None => out
-                    .fields
-                    .iter()
-                    .position(|(k, _)| self.key_text(k) == name),
-            };
-            match dup {
-                Some(i) => {
-                    out.fields[i].1 = v;
-                    out.repeated = true;
-                }
-                None => {
-                    let k = match &key {
-                        Key::Borrowed(s) => self.span(s),
-                        Key::Decoded(s) => Text::Owned(s.as_str().into()),
-                    };
-                    out.fields.push((k, v));
-                }
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -17,7 +17,8 @@
 //! `u64`. Nesting is tracked on a stack of bytes (the first levels in
 //! place), never by recursion.
 
-use super::{Fields, KeyIndex, Text, INDEX_FROM};
+use super::fallback::{KeyIndex, INDEX_FROM};
+use super::fields::{Fields, Text};
 
 /// Records the members of the object in the payload `s` into `fields`
 /// (spans offset by the 4-byte header; `fields` starts empty); returns
@@ -89,10 +90,14 @@ pub(super) fn object_into(
 
 /// [`object_into`] a fresh set of fields.
 #[cfg(test)]
-pub(super) fn object(text: &str, max_depth: usize, too_deep: &mut bool) -> Option<super::Spans> {
+pub(super) fn object(
+    text: &str,
+    max_depth: usize,
+    too_deep: &mut bool,
+) -> Option<super::fallback::Spans> {
     let mut fields = Fields::default();
     let repeated = object_into(text.as_bytes(), &mut fields, max_depth, too_deep)?;
-    Some(super::Spans { fields, repeated })
+    Some(super::fallback::Spans { fields, repeated })
 }
 
 /// Where [`object_into`] records members.
@@ -726,7 +731,7 @@ mod tests {
 /// and the same "a key repeated" flag.
 #[cfg(test)]
 mod differential {
-    use super::super::{serde_spans, Spans};
+    use super::super::fallback::{serde_spans, Spans};
     use super::*;
 
     /// xorshift64*: a fixed sequence, so a failure is reproducible.
