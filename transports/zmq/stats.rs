@@ -112,6 +112,16 @@ pub struct ProxyStats {
     /// Connections closed for staying idle (no subscription, no message)
     /// for `idle_timeout` after their handshake.
     pub idle_closed: AtomicU64,
+    /// Distinct prefixes subscribed upstream (a gauge; the router's
+    /// everything-subscription inside the bus counts).
+    pub upstream_prefixes: AtomicU64,
+    /// Bytes of upstream cancels kept for publishers that have not been
+    /// sent them yet (a gauge, bounded by `max_upstream_pending_bytes`).
+    pub upstream_pending_bytes: AtomicU64,
+    /// Publishers that fell behind that bound and were resynced.
+    pub upstream_resyncs: AtomicU64,
+    /// Upstream cancels discarded for that bound.
+    pub upstream_cancels_dropped: AtomicU64,
 }
 
 /// A plain copy of [`ProxyStats`].
@@ -147,6 +157,14 @@ pub struct ProxySnapshot {
     pub subs_over_bytes: u64,
     /// See [`ProxyStats::idle_closed`].
     pub idle_closed: u64,
+    /// See [`ProxyStats::upstream_prefixes`].
+    pub upstream_prefixes: u64,
+    /// See [`ProxyStats::upstream_pending_bytes`].
+    pub upstream_pending_bytes: u64,
+    /// See [`ProxyStats::upstream_resyncs`].
+    pub upstream_resyncs: u64,
+    /// See [`ProxyStats::upstream_cancels_dropped`].
+    pub upstream_cancels_dropped: u64,
 }
 
 impl ProxyStats {
@@ -168,6 +186,10 @@ impl ProxyStats {
             subs_over_count: self.subs_over_count.load(Ordering::Relaxed),
             subs_over_bytes: self.subs_over_bytes.load(Ordering::Relaxed),
             idle_closed: self.idle_closed.load(Ordering::Relaxed),
+            upstream_prefixes: self.upstream_prefixes.load(Ordering::Relaxed),
+            upstream_pending_bytes: self.upstream_pending_bytes.load(Ordering::Relaxed),
+            upstream_resyncs: self.upstream_resyncs.load(Ordering::Relaxed),
+            upstream_cancels_dropped: self.upstream_cancels_dropped.load(Ordering::Relaxed),
         }
     }
 }
