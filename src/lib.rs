@@ -40,6 +40,7 @@ pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
+mod counters;
 #[cfg(feature = "unix")]
 pub mod daemon;
 pub mod delivery;

@@ -1,0 +1,15 @@
+//! What every client of the bus shares, whatever its socket: the Unix
+//! `BusClient` and the ZeroMQ `Publisher` and `Receiver`.
+//!
+//! - [`backoff`]: the delays between reconnect attempts.
+//! - [`disconnect`]: why a connection ended, and whether to dial again.
+//!
+//! Each transport has one dial-and-handshake function
+//! (`unix::dial::register`, `zmq::dial::dial`) and the ZeroMQ clients share
+//! one task shape (`zmq::client_task`).
+
+pub mod backoff;
+pub mod disconnect;
+
+pub use backoff::Backoff;
+pub use disconnect::Disconnect;
