@@ -14,8 +14,11 @@
 
 pub mod bridge;
 pub mod cli;
+mod client_task;
+mod dial;
 pub mod endpoint;
 pub mod node;
+mod prefix_set;
 pub mod proxy;
 pub mod publisher;
 pub mod queue;

@@ -8,23 +8,24 @@
 //! and unlike one it counts each of these.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::Serialize;
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use super::endpoint::{self, Endpoint, ReadHalf, WriteHalf};
+use super::client_task::{ClientTask, Control, Link};
+use super::dial::{self, Dialed};
+use super::endpoint::Endpoint;
+use super::prefix_set::PrefixSet;
 use super::queue::{Pushed, WireQueue};
-use super::zmtp::{self, FrameReader, Inbound, SocketType, SubChange};
-use super::{ZmqError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN};
+use super::zmtp::{self, Inbound, PeerInfo, SocketType, SubChange, ZmtpError};
+use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::codec::Codec;
 use crate::envelope::{self, unix_now, Data, Envelope};
+use crate::transports::client::{Backoff, Disconnect};
 
 /// Settings of a [`Publisher`].
 #[derive(Debug, Clone)]
@@ -42,6 +43,9 @@ pub struct PublisherConfig {
     pub queue_bytes: usize,
     /// How long `stop` waits to send what is queued.
     pub linger: Duration,
+    /// Reconnect delays (default: 100 ms doubling up to 2 s, like libzmq's
+    /// `ZMQ_RECONNECT_IVL`).
+    pub reconnect: Backoff,
 }
 
 impl PublisherConfig {
@@ -54,58 +58,50 @@ impl PublisherConfig {
             queue: 100_000,
             queue_bytes: 64 << 20,
             linger: Duration::from_secs(1),
+            reconnect: Backoff::new(RECONNECT_MIN, 2.0, RECONNECT_MAX),
         }
     }
 }
 
-/// Counters of a [`Publisher`].
-#[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
-pub struct PublisherStats {
-    /// Envelopes queued for sending.
-    pub queued: u64,
-    /// Envelopes written to the socket.
-    pub sent: u64,
-    /// Dropped: no subscriber wants the topic (ZeroMQ PUB semantics).
-    pub filtered: u64,
-    /// Dropped: not connected at the time.
-    pub disconnected: u64,
-    /// Dropped: queue full.
-    pub dropped: u64,
-    /// Connections made after the first one.
-    pub reconnects: u64,
+crate::counters::counters! {
+    /// Live counters.
+    struct Counters;
+
+    /// Counters of a [`Publisher`].
+    #[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
+    pub struct PublisherStats {
+        /// Envelopes queued for sending.
+        queued,
+        /// Envelopes written to the socket.
+        sent,
+        /// Dropped: no subscriber wants the topic (ZeroMQ PUB semantics).
+        filtered,
+        /// Dropped: not connected at the time.
+        disconnected,
+        /// Dropped: queue full.
+        dropped,
+        /// Connections made after the first one.
+        reconnects,
+    }
 }
 
-/// Live counters.
-#[derive(Debug, Default)]
-struct Counters {
-    /// See [`PublisherStats::queued`].
-    queued: AtomicU64,
-    /// See [`PublisherStats::sent`].
-    sent: AtomicU64,
-    /// See [`PublisherStats::filtered`].
-    filtered: AtomicU64,
-    /// See [`PublisherStats::disconnected`].
-    disconnected: AtomicU64,
-    /// See [`PublisherStats::dropped`].
-    dropped: AtomicU64,
-    /// See [`PublisherStats::reconnects`].
-    reconnects: AtomicU64,
-}
-
-/// State shared by the caller and the connection task.
+/// State shared by the caller and the connection task, and what the task
+/// does with a connection.
 #[derive(Debug)]
 struct Shared {
+    /// Where to connect.
+    endpoint: Endpoint,
+    /// The codec the user asked for.
+    codec: Codec,
+    /// Reconnect delays.
+    reconnect: Backoff,
     /// Encoded messages waiting for the connection task.
     queue: WireQueue,
     /// Subscription prefixes the proxy forwarded (a multiset); cleared on
     /// disconnect because the proxy resends them on reconnect.
-    subs: RwLock<Vec<Bytes>>,
-    /// Whether the handshake with the proxy is done.
-    connected: AtomicBool,
+    subs: RwLock<PrefixSet>,
     /// Whether the proxy accepts MessagePack (from its READY).
     msgpack_ok: AtomicBool,
-    /// Wakes waiters on connection and subscription changes.
-    changed: Notify,
     /// Counters.
     counters: Counters,
 }
@@ -115,8 +111,11 @@ impl Shared {
         self.subs
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|p| topic_frame.starts_with(p))
+            .matches(topic_frame)
+    }
+
+    fn subs_mut(&self) -> std::sync::RwLockWriteGuard<'_, PrefixSet> {
+        self.subs.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -125,16 +124,8 @@ impl Shared {
 pub struct Publisher {
     /// Settings.
     cfg: PublisherConfig,
-    /// Parsed `cfg.addr`.
-    endpoint: Endpoint,
-    /// Shared with the connection task.
-    shared: Arc<Shared>,
-    /// The connection task while started.
-    task: Option<JoinHandle<()>>,
-    /// Asks the task to flush and stop.
-    stopping: CancellationToken,
-    /// Stops the task at once.
-    kill: CancellationToken,
+    /// The connection task and the state it shares.
+    task: ClientTask<Shared>,
 }
 
 impl Publisher {
@@ -147,21 +138,16 @@ impl Publisher {
     /// A publisher with explicit settings.
     pub fn with_config(cfg: PublisherConfig) -> Result<Publisher, ZmqError> {
         let endpoint = cfg.addr.parse()?;
-        Ok(Publisher {
-            shared: Arc::new(Shared {
-                queue: WireQueue::new(cfg.queue, cfg.queue_bytes),
-                subs: RwLock::new(Vec::new()),
-                connected: AtomicBool::new(false),
-                msgpack_ok: AtomicBool::new(false),
-                changed: Notify::new(),
-                counters: Counters::default(),
-            }),
-            cfg,
+        let task = ClientTask::new(Shared {
             endpoint,
-            task: None,
-            stopping: CancellationToken::new(),
-            kill: CancellationToken::new(),
-        })
+            codec: cfg.codec,
+            reconnect: cfg.reconnect.clone(),
+            queue: WireQueue::new(cfg.queue, cfg.queue_bytes),
+            subs: RwLock::new(PrefixSet::default()),
+            msgpack_ok: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        Ok(Publisher { cfg, task })
     }
 
     /// The publisher's name.
@@ -172,44 +158,22 @@ impl Publisher {
     /// Starts connecting in the background (needs a tokio runtime). Never
     /// waits for the proxy: it may come up later.
     pub fn start(&mut self) -> Result<(), ZmqError> {
-        if self.task.is_some() {
-            return Ok(());
-        }
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|_| ZmqError::NotRunning("tokio runtime"))?;
-        self.stopping = CancellationToken::new();
-        self.kill = CancellationToken::new();
-        let conn = Connection {
-            endpoint: self.endpoint.clone(),
-            codec: self.cfg.codec,
-            shared: self.shared.clone(),
-            stopping: self.stopping.clone(),
-            kill: self.kill.clone(),
-        };
-        self.task = Some(rt.spawn(conn.run()));
-        Ok(())
+        self.task.start()
     }
 
     /// Sends what is queued (up to the linger time), then stops.
     pub async fn stop(&mut self) {
-        let Some(task) = self.task.take() else { return };
-        self.stopping.cancel();
-        let abort = task.abort_handle();
-        if tokio::time::timeout(self.cfg.linger, task).await.is_err() {
-            self.kill.cancel();
-            abort.abort();
-        }
-        self.shared.connected.store(false, Ordering::Relaxed);
+        self.task.stop(self.cfg.linger).await;
     }
 
     /// Whether the publisher is started.
     pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_some_and(|t| !t.is_finished())
+        self.task.is_running()
     }
 
     /// Whether it is connected to the proxy right now.
     pub fn is_connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
+        self.task.is_connected()
     }
 
     /// Queues `envelope`, stamped with the current time as the reference
@@ -221,11 +185,11 @@ impl Publisher {
 
     /// Like [`Publisher::publish`] without building an `Envelope`.
     pub fn publish_parts(&self, topic: &str, origin: &str, data: &Data) -> Result<bool, ZmqError> {
-        if self.task.is_none() {
+        if !self.task.is_started() {
             return Err(ZmqError::NotRunning("publisher"));
         }
-        let s = &self.shared;
-        if !s.connected.load(Ordering::Relaxed) {
+        let s = self.task.link();
+        if !self.task.is_connected() {
             s.counters.disconnected.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
@@ -264,8 +228,7 @@ impl Publisher {
 
     /// Waits until connected to the proxy.
     pub async fn wait_connected(&self, limit: Duration) -> Result<(), ZmqError> {
-        self.wait_until(limit, |s| s.connected.load(Ordering::Relaxed))
-            .await
+        self.task.wait_until(limit, |_, up| up).await
     }
 
     /// Waits until some subscriber wants `topic` (its subscription has
@@ -273,220 +236,118 @@ impl Publisher {
     /// not dropped by source filtering.
     pub async fn wait_for_subscriber(&self, topic: &str, limit: Duration) -> Result<(), ZmqError> {
         let frame = envelope::topic_frame(topic);
-        self.wait_until(limit, |s| {
-            s.connected.load(Ordering::Relaxed) && s.wants(&frame)
-        })
-        .await
-    }
-
-    async fn wait_until(
-        &self,
-        limit: Duration,
-        f: impl Fn(&Shared) -> bool,
-    ) -> Result<(), ZmqError> {
-        let fut = async {
-            loop {
-                let changed = self.shared.changed.notified();
-                if f(&self.shared) {
-                    return;
-                }
-                // Also poll now and then: a notification can race.
-                let _ = tokio::time::timeout(Duration::from_millis(50), changed).await;
-            }
-        };
-        tokio::time::timeout(limit, fut)
+        self.task
+            .wait_until(limit, |s, up| up && s.wants(&frame))
             .await
-            .map_err(|_| ZmqError::Timeout(limit))
     }
 
     /// Waits until everything queued has been written (or `limit`).
     pub async fn flush(&self, limit: Duration) -> Result<(), ZmqError> {
-        self.wait_until(limit, |s| s.queue.is_empty()).await
+        self.task.wait_until(limit, |s, _| s.queue.is_empty()).await
     }
 
     /// A copy of the counters.
     pub fn stats(&self) -> PublisherStats {
-        let c = &self.shared.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        PublisherStats {
-            queued: l(&c.queued),
-            sent: l(&c.sent),
-            filtered: l(&c.filtered),
-            disconnected: l(&c.disconnected),
-            dropped: l(&c.dropped),
-            reconnects: l(&c.reconnects),
-        }
+        self.task.link().counters.snapshot()
     }
 }
 
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        self.kill.cancel();
-        if let Some(t) = self.task.take() {
-            t.abort();
+impl Link for Shared {
+    const KIND: &'static str = "publisher";
+    const DRAINS_ON_STOP: bool = true;
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn backoff(&self) -> Backoff {
+        self.reconnect.clone()
+    }
+
+    async fn dial(&self) -> Result<Dialed, ZmtpError> {
+        dial::dial(&self.endpoint, SocketType::Pub, self.codec, 1 << 20).await
+    }
+
+    fn on_connect(&self, info: &PeerInfo, reconnect: bool) {
+        if reconnect {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+        self.msgpack_ok
+            .store(info.wants_msgpack(), Ordering::Relaxed);
+    }
+
+    fn on_disconnect(&self) {
+        self.subs_mut().clear();
+    }
+
+    fn idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    async fn serve(&self, conn: Dialed, ctl: &Control) -> Disconnect {
+        serve(self, conn, ctl).await
     }
 }
 
-/// The background connection of a publisher.
-struct Connection {
-    /// Where to connect.
-    endpoint: Endpoint,
-    /// The codec the user asked for.
-    codec: Codec,
-    /// Shared with the `Publisher`.
-    shared: Arc<Shared>,
-    /// Flush, then stop.
-    stopping: CancellationToken,
-    /// Stop now.
-    kill: CancellationToken,
-}
-
-impl Connection {
-    async fn run(self) {
-        let mut delay = RECONNECT_MIN;
-        let mut first = true;
-        let props: Vec<(&str, &[u8])> = if self.codec == Codec::MsgPack {
-            vec![(zmtp::CODEC_PROPERTY, b"msgpack")]
-        } else {
-            Vec::new()
-        };
+/// Serves one connection: applies the subscriptions the proxy forwards,
+/// answers its pings, and writes the queue in batches. Ends with
+/// [`Disconnect::Closed`] once stopping and everything queued is written,
+/// otherwise with why the connection was lost.
+async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
+    let Dialed {
+        mut r,
+        w,
+        mut reader,
+        ..
+    } = conn;
+    let read = async {
         loop {
-            if self.kill.is_cancelled()
-                || (self.stopping.is_cancelled() && self.shared.queue.is_empty())
-            {
-                return;
-            }
-            let attempt = async {
-                let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.endpoint))
-                        .await
-                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-                        .map_err(zmtp::ZmtpError::Io)?;
-                let (mut r, mut w) = stream.into_split();
-                let mut reader = FrameReader::new(1 << 20);
-                let info = zmtp::handshake(
-                    &mut r,
-                    &mut w,
-                    &mut reader,
-                    SocketType::Pub,
-                    &props,
-                    CONNECT_TIMEOUT,
-                )
-                .await?;
-                Ok::<_, zmtp::ZmtpError>((r, w, reader, info))
-            };
-            let conn = tokio::select! {
-                _ = self.kill.cancelled() => return,
-                c = attempt => c,
-            };
-            match conn {
-                Ok((r, w, reader, info)) => {
-                    delay = RECONNECT_MIN;
-                    if !first {
-                        self.shared
-                            .counters
-                            .reconnects
-                            .fetch_add(1, Ordering::Relaxed);
+            while let Some(item) = reader.next_item()? {
+                if let Some(change) = SubChange::from_inbound(&item) {
+                    match change {
+                        SubChange::Subscribe(p) => shared.subs_mut().subscribe(p),
+                        SubChange::Cancel(p) => shared.subs_mut().cancel(&p),
                     }
-                    first = false;
-                    self.shared
-                        .msgpack_ok
-                        .store(info.wants_msgpack(), Ordering::Relaxed);
-                    self.shared.connected.store(true, Ordering::Relaxed);
-                    self.shared.changed.notify_waiters();
-                    let ended = self.serve(r, w, reader).await;
-                    self.shared.connected.store(false, Ordering::Relaxed);
-                    self.shared
-                        .subs
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
-                    self.shared.changed.notify_waiters();
-                    if ended {
-                        return;
+                    ctl.status.notify();
+                } else if let Inbound::Command(name, data) = item {
+                    let mut pong = BytesMut::new();
+                    if zmtp::answer_ping(&name, &data, &mut pong) {
+                        shared.queue.push(pong.freeze());
                     }
-                    tracing::debug!(endpoint = %self.endpoint, "publisher: connection lost, reconnecting");
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %self.endpoint, error = %e, "publisher: connect failed");
                 }
             }
-            if self.stopping.is_cancelled() {
-                return;
+            if !reader.fill(&mut r).await? {
+                return Err::<(), _>(ZmtpError::Closed);
             }
-            tokio::select! {
-                _ = self.kill.cancelled() => return,
-                _ = self.stopping.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(RECONNECT_MAX);
         }
-    }
-
-    /// Runs one connection; true when the publisher is stopping (done),
-    /// false when the connection was lost.
-    async fn serve(&self, mut r: ReadHalf, w: WriteHalf, mut reader: FrameReader) -> bool {
-        let shared = &self.shared;
-        let read = async {
-            loop {
-                while let Some(item) = reader.next_item()? {
-                    if let Some(change) = SubChange::from_inbound(&item) {
-                        let mut subs = shared.subs.write().unwrap_or_else(|p| p.into_inner());
-                        match change {
-                            SubChange::Subscribe(p) => subs.push(p),
-                            SubChange::Cancel(p) => {
-                                if let Some(i) = subs.iter().position(|x| *x == p) {
-                                    subs.swap_remove(i);
-                                }
-                            }
-                        }
-                        drop(subs);
-                        shared.changed.notify_waiters();
-                    } else if let Inbound::Command(name, data) = item {
-                        let mut pong = BytesMut::new();
-                        if zmtp::answer_ping(&name, &data, &mut pong) {
-                            shared.queue.push(pong.freeze());
+    };
+    let write = async {
+        let mut w = BufWriter::with_capacity(64 * 1024, w);
+        let mut batch = VecDeque::new();
+        loop {
+            if shared.queue.is_empty() {
+                w.flush().await?;
+                ctl.status.notify();
+                tokio::select! {
+                    _ = ctl.stopping.cancelled() => {
+                        if shared.queue.is_empty() {
+                            let _ = w.shutdown().await;
+                            return Ok::<(), std::io::Error>(());
                         }
                     }
-                }
-                if !reader.fill(&mut r).await? {
-                    return Err(zmtp::ZmtpError::Closed);
+                    _ = shared.queue.wait() => {}
                 }
             }
-        };
-        let write = async {
-            let mut w = BufWriter::with_capacity(64 * 1024, w);
-            let mut batch = VecDeque::new();
-            loop {
-                if shared.queue.is_empty() {
-                    w.flush().await?;
-                    shared.changed.notify_waiters();
-                    tokio::select! {
-                        _ = self.stopping.cancelled() => {
-                            if shared.queue.is_empty() {
-                                let _ = w.shutdown().await;
-                                return Ok::<bool, std::io::Error>(true);
-                            }
-                        }
-                        _ = shared.queue.wait() => {}
-                    }
-                }
-                shared.queue.take_all(&mut batch);
-                let n = batch.len() as u64;
-                for item in batch.drain(..) {
-                    w.write_all(&item).await?;
-                }
-                shared.counters.sent.fetch_add(n, Ordering::Relaxed);
+            shared.queue.take_all(&mut batch);
+            let n = batch.len() as u64;
+            for item in batch.drain(..) {
+                w.write_all(&item).await?;
             }
-        };
-        tokio::select! {
-            _ = self.kill.cancelled() => true,
-            r = read => {
-                let _: Result<(), zmtp::ZmtpError> = r;
-                false
-            }
-            w = write => w.unwrap_or(false),
+            shared.counters.sent.fetch_add(n, Ordering::Relaxed);
         }
+    };
+    tokio::select! {
+        r = read => r.err().map_or(Disconnect::PeerClosed, Disconnect::from),
+        w = write => w.err().map_or(Disconnect::Closed, Disconnect::from),
     }
 }

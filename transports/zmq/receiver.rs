@@ -6,7 +6,7 @@
 //! queues decoded envelopes for `recv`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,14 +14,15 @@ use bytes::BytesMut;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use super::endpoint::{self, Endpoint};
-use super::zmtp::{self, FrameReader, Inbound, RawMessage, SocketType};
-use super::{ZmqError, CONNECT_TIMEOUT, RECONNECT_MAX, RECONNECT_MIN};
+use super::client_task::{ClientTask, Control, Link};
+use super::dial::{self, Dialed};
+use super::endpoint::Endpoint;
+use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
+use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::codec::{Codec, CodecError};
 use crate::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
+use crate::transports::client::{Backoff, Disconnect};
 
 /// What a receiver does with an envelope older than its lag threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,6 +72,9 @@ pub struct ReceiverConfig {
     pub registry: Arc<Registry>,
     /// Largest message accepted; larger ones are skipped and counted.
     pub max_msg_size: usize,
+    /// Reconnect delays (default: 100 ms doubling up to 2 s, like libzmq's
+    /// `ZMQ_RECONNECT_IVL`).
+    pub reconnect: Backoff,
 }
 
 impl ReceiverConfig {
@@ -88,54 +92,37 @@ impl ReceiverConfig {
             codec: Codec::Json,
             registry: Registry::shared(),
             max_msg_size: 16 << 20,
+            reconnect: Backoff::new(RECONNECT_MIN, 2.0, RECONNECT_MAX),
         }
     }
 }
 
-/// Counters of a [`Receiver`].
-#[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
-pub struct ReceiverStats {
-    /// Messages read from the socket.
-    pub received: u64,
-    /// Envelopes queued for `recv`.
-    pub delivered: u64,
-    /// Messages that were not envelopes (frame count, JSON).
-    pub malformed: u64,
-    /// Data frames in a codec we did not opt in to, or invalid in theirs.
-    pub codec_errors: u64,
-    /// Envelopes dropped by the origin filter.
-    pub filtered: u64,
-    /// Envelopes past the lag threshold (whatever the policy did).
-    pub lagging: u64,
-    /// Envelopes dropped: queue full, or lagging under `Drop`.
-    pub dropped: u64,
-    /// Oversized messages skipped.
-    pub oversized: u64,
-    /// Connections made after the first one.
-    pub reconnects: u64,
-}
+crate::counters::counters! {
+    /// Live counters.
+    struct Counters;
 
-/// Live counters.
-#[derive(Debug, Default)]
-struct Counters {
-    /// See [`ReceiverStats::received`].
-    received: AtomicU64,
-    /// See [`ReceiverStats::delivered`].
-    delivered: AtomicU64,
-    /// See [`ReceiverStats::malformed`].
-    malformed: AtomicU64,
-    /// See [`ReceiverStats::codec_errors`].
-    codec_errors: AtomicU64,
-    /// See [`ReceiverStats::filtered`].
-    filtered: AtomicU64,
-    /// See [`ReceiverStats::lagging`].
-    lagging: AtomicU64,
-    /// See [`ReceiverStats::dropped`].
-    dropped: AtomicU64,
-    /// See [`ReceiverStats::oversized`].
-    oversized: AtomicU64,
-    /// See [`ReceiverStats::reconnects`].
-    reconnects: AtomicU64,
+    /// Counters of a [`Receiver`].
+    #[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
+    pub struct ReceiverStats {
+        /// Messages read from the socket.
+        received,
+        /// Envelopes queued for `recv`.
+        delivered,
+        /// Messages that were not envelopes (frame count, JSON).
+        malformed,
+        /// Data frames in a codec we did not opt in to, or invalid in theirs.
+        codec_errors,
+        /// Envelopes dropped by the origin filter.
+        filtered,
+        /// Envelopes past the lag threshold (whatever the policy did).
+        lagging,
+        /// Envelopes dropped: queue full, or lagging under `Drop`.
+        dropped,
+        /// Oversized messages skipped.
+        oversized,
+        /// Connections made after the first one.
+        reconnects,
+    }
 }
 
 /// The envelope queue and its state.
@@ -147,17 +134,24 @@ struct Queue {
     closed: bool,
 }
 
-/// State shared by the caller and the connection task.
+/// State shared by the caller and the connection task, and what the task
+/// does with a connection.
 #[derive(Debug)]
 struct Shared {
+    /// Settings.
+    cfg: ReceiverConfig,
+    /// Parsed `cfg.addr`.
+    endpoint: Endpoint,
+    /// The subscription messages sent after each handshake.
+    subscriptions: BytesMut,
     /// The envelope queue.
     queue: Mutex<Queue>,
     /// Wakes blocking `recv` callers.
     cond: Condvar,
     /// Wakes async `recv` callers.
     notify: Notify,
-    /// Whether the handshake and subscriptions are done.
-    connected: AtomicBool,
+    /// Lagging envelopes warned about (the warning is rate-limited).
+    lag_warned: AtomicU64,
     /// Counters.
     counters: Counters,
 }
@@ -177,16 +171,8 @@ impl Shared {
 /// A hermes receiver (ZeroMQ SUB connected to the proxy's XPUB side).
 #[derive(Debug)]
 pub struct Receiver {
-    /// Settings.
-    cfg: ReceiverConfig,
-    /// Parsed `cfg.addr`.
-    endpoint: Endpoint,
-    /// Shared with the connection task.
-    shared: Arc<Shared>,
-    /// The connection task while started.
-    task: Option<JoinHandle<()>>,
-    /// Stops the task.
-    cancel: CancellationToken,
+    /// The connection task and the state it shares.
+    task: ClientTask<Shared>,
 }
 
 impl Receiver {
@@ -208,100 +194,84 @@ impl Receiver {
     /// A receiver with explicit settings.
     pub fn with_config(cfg: ReceiverConfig) -> Result<Receiver, ZmqError> {
         let endpoint = cfg.addr.parse()?;
+        let mut subscriptions = BytesMut::new();
+        if cfg.topics.is_empty() {
+            zmtp::put_subscription(&mut subscriptions, true, b"");
+        }
+        for t in &cfg.topics {
+            zmtp::put_subscription(&mut subscriptions, true, &envelope::subscription_for(t));
+        }
         Ok(Receiver {
-            cfg,
-            endpoint,
-            shared: Arc::new(Shared {
+            task: ClientTask::new(Shared {
+                cfg,
+                endpoint,
+                subscriptions,
                 queue: Mutex::new(Queue::default()),
                 cond: Condvar::new(),
                 notify: Notify::new(),
-                connected: AtomicBool::new(false),
+                lag_warned: AtomicU64::new(0),
                 counters: Counters::default(),
             }),
-            task: None,
-            cancel: CancellationToken::new(),
         })
+    }
+
+    /// The shared state.
+    fn shared(&self) -> &Shared {
+        self.task.link()
     }
 
     /// The receiver's name.
     pub fn name(&self) -> &str {
-        &self.cfg.name
+        &self.shared().cfg.name
     }
 
     /// Starts connecting in the background (needs a tokio runtime).
     pub fn start(&mut self) -> Result<(), ZmqError> {
-        if self.task.is_some() {
-            return Ok(());
+        if !self.task.is_started() {
+            self.shared().lock().closed = false;
         }
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|_| ZmqError::NotRunning("tokio runtime"))?;
-        self.cancel = CancellationToken::new();
-        self.shared.lock().closed = false;
-        let conn = Connection {
-            cfg: self.cfg.clone(),
-            endpoint: self.endpoint.clone(),
-            shared: self.shared.clone(),
-            cancel: self.cancel.clone(),
-        };
-        self.task = Some(rt.spawn(conn.run()));
-        Ok(())
+        self.task.start()
     }
 
     /// Stops receiving; what is queued can still be read.
     pub async fn stop(&mut self) {
-        self.cancel.cancel();
-        if let Some(t) = self.task.take() {
-            let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), t)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
-        self.shared.connected.store(false, Ordering::Relaxed);
-        self.shared.close();
+        self.task.stop(Duration::from_secs(1)).await;
+        self.shared().close();
     }
 
     /// Whether it is receiving (false after `stop` or a `Stop` policy hit).
     pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_some_and(|t| !t.is_finished())
+        self.task.is_running()
     }
 
     /// Whether connected and subscribed right now.
     pub fn is_connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
+        self.task.is_connected()
     }
 
     /// Waits until connected and subscribed.
     pub async fn wait_connected(&self, limit: Duration) -> Result<(), ZmqError> {
-        let fut = async {
-            while !self.is_connected() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(limit, fut)
-            .await
-            .map_err(|_| ZmqError::Timeout(limit))
+        self.task.wait_until(limit, |_, up| up).await
     }
 
     /// The next envelope if one is queued (never waits).
     pub fn try_recv(&self) -> Option<Envelope> {
-        self.shared.lock().items.pop_front()
+        self.shared().lock().items.pop_front()
     }
 
     /// Waits for the next envelope; None once stopped and drained (or,
     /// when never started, whenever nothing is queued).
     pub async fn recv(&self) -> Option<Envelope> {
-        if self.task.is_none() {
+        if !self.task.is_started() {
             return self.try_recv();
         }
+        let shared = self.shared();
         loop {
-            let notified = self.shared.notify.notified();
+            let notified = shared.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let mut q = self.shared.lock();
+                let mut q = shared.lock();
                 if let Some(e) = q.items.pop_front() {
                     return Some(e);
                 }
@@ -326,7 +296,8 @@ impl Receiver {
     /// `block` false returns at once; true waits up to `timeout` (None:
     /// until an envelope arrives or the receiver stops).
     pub fn recv_blocking(&self, block: bool, timeout: Option<Duration>) -> Option<Envelope> {
-        let mut q = self.shared.lock();
+        let shared = self.shared();
+        let mut q = shared.lock();
         if !block {
             return q.items.pop_front();
         }
@@ -339,13 +310,13 @@ impl Receiver {
                 return None;
             }
             q = match deadline {
-                None => self.shared.cond.wait(q).unwrap_or_else(|p| p.into_inner()),
+                None => shared.cond.wait(q).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return None;
                     }
-                    self.shared
+                    shared
                         .cond
                         .wait_timeout(q, d - now)
                         .unwrap_or_else(|p| p.into_inner())
@@ -357,34 +328,18 @@ impl Receiver {
 
     /// Number of envelopes waiting.
     pub fn pending(&self) -> usize {
-        self.shared.lock().items.len()
+        self.shared().lock().items.len()
     }
 
     /// A copy of the counters.
     pub fn stats(&self) -> ReceiverStats {
-        let c = &self.shared.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ReceiverStats {
-            received: l(&c.received),
-            delivered: l(&c.delivered),
-            malformed: l(&c.malformed),
-            codec_errors: l(&c.codec_errors),
-            filtered: l(&c.filtered),
-            lagging: l(&c.lagging),
-            dropped: l(&c.dropped),
-            oversized: l(&c.oversized),
-            reconnects: l(&c.reconnects),
-        }
+        self.shared().counters.snapshot()
     }
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self.cancel.cancel();
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        self.shared.close();
+        self.shared().close();
     }
 }
 
@@ -396,120 +351,74 @@ enum Verdict {
     Stop,
 }
 
-/// The background connection of a receiver.
-struct Connection {
-    /// Settings.
-    cfg: ReceiverConfig,
-    /// Where to connect.
-    endpoint: Endpoint,
-    /// Shared with the `Receiver`.
-    shared: Arc<Shared>,
-    /// Stops the task.
-    cancel: CancellationToken,
-}
+impl Link for Shared {
+    const KIND: &'static str = "receiver";
+    const DRAINS_ON_STOP: bool = false;
 
-impl Connection {
-    async fn run(self) {
-        let mut delay = RECONNECT_MIN;
-        let mut first = true;
-        let props: Vec<(&str, &[u8])> = if self.cfg.codec == Codec::MsgPack {
-            vec![(zmtp::CODEC_PROPERTY, b"msgpack")]
-        } else {
-            Vec::new()
-        };
-        let mut subs = BytesMut::new();
-        if self.cfg.topics.is_empty() {
-            zmtp::put_subscription(&mut subs, true, b"");
-        }
-        for t in &self.cfg.topics {
-            zmtp::put_subscription(&mut subs, true, &envelope::subscription_for(t));
-        }
-        let mut lag_warned = 0u64;
-        loop {
-            let attempt = async {
-                let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(&self.endpoint))
-                        .await
-                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-                        .map_err(zmtp::ZmtpError::Io)?;
-                let (mut r, mut w) = stream.into_split();
-                let mut reader = FrameReader::new(self.cfg.max_msg_size);
-                zmtp::handshake(
-                    &mut r,
-                    &mut w,
-                    &mut reader,
-                    SocketType::Sub,
-                    &props,
-                    CONNECT_TIMEOUT,
-                )
-                .await?;
-                w.write_all(&subs).await?;
-                w.flush().await?;
-                Ok::<_, zmtp::ZmtpError>((r, w, reader))
-            };
-            let conn = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                c = attempt => c,
-            };
-            match conn {
-                Ok((mut r, mut w, mut reader)) => {
-                    delay = RECONNECT_MIN;
-                    if !first {
-                        self.shared
-                            .counters
-                            .reconnects
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    first = false;
-                    self.shared.connected.store(true, Ordering::Relaxed);
-                    let res = tokio::select! {
-                        _ = self.cancel.cancelled() => Ok(true),
-                        r = self.read_loop(&mut r, &mut w, &mut reader, &mut lag_warned) => r,
-                    };
-                    self.shared.connected.store(false, Ordering::Relaxed);
-                    match res {
-                        Ok(true) => break,
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::debug!(endpoint = %self.endpoint, error = %e, "receiver: connection lost")
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %self.endpoint, error = %e, "receiver: connect failed")
-                }
-            }
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(RECONNECT_MAX);
-        }
-        self.shared.close();
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
+    fn backoff(&self) -> Backoff {
+        self.cfg.reconnect.clone()
+    }
+
+    async fn dial(&self) -> Result<Dialed, ZmtpError> {
+        let mut conn = dial::dial(
+            &self.endpoint,
+            SocketType::Sub,
+            self.cfg.codec,
+            self.cfg.max_msg_size,
+        )
+        .await?;
+        conn.w.write_all(&self.subscriptions).await?;
+        conn.w.flush().await?;
+        Ok(conn)
+    }
+
+    fn on_connect(&self, _: &PeerInfo, reconnect: bool) {
+        if reconnect {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn serve(&self, conn: Dialed, _: &Control) -> Disconnect {
+        let Dialed {
+            mut r,
+            mut w,
+            mut reader,
+            ..
+        } = conn;
+        match self.read_loop(&mut r, &mut w, &mut reader).await {
+            Ok(()) => Disconnect::GaveUp("lagging behind the publisher"),
+            Err(e) => e.into(),
+        }
+    }
+
+    fn on_end(&self) {
+        self.close();
+    }
+}
+
+impl Shared {
     /// Reads until the connection fails (Err), or the `Stop` policy fires
-    /// (Ok(true)).
+    /// (Ok).
     async fn read_loop(
         &self,
         r: &mut super::endpoint::ReadHalf,
         w: &mut super::endpoint::WriteHalf,
-        reader: &mut FrameReader,
-        lag_warned: &mut u64,
-    ) -> Result<bool, zmtp::ZmtpError> {
+        reader: &mut zmtp::FrameReader,
+    ) -> Result<(), ZmtpError> {
         loop {
             let mut woke = false;
             while let Some(item) = reader.next_item()? {
                 match item {
                     Inbound::Message(m) => {
-                        self.shared
-                            .counters
-                            .received
-                            .fetch_add(1, Ordering::Relaxed);
-                        let (verdict, delivered) = self.handle(&m, lag_warned);
+                        self.counters.received.fetch_add(1, Ordering::Relaxed);
+                        let (verdict, delivered) = self.handle(&m);
                         woke |= delivered;
                         if let Verdict::Stop = verdict {
-                            return Ok(true);
+                            return Ok(());
                         }
                     }
                     Inbound::Command(name, data) => {
@@ -519,26 +428,23 @@ impl Connection {
                         }
                     }
                     Inbound::Oversized(_) => {
-                        self.shared
-                            .counters
-                            .oversized
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters.oversized.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             if woke {
-                self.shared.cond.notify_all();
-                self.shared.notify.notify_waiters();
+                self.cond.notify_all();
+                self.notify.notify_waiters();
             }
             if !reader.fill(r).await? {
-                return Err(zmtp::ZmtpError::Closed);
+                return Err(ZmtpError::Closed);
             }
         }
     }
 
     /// Decodes, filters and queues one message.
-    fn handle(&self, m: &RawMessage, lag_warned: &mut u64) -> (Verdict, bool) {
-        let c = &self.shared.counters;
+    fn handle(&self, m: &RawMessage) -> (Verdict, bool) {
+        let c = &self.counters;
         let Some(frames) = m.frames_n::<4>() else {
             c.malformed.fetch_add(1, Ordering::Relaxed);
             return (Verdict::Continue, false);
@@ -567,10 +473,9 @@ impl Connection {
             c.lagging.fetch_add(1, Ordering::Relaxed);
             match self.cfg.slow_policy {
                 SlowPolicy::Warn => {
-                    if *lag_warned % 1000 == 0 {
+                    if self.lag_warned.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
                         tracing::warn!(receiver = %self.cfg.name, lag_s = lag, "receiver cannot keep up with the publisher");
                     }
-                    *lag_warned += 1;
                 }
                 SlowPolicy::Drop => {
                     c.dropped.fetch_add(1, Ordering::Relaxed);
@@ -582,7 +487,7 @@ impl Connection {
                 }
             }
         }
-        let mut q = self.shared.lock();
+        let mut q = self.lock();
         if q.items.len() >= self.cfg.queue {
             drop(q);
             c.dropped.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,54 @@
+//! The one dial-and-handshake path of the ZeroMQ clients: connect to an
+//! endpoint, then the ZMTP NULL handshake, each bounded by
+//! [`CONNECT_TIMEOUT`](super::CONNECT_TIMEOUT).
+
+use super::endpoint::{self, Endpoint, ReadHalf, WriteHalf};
+use super::zmtp::{self, FrameReader, PeerInfo, SocketType, ZmtpError};
+use super::CONNECT_TIMEOUT;
+use crate::codec::Codec;
+use crate::transports::client::Disconnect;
+
+/// A connection whose handshake is done.
+pub struct Dialed {
+    /// The read half, for `reader.fill`.
+    pub r: ReadHalf,
+    /// The write half.
+    pub w: WriteHalf,
+    /// The frame reader, holding whatever arrived after the handshake.
+    pub reader: FrameReader,
+    /// The peer's READY.
+    pub info: PeerInfo,
+}
+
+/// Connects to `ep` as a `ours` socket, accepting messages up to `max_msg`
+/// bytes, and tells the peer in READY that we accept MessagePack data when
+/// `codec` is MessagePack.
+pub async fn dial(
+    ep: &Endpoint,
+    ours: SocketType,
+    codec: Codec,
+    max_msg: usize,
+) -> Result<Dialed, ZmtpError> {
+    let props: &[(&str, &[u8])] = if codec == Codec::MsgPack {
+        &[(zmtp::CODEC_PROPERTY, b"msgpack")]
+    } else {
+        &[]
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(ep))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let (mut r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(max_msg);
+    let info = zmtp::handshake(&mut r, &mut w, &mut reader, ours, props, CONNECT_TIMEOUT).await?;
+    Ok(Dialed { r, w, reader, info })
+}
+
+impl From<ZmtpError> for Disconnect {
+    fn from(e: ZmtpError) -> Disconnect {
+        match e {
+            ZmtpError::Closed => Disconnect::PeerClosed,
+            ZmtpError::Io(e) => e.into(),
+            other => Disconnect::Protocol(other.to_string()),
+        }
+    }
+}
