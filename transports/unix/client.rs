@@ -18,8 +18,11 @@ use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::error::{ErrorCode, ProtocolError};
+use crate::error::ProtocolError;
+use crate::transports::client::{Backoff, Disconnect};
 
+pub use super::dial::start_daemon;
+use super::dial::{as_error, dial, frame_of, read_frame, register};
 use super::frame::{self, MAX_FRAME};
 
 /// How a client connects.
@@ -33,6 +36,9 @@ pub struct ClientConfig {
     pub reconnect_initial: Duration,
     /// Reconnect delay cap (reference: 30 s).
     pub reconnect_max: Duration,
+    /// What each reconnect delay is multiplied by after a failed attempt
+    /// (reference: 1.5).
+    pub reconnect_factor: f64,
     /// Start the daemon (`hermes-busd start`) when no bus answers.
     pub autostart: bool,
     /// How the bus should encode what it sends this client: JSON (the
@@ -48,6 +54,15 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// The reconnect delays these settings describe.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.reconnect_initial,
+            self.reconnect_factor,
+            self.reconnect_max,
+        )
+    }
+
     /// Defaults for a socket path.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         ClientConfig {
@@ -55,6 +70,7 @@ impl ClientConfig {
             heartbeat: Duration::from_secs(60),
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(30),
+            reconnect_factor: 1.5,
             autostart: true,
             codec: crate::codec::Codec::Json,
             busd: crate::daemon::sibling_exe("hermes-busd"),
@@ -91,10 +107,11 @@ pub enum ClientEvent {
         /// The bus's session id (a UUID).
         session_id: String,
     },
-    /// The connection was lost; the client will retry.
+    /// The connection ended; the client will retry unless the reason is
+    /// final ([`Disconnect::is_final`]: the client itself went away).
     Disconnected {
         /// Why.
-        reason: String,
+        reason: Disconnect,
     },
     /// The next attempt comes after this delay.
     Reconnecting {
@@ -119,18 +136,6 @@ pub struct BusClient {
     task: JoinHandle<()>,
     /// Message ids.
     ids: IdGen,
-}
-
-/// One frame of any serializable value, encoded in place (no second copy).
-fn frame_of<T: serde::Serialize + ?Sized>(v: &T) -> Bytes {
-    let mut out = Vec::with_capacity(128);
-    out.extend_from_slice(&[0; 4]);
-    if serde_json::to_writer(&mut out, v).is_err() {
-        out.truncate(4);
-    }
-    let len = (out.len() - 4) as u32;
-    out[..4].copy_from_slice(&len.to_be_bytes());
-    Bytes::from(out)
 }
 
 /// The frame of a routed message in the reference client's shape
@@ -192,157 +197,6 @@ impl IdGen {
     }
 }
 
-async fn read_frame(
-    stream: &mut UnixStream,
-    buf: &mut BytesMut,
-) -> Result<Option<Value>, ClientError> {
-    loop {
-        match frame::decode(buf, MAX_FRAME) {
-            Ok(Some(p)) => {
-                return crate::codec::decode::<Value>(&p)
-                    .map(Some)
-                    .map_err(|e| ClientError::Protocol(format!("undecodable frame from bus: {e}")))
-            }
-            Ok(None) => {}
-            Err(e) => return Err(ClientError::Protocol(e.to_string())),
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Ok(None);
-        }
-    }
-}
-
-fn as_error(v: &Value) -> Option<ProtocolError> {
-    if v.get("type")?.as_str()? != "error" {
-        return None;
-    }
-    let code = v
-        .get("code")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    let detail = v
-        .get("detail")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    let code = match code.as_str() {
-        "endpoint_not_found" => ErrorCode::EndpointNotFound,
-        "already_registered" => ErrorCode::AlreadyRegistered,
-        "replaced" => ErrorCode::Replaced,
-        "permission_denied" => ErrorCode::PermissionDenied,
-        "too_many_connections" => ErrorCode::TooManyConnections,
-        "bad_field" => ErrorCode::BadField,
-        "missing_field" => ErrorCode::MissingField,
-        "slow_consumer" => ErrorCode::SlowConsumer,
-        "not_delivered" => ErrorCode::NotDelivered,
-        "shutting_down" => ErrorCode::ShuttingDown,
-        "heartbeat_timeout" => ErrorCode::HeartbeatTimeout,
-        "frame_too_large" => ErrorCode::FrameTooLarge,
-        "bad_json" => ErrorCode::BadJson,
-        "bad_utf8" => ErrorCode::BadUtf8,
-        "bad_msgpack" => ErrorCode::BadMsgpack,
-        "not_object" => ErrorCode::NotObject,
-        _ => ErrorCode::UnknownType,
-    };
-    Some(ProtocolError::new(
-        code,
-        if detail.is_empty() {
-            code_text(v)
-        } else {
-            detail
-        },
-    ))
-}
-
-fn code_text(v: &Value) -> String {
-    v.get("code").map(|c| c.to_string()).unwrap_or_default()
-}
-
-/// Connects, starting the daemon once if nobody answers and `autostart`.
-async fn dial(cfg: &ClientConfig) -> Result<UnixStream, ClientError> {
-    match UnixStream::connect(&cfg.socket).await {
-        Ok(s) => Ok(s),
-        Err(e)
-            if cfg.autostart
-                && matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-        {
-            start_daemon(&cfg.busd, &cfg.socket).await;
-            Ok(UnixStream::connect(&cfg.socket).await?)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Runs `BUSD --root DIR --socket PATH start` and waits up to 3 s for the
-/// socket to answer. The root is the socket's directory, so the daemon's
-/// pid file and log sit beside its socket (for the default socket that is
-/// the bus root itself) and never touch another bus's.
-pub async fn start_daemon(busd: &Path, socket: &Path) {
-    let mut cmd = tokio::process::Command::new(busd);
-    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        cmd.arg("--root").arg(dir);
-    }
-    let status = cmd
-        .arg("--socket")
-        .arg(socket)
-        .arg("start")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    match tokio::time::timeout(Duration::from_secs(5), status).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!("cannot run {}: {e}", busd.display()),
-        Err(_) => tracing::warn!("{} start did not finish in 5 s", busd.display()),
-    }
-    for _ in 0..30 {
-        if UnixStream::connect(socket).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Connects and registers; returns the stream and the session id.
-async fn connect_register(
-    cfg: &ClientConfig,
-    endpoint: &str,
-) -> Result<(UnixStream, String, BytesMut), ClientError> {
-    let mut s = dial(cfg).await?;
-    s.write_all(&frame_of(&match cfg.codec {
-        crate::codec::Codec::Json => serde_json::json!({"type": "register", "endpoint": endpoint}),
-        c => serde_json::json!({"type": "register", "endpoint": endpoint, "codec": c.name()}),
-    }))
-    .await?;
-    let mut buf = BytesMut::with_capacity(8192);
-    let reply = tokio::time::timeout(Duration::from_secs(3), read_frame(&mut s, &mut buf))
-        .await
-        .map_err(|_| ClientError::Timeout)??;
-    match reply {
-        Some(v) if v.get("type").and_then(Value::as_str) == Some("registered") => {
-            let sid = v
-                .get("session_id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned();
-            Ok((s, sid, buf))
-        }
-        Some(v) => match as_error(&v) {
-            Some(e) => Err(ClientError::Rejected(e)),
-            None => Err(ClientError::Protocol(format!(
-                "expected 'registered', got {v}"
-            ))),
-        },
-        None => Err(ClientError::Protocol(
-            "bus closed the connection during register".into(),
-        )),
-    }
-}
-
 impl BusClient {
     /// Connects to the bus at `socket` and registers `endpoint` (defaults
     /// otherwise); see [`BusClient::connect_with`].
@@ -356,7 +210,7 @@ impl BusClient {
     /// Connects and registers, starting the daemon if needed. Fails if the
     /// first attempt fails; later losses are retried in the background.
     pub async fn connect_with(endpoint: &str, cfg: ClientConfig) -> Result<BusClient, ClientError> {
-        let (stream, sid, buf) = connect_register(&cfg, endpoint).await?;
+        let (stream, sid, buf) = register(&cfg, endpoint).await?;
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (in_tx, in_rx) = mpsc::channel(cfg.inbox_capacity.max(1));
         let (ev_tx, _) = broadcast::channel(64);
@@ -471,37 +325,33 @@ async fn connection_task(
     session: watch::Sender<Option<String>>,
 ) {
     let mut conn = Some((stream, buf));
-    let mut delay = cfg.reconnect_initial;
+    let mut backoff = cfg.backoff();
     loop {
         if let Some((stream, buf)) = conn.take() {
             let reason = serve_connection(&cfg, stream, buf, &mut out, &inbox).await;
             let _ = session.send(None);
-            let _ = events.send(ClientEvent::Disconnected {
-                reason: reason.clone(),
-            });
-            if reason == "closed" {
+            let last = reason.is_final();
+            let _ = events.send(ClientEvent::Disconnected { reason });
+            if last {
                 return;
             }
         }
+        let delay = backoff.next();
         let _ = events.send(ClientEvent::Reconnecting { delay });
         tokio::time::sleep(delay).await;
-        match connect_register(&cfg, &endpoint).await {
+        match register(&cfg, &endpoint).await {
             Ok((s, sid, buf)) => {
-                delay = cfg.reconnect_initial;
+                backoff.reset();
                 let _ = session.send(Some(sid.clone()));
                 let _ = events.send(ClientEvent::Connected { session_id: sid });
                 conn = Some((s, buf));
             }
-            Err(e) => {
-                tracing::debug!("reconnect failed: {e}");
-                delay = delay.mul_f64(1.5).min(cfg.reconnect_max);
-            }
+            Err(e) => tracing::debug!("reconnect failed: {e}"),
         }
     }
 }
 
-/// Serves one live connection; returns why it ended ("closed" when the
-/// client itself went away). Reading runs in its own task, so the client
+/// Serves one live connection; returns why it ended. Reading runs in its own task, so the client
 /// keeps reading what the bus sends while a write waits (the bus holds a
 /// sender back by not reading it: a client that stopped reading then
 /// could wait on itself).
@@ -511,7 +361,7 @@ async fn serve_connection(
     buf: BytesMut,
     out: &mut mpsc::Receiver<Bytes>,
     inbox: &mpsc::Sender<Value>,
-) -> String {
+) -> Disconnect {
     let (rd, mut wr) = stream.into_split();
     let mut reader = tokio::spawn(read_loop(rd, buf, inbox.clone()));
     let reason = write_loop(cfg, &mut wr, out, &mut reader).await;
@@ -525,8 +375,8 @@ async fn write_loop(
     cfg: &ClientConfig,
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     out: &mut mpsc::Receiver<Bytes>,
-    reader: &mut JoinHandle<String>,
-) -> String {
+    reader: &mut JoinHandle<Disconnect>,
+) -> Disconnect {
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let ping_frame = frame_of(&serde_json::json!({"type": "ping"}));
@@ -535,11 +385,11 @@ async fn write_loop(
     loop {
         tokio::select! {
             r = &mut *reader => {
-                return r.unwrap_or_else(|e| format!("reader failed: {e}"));
+                return r.unwrap_or_else(|e| Disconnect::TaskFailed(e.to_string()));
             }
             n = out.recv_many(&mut batch, 256) => {
                 if n == 0 {
-                    return "closed".into();
+                    return Disconnect::Closed;
                 }
                 // Everything queued goes out in as few writes as possible:
                 // small frames are gathered into one buffer, a large one
@@ -549,12 +399,12 @@ async fn write_loop(
                     if f.len() >= 16 * 1024 {
                         if !wbuf.is_empty() {
                             if let Err(e) = wr.write_all(&wbuf).await {
-                                return e.to_string();
+                                return e.into();
                             }
                             wbuf.clear();
                         }
                         if let Err(e) = wr.write_all(&f).await {
-                            return e.to_string();
+                            return e.into();
                         }
                     } else {
                         wbuf.extend_from_slice(&f);
@@ -562,7 +412,7 @@ async fn write_loop(
                 }
                 if !wbuf.is_empty() {
                     if let Err(e) = wr.write_all(&wbuf).await {
-                        return e.to_string();
+                        return e.into();
                     }
                     wbuf.clear();
                 }
@@ -572,7 +422,7 @@ async fn write_loop(
             }
             _ = ping.tick() => {
                 if let Err(e) = wr.write_all(&ping_frame).await {
-                    return e.to_string();
+                    return e.into();
                 }
             }
         }
@@ -580,12 +430,12 @@ async fn write_loop(
 }
 
 /// Reads frames and passes messages up (pong is not) until the
-/// connection ends; returns why ("closed" when the client went away).
+/// connection ends; returns why.
 async fn read_loop(
     mut rd: tokio::net::unix::OwnedReadHalf,
     mut buf: BytesMut,
     inbox: mpsc::Sender<Value>,
-) -> String {
+) -> Disconnect {
     loop {
         // Deliver whatever complete frames are buffered.
         loop {
@@ -608,17 +458,17 @@ async fn read_loop(
                     // A full inbox (the application does not call `recv`)
                     // stops reading: the bus then holds back the senders.
                     if inbox.send(v).await.is_err() {
-                        return "closed".into();
+                        return Disconnect::Closed;
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return e.to_string(),
+                Err(e) => return Disconnect::Protocol(e.to_string()),
             }
         }
         match rd.read_buf(&mut buf).await {
-            Ok(0) => return "bus closed the connection".into(),
+            Ok(0) => return Disconnect::PeerClosed,
             Ok(_) => {}
-            Err(e) => return e.to_string(),
+            Err(e) => return e.into(),
         }
     }
 }
