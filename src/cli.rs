@@ -125,28 +125,10 @@ pub struct ServeArgs {
     #[cfg(feature = "zmq")]
     #[arg(long)]
     pub zmq: bool,
-    /// ZeroMQ proxy: publishers' side (XSUB).
+    /// The ZeroMQ proxy's settings (the same flags as `hermes-bus proxy`).
     #[cfg(feature = "zmq")]
-    #[arg(long, default_value = "tcp://127.0.0.1:6000")]
-    pub zmq_in: String,
-    /// ZeroMQ proxy: subscribers' side (XPUB).
-    #[cfg(feature = "zmq")]
-    #[arg(long, default_value = "tcp://127.0.0.1:6001")]
-    pub zmq_out: String,
-    /// ZeroMQ proxy: optional capture PUB with a copy of all traffic.
-    #[cfg(feature = "zmq")]
-    #[arg(long)]
-    pub zmq_capture: Option<String>,
-    /// ZeroMQ proxy: push back on publishers instead of dropping for a
-    /// full subscriber that is still reading (libzmq's XPUB_NODROP idea).
-    #[cfg(feature = "zmq")]
-    #[arg(long)]
-    pub zmq_lossless: bool,
-    /// ZeroMQ proxy, with --zmq-lossless: seconds a subscriber may make no
-    /// progress before it counts as stuck (its copies are then dropped).
-    #[cfg(feature = "zmq")]
-    #[arg(long, default_value_t = 10.0, value_parser = crate::transports::zmq::cli::parse_secs)]
-    pub zmq_slow_consumer_timeout: f64,
+    #[command(flatten, next_help_heading = "ZeroMQ proxy (with --zmq)")]
+    pub zmq_proxy: crate::transports::zmq::cli::ZmqProxyArgs,
 }
 
 /// A size in bytes: a number with an optional K, M or G suffix (powers of

@@ -1,5 +1,5 @@
 //! Paths and environment: where the socket, pid file, log and hook
-//! configuration live (PROTOCOL.md, "Socket location").
+//! configuration live (README.md, "Configuration").
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,8 @@
 //!
 //! Every way a client can be wrong has one code here, so clients can match
 //! on it and tests can assert it. The reference bus knew only
-//! `endpoint_not_found`; the others are ours (PROTOCOL.md, "Ours").
+//! `endpoint_not_found`; the others are ours (README.md, "The protocol,
+//! and where we differ from the reference").
 
 use std::fmt;
 

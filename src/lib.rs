@@ -26,16 +26,18 @@
 //! - [`transport`]: the `Transport` trait and the `Bus` handle every
 //!   transport gets (router + hooks + shutdown).
 //! - [`config`]: paths and environment (`HERMES_BUS_ROOT`, `HERMES_HOME`).
-//! - [`daemon`]: pid file, log, start / stop / status / restart.
+//! - [`daemon`]: pid file, start / stop / status / restart.
+//! - [`logging`]: `tracing` to stderr or to a self-trimming log file.
 //! - [`serve`]: running the bus in the foreground (signals, ordered shutdown).
-//! - [`cli`]: the command-line options the binaries share.
+//! - [`cli`] (features `unix` + `cli`): the command-line options the
+//!   binaries share.
 //! - [`transports`]: the Unix-socket transport (server, client) and the
 //!   ZeroMQ transport (proxy, Publisher, Receiver, Node).
 //!
 //! Data flows one way: frame → session → router → outboxes → writer.
 #![warn(missing_docs)]
 
-#[cfg(feature = "unix")]
+#[cfg(all(feature = "unix", feature = "cli"))]
 pub mod cli;
 pub mod clock;
 pub mod codec;
@@ -47,10 +49,11 @@ pub mod delivery;
 pub mod envelope;
 pub mod error;
 pub mod hooks;
+pub mod logging;
 pub mod message;
 pub mod outbox;
 pub mod router;
-#[cfg(feature = "unix")]
+#[cfg(all(feature = "unix", feature = "cli"))]
 pub mod serve;
 pub mod stats;
 pub mod transport;

@@ -41,7 +41,7 @@ pub async fn run(paths: Paths, args: ServeArgs, stop: CancellationToken) -> anyh
     let mut transports: Vec<Box<dyn Transport>> = vec![Box::new(unix)];
     #[cfg(feature = "zmq")]
     if args.zmq {
-        transports.push(crate::transports::zmq::transport_from_args(&args)?);
+        transports.push(args.zmq_proxy.transport()?);
     }
     let mut running = tokio::task::JoinSet::new();
     for t in transports {

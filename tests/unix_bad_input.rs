@@ -1,6 +1,6 @@
 //! Every kind of bad input, sent as raw bytes, gets its stated answer
-//! (PROTOCOL.md "Ours"), while another pair of sessions keeps exchanging
-//! messages untouched.
+//! (README.md, the protocol's error codes), while another pair of
+//! sessions keeps exchanging messages untouched.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Nothing lost across a reconnect: the reference 0.7.0 client drops its
-//! connection after every idle second (PROTOCOL.md, known quirks); the bus
+//! connection after every idle second (README.md, known quirks); the bus
 //! holds what is routed to its name meanwhile and delivers it, in order,
 //! when it registers again. A client gone for good is forgotten after the
 //! grace period and what was held for it is counted as dropped.

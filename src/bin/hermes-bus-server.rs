@@ -17,7 +17,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    hermes_bus::daemon::init_logging(cli.serve.log_file.as_deref());
+    hermes_bus::logging::init_logging(cli.serve.log_file.as_deref());
     let paths = cli.paths.paths();
     let r = hermes_bus::serve::run(paths, cli.serve, Default::default()).await;
     if let Err(e) = &r {

@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hermes_bus::cli::{DaemonCmd, PathArgs, ServeArgs};
-use hermes_bus::daemon;
+use hermes_bus::logging;
 use hermes_bus::transports::unix::client::{self, BusClient, ClientConfig};
 
 /// A fast, hard-to-break message bus (Unix socket + ZeroMQ).
@@ -90,7 +90,7 @@ fn main() {
 async fn run(paths: hermes_bus::config::Paths, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Server(args) => {
-            daemon::init_logging(args.log_file.as_deref());
+            logging::init_logging(args.log_file.as_deref());
             hermes_bus::serve::run(paths, *args, Default::default()).await
         }
         Cmd::Daemon(_) => anyhow::bail!("daemon commands run outside the runtime"),
@@ -101,7 +101,7 @@ async fn run(paths: hermes_bus::config::Paths, cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Listen { name, count, topic } => {
-            daemon::init_logging(None);
+            logging::init_logging(None);
             let mut c = BusClient::connect_with(&name, ClientConfig::new(&paths.socket)).await?;
             for t in topic {
                 c.send_raw(&serde_json::json!({"type": "subscribe", "topic": t}))
@@ -134,7 +134,7 @@ async fn run(paths: hermes_bus::config::Paths, cmd: Cmd) -> anyhow::Result<()> {
         }
         #[cfg(feature = "zmq")]
         Cmd::Proxy(a) => {
-            daemon::init_logging(None);
+            logging::init_logging(None);
             hermes_bus::transports::zmq::cli::run_proxy(a).await
         }
         #[cfg(feature = "zmq")]

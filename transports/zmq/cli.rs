@@ -12,45 +12,118 @@ use super::proxy::{
 };
 use super::publisher::{Publisher, PublisherConfig};
 use super::receiver::{Receiver, ReceiverConfig, SlowPolicy};
-use super::ZmqTransport;
+use super::{Endpoint, ZmqTransport};
 use crate::codec::Codec;
 use crate::envelope::{Data, Registry};
 use crate::transport::{Bus, Transport};
 
-/// `hermes-bus proxy`: the ZeroMQ proxy in the foreground.
+/// The ZeroMQ proxy's settings: one set of flags for `hermes-bus proxy`
+/// and `server --zmq`. Each is `--zmq-*`; the names the proxy command had
+/// on its own (`--frontend`, `--lossless`...) are aliases.
 #[derive(Debug, Clone, Args)]
-pub struct ProxyArgs {
+pub struct ZmqProxyArgs {
     /// XSUB address publishers connect to.
-    #[arg(long, visible_alias = "proxy-in", default_value = DEFAULT_FRONTEND)]
+    #[arg(id = "zmq_in", value_name = "ADDR", long = "zmq-in", visible_aliases = ["frontend", "proxy-in"], default_value = DEFAULT_FRONTEND)]
     pub frontend: String,
     /// XPUB address subscribers connect to.
-    #[arg(long, visible_alias = "proxy-out", default_value = DEFAULT_BACKEND)]
+    #[arg(id = "zmq_out", value_name = "ADDR", long = "zmq-out", visible_aliases = ["backend", "proxy-out"], default_value = DEFAULT_BACKEND)]
     pub backend: String,
     /// Also serve a capture PUB socket with a copy of all traffic (the
     /// reference's debug address; without a value: tcp://127.0.0.1:6002).
-    #[arg(long, visible_alias = "debug-addr", num_args = 0..=1, default_missing_value = DEFAULT_CAPTURE)]
+    #[arg(id = "zmq_capture", value_name = "ADDR", long = "zmq-capture", visible_aliases = ["capture", "debug-addr"], num_args = 0..=1, default_missing_value = DEFAULT_CAPTURE)]
     pub capture: Option<String>,
     /// Largest message accepted, in bytes (larger ones are dropped and counted).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(id = "zmq_max_msg_size", value_name = "BYTES", long = "zmq-max-msg-size", visible_alias = "max-msg-size", default_value_t = 16 * 1024 * 1024)]
     pub max_msg_size: usize,
     /// Per-subscriber queue limit in messages (beyond it: drop and count).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(
+        id = "zmq_sub_queue",
+        value_name = "N",
+        long = "zmq-sub-queue",
+        visible_alias = "sub-queue",
+        default_value_t = 100_000
+    )]
     pub sub_queue: usize,
     /// Per-subscriber queue limit in bytes.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    #[arg(id = "zmq_sub_queue_bytes", value_name = "BYTES", long = "zmq-sub-queue-bytes", visible_alias = "sub-queue-bytes", default_value_t = 64 * 1024 * 1024)]
     pub sub_queue_bytes: usize,
-    /// Maximum connections per side.
-    #[arg(long, default_value_t = 4096)]
+    /// Maximum connections per side (`proxy` also takes `--max-connections`).
+    #[arg(
+        id = "zmq_max_connections",
+        value_name = "N",
+        long = "zmq-max-connections",
+        default_value_t = 4096
+    )]
     pub max_connections: usize,
     /// Lossless: a full subscriber queue makes the proxy stop reading the
     /// publisher until it drains (pushback) instead of dropping; only a
-    /// subscriber stuck for --slow-consumer-timeout gets drops.
-    #[arg(long)]
+    /// subscriber stuck for the slow-consumer timeout gets drops.
+    #[arg(id = "zmq_lossless", long = "zmq-lossless", visible_alias = "lossless")]
     pub lossless: bool,
-    /// With --lossless: seconds without progress after which a subscriber
-    /// is stuck (its messages are dropped and counted, publishers resume).
-    #[arg(long, default_value_t = DEFAULT_SLOW_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
+    /// With lossless: seconds without progress after which a subscriber is
+    /// stuck (its messages are dropped and counted, publishers resume).
+    /// `proxy` also takes `--slow-consumer-timeout`.
+    #[arg(id = "zmq_slow_consumer_timeout", value_name = "SECS", long = "zmq-slow-consumer-timeout", default_value_t = DEFAULT_SLOW_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     pub slow_consumer_timeout: f64,
+}
+
+impl ZmqProxyArgs {
+    /// The proxy configuration these arguments describe.
+    pub fn config(&self) -> ProxyConfig {
+        ProxyConfig {
+            frontend: self.frontend.clone(),
+            backend: self.backend.clone(),
+            capture: self.capture.clone(),
+            max_msg_size: self.max_msg_size,
+            sub_queue: self.sub_queue,
+            sub_queue_bytes: self.sub_queue_bytes,
+            max_connections: self.max_connections,
+            lossless: self.lossless,
+            slow_timeout: secs(self.slow_consumer_timeout),
+            ..ProxyConfig::default()
+        }
+    }
+
+    /// The ZeroMQ transport of `server --zmq`, its addresses checked now
+    /// (a typo fails at start, not later).
+    pub fn transport(&self) -> anyhow::Result<Box<dyn Transport>> {
+        let cfg = self.config();
+        for a in [&cfg.frontend, &cfg.backend]
+            .into_iter()
+            .chain(cfg.capture.as_ref())
+        {
+            a.parse::<Endpoint>()?;
+        }
+        Ok(Box::new(ZmqTransport::new(cfg)))
+    }
+}
+
+/// `hermes-bus proxy`: the ZeroMQ proxy in the foreground.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// The proxy's settings (shared with `server --zmq`).
+    #[command(flatten)]
+    pub proxy: ZmqProxyArgs,
+    /// Same as --zmq-max-connections.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Same as --zmq-slow-consumer-timeout.
+    #[arg(long, value_parser = parse_secs)]
+    pub slow_consumer_timeout: Option<f64>,
+}
+
+impl ProxyArgs {
+    /// The proxy configuration these arguments describe.
+    pub fn config(&self) -> ProxyConfig {
+        let mut args = self.proxy.clone();
+        if let Some(n) = self.max_connections {
+            args.max_connections = n;
+        }
+        if let Some(t) = self.slow_consumer_timeout {
+            args.slow_consumer_timeout = t;
+        }
+        args.config()
+    }
 }
 
 /// Seconds as a `Duration` (the value was checked by [`parse_secs`]).
@@ -67,24 +140,6 @@ pub fn parse_secs(s: &str) -> Result<f64, String> {
         return Err(format!("{s:?} is not a usable number of seconds"));
     }
     Ok(v)
-}
-
-impl ProxyArgs {
-    /// The proxy configuration these arguments describe.
-    pub fn config(&self) -> ProxyConfig {
-        ProxyConfig {
-            frontend: self.frontend.clone(),
-            backend: self.backend.clone(),
-            capture: self.capture.clone(),
-            max_msg_size: self.max_msg_size,
-            sub_queue: self.sub_queue,
-            sub_queue_bytes: self.sub_queue_bytes,
-            max_connections: self.max_connections,
-            lossless: self.lossless,
-            slow_timeout: secs(self.slow_consumer_timeout),
-            ..ProxyConfig::default()
-        }
-    }
 }
 
 /// `hermes-bus pub TOPIC [DATA]`: publishes envelopes through a proxy.
@@ -319,5 +374,64 @@ mod tests {
                 "{bad} refused"
             );
         }
+        let long = Cmd::try_parse_from([
+            "proxy",
+            "--zmq-lossless",
+            "--zmq-slow-consumer-timeout",
+            "2",
+        ])
+        .expect("the --zmq-* names")
+        .proxy
+        .config();
+        assert!(long.lossless);
+        assert_eq!(long.slow_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn server_and_proxy_take_the_same_proxy_flags() {
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            zmq: ZmqProxyArgs,
+        }
+        let argv = [
+            "x",
+            "--zmq-in",
+            "tcp://127.0.0.1:7000",
+            "--zmq-out",
+            "tcp://127.0.0.1:7001",
+            "--zmq-sub-queue",
+            "7",
+            "--zmq-max-connections",
+            "9",
+        ];
+        let a = Serve::try_parse_from(argv)
+            .expect("server flags")
+            .zmq
+            .config();
+        let b = Cmd::try_parse_from(argv)
+            .expect("proxy flags")
+            .proxy
+            .config();
+        for c in [&a, &b] {
+            assert_eq!(c.frontend, "tcp://127.0.0.1:7000");
+            assert_eq!(c.backend, "tcp://127.0.0.1:7001");
+            assert_eq!(c.sub_queue, 7);
+            assert_eq!(c.max_connections, 9);
+        }
+        let old = Cmd::try_parse_from([
+            "x",
+            "--frontend",
+            "tcp://127.0.0.1:7",
+            "--max-connections",
+            "3",
+        ])
+        .expect("the proxy's own names")
+        .proxy
+        .config();
+        assert_eq!(
+            (old.frontend.as_str(), old.max_connections),
+            ("tcp://127.0.0.1:7", 3)
+        );
     }
 }

@@ -7,12 +7,14 @@
 //! - [`proxy`]: the XSUB/XPUB/capture proxy; [`stats`]: its per-side counters.
 //! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router.
 //! - [`publisher`], [`receiver`], [`node`]: the clients.
-//! - [`cli`]: the `proxy`, `pub` and `sub` subcommands.
+//! - [`cli`] (feature `cli`): the `proxy`, `pub` and `sub` subcommands, and
+//!   the proxy flags `server --zmq` shares.
 //!
 //! See the ZeroMQ section of the top-level `README.md` for why we do not use the `zeromq`
 //! crate's sockets.
 
 pub mod bridge;
+#[cfg(feature = "cli")]
 pub mod cli;
 mod client_task;
 mod dial;
@@ -34,70 +36,6 @@ pub use publisher::{Publisher, PublisherConfig};
 pub use receiver::{Receiver, ReceiverConfig, SlowPolicy};
 
 use std::time::Duration;
-
-/// Flow control of the proxy under `serve --zmq`: the serve flags
-/// `--zmq-lossless` and `--zmq-slow-consumer-timeout SECS`, the same as
-/// `hermes-bus proxy --lossless --slow-consumer-timeout SECS`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FlowOptions {
-    /// See [`ProxyConfig::lossless`].
-    pub lossless: bool,
-    /// See [`ProxyConfig::slow_timeout`], in seconds (checked by
-    /// [`cli::parse_secs`] when it comes from a flag).
-    pub slow_consumer_timeout: f64,
-}
-
-impl Default for FlowOptions {
-    fn default() -> Self {
-        FlowOptions {
-            lossless: false,
-            slow_consumer_timeout: proxy::DEFAULT_SLOW_TIMEOUT.as_secs_f64(),
-        }
-    }
-}
-
-/// The ZeroMQ transport for `serve --zmq`, from the serve flags.
-pub fn transport_from_args(
-    args: &crate::cli::ServeArgs,
-) -> anyhow::Result<Box<dyn crate::transport::Transport>> {
-    transport_with_flow(
-        args,
-        FlowOptions {
-            lossless: args.zmq_lossless,
-            slow_consumer_timeout: args.zmq_slow_consumer_timeout,
-        },
-    )
-}
-
-/// [`transport_from_args`] with explicit flow control.
-pub fn transport_with_flow(
-    args: &crate::cli::ServeArgs,
-    flow: FlowOptions,
-) -> anyhow::Result<Box<dyn crate::transport::Transport>> {
-    let slow_timeout =
-        std::time::Duration::try_from_secs_f64(flow.slow_consumer_timeout).map_err(|_| {
-            anyhow::anyhow!(
-                "bad slow-consumer timeout {} s (expected a finite number >= 0)",
-                flow.slow_consumer_timeout
-            )
-        })?;
-    let cfg = ProxyConfig {
-        frontend: args.zmq_in.clone(),
-        backend: args.zmq_out.clone(),
-        capture: args.zmq_capture.clone(),
-        lossless: flow.lossless,
-        slow_timeout,
-        ..ProxyConfig::default()
-    };
-    // Validate the addresses now so a typo fails at start, not later.
-    for a in [&cfg.frontend, &cfg.backend]
-        .into_iter()
-        .chain(cfg.capture.as_ref())
-    {
-        a.parse::<Endpoint>()?;
-    }
-    Ok(Box::new(ZmqTransport::new(cfg)))
-}
 
 /// Errors of the ZeroMQ transport and clients.
 #[derive(Debug, thiserror::Error)]
