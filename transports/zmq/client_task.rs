@@ -32,15 +32,9 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// grace only bounds how long the task may take to end.
     const DRAINS_ON_STOP: bool;
 
-    /// Where the client connects (for logs).
-    fn endpoint(&self) -> &Endpoint;
-
-    /// The reconnect delays, fresh.
-    fn backoff(&self) -> Backoff;
-
-    /// Dials and handshakes (and whatever must be sent before the
-    /// connection counts as up).
-    fn dial(&self) -> impl Future<Output = Result<Dialed, ZmtpError>> + Send;
+    /// Dials `ep` and handshakes (and sends whatever must be sent before
+    /// the connection counts as up).
+    fn dial(&self, ep: &Endpoint) -> impl Future<Output = Result<Dialed, ZmtpError>> + Send;
 
     /// Called once dialed, before the connection is marked up; `reconnect`
     /// is true for every connection after the first.
@@ -89,6 +83,15 @@ impl Status {
     }
 }
 
+/// Where a client connects and how it backs off between attempts.
+#[derive(Debug)]
+struct Target {
+    /// Where to connect.
+    endpoint: Endpoint,
+    /// The reconnect delays (copied fresh for each start).
+    backoff: Backoff,
+}
+
 /// What a link's `serve` gets besides its connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Control {
@@ -102,6 +105,8 @@ pub(crate) struct Control {
 
 /// A client's background task and its connected state.
 pub(crate) struct ClientTask<L: Link> {
+    /// Where it connects and how it retries; shared with the task.
+    target: Arc<Target>,
     /// What the task does; shared with it.
     link: Arc<L>,
     /// The connected state.
@@ -118,7 +123,7 @@ impl<L: Link> std::fmt::Debug for ClientTask<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTask")
             .field("kind", &L::KIND)
-            .field("endpoint", &self.link.endpoint().to_string())
+            .field("endpoint", &self.target.endpoint.to_string())
             .field("started", &self.task.is_some())
             .field("connected", &self.status.is_connected())
             .finish()
@@ -126,9 +131,11 @@ impl<L: Link> std::fmt::Debug for ClientTask<L> {
 }
 
 impl<L: Link> ClientTask<L> {
-    /// A task for `link`, not started.
-    pub(crate) fn new(link: L) -> ClientTask<L> {
+    /// A task for `link` connecting to `endpoint`, retrying after the
+    /// delays of `backoff`; not started.
+    pub(crate) fn new(endpoint: Endpoint, backoff: Backoff, link: L) -> ClientTask<L> {
         ClientTask {
+            target: Arc::new(Target { endpoint, backoff }),
             link: Arc::new(link),
             status: Arc::default(),
             task: None,
@@ -157,7 +164,8 @@ impl<L: Link> ClientTask<L> {
             kill: self.kill.clone(),
             status: self.status.clone(),
         };
-        self.task = Some(rt.spawn(run(self.link.clone(), ctl)));
+        let run = run(self.target.clone(), self.link.clone(), ctl);
+        self.task = Some(rt.spawn(run));
         Ok(())
     }
 
@@ -228,8 +236,9 @@ impl<L: Link> Drop for ClientTask<L> {
 }
 
 /// The task: dial, serve, back off, dial again, until stopped.
-async fn run<L: Link>(link: Arc<L>, ctl: Control) {
-    let mut backoff = link.backoff();
+async fn run<L: Link>(target: Arc<Target>, link: Arc<L>, ctl: Control) {
+    let endpoint = &target.endpoint;
+    let mut backoff = target.backoff.clone();
     let mut first = true;
     loop {
         if ctl.kill.is_cancelled() || (ctl.stopping.is_cancelled() && link.idle()) {
@@ -237,7 +246,7 @@ async fn run<L: Link>(link: Arc<L>, ctl: Control) {
         }
         let dialed = tokio::select! {
             _ = ctl.kill.cancelled() => break,
-            d = link.dial() => d,
+            d = link.dial(endpoint) => d,
         };
         match dialed {
             Ok(conn) => {
@@ -256,10 +265,10 @@ async fn run<L: Link>(link: Arc<L>, ctl: Control) {
                 if reason.is_final() {
                     break;
                 }
-                tracing::debug!(client = L::KIND, endpoint = %link.endpoint(), %reason, "connection lost, reconnecting");
+                tracing::debug!(client = L::KIND, %endpoint, %reason, "connection lost, reconnecting");
             }
             Err(e) => {
-                tracing::debug!(client = L::KIND, endpoint = %link.endpoint(), error = %e, "connect failed");
+                tracing::debug!(client = L::KIND, %endpoint, error = %e, "connect failed");
             }
         }
         if ctl.stopping.is_cancelled() {
@@ -273,4 +282,152 @@ async fn run<L: Link>(link: Arc<L>, ctl: Control) {
         }
     }
     link.on_end();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+    use crate::transports::zmq::zmtp::FrameReader;
+
+    /// A link over in-memory pipes: the first `fail` dials fail, then each
+    /// dial hands out a pipe whose far end the test holds.
+    #[derive(Default)]
+    struct Fake {
+        fail: usize,
+        drains: bool,
+        dials: AtomicUsize,
+        reconnects: AtomicUsize,
+        ends: AtomicUsize,
+        peers: Mutex<Vec<DuplexStream>>,
+    }
+
+    impl Link for Fake {
+        const KIND: &'static str = "fake";
+        const DRAINS_ON_STOP: bool = false;
+
+        async fn dial(&self, _: &Endpoint) -> Result<Dialed, ZmtpError> {
+            if self.dials.fetch_add(1, Ordering::SeqCst) < self.fail {
+                return Err(ZmtpError::Timeout);
+            }
+            let (ours, theirs) = tokio::io::duplex(64);
+            self.peers.lock().unwrap().push(theirs);
+            let (r, w) = tokio::io::split(ours);
+            Ok(Dialed {
+                r: Box::new(r),
+                w: Box::new(w),
+                reader: FrameReader::new(1024),
+                info: PeerInfo::default(),
+            })
+        }
+
+        fn on_connect(&self, _: &PeerInfo, reconnect: bool) {
+            if reconnect {
+                self.reconnects.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+
+        /// Ends when the peer closes its end (not final), or with Closed
+        /// once stopping if the link drains.
+        async fn serve(&self, mut conn: Dialed, ctl: &Control) -> Disconnect {
+            let mut b = [0u8; 16];
+            tokio::select! {
+                _ = ctl.stopping.cancelled(), if self.drains => Disconnect::Closed,
+                _ = conn.r.read(&mut b) => Disconnect::PeerClosed,
+            }
+        }
+
+        fn on_end(&self) {
+            self.ends.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn task(fake: Fake) -> ClientTask<Fake> {
+        let ep: Endpoint = "tcp://127.0.0.1:1".parse().unwrap();
+        let backoff = Backoff::new(Duration::from_millis(1), 2.0, Duration::from_millis(20));
+        ClientTask::new(ep, backoff, fake)
+    }
+
+    #[tokio::test]
+    async fn retries_reconnects_and_stops() {
+        let mut t = task(Fake {
+            fail: 3,
+            ..Fake::default()
+        });
+        assert!(!t.is_started() && !t.is_connected());
+        t.start().unwrap();
+        t.wait_until(Duration::from_secs(60), |_, up| up)
+            .await
+            .unwrap();
+        assert_eq!(t.link().dials.load(Ordering::SeqCst), 4);
+        assert_eq!(t.link().reconnects.load(Ordering::SeqCst), 0);
+        // The peer goes away: the task marks the link down and dials again.
+        let peer = t.link().peers.lock().unwrap().pop().unwrap();
+        drop(peer);
+        t.wait_until(Duration::from_secs(60), |l, up| {
+            up && l.reconnects.load(Ordering::SeqCst) == 1
+        })
+        .await
+        .unwrap();
+        t.stop(Duration::from_secs(1)).await;
+        assert!(!t.is_started() && !t.is_running() && !t.is_connected());
+        assert_eq!(t.link().ends.load(Ordering::SeqCst), 1);
+        // Restartable.
+        t.start().unwrap();
+        t.wait_until(Duration::from_secs(60), |_, up| up)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_times_out_and_failed_dials_are_retried() {
+        let mut t = task(Fake {
+            fail: usize::MAX,
+            ..Fake::default()
+        });
+        t.start().unwrap();
+        let limit = Duration::from_millis(200);
+        assert!(matches!(
+            t.wait_until(limit, |_, up| up).await,
+            Err(ZmqError::Timeout(l)) if l == limit
+        ));
+        // It kept dialling, backing off in between.
+        t.wait_until(Duration::from_secs(10), |l, _| {
+            l.dials.load(Ordering::SeqCst) >= 3
+        })
+        .await
+        .unwrap();
+        t.stop(Duration::from_secs(1)).await;
+        assert_eq!(t.link().ends.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn start_needs_a_runtime_only_once_and_drop_ends_the_task() {
+        let mut t = task(Fake::default());
+        t.start().unwrap();
+        t.start().unwrap();
+        t.wait_until(Duration::from_secs(10), |_, up| up)
+            .await
+            .unwrap();
+        let link = t.link.clone();
+        drop(t);
+        // The task was aborted: its connection's far end sees EOF.
+        let mut peer = link.peers.lock().unwrap().pop().unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), peer.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn start_outside_a_runtime_is_an_error() {
+        let mut t = task(Fake::default());
+        assert!(matches!(t.start(), Err(ZmqError::NotRunning(_))));
+    }
 }

@@ -89,12 +89,8 @@ crate::counters::counters! {
 /// does with a connection.
 #[derive(Debug)]
 struct Shared {
-    /// Where to connect.
-    endpoint: Endpoint,
     /// The codec the user asked for.
     codec: Codec,
-    /// Reconnect delays.
-    reconnect: Backoff,
     /// Encoded messages waiting for the connection task.
     queue: WireQueue,
     /// Subscription prefixes the proxy forwarded (a multiset); cleared on
@@ -138,15 +134,17 @@ impl Publisher {
     /// A publisher with explicit settings.
     pub fn with_config(cfg: PublisherConfig) -> Result<Publisher, ZmqError> {
         let endpoint = cfg.addr.parse()?;
-        let task = ClientTask::new(Shared {
+        let task = ClientTask::new(
             endpoint,
-            codec: cfg.codec,
-            reconnect: cfg.reconnect.clone(),
-            queue: WireQueue::new(cfg.queue, cfg.queue_bytes),
-            subs: RwLock::new(PrefixSet::default()),
-            msgpack_ok: AtomicBool::new(false),
-            counters: Counters::default(),
-        });
+            cfg.reconnect.clone(),
+            Shared {
+                codec: cfg.codec,
+                queue: WireQueue::new(cfg.queue, cfg.queue_bytes),
+                subs: RwLock::new(PrefixSet::default()),
+                msgpack_ok: AtomicBool::new(false),
+                counters: Counters::default(),
+            },
+        );
         Ok(Publisher { cfg, task })
     }
 
@@ -256,16 +254,8 @@ impl Link for Shared {
     const KIND: &'static str = "publisher";
     const DRAINS_ON_STOP: bool = true;
 
-    fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    fn backoff(&self) -> Backoff {
-        self.reconnect.clone()
-    }
-
-    async fn dial(&self) -> Result<Dialed, ZmtpError> {
-        dial::dial(&self.endpoint, SocketType::Pub, self.codec, 1 << 20).await
+    async fn dial(&self, ep: &Endpoint) -> Result<Dialed, ZmtpError> {
+        dial::dial(ep, SocketType::Pub, self.codec, 1 << 20).await
     }
 
     fn on_connect(&self, info: &PeerInfo, reconnect: bool) {

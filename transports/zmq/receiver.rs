@@ -140,8 +140,6 @@ struct Queue {
 struct Shared {
     /// Settings.
     cfg: ReceiverConfig,
-    /// Parsed `cfg.addr`.
-    endpoint: Endpoint,
     /// The subscription messages sent after each handshake.
     subscriptions: BytesMut,
     /// The envelope queue.
@@ -202,16 +200,19 @@ impl Receiver {
             zmtp::put_subscription(&mut subscriptions, true, &envelope::subscription_for(t));
         }
         Ok(Receiver {
-            task: ClientTask::new(Shared {
-                cfg,
+            task: ClientTask::new(
                 endpoint,
-                subscriptions,
-                queue: Mutex::new(Queue::default()),
-                cond: Condvar::new(),
-                notify: Notify::new(),
-                lag_warned: AtomicU64::new(0),
-                counters: Counters::default(),
-            }),
+                cfg.reconnect.clone(),
+                Shared {
+                    cfg,
+                    subscriptions,
+                    queue: Mutex::new(Queue::default()),
+                    cond: Condvar::new(),
+                    notify: Notify::new(),
+                    lag_warned: AtomicU64::new(0),
+                    counters: Counters::default(),
+                },
+            ),
         })
     }
 
@@ -355,22 +356,9 @@ impl Link for Shared {
     const KIND: &'static str = "receiver";
     const DRAINS_ON_STOP: bool = false;
 
-    fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    fn backoff(&self) -> Backoff {
-        self.cfg.reconnect.clone()
-    }
-
-    async fn dial(&self) -> Result<Dialed, ZmtpError> {
-        let mut conn = dial::dial(
-            &self.endpoint,
-            SocketType::Sub,
-            self.cfg.codec,
-            self.cfg.max_msg_size,
-        )
-        .await?;
+    async fn dial(&self, ep: &Endpoint) -> Result<Dialed, ZmtpError> {
+        let mut conn =
+            dial::dial(ep, SocketType::Sub, self.cfg.codec, self.cfg.max_msg_size).await?;
         conn.w.write_all(&self.subscriptions).await?;
         conn.w.flush().await?;
         Ok(conn)
