@@ -1,14 +1,17 @@
-//! The Unix-socket transport: the main protocol (PROTOCOL.md, section 1).
+//! The Unix-socket transport: the main protocol (README.md, "The protocol,
+//! and where we differ from the reference").
 //!
 //! - [`frame`]: the 4-byte length framing, pure functions on byte buffers.
 //! - [`server`]: binds the socket, accepts connections, bounds them.
 //! - [`session`]: one connection: reads frames, asks the bus, writes its outbox.
+//! - [`command`]: a frame's request as a typed command (pure parsing).
 //! - [`client`]: `BusClient` and `send_message`, async (tokio).
 //! - `dial`: the client's one dial-and-register path.
 //! - [`blocking`]: a blocking wrapper for programs without a runtime.
 
 pub mod blocking;
 pub mod client;
+pub mod command;
 mod dial;
 pub mod frame;
 pub mod server;
