@@ -13,6 +13,8 @@
 //! - [`codec`]: JSON (default) and MessagePack data encodings.
 //! - [`delivery`]: what the router hands to a session, encoded at most once
 //!   per wire form and shared by reference count.
+//! - [`notice`]: the bus's own replies and notices to a session, typed,
+//!   and their encoding in each wire form.
 //! - [`outbox`]: the bounded per-session queue between router and writer.
 //! - [`router`]: plain state: sessions, fan-out, flow-control decisions
 //!   and counters. Never awaits. Inside it, [`router::names`] (endpoint
@@ -51,6 +53,7 @@ pub mod error;
 pub mod hooks;
 pub mod logging;
 pub mod message;
+pub mod notice;
 pub mod outbox;
 pub mod router;
 #[cfg(all(feature = "unix", feature = "cli"))]
