@@ -5,11 +5,19 @@ mod common;
 mod zmq_util;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use hermes_bus::transports::unix::frame;
+use hermes_bus::transports::zmq::proxy::{ProxyConfig, ProxyStats};
 use hermes_bus::transports::zmq::zmtp::{self, Inbound, SocketType, SubChange};
+use hermes_bus::transports::zmq::ZmqTransport;
+use hermes_bus::Transport;
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 use zmq_util::{eventually, raw_peer, start_proxy, try_raw_peer, RawPeer};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -24,14 +32,116 @@ fn drain(mut p: RawPeer) -> tokio::task::JoinHandle<()> {
 async fn subscription_storm_does_not_stall_other_traffic() {
     tokio::time::timeout(LIMIT, async {
         let proxy = start_proxy(|_| {}).await;
-        let mut ctl_sub = raw_peer(&proxy.back(), SocketType::Sub).await;
+        storm_with_control_pair(&proxy.back(), &proxy.front(), &proxy.stats, None).await;
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The same two storms against the bus with both transports in one
+/// process (as `hermes-bus server --zmq` runs them): a Unix ping keeps
+/// being answered throughout. Prints the round trips' p99 and max (no
+/// timing assertion; every ping must be answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_storm_leaves_unix_pings_answered_in_the_bus() {
+    tokio::time::timeout(LIMIT, async {
+        let tb = common::TestBus::start().await;
+        let t = ZmqTransport::bind(ProxyConfig {
+            frontend: "tcp://127.0.0.1:0".into(),
+            backend: "tcp://127.0.0.1:0".into(),
+            ..ProxyConfig::default()
+        })
+        .await
+        .expect("bind");
+        let ep = t.endpoints().expect("endpoints");
+        let stats = t.stats();
+        let stop = CancellationToken::new();
+        let serve = tokio::spawn(Box::new(t).serve(tb.bus.clone(), stop.clone()));
+        let rtts = storm_with_control_pair(
+            &ep.backend.to_string(),
+            &ep.frontend.to_string(),
+            &stats,
+            Some(tb.socket.clone()),
+        )
+        .await;
+        let mut sorted = rtts.clone();
+        sorted.sort_unstable();
+        let p99 = sorted[(sorted.len() * 99).div_ceil(100).saturating_sub(1)];
+        let max = sorted[sorted.len() - 1];
+        println!(
+            "storm in the bus: {} Unix pings during the storm, all answered; p50 {:?} p99 {p99:?} max {max:?}",
+            sorted.len(),
+            sorted[sorted.len() / 2]
+        );
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), serve).await;
+        tb.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Pings the bus on its Unix socket every 10 ms from an OS thread of its
+/// own (the test's load does not count as bus latency) until `stop`;
+/// returns every round trip. Panics when a ping is not answered within
+/// 10 s (the bound of this test, not a timing assertion).
+fn unix_pinger(socket: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Duration>> {
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("unix connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let req = frame::encode(br#"{"type": "ping"}"#);
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        let mut rtts = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let t0 = Instant::now();
+            s.write_all(&req).expect("ping sent");
+            'wait: loop {
+                while let Some(p) = frame::decode(&mut buf, frame::MAX_FRAME).expect("a frame") {
+                    let v: serde_json::Value = serde_json::from_slice(&p).expect("json");
+                    if v["type"] == "pong" && v["keepalive"] != true {
+                        break 'wait;
+                    }
+                }
+                let n = s.read(&mut chunk).expect("pong within 10 s");
+                assert!(n > 0, "the bus closed the ping connection");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            rtts.push(t0.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        rtts
+    })
+}
+
+/// Two raw subscribers × 50,000 subscriptions against the XPUB side at
+/// `back` while a raw control pair exchanges messages through it (and,
+/// with `ping`, a Unix session pings the bus); asserts ≥ 95 % control
+/// delivery and that the storm's subscriptions leave with it. Returns
+/// the ping round trips taken during the storm.
+async fn storm_with_control_pair(
+    back: &str,
+    front: &str,
+    stats: &Arc<ProxyStats>,
+    ping: Option<PathBuf>,
+) -> Vec<Duration> {
+    {
+        let base = stats.snapshot().subscriptions;
+        let mut ctl_sub = raw_peer(back, SocketType::Sub).await;
         ctl_sub.subscribe(b"CTRL").await;
         assert!(
-            eventually(Duration::from_secs(10), || proxy.stats.snapshot().subscriptions == 1).await
+            eventually(Duration::from_secs(10), || stats.snapshot().subscriptions
+                == base + 1)
+            .await
         );
+        let ping_stop = Arc::new(AtomicBool::new(false));
+        let pinger = ping.map(|socket| unix_pinger(socket, ping_stop.clone()));
         // The control publisher: its reading side (the proxy's upstream
         // subscriptions, storm included) is drained by a task.
-        let RawPeer { r, mut w, reader } = raw_peer(&proxy.front(), SocketType::Pub).await;
+        let RawPeer { r, mut w, reader } = raw_peer(front, SocketType::Pub).await;
         let drainer = drain(RawPeer {
             r,
             w: Box::new(tokio::io::sink()),
@@ -43,7 +153,7 @@ async fn subscription_storm_does_not_stall_other_traffic() {
         let storm_start = Instant::now();
         let mut storm = Vec::new();
         for s in 0..2 {
-            let addr = proxy.back();
+            let addr = back.to_owned();
             storm.push(tokio::spawn(async move {
                 let mut p = raw_peer(&addr, SocketType::Sub).await;
                 let mut b = BytesMut::new();
@@ -60,7 +170,7 @@ async fn subscription_storm_does_not_stall_other_traffic() {
 
         // Meanwhile the control pair exchanges numbered messages, one per
         // 10 ms, until the storm was absorbed (and at least 200).
-        let stats = proxy.stats.clone();
+        let stats_s = stats.clone();
         let sender = tokio::spawn(async move {
             let mut sent = 0u32;
             let mut absorbed: Option<Duration> = None;
@@ -72,10 +182,10 @@ async fn subscription_storm_does_not_stall_other_traffic() {
                 w.write_all(&b).await.expect("control publish");
                 sent += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                let s = stats.snapshot();
+                let s = stats_s.snapshot();
                 if absorbed.is_none()
                     && storm_start.elapsed() > Duration::from_millis(100)
-                    && s.subscriptions == 1
+                    && s.subscriptions == base + 1
                     && s.subscribers.open == 1
                     && s.subscribers.accepted >= 3
                 {
@@ -94,7 +204,10 @@ async fn subscription_storm_does_not_stall_other_traffic() {
                     let f: Vec<&[u8]> = m.frames().collect();
                     assert_eq!(f[0], b"CTRL");
                     got.insert(String::from_utf8_lossy(f[1]).into_owned());
-                    let at: u64 = std::str::from_utf8(f[3]).expect("utf8").parse().expect("time");
+                    let at: u64 = std::str::from_utf8(f[3])
+                        .expect("utf8")
+                        .parse()
+                        .expect("time");
                     let delay = storm_start
                         .elapsed()
                         .saturating_sub(Duration::from_micros(at));
@@ -119,19 +232,21 @@ async fn subscription_storm_does_not_stall_other_traffic() {
         assert!(pct >= 95.0, "control delivery {pct:.1} %");
         assert!(
             eventually(Duration::from_secs(30), || {
-                let s = proxy.stats.snapshot();
-                s.subscriptions == 1 && s.subscribers.open == 1
+                let s = stats.snapshot();
+                s.subscriptions == base + 1 && s.subscribers.open == 1
             })
             .await,
             "the storm's subscriptions left with it: {:?}",
-            proxy.stats.snapshot()
+            stats.snapshot()
         );
         drop(ctl_sub);
         drainer.abort();
-        proxy.shutdown().await;
-    })
-    .await
-    .expect("test timed out");
+        ping_stop.store(true, Ordering::Relaxed);
+        match pinger {
+            Some(t) => t.join().expect("every ping answered"),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// The subscriptions a raw publisher reads until it sees `marker`.
