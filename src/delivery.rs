@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::ProtocolError;
-use crate::message::BusMessage;
+use crate::notice::Notice;
 use crate::outbox::Outbox;
 
 /// A pub-sub message as the router carries it between transports.
@@ -91,19 +91,12 @@ impl Ack {
 
 impl Drop for Ack {
     fn drop(&mut self) {
-        let mut m = match self.failed.get() {
-            Some(err) => {
-                let mut m = BusMessage::with_type("error");
-                m.set_str("code", err.code.as_str());
-                m.set_str("detail", &err.detail);
-                m
-            }
-            None => BusMessage::with_type("ack"),
+        let id = self.id.take();
+        let notice = match self.failed.take() {
+            Some(err) => Notice::error(err, id),
+            None => Notice::Ack { id },
         };
-        if let Some(id) = &self.id {
-            m.set_raw("id", id.clone());
-        }
-        let _ = self.to.push_forced(Delivery::reply(m.to_frame()));
+        let _ = self.to.push_forced(Delivery::notice(notice));
     }
 }
 
@@ -112,15 +105,26 @@ enum Inner {
     /// A routed message, already encoded as a Unix-protocol frame (header
     /// included) once for all its targets and the hooks.
     Frame(Bytes),
-    /// A reply meant for one connection only (pong, error, lists): never
+    /// A reply meant for one connection only, ready encoded: never
     /// replayed to a later connection of the same name.
     Reply(Bytes),
+    /// A reply or notice of the bus to one connection, typed; each wire
+    /// form is encoded from it directly (never replayed either).
+    Notice(Arc<NoticeInner>),
     /// A topic message; its Unix frame is encoded on first use.
     Topic(Arc<TopicInner>),
     /// Another delivery in a session's own wire form (MessagePack), made by
     /// that session's writer; the original is kept so what was not written
     /// can be held for the name in its shared (JSON) form.
     Transcoded(Bytes, Box<Delivery>),
+}
+
+#[derive(Debug)]
+struct NoticeInner {
+    /// The notice.
+    notice: Notice,
+    /// Its JSON frame, made by the first writer that needs it.
+    json: OnceLock<Bytes>,
 }
 
 #[derive(Debug)]
@@ -189,6 +193,7 @@ impl Delivery {
         Self::OVERHEAD
             + match &self.inner {
                 Inner::Frame(b) | Inner::Reply(b) => b.len(),
+                Inner::Notice(n) => n.notice.size_hint(),
                 Inner::Topic(t) => {
                     let m = &t.msg;
                     64 + m.topic.len() + m.origin.len() + m.data.get().len()
@@ -215,10 +220,28 @@ impl Delivery {
         Delivery::of(Inner::Reply(frame))
     }
 
+    /// A reply or notice of the bus to one connection (never held for a
+    /// reconnect), encoded by its writer in the connection's wire form.
+    pub fn notice(notice: Notice) -> Self {
+        Delivery::of(Inner::Notice(Arc::new(NoticeInner {
+            notice,
+            json: OnceLock::new(),
+        })))
+    }
+
+    /// The notice, when this is one.
+    pub fn as_notice(&self) -> Option<&Notice> {
+        match &self.inner {
+            Inner::Notice(n) => Some(&n.notice),
+            Inner::Transcoded(_, original) => original.as_notice(),
+            _ => None,
+        }
+    }
+
     /// True for a reply (as opposed to routed traffic).
     pub fn is_reply(&self) -> bool {
         match &self.inner {
-            Inner::Reply(_) => true,
+            Inner::Reply(_) | Inner::Notice(_) => true,
             Inner::Transcoded(_, original) => original.is_reply(),
             _ => false,
         }
@@ -228,26 +251,29 @@ impl Delivery {
     /// marker byte and MessagePack), for a session that asked for it.
     /// A delivery that cannot be transcoded stays JSON.
     pub fn to_msgpack(self) -> Delivery {
-        if matches!(self.inner, Inner::Transcoded(..)) {
-            return self;
-        }
-        let json = &self.unix_frame()[4..];
-        let encoded = serde_json::from_slice::<serde_json::Value>(json)
-            .ok()
-            .and_then(|v| crate::codec::encode(crate::codec::Codec::MsgPack, &v).ok());
-        match encoded {
-            Some(payload) => {
+        let frame = match &self.inner {
+            Inner::Transcoded(..) => return self,
+            // A notice is encoded from its type, never from its JSON.
+            Inner::Notice(n) => n.notice.msgpack_frame(),
+            _ => {
+                let json = &self.unix_frame()[4..];
+                let encoded = serde_json::from_slice::<serde_json::Value>(json)
+                    .ok()
+                    .and_then(|v| crate::codec::encode(crate::codec::Codec::MsgPack, &v).ok());
+                let Some(payload) = encoded else {
+                    return self;
+                };
                 let mut out = BytesMut::with_capacity(4 + payload.len());
                 out.put_u32(payload.len() as u32);
                 out.put_slice(&payload);
-                let (ack, held_at) = (self.ack.clone(), self.held_at);
-                Delivery {
-                    inner: Inner::Transcoded(out.freeze(), Box::new(self.without_ack())),
-                    ack,
-                    held_at,
-                }
+                out.freeze()
             }
-            None => self,
+        };
+        let (ack, held_at) = (self.ack.clone(), self.held_at);
+        Delivery {
+            inner: Inner::Transcoded(frame, Box::new(self.without_ack())),
+            ack,
+            held_at,
         }
     }
 
@@ -271,7 +297,7 @@ impl Delivery {
     pub fn topic_message(&self) -> Option<&TopicMessage> {
         match &self.inner {
             Inner::Topic(t) => Some(&t.msg),
-            Inner::Frame(_) | Inner::Reply(_) => None,
+            Inner::Frame(_) | Inner::Reply(_) | Inner::Notice(_) => None,
             Inner::Transcoded(_, original) => original.topic_message(),
         }
     }
@@ -280,6 +306,7 @@ impl Delivery {
     pub fn unix_frame(&self) -> &Bytes {
         match &self.inner {
             Inner::Frame(b) | Inner::Reply(b) | Inner::Transcoded(b, _) => b,
+            Inner::Notice(n) => n.json.get_or_init(|| n.notice.json_frame()),
             Inner::Topic(t) => t.unix.get_or_init(|| {
                 let msg = &t.msg;
                 let mut out = BytesMut::with_capacity(64 + msg.data.get().len());

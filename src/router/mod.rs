@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::delivery::{encode_frame, Ack, Delivery, TopicMessage};
+use crate::delivery::{Ack, Delivery, TopicMessage};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::message::{BusMessage, RawJson};
+use crate::notice::Notice;
 use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
 use crate::stats::{EndpointStats, FlowStats, RouterStats, SessionCounters, Totals};
 use hash::FastHash;
@@ -212,15 +213,9 @@ pub struct Router {
 
 pub use crate::clock::unix_now;
 
-/// An error reply frame: `{"type":"error","code":..,"detail":..,"id":..}`.
+/// An error reply: `{"type":"error","code":..,"detail":..,"id":..}`.
 pub fn error_frame(err: &ProtocolError, id: Option<RawJson<'_>>) -> Delivery {
-    let mut m = BusMessage::with_type("error");
-    m.set_str("code", err.code.as_str());
-    m.set_str("detail", &err.detail);
-    if let Some(id) = id {
-        m.set_json("id", id);
-    }
-    Delivery::reply(m.to_frame())
+    Delivery::notice(Notice::error(err.clone(), id.map(|i| i.to_raw_value())))
 }
 
 /// An error delivery for a copy the slow-consumer policy dropped.
@@ -405,10 +400,11 @@ impl Router {
         s.name = Some(name.to_owned());
         s.uuid = uuid.clone();
         s.last_seen = now;
-        let reply = encode_frame(&serde_json::json!({
-            "type": "registered", "endpoint": name, "session_id": uuid,
-        }));
-        let _ = s.outbox.push_forced(Delivery::reply(reply));
+        let reply = Notice::Registered {
+            endpoint: name.to_owned(),
+            session_id: uuid.clone(),
+        };
+        let _ = s.outbox.push_forced(Delivery::notice(reply));
         for d in claimed.replay {
             if s.outbox.push_forced(d).is_ok() {
                 s.counters.delivered += 1;
