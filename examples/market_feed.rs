@@ -8,7 +8,14 @@
 //!
 //! ```text
 //! cargo run --release --example market_feed -- --rate 50000 --seconds 5
+//! # through a proxy that already runs (`hermes-bus proxy`, `server --zmq`):
+//! cargo run --release --example market_feed -- --addr tcp://127.0.0.1:6000 --zmq-out tcp://127.0.0.1:6001
 //! ```
+//!
+//! Each line reports what the publisher was asked to publish and what it
+//! really sent; what it dropped is split by cause: `filtered` (no
+//! subscriber wanted the topic: a ZeroMQ PUB drops those at the source),
+//! `disconnected` and `dropped` (queue full).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,6 +47,17 @@ struct Args {
     /// One trade per this many quotes.
     #[arg(long, default_value_t = 4)]
     quotes_per_trade: u64,
+    /// An external proxy's XSUB address (publishers connect here); without
+    /// it the example runs its own proxy in-process.
+    #[arg(long = "zmq-in", visible_alias = "addr", value_name = "ADDR")]
+    zmq_in: Option<String>,
+    /// The external proxy's XPUB address (subscribers connect here).
+    #[arg(
+        long = "zmq-out",
+        value_name = "ADDR",
+        default_value = "tcp://127.0.0.1:6001"
+    )]
+    zmq_out: String,
 }
 
 /// Per-receiver tallies the printer reads.
@@ -56,21 +74,36 @@ struct Tally {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let proxy = ZmqProxy::bind(ProxyConfig {
-        frontend: "tcp://127.0.0.1:0".into(),
-        backend: "tcp://127.0.0.1:0".into(),
-        ..ProxyConfig::default()
-    })
-    .await?;
-    let ep = proxy
-        .endpoints()
-        .ok_or_else(|| anyhow::anyhow!("proxy not bound"))?;
-    let stats = proxy.stats();
+    // The proxy: an external one (--addr), or our own on free ports.
     let stop = CancellationToken::new();
-    let proxy_task = tokio::spawn(proxy.run(stop.clone()));
+    let (front, back, proxy) = match &args.zmq_in {
+        Some(front) => (front.clone(), args.zmq_out.clone(), None),
+        None => {
+            let proxy = ZmqProxy::bind(ProxyConfig {
+                frontend: "tcp://127.0.0.1:0".into(),
+                backend: "tcp://127.0.0.1:0".into(),
+                ..ProxyConfig::default()
+            })
+            .await?;
+            let ep = proxy
+                .endpoints()
+                .ok_or_else(|| anyhow::anyhow!("proxy not bound"))?;
+            let stats = proxy.stats();
+            let task = tokio::spawn(proxy.run(stop.clone()));
+            (
+                ep.frontend.to_string(),
+                ep.backend.to_string(),
+                Some((stats, task)),
+            )
+        }
+    };
     println!(
-        "proxy: publishers → {}, subscribers → {}",
-        ep.frontend, ep.backend
+        "proxy{}: publishers → {front}, subscribers → {back}",
+        if proxy.is_some() {
+            " (in-process)"
+        } else {
+            " (external)"
+        }
     );
 
     let symbols: Vec<String> = (0..args.symbols.max(1))
@@ -80,12 +113,14 @@ async fn main() -> anyhow::Result<()> {
     // Receivers, one per symbol prefix.
     let mut receivers = Vec::new();
     for prefix in &args.prefixes {
-        let mut cfg = ReceiverConfig::new(ep.backend.to_string(), format!("sub-{prefix}"));
+        let mut cfg = ReceiverConfig::new(back.clone(), format!("sub-{prefix}"));
         cfg.topics = vec![format!("quotes/{prefix}"), format!("trades/{prefix}")];
         cfg.slow_policy = SlowPolicy::Warn;
         let mut r = Receiver::with_config(cfg)?;
         r.start()?;
-        r.wait_connected(Duration::from_secs(5)).await?;
+        r.wait_connected(Duration::from_secs(5))
+            .await
+            .map_err(|e| anyhow::anyhow!("no proxy answers at {back} for subscribers: {e}"))?;
         let r = Arc::new(r);
         let tally = Arc::new(Tally::default());
         let (r2, t2, done) = (r.clone(), tally.clone(), stop.clone());
@@ -109,14 +144,22 @@ async fn main() -> anyhow::Result<()> {
         receivers.push((prefix.clone(), r, tally));
     }
 
-    let mut pcfg = PublisherConfig::new(ep.frontend.to_string(), "feed");
+    let mut pcfg = PublisherConfig::new(front.clone(), "feed");
     pcfg.queue = 1_000_000;
     let mut publisher = Publisher::with_config(pcfg)?;
     publisher.start()?;
+    publisher
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("no proxy answers at {front} for publishers: {e}"))?;
     if let Some(first) = args.prefixes.first() {
-        publisher
+        if publisher
             .wait_for_subscriber(&format!("quotes/{first}"), Duration::from_secs(5))
-            .await?;
+            .await
+            .is_err()
+        {
+            println!("warning: no subscription for quotes/{first} reached the publisher yet");
+        }
     }
 
     let start = Instant::now();
@@ -125,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
     let mut published = 0u64;
     let mut last_print = Instant::now();
     let mut last_pub = 0u64;
+    let mut last_ps = publisher.stats();
     let mut last_counts = vec![0u64; receivers.len()];
     let mut seq = 0u64;
     while Instant::now() < end {
@@ -159,7 +203,18 @@ async fn main() -> anyhow::Result<()> {
         }
         if last_print.elapsed() >= Duration::from_secs(1) {
             let secs = last_print.elapsed().as_secs_f64();
-            let mut line = format!("published {:>8.0}/s", (published - last_pub) as f64 / secs);
+            // What was asked, and what really left; drops by cause, so a
+            // topic nobody subscribed to is not counted as published.
+            let ps = publisher.stats();
+            let mut line = format!(
+                "asked {:>8.0}/s sent {:>8.0}/s (filtered {}, disconnected {}, dropped {})",
+                (published - last_pub) as f64 / secs,
+                (ps.sent - last_ps.sent) as f64 / secs,
+                ps.filtered - last_ps.filtered,
+                ps.disconnected - last_ps.disconnected,
+                ps.dropped - last_ps.dropped,
+            );
+            last_ps = ps;
             for (i, (prefix, _, t)) in receivers.iter().enumerate() {
                 let n = t.count.load(Ordering::Relaxed);
                 let got = n - last_counts[i];
@@ -186,13 +241,29 @@ async fn main() -> anyhow::Result<()> {
     publisher.flush(Duration::from_secs(5)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ps = publisher.stats();
+    println!(
+        "total: asked {published}, sent {}, filtered {} (no subscriber for the topic), disconnected {}, dropped {} (queue full)",
+        ps.sent, ps.filtered, ps.disconnected, ps.dropped
+    );
+    let received: u64 = receivers
+        .iter()
+        .map(|(_, _, t)| t.count.load(Ordering::Relaxed))
+        .sum();
+    println!(
+        "received by the {} receivers together: {received}",
+        receivers.len()
+    );
     println!("publisher: {}", serde_json::to_string(&ps)?);
     for (prefix, r, _) in &receivers {
         println!("receiver {prefix}*: {}", serde_json::to_string(&r.stats())?);
     }
-    println!("proxy: {}", serde_json::to_string(&stats.snapshot())?);
+    if let Some((stats, _)) = &proxy {
+        println!("proxy: {}", serde_json::to_string(&stats.snapshot())?);
+    }
     publisher.stop().await;
     stop.cancel();
-    let _ = proxy_task.await;
+    if let Some((_, task)) = proxy {
+        let _ = task.await;
+    }
     Ok(())
 }

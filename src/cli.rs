@@ -200,17 +200,31 @@ impl ServeArgs {
 /// The daemon manager's commands (`hermes-busd X`, `hermes-bus daemon X`).
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DaemonCmd {
-    /// Start the bus in the background (server flags after `--`).
+    /// Start the bus in the background (server flags after `--`). Safe to
+    /// run concurrently: exactly one bus starts, the others report it.
     Start {
+        /// A client's autostart: refrain for a while after an explicit
+        /// `stop` (a start with stdin, stdout and stderr on /dev/null, as
+        /// the reference Python client runs it, counts as one too).
+        #[arg(long, hide = true)]
+        auto: bool,
         /// Flags for hermes-bus-server, e.g. `-- --hold-grace-ms 2000`.
         #[arg(last = true)]
         server_args: Vec<String>,
     },
-    /// Stop the bus (SIGTERM, then SIGKILL after ~4.5 s).
+    /// Stop the bus that owns the socket, whoever started it (SIGTERM,
+    /// then SIGKILL after ~4.5 s); clients do not autostart it again for 5
+    /// minutes (`start` lifts that).
     Stop,
-    /// Show whether the bus runs, its endpoints, counters and log tail.
-    Status,
-    /// Stop, then start.
+    /// Show whether the bus runs: endpoints, totals, transports, hooks,
+    /// log tail; or why not. Exit 0 running, 3 not running.
+    Status {
+        /// One JSON object instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the new server flags, then stop and start (a bad flag leaves
+    /// the running bus alone).
     Restart {
         /// Flags for hermes-bus-server.
         #[arg(last = true)]
@@ -223,9 +237,11 @@ impl DaemonCmd {
     pub fn run(&self, paths: &Paths) -> i32 {
         use crate::daemon;
         match self {
-            DaemonCmd::Start { server_args } => daemon::cmd_start(paths, server_args),
+            DaemonCmd::Start { auto, server_args } => {
+                daemon::cmd_start(paths, server_args, daemon::StartMode::detect(*auto))
+            }
             DaemonCmd::Stop => daemon::cmd_stop(paths),
-            DaemonCmd::Status => daemon::cmd_status(paths),
+            DaemonCmd::Status { json } => daemon::cmd_status(paths, *json),
             DaemonCmd::Restart { server_args } => daemon::cmd_restart(paths, server_args),
         }
     }

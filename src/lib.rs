@@ -70,4 +70,12 @@ pub use delivery::{Delivery, TopicMessage};
 pub use error::ErrorCode;
 pub use message::BusMessage;
 pub use router::{Router, RouterConfig, SessionId};
+/// The shutdown signal [`Transport::serve`] takes (re-exported so an
+/// embedding program needs no `tokio-util` dependency of its own).
+pub use tokio_util::sync::CancellationToken;
 pub use transport::{Bus, Transport};
+
+/// The README's Rust snippets, compiled as doc tests so they stay true.
+#[cfg(all(doctest, feature = "unix"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

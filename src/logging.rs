@@ -90,27 +90,84 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TrimmingLog {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// The `--log-format` flag (also `HERMES_BUS_LOG_FORMAT`).
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct LogArgs {
+    /// Log lines as text or as one JSON object each.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "HERMES_BUS_LOG_FORMAT"
+    )]
+    pub format: LogFormat,
+}
+
+/// True when colour may be used on stderr: it is a terminal and
+/// `NO_COLOR` is unset or empty (<https://no-color.org>).
+pub fn stderr_wants_color() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
 /// Sets up `tracing`: to the log file when given, else to stderr.
 /// `RUST_LOG` (or `HERMES_BUS_LOG`) chooses the level; default info.
 pub fn init_logging(log_file: Option<&Path>) {
+    init(log_file, LogFormat::Text)
+}
+
+/// [`init_logging`] with a line format. Colour only on a terminal and
+/// without `NO_COLOR`; never in a file.
+pub fn init(log_file: Option<&Path>, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("HERMES_BUS_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match log_file.map(TrimmingLog::open) {
-        Some(Ok(w)) => {
+    let filter = || {
+        std::env::var("HERMES_BUS_LOG")
+            .ok()
+            .and_then(|v| EnvFilter::try_new(v).ok())
+            .or_else(|| EnvFilter::try_from_default_env().ok())
+            .unwrap_or_else(|| EnvFilter::new("info"))
+    };
+    let (file, open_err) = match log_file.map(TrimmingLog::open) {
+        Some(Ok(w)) => (Some(w), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter());
+    match (file, format) {
+        (Some(w), LogFormat::Text) => {
             let _ = builder.with_ansi(false).with_writer(w).try_init();
         }
-        Some(Err(e)) => {
-            let _ = builder.with_writer(std::io::stderr).try_init();
-            tracing::warn!("cannot open log file: {e}");
+        (Some(w), LogFormat::Json) => {
+            let _ = builder.json().with_ansi(false).with_writer(w).try_init();
         }
-        None => {
-            let _ = builder.with_writer(std::io::stderr).try_init();
+        (None, LogFormat::Text) => {
+            let _ = builder
+                .with_ansi(stderr_wants_color())
+                .with_writer(std::io::stderr)
+                .try_init();
         }
+        (None, LogFormat::Json) => {
+            let _ = builder
+                .json()
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    }
+    if let Some(e) = open_err {
+        tracing::warn!("cannot open log file: {e}");
     }
 }
 

@@ -58,6 +58,32 @@ impl Root {
     async fn busd(&self, args: &[&str]) -> (i32, String) {
         self.run("hermes-busd", args).await
     }
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+    async fn status_json(&self) -> serde_json::Value {
+        let out = self
+            .cmd("hermes-busd")
+            .args(["status", "--json"])
+            .output()
+            .await
+            .expect("status runs");
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
 }
 
 impl Drop for Root {
@@ -134,8 +160,12 @@ async fn start_status_stop_as_a_user_would() {
         let (code, out) = root.busd(&["status"]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains(&format!("busd running (pid={pid})")), "{out}");
-        assert!(out.contains("Connected endpoints (1)"), "{out}");
-        assert!(out.contains("watcher  (sid="), "{out}");
+        assert!(out.contains("Endpoints (1):"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with("watcher ") && l.contains("unix")),
+            "{out}"
+        );
         assert!(out.contains("Totals: routed=1"), "{out}");
         assert!(out.contains("Recent logs:"), "{out}");
         let _ = listener.kill().await;
@@ -151,10 +181,11 @@ async fn start_status_stop_as_a_user_would() {
         assert_eq!(code, 0);
         assert!(out.contains("busd not running (no PID file)"), "{out}");
 
-        // The log was written under run/.
+        // The log was written under run/, without colour codes.
         let log = std::fs::read_to_string(root.path().join("run/busd.log")).expect("log");
         assert!(log.contains("bus running"), "{log}");
         assert!(log.contains("SIGTERM"), "{log}");
+        assert!(!log.contains('\x1b'), "no ANSI codes in the log: {log}");
     })
     .await
     .expect("test timed out");
@@ -343,6 +374,208 @@ c.disconnect()
         let (code, out) = root.busd(&["stop"]).await;
         assert_eq!(code, 0, "{out}");
         assert!(!root.socket().exists());
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Five concurrent `start`s: exactly one bus; the others say it is
+/// already running and exit 0; the pid file names the live bus (the one
+/// that owns the socket); `stop` stops it.
+#[tokio::test]
+async fn concurrent_starts_make_one_bus_and_stop_stops_it() {
+    tokio::time::timeout(LIMIT, async {
+        let root = Root::new();
+        let s = ["start"];
+        let (a, b, c, d, e) = tokio::join!(
+            root.busd(&s),
+            root.busd(&s),
+            root.busd(&s),
+            root.busd(&s),
+            root.busd(&s)
+        );
+        let results = [a, b, c, d, e];
+        let started: Vec<&String> = results
+            .iter()
+            .filter(|(_, o)| o.contains("busd started (pid="))
+            .map(|(_, o)| o)
+            .collect();
+        for (code, out) in &results {
+            assert_eq!(*code, 0, "{out}");
+        }
+        assert_eq!(started.len(), 1, "exactly one start: {results:?}");
+        let pid = root.pid().expect("pid file");
+        assert!(alive(pid));
+        assert!(started[0].contains(&format!("pid={pid}")), "{results:?}");
+        for (_, out) in results.iter().filter(|(_, o)| !o.contains("busd started")) {
+            assert!(
+                out.contains(&format!("already running (pid={pid})")),
+                "{out}"
+            );
+        }
+        let st = root.status_json().await;
+        assert_eq!(st["running"], true, "{st}");
+        assert_eq!(st["pid"], pid, "the socket's owner is the pid file's: {st}");
+        assert_eq!(st["stats"]["pid"], pid, "{st}");
+
+        let (code, out) = root.busd(&["stop"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("busd stopped"), "{out}");
+        let gone = common::wait_for(Duration::from_secs(10), || (!alive(pid)).then_some(())).await;
+        assert!(gone.is_some(), "bus {pid} still alive after stop");
+        assert!(!root.socket().exists());
+        let (code, out) = root.busd(&["status"]).await;
+        assert_eq!(code, 3, "{out}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `stop` with connected clients that autostart: they notice, try to
+/// reconnect, and do not start a bus again; `start` brings it back and
+/// they reconnect.
+#[tokio::test]
+async fn stop_with_autostarting_clients_stays_stopped() {
+    tokio::time::timeout(LIMIT, async {
+        let root = Root::new();
+        let (code, out) = root.busd(&["start"]).await;
+        assert_eq!(code, 0, "{out}");
+        let mut listeners = Vec::new();
+        for i in 0..3 {
+            let mut c = root.cmd("hermes-bus");
+            c.args(["listen", &format!("client{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().expect("listen");
+            let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+            let l = tokio::time::timeout(Duration::from_secs(20), err.next_line())
+                .await
+                .expect("in time")
+                .expect("read")
+                .expect("a line");
+            assert!(l.contains("listening as"), "{l}");
+            listeners.push((child, err));
+        }
+        let pid = root.pid().expect("pid");
+        let (code, out) = root.busd(&["stop"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("busd stopped"), "{out}");
+        // Each client says it lost the bus, then keeps trying (1 s, 1.5 s,
+        // 2.25 s... apart) without starting one.
+        for (_, err) in listeners.iter_mut() {
+            let l = tokio::time::timeout(Duration::from_secs(20), err.next_line())
+                .await
+                .expect("in time")
+                .expect("read")
+                .expect("a line");
+            assert!(l.contains("lost the bus"), "{l}");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!alive(pid));
+        assert!(
+            std::os::unix::net::UnixStream::connect(root.socket()).is_err(),
+            "a client started a bus again after an explicit stop"
+        );
+        let (code, out) = root.busd(&["status"]).await;
+        assert_eq!(code, 3, "{out}");
+        assert!(out.contains("stopped explicitly"), "{out}");
+        // A client command says why it does not start one.
+        let (code, out) = root.run("hermes-bus", &["send", "client0", "{}"]).await;
+        assert_eq!(code, 3, "{out}");
+        assert!(out.contains("stopped explicitly"), "{out}");
+        assert!(out.contains(&root.socket().display().to_string()), "{out}");
+
+        // An explicit start lifts it; the clients come back by themselves.
+        let (code, out) = root.busd(&["start"]).await;
+        assert_eq!(code, 0, "{out}");
+        for (_, err) in listeners.iter_mut() {
+            loop {
+                let l = tokio::time::timeout(Duration::from_secs(40), err.next_line())
+                    .await
+                    .expect("in time")
+                    .expect("read")
+                    .expect("a line");
+                if l.contains("reconnected as") {
+                    break;
+                }
+            }
+        }
+        for (mut c, _) in listeners {
+            let _ = c.kill().await;
+        }
+        let (code, _) = root.busd(&["stop"]).await;
+        assert_eq!(code, 0);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `restart` with a flag the server refuses leaves the running bus alone.
+#[tokio::test]
+async fn restart_with_a_bad_flag_keeps_the_old_bus() {
+    tokio::time::timeout(LIMIT, async {
+        let root = Root::new();
+        let (code, out) = root.busd(&["start"]).await;
+        assert_eq!(code, 0, "{out}");
+        let pid = root.pid().expect("pid");
+        let (code, out) = root.busd(&["restart", "--", "--no-such-flag"]).await;
+        assert_eq!(code, 2, "{out}");
+        assert!(out.contains("left alone"), "{out}");
+        assert!(out.contains("--no-such-flag"), "{out}");
+        let (code, out) = root
+            .busd(&["restart", "--", "--hold-grace-ms", "soon"])
+            .await;
+        assert_eq!(code, 2, "{out}");
+        assert!(alive(pid));
+        assert_eq!(root.pid(), Some(pid));
+        let (code, out) = root.busd(&["status"]).await;
+        assert_eq!(code, 0, "{out}");
+        // Good flags restart it.
+        let (code, out) = root
+            .busd(&["restart", "--", "--hold-grace-ms", "100"])
+            .await;
+        assert_eq!(code, 0, "{out}");
+        let new = root.pid().expect("pid");
+        assert_ne!(new, pid);
+        assert!(!alive(pid));
+        let (code, _) = root.busd(&["stop"]).await;
+        assert_eq!(code, 0);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `stop` stops the bus that owns the socket even when busd did not start
+/// it (a foreground server here), and says so.
+#[tokio::test]
+async fn stop_stops_a_bus_it_did_not_start() {
+    tokio::time::timeout(LIMIT, async {
+        let root = Root::new();
+        let other = tempfile::tempdir().expect("tempdir");
+        let mut server = root
+            .cmd("hermes-bus-server")
+            .arg("--root")
+            .arg(other.path())
+            .arg("--socket")
+            .arg(root.socket())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server");
+        let up = common::wait_for(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(root.socket()).ok()
+        })
+        .await;
+        assert!(up.is_some());
+        let (code, out) = root.busd(&["stop"]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("not started with this root"), "{out}");
+        assert!(out.contains("busd stopped"), "{out}");
+        let status = tokio::time::timeout(Duration::from_secs(20), server.wait())
+            .await
+            .expect("server exits")
+            .expect("wait");
+        assert!(status.success(), "{status}");
     })
     .await
     .expect("test timed out");

@@ -1,10 +1,13 @@
 //! `hermes-busd start|stop|status|restart`: the daemon manager, as the
-//! reference's command of the same name.
+//! reference's command of the same name. Exit codes: 0 ok, 1 failure,
+//! 2 usage, 3 not running.
 
 use clap::Parser;
 use hermes_bus::cli::{DaemonCmd, PathArgs};
 
 /// Manage the hermes-bus daemon.
+///
+/// Exit codes: 0 ok, 1 failure, 2 usage, 3 not running.
 #[derive(Parser)]
 #[command(name = "hermes-busd", version)]
 struct Cli {

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use crate::error::ProtocolError;
 use crate::transports::client::{Backoff, Disconnect};
 
-pub use super::dial::start_daemon;
 use super::dial::{as_error, dial, frame_of, read_frame, register};
+pub use super::dial::{may_autostart, start_daemon, start_daemon_auto};
 use super::frame::{self, MAX_FRAME};
 
 /// How a client connects.
@@ -39,8 +39,15 @@ pub struct ClientConfig {
     /// What each reconnect delay is multiplied by after a failed attempt
     /// (reference: 1.5).
     pub reconnect_factor: f64,
-    /// Start the daemon (`hermes-busd start`) when no bus answers.
+    /// Start the daemon (`hermes-busd start --auto`) when no bus answers.
+    /// Default on, off when `HERMES_BUS_AUTOSTART` is `0`, `false`, `no`
+    /// or `off`. Even on, a client does not start the daemon for a while
+    /// after an explicit `stop`, nor for a socket whose directory does not
+    /// exist unless it is the default socket (see [`may_autostart`]).
     pub autostart: bool,
+    /// Called just before the client starts the daemon (a CLI announces it
+    /// on stderr); None: silent.
+    pub on_autostart: Option<fn(&Path)>,
     /// How the bus should encode what it sends this client: JSON (the
     /// default, what the reference speaks) or MessagePack (ours, asked for
     /// at register). What the client sends stays JSON either way.
@@ -71,12 +78,26 @@ impl ClientConfig {
             reconnect_initial: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(30),
             reconnect_factor: 1.5,
-            autostart: true,
+            autostart: autostart_from_env(),
+            on_autostart: None,
             codec: crate::codec::Codec::Json,
             busd: crate::daemon::sibling_exe("hermes-busd"),
             inbox_capacity: 65536,
         }
     }
+}
+
+/// `HERMES_BUS_AUTOSTART`: `0`, `false`, `no` or `off` turn client
+/// autostart off; anything else (or unset) leaves it on.
+pub fn autostart_from_env() -> bool {
+    std::env::var("HERMES_BUS_AUTOSTART")
+        .map(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "0" | "false" | "no" | "off"
+            )
+        })
+        .unwrap_or(true)
 }
 
 /// What went wrong on the client side.
@@ -85,6 +106,15 @@ pub enum ClientError {
     /// The socket could not be reached or failed.
     #[error("bus connection failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Nobody answers on the socket, and the client did not (or could
+    /// not) start the daemon; `reason` says why and what to do.
+    #[error("no bus is running on {}: {reason}", socket.display())]
+    NotRunning {
+        /// The socket dialled.
+        socket: PathBuf,
+        /// Why no bus was started, and the fix.
+        reason: String,
+    },
     /// The bus answered with an error.
     #[error("bus refused: {0}")]
     Rejected(ProtocolError),
@@ -482,8 +512,20 @@ pub async fn send_message(
     body: Value,
     from: Option<&str>,
 ) -> Result<(), ClientError> {
-    let cfg = ClientConfig::new(socket);
-    let mut s = dial(&cfg).await?;
+    send_message_with(&ClientConfig::new(socket), to, body, from)
+        .await
+        .map(|_| ())
+}
+
+/// [`send_message`] with the client settings given (autostart and its
+/// announcement); returns the message id it sent.
+pub async fn send_message_with(
+    cfg: &ClientConfig,
+    to: &str,
+    body: Value,
+    from: Option<&str>,
+) -> Result<String, ClientError> {
+    let mut s = dial(cfg).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let msg = serde_json::json!({
         "type": "message", "to": to, "from": from.unwrap_or("anonymous"),
@@ -494,12 +536,12 @@ pub async fn send_message(
     match tokio::time::timeout(Duration::from_secs(1), read_frame(&mut s, &mut buf)).await {
         Ok(Ok(Some(v))) => match as_error(&v) {
             Some(e) => Err(ClientError::Rejected(e)),
-            None => Ok(()),
+            None => Ok(id),
         },
-        Ok(Ok(None)) => Ok(()),
+        Ok(Ok(None)) => Ok(id),
         Ok(Err(e)) => Err(e),
         // No reply within 1 s: the reference reads that as success.
-        Err(_) => Ok(()),
+        Err(_) => Ok(id),
     }
 }
 

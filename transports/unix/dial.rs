@@ -97,22 +97,69 @@ fn code_text(v: &Value) -> String {
     v.get("code").map(|c| c.to_string()).unwrap_or_default()
 }
 
-/// Connects, starting the daemon once if nobody answers and `autostart`.
+/// Connects, starting the daemon once if nobody answers and `autostart`
+/// (see [`ClientConfig::autostart`]). Nobody answering ends as
+/// [`ClientError::NotRunning`], with the reason autostart did not help.
 pub(crate) async fn dial(cfg: &ClientConfig) -> Result<UnixStream, ClientError> {
     match UnixStream::connect(&cfg.socket).await {
         Ok(s) => Ok(s),
         Err(e)
-            if cfg.autostart
-                && matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
         {
-            start_daemon(&cfg.busd, &cfg.socket).await;
-            Ok(UnixStream::connect(&cfg.socket).await?)
+            let not_running = |reason: String| ClientError::NotRunning {
+                socket: cfg.socket.clone(),
+                reason,
+            };
+            if let Err(reason) = may_autostart(cfg) {
+                return Err(not_running(reason));
+            }
+            if let Some(announce) = cfg.on_autostart {
+                announce(&cfg.socket);
+            }
+            start_daemon_auto(&cfg.busd, &cfg.socket)
+                .await
+                .map_err(|r| not_running(format!("autostart failed: {r}")))?;
+            UnixStream::connect(&cfg.socket).await.map_err(|e| {
+                not_running(format!("autostarted, but the socket does not answer: {e}"))
+            })
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether the client may start the daemon for its socket; the reason
+/// when not: autostart is off, the bus was stopped explicitly a moment
+/// ago ([`crate::daemon::stopped_recently`]), or the socket's directory
+/// does not exist and the socket is not the default one (a socket the
+/// user named never gets directories created for it).
+pub fn may_autostart(cfg: &ClientConfig) -> Result<(), String> {
+    if !cfg.autostart {
+        return Err(
+            "autostart is off (--no-autostart or HERMES_BUS_AUTOSTART=0); start it with `hermes-busd start`"
+                .into(),
+        );
+    }
+    if let Some(age) = crate::daemon::stopped_recently(&cfg.socket) {
+        return Err(format!(
+            "it was stopped explicitly {} s ago, so clients do not start it for {} s; start it with `hermes-busd start`",
+            age.as_secs(),
+            crate::daemon::AUTOSTART_HOLDOFF.as_secs()
+        ));
+    }
+    if let Some(dir) = cfg.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let default = crate::config::Paths::resolve(None, None).socket;
+        if !dir.is_dir() && cfg.socket != default {
+            return Err(format!(
+                "its directory {} does not exist (not created for a socket named explicitly; create it, or start the bus with `hermes-busd --socket {} start`)",
+                dir.display(),
+                cfg.socket.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `BUSD --root DIR --socket PATH start` and waits up to 3 s for the
@@ -120,29 +167,61 @@ pub(crate) async fn dial(cfg: &ClientConfig) -> Result<UnixStream, ClientError> 
 /// pid file and log sit beside its socket (for the default socket that is
 /// the bus root itself) and never touch another bus's.
 pub async fn start_daemon(busd: &Path, socket: &Path) {
+    if let Err(e) = start_daemon_auto(busd, socket).await {
+        tracing::warn!("{e}");
+    }
+}
+
+/// [`start_daemon`] as a client's autostart (`start --auto`: refrains
+/// after an explicit stop); the daemon manager's message when no bus
+/// answers afterwards.
+pub async fn start_daemon_auto(busd: &Path, socket: &Path) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new(busd);
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         cmd.arg("--root").arg(dir);
     }
-    let status = cmd
+    let out = cmd
         .arg("--socket")
         .arg(socket)
         .arg("start")
+        .arg("--auto")
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    match tokio::time::timeout(Duration::from_secs(5), status).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!("cannot run {}: {e}", busd.display()),
-        Err(_) => tracing::warn!("{} start did not finish in 5 s", busd.display()),
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(false)
+        .output();
+    let said = match tokio::time::timeout(Duration::from_secs(30), out).await {
+        Ok(Ok(o)) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let first = text.lines().next().unwrap_or("").trim().to_owned();
+            if o.status.success() {
+                None
+            } else if first.is_empty() {
+                Some(format!("{} start exited with {}", busd.display(), o.status))
+            } else {
+                Some(first)
+            }
+        }
+        Ok(Err(e)) => Some(format!("cannot run {}: {e}", busd.display())),
+        Err(_) => Some(format!("{} start did not finish in 30 s", busd.display())),
+    };
+    if let Some(s) = said {
+        return Err(s);
     }
     for _ in 0..30 {
         if UnixStream::connect(socket).await.is_ok() {
-            return;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Err(format!(
+        "no bus answers on {} after start",
+        socket.display()
+    ))
 }
 
 /// The one dial-and-handshake of a registered client: connects (starting

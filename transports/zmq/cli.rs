@@ -147,11 +147,14 @@ pub fn parse_secs(s: &str) -> Result<f64, String> {
 pub struct PubArgs {
     /// Topic, e.g. `RAW/node1`.
     pub topic: String,
-    /// Data: JSON if it parses as JSON, else sent as a JSON string.
-    /// Default: null.
+    /// Data, as JSON (e.g. `'{"p": 1}'`, `'"text"'`, `42`). Default: null.
+    /// Text that is not JSON is refused unless --raw.
     pub data: Option<String>,
-    /// The proxy's XSUB address.
-    #[arg(long, default_value = DEFAULT_FRONTEND)]
+    /// Send DATA as a JSON string, whatever it contains.
+    #[arg(long)]
+    pub raw: bool,
+    /// The proxy's XSUB address (where publishers connect).
+    #[arg(id = "zmq_in", value_name = "ADDR", long = "zmq-in", visible_alias = "addr", default_value = DEFAULT_FRONTEND)]
     pub addr: String,
     /// Origin name.
     #[arg(long, default_value = "hermes-bus")]
@@ -162,22 +165,26 @@ pub struct PubArgs {
     /// Pause between publications, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
-    /// How long to wait for a subscriber of the topic before publishing
-    /// (a PUB drops what nobody subscribed to), in milliseconds.
+    /// How long to wait for the proxy to accept the connection (then
+    /// fail, exit 3) and for a subscriber of the topic (then warn: a PUB
+    /// drops what nobody subscribed to), in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub wait_ms: u64,
     /// Data codec: json or msgpack (msgpack only if the proxy accepts it).
     #[arg(long, default_value = "json", value_parser = parse_codec)]
     pub codec: Codec,
+    /// Print the publisher's counters as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// `hermes-bus sub [PREFIX]`: prints envelopes as JSON lines.
+/// `hermes-bus sub [PREFIX]`: prints envelopes, one per line.
 #[derive(Debug, Clone, Args)]
 pub struct SubArgs {
     /// Topic prefix; none: everything.
     pub prefix: Option<String>,
-    /// The proxy's XPUB address.
-    #[arg(long, default_value = DEFAULT_BACKEND)]
+    /// The proxy's XPUB address (where subscribers connect).
+    #[arg(id = "zmq_out", value_name = "ADDR", long = "zmq-out", visible_alias = "addr", default_value = DEFAULT_BACKEND)]
     pub addr: String,
     /// Receiver name.
     #[arg(long, default_value = "hermes-bus-sub")]
@@ -197,6 +204,20 @@ pub struct SubArgs {
     /// Accept MessagePack data frames from the proxy.
     #[arg(long, default_value = "json", value_parser = parse_codec)]
     pub codec: Codec,
+    /// One JSON envelope per line, even on a terminal (always when piped).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A `pub` / `sub` failure with the exit code the binary should use
+/// (2: bad input; 3: nothing answered at the address).
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct CliFailure {
+    /// The process exit code.
+    pub code: i32,
+    /// What went wrong and the likely fix.
+    pub msg: String,
 }
 
 fn parse_codec(s: &str) -> Result<Codec, String> {
@@ -268,24 +289,50 @@ fn print_line(s: &str) -> std::io::Result<()> {
     out.flush()
 }
 
-/// Publishes `count` envelopes; prints the publisher's counters as JSON.
+/// The data of `pub`: JSON as given, a JSON string with `raw`, null when
+/// absent; text that is not JSON is an error that says how to send it.
+pub fn pub_data(data: Option<&str>, raw: bool) -> Result<Box<serde_json::value::RawValue>, String> {
+    let to_raw =
+        |v: serde_json::Value| serde_json::value::to_raw_value(&v).map_err(|e| e.to_string());
+    match data {
+        None => to_raw(serde_json::Value::Null),
+        Some(text) if raw => to_raw(serde_json::Value::String(text.to_owned())),
+        Some(text) => serde_json::from_str::<Box<serde_json::value::RawValue>>(text).map_err(|e| {
+            format!(
+                "DATA is not valid JSON ({e}); quote a string as JSON (e.g. '\"{}\"') or pass --raw to send it as a string",
+                text.escape_default()
+            )
+        }),
+    }
+}
+
+/// Publishes `count` envelopes: fails (exit 3) when no proxy accepted the
+/// connection within `--wait-ms`, warns on stderr when no subscriber was
+/// there (the messages were filtered at the source). Prints one line: a
+/// summary, or the publisher's counters with `--json`.
 pub async fn run_pub(args: PubArgs) -> anyhow::Result<()> {
-    let data: Box<serde_json::value::RawValue> = match &args.data {
-        None => serde_json::value::to_raw_value(&serde_json::Value::Null)?,
-        Some(s) => match serde_json::from_str::<Box<serde_json::value::RawValue>>(s) {
-            Ok(raw) => raw,
-            Err(_) => serde_json::value::to_raw_value(s)?,
-        },
-    };
+    let data =
+        pub_data(args.data.as_deref(), args.raw).map_err(|msg| CliFailure { code: 2, msg })?;
     let data = Data::Json(data);
     let mut cfg = PublisherConfig::new(&args.addr, &args.name);
     cfg.codec = args.codec;
     let mut p = Publisher::with_config(cfg)?;
     p.start()?;
     let wait = Duration::from_millis(args.wait_ms);
-    if p.wait_for_subscriber(&args.topic, wait).await.is_err() {
-        tracing::warn!(topic = %args.topic, "no subscriber for the topic yet; publishing anyway");
+    let started = tokio::time::Instant::now();
+    if p.wait_connected(wait).await.is_err() {
+        p.stop().await;
+        return Err(CliFailure {
+            code: 3,
+            msg: format!(
+                "no ZeroMQ proxy accepted the connection at {} within {} ms; nothing was published (start one with `hermes-bus proxy` or `hermes-bus server --zmq`, or pass --zmq-in ADDR)",
+                args.addr, args.wait_ms
+            ),
+        }
+        .into());
     }
+    let left = wait.saturating_sub(started.elapsed());
+    let no_subscriber = p.wait_for_subscriber(&args.topic, left).await.is_err();
     for i in 0..args.count {
         p.publish_parts(&args.topic, &args.name, &data)?;
         if args.interval_ms > 0 && i + 1 < args.count {
@@ -294,12 +341,41 @@ pub async fn run_pub(args: PubArgs) -> anyhow::Result<()> {
     }
     let _ = p.flush(Duration::from_secs(5)).await;
     p.stop().await;
-    print_line(&serde_json::to_string(&p.stats())?)?;
+    let v = serde_json::to_value(p.stats())?;
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    if no_subscriber || n("filtered") > 0 {
+        eprintln!(
+            "hermes-bus: warning: no subscriber for {:?} at {}: {} of {} messages were filtered (dropped at the source, as a ZeroMQ PUB does)",
+            args.topic,
+            args.addr,
+            n("filtered"),
+            args.count
+        );
+    }
+    if args.json {
+        print_line(&v.to_string())?;
+    } else {
+        print_line(&format!(
+            "published {} of {} to {:?} via {} (filtered {}, dropped {}, disconnected {})",
+            args.count
+                .saturating_sub(n("filtered") + n("dropped") + n("disconnected")),
+            args.count,
+            args.topic,
+            args.addr,
+            n("filtered"),
+            n("dropped"),
+            n("disconnected")
+        ))?;
+    }
     Ok(())
 }
 
-/// Prints one JSON line per envelope: `{"topic","origin","data","ts"}`.
+/// Prints one line per envelope: JSON `{"topic","origin","data","ts"}`
+/// when piped or with `--json`, `origin → [topic]: data` on a terminal.
+/// Says on stderr when no proxy answers at the address; exits 3 when
+/// none ever did.
 pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     let mut cfg = ReceiverConfig::new(&args.addr, &args.name);
     cfg.topics = args.prefix.iter().cloned().collect();
     cfg.exchanges = args.exchanges.clone();
@@ -308,10 +384,16 @@ pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
     cfg.registry = std::sync::Arc::new(Registry::empty());
     let mut r = Receiver::with_config(cfg)?;
     r.start()?;
+    let human = !args.json && std::io::stdout().is_terminal();
     let shutdown = signal_token();
     let deadline = args
         .timeout_s
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let mut check = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(2),
+        Duration::from_secs(1),
+    );
+    let (mut ever_connected, mut said_absent) = (false, false);
     let mut n = 0u64;
     loop {
         if args.count.is_some_and(|c| n >= c) {
@@ -326,19 +408,56 @@ pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
         let env = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sleep => break,
+            _ = check.tick() => {
+                let now = r.is_connected();
+                if !now && !said_absent {
+                    said_absent = true;
+                    eprintln!(
+                        "hermes-bus: no ZeroMQ proxy answers at {}{}; still trying (is `hermes-bus proxy` or `server --zmq` running?)",
+                        args.addr,
+                        if ever_connected { " any more" } else { "" }
+                    );
+                } else if now && said_absent {
+                    said_absent = false;
+                    eprintln!("hermes-bus: connected to {}", args.addr);
+                }
+                ever_connected |= now;
+                continue;
+            }
             e = r.recv() => e,
         };
         let Some(env) = env else { break };
-        let line = serde_json::json!({
-            "topic": env.topic,
-            "origin": env.origin,
-            "data": env.data,
-            "ts": env.ts,
-        });
-        print_line(&line.to_string())?;
+        ever_connected = true;
+        if human {
+            print_line(&format!(
+                "{} → [{}]: {}",
+                env.origin,
+                env.topic,
+                serde_json::to_string(&env.data)?
+            ))?;
+        } else {
+            let line = serde_json::json!({
+                "topic": env.topic,
+                "origin": env.origin,
+                "data": env.data,
+                "ts": env.ts,
+            });
+            print_line(&line.to_string())?;
+        }
         n += 1;
     }
+    ever_connected |= r.is_connected();
     r.stop().await;
+    if !ever_connected {
+        return Err(CliFailure {
+            code: 3,
+            msg: format!(
+                "no ZeroMQ proxy answered at {} (start one with `hermes-bus proxy` or `hermes-bus server --zmq`, or pass --zmq-out ADDR)",
+                args.addr
+            ),
+        }
+        .into());
+    }
     Ok(())
 }
 
