@@ -113,6 +113,9 @@ enum Inner {
     Notice(Arc<NoticeInner>),
     /// A topic message; its Unix frame is encoded on first use.
     Topic(Arc<TopicInner>),
+    /// Not content: from here on the session's writer encodes in this
+    /// codec (queued in order, so what was queued before keeps its form).
+    Codec(crate::codec::Codec),
     /// Another delivery in a session's own wire form (MessagePack), made by
     /// that session's writer; the original is kept so what was not written
     /// can be held for the name in its shared (JSON) form.
@@ -194,6 +197,7 @@ impl Delivery {
             + match &self.inner {
                 Inner::Frame(b) | Inner::Reply(b) => b.len(),
                 Inner::Notice(n) => n.notice.size_hint(),
+                Inner::Codec(_) => 0,
                 Inner::Topic(t) => {
                     let m = &t.msg;
                     64 + m.topic.len() + m.origin.len() + m.data.get().len()
@@ -229,6 +233,20 @@ impl Delivery {
         })))
     }
 
+    /// A switch of the session's wire form for everything queued after it
+    /// (a `register` with `"codec"`): written as nothing.
+    pub fn codec(codec: crate::codec::Codec) -> Self {
+        Delivery::of(Inner::Codec(codec))
+    }
+
+    /// The codec this switches to, when it is a switch.
+    pub fn codec_switch(&self) -> Option<crate::codec::Codec> {
+        match self.inner {
+            Inner::Codec(c) => Some(c),
+            _ => None,
+        }
+    }
+
     /// The notice, when this is one.
     pub fn as_notice(&self) -> Option<&Notice> {
         match &self.inner {
@@ -241,7 +259,7 @@ impl Delivery {
     /// True for a reply (as opposed to routed traffic).
     pub fn is_reply(&self) -> bool {
         match &self.inner {
-            Inner::Reply(_) | Inner::Notice(_) => true,
+            Inner::Reply(_) | Inner::Notice(_) | Inner::Codec(_) => true,
             Inner::Transcoded(_, original) => original.is_reply(),
             _ => false,
         }
@@ -252,7 +270,7 @@ impl Delivery {
     /// A delivery that cannot be transcoded stays JSON.
     pub fn to_msgpack(self) -> Delivery {
         let frame = match &self.inner {
-            Inner::Transcoded(..) => return self,
+            Inner::Transcoded(..) | Inner::Codec(_) => return self,
             // A notice is encoded from its type, never from its JSON.
             Inner::Notice(n) => n.notice.msgpack_frame(),
             _ => {
@@ -297,7 +315,7 @@ impl Delivery {
     pub fn topic_message(&self) -> Option<&TopicMessage> {
         match &self.inner {
             Inner::Topic(t) => Some(&t.msg),
-            Inner::Frame(_) | Inner::Reply(_) | Inner::Notice(_) => None,
+            Inner::Frame(_) | Inner::Reply(_) | Inner::Notice(_) | Inner::Codec(_) => None,
             Inner::Transcoded(_, original) => original.topic_message(),
         }
     }
@@ -307,6 +325,10 @@ impl Delivery {
         match &self.inner {
             Inner::Frame(b) | Inner::Reply(b) | Inner::Transcoded(b, _) => b,
             Inner::Notice(n) => n.json.get_or_init(|| n.notice.json_frame()),
+            Inner::Codec(_) => {
+                static NOTHING: Bytes = Bytes::new();
+                &NOTHING
+            }
             Inner::Topic(t) => t.unix.get_or_init(|| {
                 let msg = &t.msg;
                 let mut out = BytesMut::with_capacity(64 + msg.data.get().len());

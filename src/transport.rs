@@ -16,6 +16,7 @@ use crate::delivery::{Delivery, TopicMessage};
 use crate::error::ProtocolError;
 use crate::hooks::{HookEngine, HookEvent, HookEventKind};
 use crate::message::BusMessage;
+use crate::notice::Notice;
 use crate::outbox::{clock_ms, outbox, Bounds, Outbox, OutboxReader};
 use crate::router::{Blocked, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
 use crate::stats::RouterStats;
@@ -30,6 +31,33 @@ pub trait Transport: Send + 'static {
     /// its sessions drain for a bounded time, and cleans up (e.g. removes
     /// its socket file).
     async fn serve(self: Box<Self>, bus: Bus, shutdown: CancellationToken) -> anyhow::Result<()>;
+}
+
+/// What a session sends for the router to route. Sessions batch these:
+/// [`Bus::submit`] routes many under one router lock, in order.
+// A `message` is by far the most common item and moves through the batch
+// as it is: boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Inbound {
+    /// A `message`, routed to its `to` or broadcast.
+    Message(BusMessage),
+    /// A topic publish.
+    Publish(Publish),
+}
+
+/// A topic publish as a session sent it.
+#[derive(Debug)]
+pub struct Publish {
+    /// The topic.
+    pub topic: String,
+    /// The origin the client named (a registered sender's own name wins
+    /// over it; "anonymous" when neither).
+    pub origin: Option<String>,
+    /// The payload, raw JSON.
+    pub data: Box<serde_json::value::RawValue>,
+    /// The client's timestamp (now, when it gave none).
+    pub ts: Option<f64>,
 }
 
 /// Extra status a transport reports (counters per side and the like).
@@ -154,9 +182,55 @@ impl Bus {
         done
     }
 
-    /// Closes a session.
-    pub fn detach(&self, sid: SessionId) {
-        self.router().disconnect(sid, Instant::now());
+    /// Closes a session. A registered name is held for the grace period;
+    /// returns it, for [`Bus::give_back`].
+    pub fn detach(&self, sid: SessionId) -> Option<String> {
+        self.router().disconnect(sid, Instant::now())
+    }
+
+    /// Gives back what a closed session's writer could not write: held
+    /// for its name (returned by [`Bus::detach`]), or counted as lost.
+    pub fn give_back(&self, name: Option<&str>, unsent: std::collections::VecDeque<Delivery>) {
+        if unsent.is_empty() {
+            return;
+        }
+        let mut r = self.router();
+        match name {
+            Some(name) => r.restore(name, unsent, Instant::now()),
+            None => r.count_unsent(unsent),
+        }
+    }
+
+    /// Notes inbound traffic from a session that routes nothing (a
+    /// request, or a frame refused).
+    pub fn touch(&self, sid: SessionId) {
+        self.router().touch(sid, Instant::now());
+    }
+
+    /// Registers `name` for the session (the router answers `registered`
+    /// and replays what was held for the name).
+    pub fn register(&self, sid: SessionId, name: &str) -> Result<(), ProtocolError> {
+        self.router()
+            .register(sid, name, Instant::now())
+            .map(|_| ())
+    }
+
+    /// The registered endpoints and their session ids, sorted.
+    pub fn endpoints(&self) -> Vec<(String, String)> {
+        self.router().endpoints()
+    }
+
+    /// Notes that a session stopped reading because its own outbox is
+    /// full (its peer does not read what it is sent); [`Bus::end_wait`]
+    /// when it goes on.
+    pub fn begin_own_wait(&self) {
+        self.router().begin_own_wait();
+    }
+
+    /// Notes that a wait begun by [`Bus::begin_own_wait`] ended after
+    /// `waited`.
+    pub fn end_wait(&self, waited: Duration) {
+        self.router().end_wait(waited);
     }
 
     /// The hook event of a routed message, when some hook wants it (the
@@ -177,22 +251,6 @@ impl Bus {
             .then(|| HookEvent::message(transport, routed.to.clone(), routed.frame.slice(4..)))
     }
 
-    /// Routes a `message` from a session and offers it to the hooks. A
-    /// `blocked` part of the result must be waited out ([`Bus::settle`])
-    /// before the session sends anything else.
-    pub fn route(
-        &self,
-        transport: &'static str,
-        sid: SessionId,
-        msg: &mut BusMessage,
-    ) -> Result<Routed, ProtocolError> {
-        let routed = self.router().route(sid, msg, Instant::now())?;
-        if let Some(ev) = self.message_hook_event(transport, &routed) {
-            self.inner.hooks.offer(ev);
-        }
-        Ok(routed)
-    }
-
     /// Publishes a topic message from a transport that cannot wait (the
     /// ZeroMQ bridge: PUB semantics, a full subscriber's copy is dropped
     /// and counted) to every other subscribed session, and offers it to
@@ -202,16 +260,87 @@ impl Bus {
         self.publish_inner(transport, from, msg, false).0
     }
 
-    /// Publishes a topic message from a session that waits for full
-    /// subscribers: the `Blocked` part must be waited out
-    /// ([`Bus::settle`]) before the session sends anything else.
-    pub fn publish_waiting(
+    /// Routes what a session sent, in order, under one router lock: each
+    /// item is noted as the session's traffic; a message is routed (a
+    /// receipt asked for with `"ack": true` is sent once written) or
+    /// answered with an error; a publish goes to every other subscribed
+    /// session. Stops after an item that found a target full and returns
+    /// that decision: the session waits it out ([`Bus::settle`]), then
+    /// submits the rest. The routed items are offered to the hooks
+    /// outside the lock.
+    pub fn submit(
         &self,
         transport: &'static str,
-        from: SessionId,
-        msg: TopicMessage,
-    ) -> (usize, Option<Blocked>) {
-        self.publish_inner(transport, from, msg, true)
+        sid: SessionId,
+        batch: &mut Vec<Inbound>,
+    ) -> Option<Blocked> {
+        if batch.is_empty() {
+            return None;
+        }
+        let hooks = &self.inner.hooks;
+        let mut events: Vec<HookEvent> = Vec::new();
+        let mut blocked = None;
+        let mut done = 0;
+        {
+            let now = Instant::now();
+            let unix_now = crate::clock::unix_now();
+            let mut r = self.router();
+            for item in batch.iter_mut() {
+                done += 1;
+                let b = match item {
+                    Inbound::Message(msg) => match r.route(sid, msg, now) {
+                        Ok(mut routed) => {
+                            events.extend(self.message_hook_event(transport, &routed));
+                            routed.blocked.take()
+                        }
+                        Err(e) => {
+                            tracing::debug!(sid, code = %e.code, detail = %e.detail, "protocol error");
+                            let id = msg.raw("id").map(|i| i.to_raw_value());
+                            r.reply(sid, Delivery::notice(Notice::error(e, id)), true);
+                            None
+                        }
+                    },
+                    Inbound::Publish(p) => {
+                        r.touch(sid, now);
+                        let origin = match r.name_of(sid) {
+                            Some(name) => name.to_owned(),
+                            None => p.origin.take().unwrap_or_else(|| "anonymous".to_owned()),
+                        };
+                        let data = std::mem::replace(&mut p.data, null_json());
+                        let d = Delivery::topic(TopicMessage {
+                            topic: std::mem::take(&mut p.topic),
+                            origin,
+                            data,
+                            ts: p.ts.unwrap_or(unix_now),
+                        });
+                        let (_, b) = r.publish_delivery(sid, &d, true);
+                        if let Some(m) = d.topic_message() {
+                            if hooks.wants(HookEventKind::Topic, transport, None, Some(&m.topic)) {
+                                events.push(HookEvent::topic(
+                                    transport,
+                                    m.topic.clone(),
+                                    d.unix_json(),
+                                ));
+                            }
+                        }
+                        b
+                    }
+                };
+                if b.is_some() {
+                    blocked = b;
+                    break;
+                }
+            }
+        }
+        if done == batch.len() {
+            batch.clear();
+        } else {
+            batch.drain(..done);
+        }
+        for ev in events {
+            hooks.offer(ev);
+        }
+        blocked
     }
 
     fn publish_inner(
@@ -363,4 +492,10 @@ fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// JSON `null`, raw.
+fn null_json() -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string("null".to_owned())
+        .unwrap_or_else(|_| unreachable!("null is JSON"))
 }

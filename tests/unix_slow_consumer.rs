@@ -116,13 +116,21 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
             .expect("in time")
             .expect("runs");
         let text = String::from_utf8_lossy(&out.stdout);
+        // The endpoints table: a header row naming the columns, then one
+        // row per endpoint.
+        let header: Vec<&str> = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("NAME ") && l.contains("DROPPED"))
+            .unwrap_or_else(|| panic!("{text}"))
+            .split_whitespace()
+            .collect();
+        let column = |name: &str| header.iter().position(|h| *h == name);
         let line = text
             .lines()
-            .find(|l| l.trim_start().starts_with("stuck  (sid="))
+            .find(|l| l.split_whitespace().next() == Some("stuck"))
             .unwrap_or_else(|| panic!("{text}"));
-        let dropped: u64 = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("dropped="))
+        let dropped: u64 = column("DROPPED")
+            .and_then(|i| line.split_whitespace().nth(i))
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{line}"));
         assert!(dropped >= 1000, "{line}");

@@ -3,24 +3,37 @@
 //! [`Command::parse`] reads one decoded message and says what it asks
 //! for, or why it is refused (with the `id` to answer with). It is pure:
 //! no bus, no socket, no clock, so every rule of the protocol's request
-//! layer is tested here without either. The session carries a command
-//! out on the bus; a `message` is batched with the ones after it.
+//! layer is tested here without either. A `message` or `publish` is
+//! routed (the session batches them: [`Bus::submit`]); any other request
+//! is answered at once by [`Request::apply`].
 
 use serde_json::value::RawValue;
 
 use crate::codec::Codec;
+use crate::delivery::Delivery;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::message::BusMessage;
+use crate::notice::Notice;
+use crate::router::SessionId;
+use crate::transport::{Bus, Inbound, Publish};
 
 /// What one frame asks the bus for.
-// `Message` is by far the most common and is moved on into the routing
-// batch: boxing it would cost an allocation per message.
+// Traffic is by far the most common and moves on into the routing batch
+// as it is: boxing it would cost an allocation per message.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
-    /// `message`: route to `to`, or to every registered endpoint when
-    /// `to` is empty or absent (routing reads the fields it needs).
-    Message(BusMessage),
+    /// Traffic to route: a `message` (to `to`, or broadcast when `to` is
+    /// empty or absent) or a `publish` (ours).
+    Route(Inbound),
+    /// Anything answered at once, and the request's `id` (an error
+    /// answer carries it).
+    Request(Request, Option<Box<RawValue>>),
+}
+
+/// A request the bus answers at once.
+#[derive(Debug, PartialEq)]
+pub enum Request {
     /// `ping`: answered `pong`.
     Ping,
     /// `register`: take the endpoint name, in the given codec.
@@ -45,22 +58,6 @@ pub enum Command {
         /// The prefix.
         topic: String,
     },
-    /// `publish` (ours): a topic message.
-    Publish(Publish),
-}
-
-/// The fields of a `publish`.
-#[derive(Debug)]
-pub struct Publish {
-    /// The topic.
-    pub topic: String,
-    /// The origin the client named (a registered session's own name wins
-    /// over it).
-    pub origin: Option<String>,
-    /// The payload, raw JSON (`null` when absent).
-    pub data: Box<RawValue>,
-    /// The client's timestamp, when it gave one.
-    pub ts: Option<f64>,
 }
 
 /// Why a frame is refused, and the `id` its error reply carries.
@@ -76,33 +73,96 @@ impl Command {
     /// What `msg` asks for. A refused one is answered with the error and
     /// changes nothing else.
     pub fn parse(mut msg: BusMessage) -> Result<Command, Refused> {
-        let parsed = match msg.kind() {
-            Ok(kind) if kind == "message" => return Ok(Command::Message(msg)),
-            Ok(kind) => match kind.as_ref() {
-                "ping" => Ok(Command::Ping),
-                "register" => register(&msg),
-                "list_endpoints" => Ok(Command::ListEndpoints),
-                "stats" => Ok(Command::Stats),
-                "subscribe" => topic(&msg).map(|topic| Command::Subscribe { topic }),
-                "unsubscribe" => topic(&msg).map(|topic| Command::Unsubscribe { topic }),
-                "publish" => publish(&mut msg).map(Command::Publish),
-                other => Err(ProtocolError::new(
-                    ErrorCode::UnknownType,
-                    format!("unknown message type '{other}'"),
-                )),
-            },
+        // The type is copied (a few bytes, never for a `message`) so the
+        // message can be taken apart below.
+        let kind = match msg.kind() {
+            Ok(kind) if kind == "message" => return Ok(Command::Route(Inbound::Message(msg))),
+            Ok(kind) => Ok(kind.into_owned()),
             Err(e) => Err(e),
         };
-        parsed.map_err(|error| Refused {
-            error,
-            id: msg.raw("id").map(|r| r.to_raw_value()),
-        })
+        let parsed = kind.and_then(|kind| match kind.as_str() {
+            "publish" => publish(&mut msg).map(|p| Command::Route(Inbound::Publish(p))),
+            "ping" => Ok(Command::Request(Request::Ping, None)),
+            "register" => register(&msg).map(|r| Command::Request(r, None)),
+            "list_endpoints" => Ok(Command::Request(Request::ListEndpoints, None)),
+            "stats" => Ok(Command::Request(Request::Stats, None)),
+            "subscribe" => {
+                topic(&msg).map(|topic| Command::Request(Request::Subscribe { topic }, None))
+            }
+            "unsubscribe" => {
+                topic(&msg).map(|topic| Command::Request(Request::Unsubscribe { topic }, None))
+            }
+            other => Err(ProtocolError::new(
+                ErrorCode::UnknownType,
+                format!("unknown message type '{other}'"),
+            )),
+        });
+        let id = || msg.raw("id").map(|r| r.to_raw_value());
+        match parsed {
+            Ok(Command::Request(r, _)) => Ok(Command::Request(r, id())),
+            Ok(route) => Ok(route),
+            Err(error) => Err(Refused { error, id: id() }),
+        }
+    }
+}
+
+impl Request {
+    /// Carries the request out for session `sid` and queues its answer.
+    /// `codec` is the session's wire form, which a `register` may switch:
+    /// the switch is queued in order, ahead of the `registered` reply, so
+    /// that reply and everything after it are in the new form.
+    pub fn apply(self, bus: &Bus, sid: SessionId, codec: &mut Codec) -> Result<(), ProtocolError> {
+        let reply = |n: Notice| bus.reply(sid, Delivery::notice(n), false);
+        match self {
+            Request::Ping => reply(Notice::Pong { keepalive: false }),
+            Request::Register {
+                endpoint,
+                codec: wanted,
+            } => {
+                let before = *codec;
+                if wanted != before {
+                    bus.reply(sid, Delivery::codec(wanted), false);
+                }
+                if let Err(e) = bus.register(sid, &endpoint) {
+                    if wanted != before {
+                        bus.reply(sid, Delivery::codec(before), false);
+                    }
+                    return Err(e);
+                }
+                *codec = wanted;
+            }
+            // The names are copied under the router's lock; the (possibly
+            // large) reply is encoded by the writer, outside it.
+            Request::ListEndpoints => reply(Notice::Endpoints(bus.endpoints())),
+            Request::Stats => reply(Notice::Stats(bus.status())),
+            Request::Subscribe { topic } => {
+                bus.subscribe(sid, &topic)?;
+                reply(Notice::Subscription {
+                    topic,
+                    subscribed: true,
+                });
+            }
+            Request::Unsubscribe { topic } => {
+                bus.unsubscribe(sid, &topic);
+                reply(Notice::Subscription {
+                    topic,
+                    subscribed: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// True for a request whose answer is costly to build: the session
+    /// lets its worker serve others before it reads the next one.
+    pub fn is_costly(&self) -> bool {
+        matches!(self, Request::ListEndpoints | Request::Stats)
     }
 }
 
 /// `register`: a non-empty string `endpoint` (the registry checks the
 /// rest) and an optional known `codec`.
-fn register(msg: &BusMessage) -> Result<Command, ProtocolError> {
+fn register(msg: &BusMessage) -> Result<Request, ProtocolError> {
     let codec = match msg.str_field("codec")? {
         None => Codec::Json,
         Some(name) => Codec::from_name(&name).ok_or_else(|| {
@@ -113,7 +173,7 @@ fn register(msg: &BusMessage) -> Result<Command, ProtocolError> {
         })?,
     };
     match msg.str_field("endpoint")? {
-        Some(endpoint) => Ok(Command::Register {
+        Some(endpoint) => Ok(Request::Register {
             endpoint: endpoint.into_owned(),
             codec,
         }),
@@ -174,6 +234,13 @@ mod tests {
         Command::parse(BusMessage::parse(json.as_bytes()).expect("a JSON object"))
     }
 
+    fn request(json: &str) -> Request {
+        match parse(json) {
+            Ok(Command::Request(r, _)) => r,
+            other => panic!("{json}: {other:?}"),
+        }
+    }
+
     fn refused(json: &str) -> (ErrorCode, Option<String>) {
         match parse(json) {
             Err(r) => (r.error.code, r.id.map(|i| i.get().to_owned())),
@@ -183,43 +250,50 @@ mod tests {
 
     #[test]
     fn each_type_becomes_its_command() {
-        assert!(matches!(parse(r#"{"type":"ping"}"#), Ok(Command::Ping)));
-        assert!(matches!(
-            parse(r#"{"type":"list_endpoints"}"#),
-            Ok(Command::ListEndpoints)
-        ));
-        assert!(matches!(parse(r#"{"type":"stats"}"#), Ok(Command::Stats)));
-        match parse(r#"{"type":"message","to":"b","body":{"x":[1,2]}}"#) {
-            Ok(Command::Message(m)) => {
-                assert_eq!(
-                    m.raw("body").map(|b| b.get().to_owned()).as_deref(),
-                    Some(r#"{"x":[1,2]}"#)
-                )
+        assert_eq!(request(r#"{"type":"ping"}"#), Request::Ping);
+        assert_eq!(
+            request(r#"{"type":"list_endpoints"}"#),
+            Request::ListEndpoints
+        );
+        assert_eq!(request(r#"{"type":"stats"}"#), Request::Stats);
+        assert_eq!(
+            request(r#"{"type":"subscribe","topic":"md/"}"#),
+            Request::Subscribe {
+                topic: "md/".into()
             }
+        );
+        assert_eq!(
+            request(r#"{"type":"unsubscribe"}"#),
+            Request::Unsubscribe { topic: "".into() },
+            "absent: everything"
+        );
+        match parse(r#"{"type":"message","to":"b","body":{"x":[1,2]}}"#) {
+            Ok(Command::Route(Inbound::Message(m))) => assert_eq!(
+                m.raw("body").map(|b| b.get().to_owned()).as_deref(),
+                Some(r#"{"x":[1,2]}"#)
+            ),
             other => panic!("{other:?}"),
         }
-        match parse(r#"{"type":"subscribe","topic":"md/"}"#) {
-            Ok(Command::Subscribe { topic }) => assert_eq!(topic, "md/"),
-            other => panic!("{other:?}"),
-        }
-        match parse(r#"{"type":"unsubscribe"}"#) {
-            Ok(Command::Unsubscribe { topic }) => assert_eq!(topic, "", "absent: everything"),
-            other => panic!("{other:?}"),
-        }
+        assert!(request(r#"{"type":"stats"}"#).is_costly());
+        assert!(!request(r#"{"type":"ping"}"#).is_costly());
     }
 
     #[test]
     fn register_takes_an_endpoint_and_an_optional_codec() {
-        match parse(r#"{"type":"register","endpoint":"a"}"#) {
-            Ok(Command::Register { endpoint, codec }) => {
-                assert_eq!((endpoint.as_str(), codec), ("a", Codec::Json))
+        assert_eq!(
+            request(r#"{"type":"register","endpoint":"a"}"#),
+            Request::Register {
+                endpoint: "a".into(),
+                codec: Codec::Json
             }
-            other => panic!("{other:?}"),
-        }
-        match parse(r#"{"type":"register","endpoint":"a","codec":"msgpack"}"#) {
-            Ok(Command::Register { codec, .. }) => assert_eq!(codec, Codec::MsgPack),
-            other => panic!("{other:?}"),
-        }
+        );
+        assert_eq!(
+            request(r#"{"type":"register","endpoint":"a","codec":"msgpack"}"#),
+            Request::Register {
+                endpoint: "a".into(),
+                codec: Codec::MsgPack
+            }
+        );
         assert_eq!(refused(r#"{"type":"register"}"#).0, ErrorCode::MissingField);
         assert_eq!(
             refused(r#"{"type":"register","endpoint":7,"id":"r1"}"#),
@@ -233,21 +307,18 @@ mod tests {
 
     #[test]
     fn publish_reads_its_fields_and_moves_the_data() {
-        match parse(r#"{"type":"publish","topic":"t/1","data":{"p":1.5},"ts":12.5,"origin":"o"}"#) {
-            Ok(Command::Publish(p)) => {
-                assert_eq!(p.topic, "t/1");
-                assert_eq!(p.data.get(), r#"{"p":1.5}"#);
-                assert_eq!(p.ts, Some(12.5));
-                assert_eq!(p.origin.as_deref(), Some("o"));
-            }
-            other => panic!("{other:?}"),
-        }
-        match parse(r#"{"type":"publish","topic":"t"}"#) {
-            Ok(Command::Publish(p)) => {
-                assert_eq!((p.data.get(), p.ts, p.origin), ("null", None, None))
-            }
-            other => panic!("{other:?}"),
-        }
+        let publish = |json: &str| match parse(json) {
+            Ok(Command::Route(Inbound::Publish(p))) => p,
+            other => panic!("{json}: {other:?}"),
+        };
+        let p =
+            publish(r#"{"type":"publish","topic":"t/1","data":{"p":1.5},"ts":12.5,"origin":"o"}"#);
+        assert_eq!(p.topic, "t/1");
+        assert_eq!(p.data.get(), r#"{"p":1.5}"#);
+        assert_eq!(p.ts, Some(12.5));
+        assert_eq!(p.origin.as_deref(), Some("o"));
+        let p = publish(r#"{"type":"publish","topic":"t"}"#);
+        assert_eq!((p.data.get(), p.ts, p.origin), ("null", None, None));
         assert_eq!(
             refused(r#"{"type":"publish","data":1,"id":5}"#),
             (ErrorCode::MissingField, Some("5".to_owned()))

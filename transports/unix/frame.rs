@@ -53,6 +53,13 @@ pub fn peek(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     Ok((buf.len() >= 4 + len).then_some(len))
 }
 
+/// The whole length (header included) of the frame whose header is at
+/// the front of `buf`, once the header is there.
+pub fn announced(buf: &[u8]) -> Option<usize> {
+    let h = buf.get(..4)?;
+    Some(4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
+}
+
 /// One frame around a JSON payload.
 pub fn encode(json: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(4 + json.len());
@@ -83,6 +90,8 @@ mod tests {
     #[test]
     fn peek_sees_only_whole_frames() {
         let f = encode(b"{}");
+        assert_eq!(announced(&f[..3]), None);
+        assert_eq!(announced(&f[..4]), Some(6));
         assert_eq!(peek(&f[..5], MAX_FRAME), Ok(None));
         assert_eq!(peek(&f, MAX_FRAME), Ok(Some(2)));
         let mut big = BytesMut::new();

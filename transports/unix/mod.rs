@@ -3,7 +3,9 @@
 //!
 //! - [`frame`]: the 4-byte length framing, pure functions on byte buffers.
 //! - [`server`]: binds the socket, accepts connections, bounds them.
-//! - [`session`]: one connection: reads frames, asks the bus, writes its outbox.
+//! - [`session`]: one connection: its frames become commands on the bus.
+//! - `conn`: one connection's I/O: the read loop (frames, bounded partial
+//!   frames) and the write loop (the only writer of the socket).
 //! - [`command`]: a frame's request as a typed command (pure parsing).
 //! - [`client`]: `BusClient` and `send_message`, async (tokio).
 //! - `dial`: the client's one dial-and-register path.
@@ -12,6 +14,7 @@
 pub mod blocking;
 pub mod client;
 pub mod command;
+mod conn;
 mod dial;
 pub mod frame;
 pub mod server;

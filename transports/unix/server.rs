@@ -38,7 +38,7 @@ pub struct UnixConfig {
     /// How long sessions may take to drain their outboxes at shutdown.
     pub drain_timeout: Duration,
     /// A registered session sent nothing for this long gets a keepalive
-    /// `pong` (zero: never); see [`super::session::KEEPALIVE`].
+    /// `pong` (zero: never): `{"type":"pong","keepalive":true}`.
     pub keepalive: Duration,
     /// A frame must be complete this long after its first byte arrived.
     pub frame_timeout: Duration,

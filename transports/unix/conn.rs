@@ -1,0 +1,480 @@
+//! One connection's I/O: the read loop, which turns bytes into frames,
+//! and the write loop, the only task that writes to the socket.
+//!
+//! The reader hands each complete frame to the session
+//! ([`FrameHandler`]) and waits while the session waits (that is how a
+//! full receiver pushes back on this sender: nothing more is read). It
+//! bounds what it buffers for incomplete frames, in bytes across all
+//! connections ([`PartialBudget`]) and in time per frame.
+//!
+//! The writer drains the session's outbox with vectored writes (many
+//! frames per syscall, no copying), in the session's wire form: a codec
+//! switch arrives in order through the outbox, so everything queued
+//! before it keeps its form. It sends a keepalive to a quiet registered
+//! session. What it could not write when the peer went away it returns.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::Codec;
+use crate::delivery::Delivery;
+use crate::error::ErrorCode;
+use crate::notice::Notice;
+use crate::outbox::OutboxReader;
+
+use super::frame::{self, FrameError};
+
+/// The bound on bytes buffered for incomplete frames across all sessions:
+/// 150 peers each announcing a 10 MiB frame and sending it slowly must
+/// not cost 1.5 GB.
+#[derive(Debug)]
+pub struct PartialBudget {
+    /// Bytes held now.
+    used: AtomicUsize,
+    /// The bound.
+    limit: usize,
+}
+
+impl PartialBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<PartialBudget> {
+        Arc::new(PartialBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl crate::transport::TransportStatus for PartialBudget {
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "partial_frame_bytes": self.used(),
+            "partial_frame_limit": self.limit,
+        })
+    }
+}
+
+/// One session's share of the [`PartialBudget`], given back on drop.
+struct PartialCharge<'a> {
+    /// The shared budget.
+    budget: &'a PartialBudget,
+    /// What this session holds of it.
+    charged: usize,
+}
+
+impl PartialCharge<'_> {
+    /// Sets this session's share to `held` bytes; false (nothing changed)
+    /// when that would pass the bound.
+    fn set(&mut self, held: usize) -> bool {
+        if held > self.charged {
+            let more = held - self.charged;
+            let before = self.budget.used.fetch_add(more, Ordering::Relaxed);
+            if before + more > self.budget.limit {
+                self.budget.used.fetch_sub(more, Ordering::Relaxed);
+                return false;
+            }
+        } else {
+            self.budget
+                .used
+                .fetch_sub(self.charged - held, Ordering::Relaxed);
+        }
+        self.charged = held;
+        true
+    }
+}
+
+impl Drop for PartialCharge<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.charged, Ordering::Relaxed);
+    }
+}
+
+/// What the reader is bounded by.
+#[derive(Debug, Clone)]
+pub struct ReadLimits {
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// A frame must be complete this long after its first byte arrived.
+    pub frame_timeout: Duration,
+    /// Bytes buffered for incomplete large frames, all sessions together.
+    pub partial: Arc<PartialBudget>,
+}
+
+/// One complete frame, as the reader found it.
+pub enum Frame<'a> {
+    /// A large frame (header included), split off the read buffer and
+    /// kept as it is: no copy.
+    Owned(Bytes),
+    /// A small frame's payload, borrowed from the read buffer (whoever
+    /// keeps it copies it, so a kept message never pins the buffer).
+    Borrowed(&'a [u8]),
+}
+
+/// The session is closing while the reader waited.
+#[derive(Debug)]
+pub struct Closing;
+
+/// What the reader hands frames to. Every method may wait (the session
+/// waits out a full receiver there); meanwhile nothing more is read.
+pub trait FrameHandler {
+    /// One complete frame, in arrival order.
+    async fn frame(&mut self, frame: Frame<'_>) -> Result<(), Closing>;
+    /// Every complete frame read so far was handed over: finish what was
+    /// batched, and wait if the session must not read more yet.
+    async fn caught_up(&mut self) -> Result<(), Closing>;
+    /// The connection is closing for `code`: tell the peer why.
+    fn farewell(&mut self, code: ErrorCode, detail: String);
+}
+
+/// Why the reader stopped (its fields are shown by the debug log).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub enum ReadEnd {
+    /// The peer closed its end.
+    Eof,
+    /// The socket failed.
+    Io(std::io::Error),
+    /// The stream cannot stay in sync (oversized length header).
+    Desync(FrameError),
+    /// The writer ended (outbox closed: replaced, evicted, shutdown, or
+    /// the peer stopped reading).
+    WriterDone,
+    /// A frame stayed incomplete past the frame deadline.
+    FrameTimeout,
+    /// The bound on bytes of incomplete frames was reached.
+    Overloaded,
+}
+
+/// Read buffer sizes: a session starts small and grows while its reads
+/// fill the buffer, up to the largest; an idle session keeps none.
+const READ_MIN: usize = 1024;
+const READ_MAX: usize = 64 * 1024;
+/// Frames at least this large are kept in the read buffer they arrived
+/// in (split off, not copied); smaller ones are copied out.
+const LARGE_FRAME: usize = 16 * 1024;
+/// How long a session must be quiet before its read buffer is released.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
+/// Reads frames until the peer closes, the stream fails, or `writer_done`
+/// fires, handing each to `handler`.
+pub async fn read_loop(
+    rd: OwnedReadHalf,
+    limits: &ReadLimits,
+    handler: &mut impl FrameHandler,
+    writer_done: &CancellationToken,
+) -> ReadEnd {
+    let mut buf = BytesMut::new();
+    let mut want = READ_MIN;
+    // Whether the last read took less than it could (the socket was
+    // probably emptied by it).
+    let mut drained = false;
+    // When the incomplete frame at the front of `buf` began.
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    // This session's share of the bytes held for incomplete frames.
+    let mut charge = PartialCharge {
+        budget: &limits.partial,
+        charged: 0,
+    };
+    loop {
+        // Every complete frame, straight from the buffer. A frame the
+        // session waits on is waited out here, before the next is handed
+        // over: nothing more is read from this sender meanwhile.
+        let mut used = 0;
+        let mut handled = false;
+        loop {
+            match frame::peek(&buf[used..], limits.max_frame) {
+                Ok(Some(len)) if len >= LARGE_FRAME => {
+                    buf.advance(used);
+                    used = 0;
+                    let frame = buf.split_to(4 + len).freeze();
+                    if handler.frame(Frame::Owned(frame)).await.is_err() {
+                        return ReadEnd::WriterDone;
+                    }
+                    handled = true;
+                }
+                Ok(Some(len)) => {
+                    let payload = &buf[used + 4..used + 4 + len];
+                    used += 4 + len;
+                    if handler.frame(Frame::Borrowed(payload)).await.is_err() {
+                        return ReadEnd::WriterDone;
+                    }
+                    handled = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = handler.caught_up().await;
+                    handler.farewell(
+                        ErrorCode::FrameTooLarge,
+                        format!("{e}; closing the connection"),
+                    );
+                    return ReadEnd::Desync(e);
+                }
+            }
+        }
+        buf.advance(used);
+        if handler.caught_up().await.is_err() {
+            return ReadEnd::WriterDone;
+        }
+        // Bytes left now are an incomplete frame: it has a deadline,
+        // counted from when it began (the last frame completed, or its
+        // first byte), never across a wait of ours.
+        if buf.is_empty() {
+            partial_since = None;
+        } else if handled || partial_since.is_none() {
+            partial_since = Some(tokio::time::Instant::now());
+        }
+        if handled && drained {
+            // The socket is most likely empty: let the writers just woken
+            // (this worker runs them next) send what was routed before
+            // this task spends a syscall finding the socket empty. Keeps
+            // that syscall off the latency path of a request/reply.
+            tokio::task::yield_now().await;
+        }
+        // Idle sessions hold no read buffer: a small one is given back as
+        // soon as the socket is drained, a grown one (a busy session keeps
+        // it from read to read) after a quiet second.
+        if buf.is_empty() && drained && buf.capacity() <= 2 * READ_MIN {
+            buf = BytesMut::new();
+        }
+        let may_release = buf.is_empty() && buf.capacity() > 0;
+        let quiet = async {
+            if may_release {
+                tokio::time::sleep(IDLE_RELEASE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let frame_deadline = partial_since.map(|t| t + limits.frame_timeout);
+        tokio::select! {
+            r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
+            _ = writer_done.cancelled() => return ReadEnd::WriterDone,
+            _ = until(frame_deadline) => {
+                handler.farewell(ErrorCode::FrameTimeout, format!(
+                    "a frame stayed incomplete for {} s; closing the connection",
+                    limits.frame_timeout.as_secs_f64()
+                ));
+                return ReadEnd::FrameTimeout;
+            }
+            _ = quiet, if may_release => {
+                buf = BytesMut::new();
+                want = READ_MIN;
+                continue;
+            }
+        }
+        // Room for what is announced (a partial frame) or the usual read.
+        let need = frame::announced(&buf).map_or(0, |total| total.saturating_sub(buf.len()));
+        // Toward the announced frame at most 1 MiB at a time, so a peer
+        // announcing a big frame and sending it slowly costs memory only
+        // as its bytes arrive.
+        let room = need.min(1 << 20).max(want).min(limits.max_frame + 4).max(1);
+        if buf.capacity() - buf.len() < room {
+            buf.reserve(room);
+        }
+        // A buffer waiting for the rest of a frame larger than the usual
+        // read holds a large frame in progress: it counts against the
+        // shared bound (a busy sender's ordinary buffer does not).
+        let held = if need > READ_MAX { buf.capacity() } else { 0 };
+        if !charge.set(held) {
+            handler.farewell(
+                ErrorCode::Overloaded,
+                format!(
+                    "the bus holds {} bytes of incomplete frames, its bound; closing the connection",
+                    limits.partial.used()
+                ),
+            );
+            return ReadEnd::Overloaded;
+        }
+        let before = buf.capacity() - buf.len();
+        match rd.try_read_buf(&mut buf) {
+            Ok(0) => return ReadEnd::Eof,
+            Ok(n) => {
+                drained = n < before;
+                if n == before {
+                    want = (want * 2).min(READ_MAX);
+                } else if n < want / 4 {
+                    want = (want / 2).max(READ_MIN);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return ReadEnd::Io(e),
+        }
+    }
+}
+
+/// How long a closed session's writer may still take to write its last
+/// frames (its farewell included) to a peer that does not read them.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Most frames per vectored write.
+const MAX_IOV: usize = 256;
+
+/// The writer's view of its session: what it learns in order from the
+/// outbox.
+struct WireState {
+    /// The session's wire form (switched by a codec delivery).
+    codec: Codec,
+    /// Set once the `registered` reply went by: keepalives go only to
+    /// registered sessions.
+    registered: bool,
+}
+
+impl WireState {
+    /// Takes a batch fresh from the outbox: applies the codec switches
+    /// in order (taking them out: they write as nothing) and puts each
+    /// delivery in the wire form then in force. Returns the items and
+    /// bytes of the switches taken (done, for the outbox's count).
+    fn prepare(&mut self, pending: &mut VecDeque<Delivery>) -> (usize, usize) {
+        let mut switches = (0, 0);
+        pending.retain_mut(|d| {
+            if let Some(codec) = d.codec_switch() {
+                self.codec = codec;
+                switches.0 += 1;
+                switches.1 += d.charge();
+                return false;
+            }
+            if matches!(d.as_notice(), Some(Notice::Registered { .. })) {
+                self.registered = true;
+            }
+            if self.codec == Codec::MsgPack {
+                *d = std::mem::replace(d, Delivery::codec(Codec::Json)).to_msgpack();
+            }
+            true
+        });
+        switches
+    }
+}
+
+/// The writer: drains the outbox with vectored writes until it is closed
+/// and empty, the socket fails, or `stop` fires. Returns what it could not
+/// write (in its shared form, to be held for the session's name).
+pub async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut outbox: OutboxReader,
+    keepalive: Duration,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> VecDeque<Delivery> {
+    let mut state = WireState {
+        codec: Codec::Json,
+        registered: false,
+    };
+    let mut pending: VecDeque<Delivery> = VecDeque::new();
+    // Bytes of `pending[0]` already written.
+    let mut offset = 0usize;
+    // Set once the outbox closed: the writer ends by then.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if pending.is_empty() {
+            offset = 0;
+            if pending.capacity() > 1024 {
+                // A burst is over: an idle session keeps no big queue.
+                pending = VecDeque::new();
+            }
+            let quiet = async {
+                if keepalive.is_zero() {
+                    std::future::pending::<()>().await;
+                } else {
+                    tokio::time::sleep(keepalive).await;
+                }
+            };
+            tokio::select! {
+                more = outbox.recv_batch(&mut pending) => if !more { break; },
+                _ = stop.cancelled() => break,
+                _ = quiet => {
+                    if state.registered {
+                        let _ = outbox
+                            .outbox()
+                            .push_forced(Delivery::notice(Notice::Pong { keepalive: true }));
+                    }
+                    continue;
+                }
+            }
+            let (items, bytes) = state.prepare(&mut pending);
+            if items > 0 {
+                outbox.written(items, bytes);
+            }
+            if pending.is_empty() {
+                continue;
+            }
+        }
+        let written = {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(pending.len().min(MAX_IOV));
+            for (i, d) in pending.iter().take(MAX_IOV).enumerate() {
+                let b = d.unix_frame();
+                slices.push(IoSlice::new(if i == 0 { &b[offset..] } else { &b[..] }));
+            }
+            tokio::select! {
+                r = wr.write_vectored(&slices) => r,
+                _ = stop.cancelled() => break,
+                // Closed (replaced, evicted, disconnected as slow): what
+                // is left gets a short deadline, read or not.
+                _ = outbox.closed(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                    continue;
+                }
+                _ = until(deadline) => break,
+            }
+        };
+        match written {
+            Ok(0) | Err(_) => break,
+            Ok(mut n) => {
+                let (mut items, mut bytes) = (0, 0);
+                // Pops what was written whole.
+                while let Some(first) = pending.front() {
+                    let left = first.unix_frame().len() - offset;
+                    if n < left {
+                        offset += n;
+                        break;
+                    }
+                    n -= left;
+                    offset = 0;
+                    if let Some(d) = pending.pop_front() {
+                        items += 1;
+                        bytes += d.charge();
+                        // Dropping the last copy of a delivery sends its
+                        // sender's receipt, if it asked for one.
+                        drop(d);
+                    }
+                }
+                // Any write is progress (the slow-consumer clock).
+                outbox.written(items, bytes);
+                if pending.is_empty() {
+                    outbox.try_recv_batch(&mut pending);
+                    let (switched, switch_bytes) = state.prepare(&mut pending);
+                    if switched > 0 {
+                        outbox.written(switched, switch_bytes);
+                    }
+                }
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+    // Whatever is still queued was never written either.
+    while outbox.try_recv_batch(&mut pending) > 0 {}
+    let bytes = pending.iter().map(Delivery::charge).sum();
+    outbox.forget(pending.len(), bytes);
+    done.cancel();
+    // Given back in their shared form, to be held for the name.
+    pending.into_iter().map(Delivery::into_original).collect()
+}
+
+/// Waits until `deadline`, or for ever when there is none.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
