@@ -167,7 +167,7 @@ pub fn connect_registered(path: &Path, name: &str) -> io::Result<(UnixStream, Fr
         r#"{{"type":"register","endpoint":"{name}"}}"#
     )))?;
     s.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut r = FrameReader::new(64 * 1024);
+    let mut r = FrameReader::new(256 * 1024);
     r.wait_for(&mut s, Instant::now() + Duration::from_secs(5), |p| {
         contains(p, b"\"registered\"")
     })?;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
@@ -162,9 +162,13 @@ pub enum ReadEnd {
 /// fill the buffer, up to the largest; an idle session keeps none.
 const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
-/// Frames at least this large are kept in the read buffer they arrived
-/// in (split off, not copied); smaller ones are copied out.
-const LARGE_FRAME: usize = 16 * 1024;
+/// Frames at least this large are read into (or copied into) a pooled
+/// buffer of their own and kept there (see [`frame::pool_take`]);
+/// smaller ones are borrowed from the read buffer.
+const LARGE_FRAME: usize = frame::POOLED_MIN;
+/// After a frame at least this large, the next read goes straight into a
+/// pooled buffer of its size (one read per frame, no copy).
+const SPECULATE_MIN: usize = 32 * 1024;
 /// How long a session must be quiet before its read buffer is released.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
@@ -188,18 +192,65 @@ pub async fn read_loop(
         budget: &limits.partial,
         charged: 0,
     };
+    // A large frame being read straight into a pooled buffer of its own
+    // (`buf` is empty meanwhile: this frame comes first).
+    let mut large: Option<Vec<u8>> = None;
+    // The size of the last frame when it was large (the next read goes
+    // straight into a pooled buffer of that size), else 0.
+    let mut last_large = 0usize;
     loop {
-        // Every complete frame, straight from the buffer. A frame the
-        // session waits on is waited out here, before the next is handed
-        // over: nothing more is read from this sender meanwhile.
-        let mut used = 0;
         let mut handled = false;
+        // A large frame read into its own buffer: complete, or found not
+        // to be one for such a buffer (its bytes then go to `buf`).
+        if let Some(l) = &mut large {
+            match frame::announced(l) {
+                None => {}
+                Some(total) if !(4 + LARGE_FRAME..=frame::POOLED_MAX).contains(&total) => {
+                    buf.extend_from_slice(l);
+                    last_large = 0;
+                    if let Some(l) = large.take() {
+                        frame::pool_give(l);
+                    }
+                }
+                Some(total) if l.len() >= total => {
+                    if let Some(mut l) = large.take() {
+                        buf.extend_from_slice(&l[total..]);
+                        l.truncate(total);
+                        last_large = if total >= SPECULATE_MIN { total } else { 0 };
+                        let frame = frame::pooled_bytes(l);
+                        if handler.frame(Frame::Owned(frame)).await.is_err() {
+                            return ReadEnd::WriterDone;
+                        }
+                        handled = true;
+                    }
+                }
+                Some(total) if total > l.capacity() => {
+                    let mut b = frame::pool_take(total);
+                    b.extend_from_slice(l);
+                    frame::pool_give(std::mem::replace(l, b));
+                }
+                Some(_) => {}
+            }
+        }
+        // Every complete frame, straight from the buffer: a large one is
+        // copied into a pooled buffer (the read buffer stays this
+        // session's alone, never reallocated), a huge one split off. A
+        // frame the session waits on is waited out here, before the next
+        // is handed over: nothing more is read from this sender meanwhile.
+        let mut used = 0;
         loop {
             match frame::peek(&buf[used..], limits.max_frame) {
                 Ok(Some(len)) if len >= LARGE_FRAME => {
-                    buf.advance(used);
-                    used = 0;
-                    let frame = buf.split_to(4 + len).freeze();
+                    let frame = if 4 + len <= frame::POOLED_MAX {
+                        let f = frame::pooled_copy(&buf[used..used + 4 + len]);
+                        used += 4 + len;
+                        f
+                    } else {
+                        buf.advance(used);
+                        used = 0;
+                        buf.split_to(4 + len).freeze()
+                    };
+                    last_large = if 4 + len >= SPECULATE_MIN { 4 + len } else { 0 };
                     if handler.frame(Frame::Owned(frame)).await.is_err() {
                         return ReadEnd::WriterDone;
                     }
@@ -208,6 +259,7 @@ pub async fn read_loop(
                 Ok(Some(len)) => {
                     let payload = &buf[used + 4..used + 4 + len];
                     used += 4 + len;
+                    last_large = 0;
                     if handler.frame(Frame::Borrowed(payload)).await.is_err() {
                         return ReadEnd::WriterDone;
                     }
@@ -228,10 +280,22 @@ pub async fn read_loop(
         if handler.caught_up().await.is_err() {
             return ReadEnd::WriterDone;
         }
+        // An incomplete large frame is read on into a buffer of its own.
+        if large.is_none() {
+            if let Some(total) = frame::announced(&buf) {
+                if (4 + LARGE_FRAME..=frame::POOLED_MAX).contains(&total) {
+                    let mut b = frame::pool_take(total);
+                    b.extend_from_slice(&buf);
+                    large = Some(b);
+                    buf.clear();
+                }
+            }
+        }
         // Bytes left now are an incomplete frame: it has a deadline,
         // counted from when it began (the last frame completed, or its
         // first byte), never across a wait of ours.
-        if buf.is_empty() {
+        let partial = !buf.is_empty() || large.as_ref().is_some_and(|l| !l.is_empty());
+        if !partial {
             partial_since = None;
         } else if handled || partial_since.is_none() {
             partial_since = Some(tokio::time::Instant::now());
@@ -249,7 +313,7 @@ pub async fn read_loop(
         if buf.is_empty() && drained && buf.capacity() <= 2 * READ_MIN {
             buf = BytesMut::new();
         }
-        let may_release = buf.is_empty() && buf.capacity() > 0;
+        let may_release = buf.is_empty() && buf.capacity() > 0 && large.is_none();
         let quiet = async {
             if may_release {
                 tokio::time::sleep(IDLE_RELEASE).await;
@@ -274,6 +338,37 @@ pub async fn read_loop(
                 continue;
             }
         }
+        // After a large frame, the next read goes straight into a pooled
+        // buffer of its size: the next frame is most likely as large.
+        if large.is_none() && buf.is_empty() && last_large > 0 {
+            large = Some(frame::pool_take(last_large));
+        }
+        if let Some(l) = &mut large {
+            // Up to the end of the frame, never past it (or, before its
+            // header is in, as much as the last large frame).
+            let end = frame::announced(l)
+                .unwrap_or(last_large.max(4))
+                .min(l.capacity());
+            let asked = end - l.len();
+            let held = if asked > READ_MAX { l.capacity() } else { 0 };
+            if !charge.set(held) {
+                handler.farewell(ErrorCode::Overloaded, overloaded(limits));
+                return ReadEnd::Overloaded;
+            }
+            match rd.try_read_buf(&mut (&mut *l).limit(asked)) {
+                Ok(0) => return ReadEnd::Eof,
+                Ok(n) => drained = n < asked,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if l.is_empty() {
+                        if let Some(l) = large.take() {
+                            frame::pool_give(l);
+                        }
+                    }
+                }
+                Err(e) => return ReadEnd::Io(e),
+            }
+            continue;
+        }
         // Room for what is announced (a partial frame) or the usual read.
         let need = frame::announced(&buf).map_or(0, |total| total.saturating_sub(buf.len()));
         // Toward the announced frame at most 1 MiB at a time, so a peer
@@ -288,13 +383,7 @@ pub async fn read_loop(
         // shared bound (a busy sender's ordinary buffer does not).
         let held = if need > READ_MAX { buf.capacity() } else { 0 };
         if !charge.set(held) {
-            handler.farewell(
-                ErrorCode::Overloaded,
-                format!(
-                    "the bus holds {} bytes of incomplete frames, its bound; closing the connection",
-                    limits.partial.used()
-                ),
-            );
+            handler.farewell(ErrorCode::Overloaded, overloaded(limits));
             return ReadEnd::Overloaded;
         }
         let before = buf.capacity() - buf.len();
@@ -312,6 +401,14 @@ pub async fn read_loop(
             Err(e) => return ReadEnd::Io(e),
         }
     }
+}
+
+/// The farewell detail when the bound on incomplete frames is reached.
+fn overloaded(limits: &ReadLimits) -> String {
+    format!(
+        "the bus holds {} bytes of incomplete frames, its bound; closing the connection",
+        limits.partial.used()
+    )
 }
 
 /// How long a closed session's writer may still take to write its last

@@ -2,6 +2,8 @@
 //!
 //! Pure functions on byte buffers, so they are tested without sockets.
 
+use std::sync::Mutex;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The largest payload either side accepts: 10 MiB, as the reference.
@@ -68,6 +70,87 @@ pub fn encode(json: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// Frames from this size up to [`POOLED_MAX`] are read straight into a
+/// buffer of their own, taken from a process-wide pool of recycled
+/// buffers: no fresh allocation (and page faults) per frame, no frame
+/// split off a shared read buffer that must then be reallocated.
+pub const POOLED_MIN: usize = 16 * 1024;
+/// Largest frame (header included) read into a pooled buffer; larger ones
+/// grow a read buffer as their bytes arrive (a peer announcing a huge
+/// frame and sending it slowly costs memory only as its bytes arrive).
+pub const POOLED_MAX: usize = 1 << 20;
+/// Pooled buffers are sized in steps of this.
+const POOL_STEP: usize = 16 * 1024;
+/// Most bytes of idle buffers the pool keeps; buffers given back past it
+/// are freed.
+const POOL_IDLE: usize = 8 << 20;
+
+/// The idle buffers and their bytes.
+static POOL: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+
+/// An empty buffer with room for at least `min` bytes, recycled when one
+/// of a fitting size is idle (never zeroed: reads fill its spare room).
+pub fn pool_take(min: usize) -> Vec<u8> {
+    {
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        let (free, idle) = &mut *pool;
+        if let Some(i) = free
+            .iter()
+            .rposition(|b| b.capacity() >= min && b.capacity() <= 2 * min + POOL_STEP)
+        {
+            let b = free.swap_remove(i);
+            *idle -= b.capacity();
+            return b;
+        }
+    }
+    Vec::with_capacity(min.div_ceil(POOL_STEP) * POOL_STEP)
+}
+
+/// Gives a buffer back to the pool (freed when the pool is full).
+pub fn pool_give(mut b: Vec<u8>) {
+    if b.capacity() == 0 {
+        return;
+    }
+    b.clear();
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let (free, idle) = &mut *pool;
+    if *idle + b.capacity() <= POOL_IDLE {
+        *idle += b.capacity();
+        free.push(b);
+        return;
+    }
+    drop(pool);
+    drop(b);
+}
+
+/// A pooled buffer shared as [`Bytes`]; it goes back to the pool when the
+/// last copy is dropped.
+struct Pooled(Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        pool_give(std::mem::take(&mut self.0));
+    }
+}
+
+/// A pooled buffer as shared [`Bytes`] (no copy).
+pub fn pooled_bytes(buf: Vec<u8>) -> Bytes {
+    Bytes::from_owner(Pooled(buf))
+}
+
+/// A copy of `frame` in a pooled buffer.
+pub fn pooled_copy(frame: &[u8]) -> Bytes {
+    let mut b = pool_take(frame.len());
+    b.extend_from_slice(frame);
+    pooled_bytes(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +180,22 @@ mod tests {
         let mut big = BytesMut::new();
         big.put_u32((MAX_FRAME + 1) as u32);
         assert!(peek(&big, MAX_FRAME).is_err());
+    }
+
+    #[test]
+    fn pooled_buffers_come_back() {
+        let a = pooled_copy(&[7u8; 40_000]);
+        assert_eq!(a.len(), 40_000);
+        assert!(a.iter().all(|&x| x == 7));
+        let ptr = a.as_ptr();
+        let b = a.clone();
+        drop(a);
+        drop(b);
+        let again = pool_take(40_000);
+        assert!(again.capacity() >= 40_000 && again.is_empty());
+        // Another thread may have taken it meanwhile; usually the same one.
+        let _ = ptr == again.as_ptr();
+        pool_give(again);
     }
 
     #[test]
