@@ -65,6 +65,11 @@ pub struct ZmqProxyArgs {
     /// `proxy` also takes `--slow-consumer-timeout`.
     #[arg(id = "zmq_slow_consumer_timeout", value_name = "SECS", long = "zmq-slow-consumer-timeout", default_value_t = DEFAULT_SLOW_TIMEOUT.as_secs_f64(), value_parser = parse_secs)]
     pub slow_consumer_timeout: f64,
+    /// Most bytes of subscription cancels kept for publishers that have
+    /// not read them yet, across all publishers (past it the oldest go and
+    /// those publishers are resynced).
+    #[arg(id = "zmq_max_upstream_pending_bytes", value_name = "BYTES", long = "zmq-max-upstream-pending-bytes", default_value_t = super::proxy::DEFAULT_MAX_UPSTREAM_PENDING_BYTES)]
+    pub max_upstream_pending_bytes: usize,
 }
 
 impl ZmqProxyArgs {
@@ -80,6 +85,7 @@ impl ZmqProxyArgs {
             max_connections: self.max_connections,
             lossless: self.lossless,
             slow_timeout: secs(self.slow_consumer_timeout),
+            max_upstream_pending_bytes: self.max_upstream_pending_bytes,
             ..ProxyConfig::default()
         }
     }
@@ -481,6 +487,10 @@ mod tests {
             .config();
         assert!(!off.lossless);
         assert_eq!(off.slow_timeout, DEFAULT_SLOW_TIMEOUT);
+        assert_eq!(
+            off.max_upstream_pending_bytes,
+            super::super::proxy::DEFAULT_MAX_UPSTREAM_PENDING_BYTES
+        );
         let on = Cmd::try_parse_from(["proxy", "--lossless", "--slow-consumer-timeout", "1.5"])
             .expect("flags")
             .proxy
@@ -523,6 +533,8 @@ mod tests {
             "7",
             "--zmq-max-connections",
             "9",
+            "--zmq-max-upstream-pending-bytes",
+            "12345",
         ];
         let a = Serve::try_parse_from(argv)
             .expect("server flags")
@@ -537,6 +549,7 @@ mod tests {
             assert_eq!(c.backend, "tcp://127.0.0.1:7001");
             assert_eq!(c.sub_queue, 7);
             assert_eq!(c.max_connections, 9);
+            assert_eq!(c.max_upstream_pending_bytes, 12345);
         }
         let old = Cmd::try_parse_from([
             "x",
