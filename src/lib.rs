@@ -16,6 +16,8 @@
 //! - [`notice`]: the bus's own replies and notices to a session, typed,
 //!   and their encoding in each wire form.
 //! - [`outbox`]: the bounded per-session queue between router and writer.
+//! - [`bounded`]: one bounded queue (items + bytes, pushes that never wait,
+//!   async and blocking waits, a progress clock).
 //! - [`router`]: plain state: sessions, fan-out, flow-control decisions
 //!   and counters. Never awaits. Inside it, [`router::names`] (endpoint
 //!   names, live or held; returns what happened) and [`router::topics`]
@@ -39,6 +41,7 @@
 //! Data flows one way: frame → session → router → outboxes → writer.
 #![warn(missing_docs)]
 
+pub mod bounded;
 #[cfg(all(feature = "unix", feature = "cli"))]
 pub mod cli;
 pub mod clock;

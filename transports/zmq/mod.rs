@@ -4,7 +4,12 @@
 //!
 //! - [`zmtp`]: greeting, READY, frames, subscriptions.
 //! - [`endpoint`]: `tcp://` and `ipc://` endpoints.
-//! - [`proxy`]: the XSUB/XPUB/capture proxy; [`stats`]: its per-side counters.
+//! - [`proxy`]: the XSUB/XPUB/capture proxy (config, bind and accept, the
+//!   public API); its parts: `hub` (subscriptions and fan-out, plain
+//!   state), `upstream` (the subscriptions publishers are sent, one log
+//!   for all), `publisher_conn` and `subscriber_conn` (the connection
+//!   loops, sharing `conn`), [`queue`] (per-peer queues, on
+//!   [`crate::bounded`]); [`stats`]: its counters.
 //! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router.
 //! - [`publisher`], [`receiver`], [`node`]: the clients.
 //! - [`cli`] (feature `cli`): the `proxy`, `pub` and `sub` subcommands, and
@@ -17,15 +22,20 @@ pub mod bridge;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod client_task;
+mod conn;
 mod dial;
 pub mod endpoint;
+mod hub;
 pub mod node;
 mod prefix_set;
 pub mod proxy;
 pub mod publisher;
+mod publisher_conn;
 pub mod queue;
 pub mod receiver;
 pub mod stats;
+mod subscriber_conn;
+mod upstream;
 pub mod zmtp;
 
 pub use bridge::ZmqTransport;

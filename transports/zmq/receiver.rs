@@ -5,21 +5,20 @@
 //! (the reference's "suicidal snail", with a configurable action), and
 //! queues decoded envelopes for `recv`.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Notify;
 
 use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::Endpoint;
 use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
+use crate::bounded::{Bounded, Pushed, Weigh};
 use crate::codec::{Codec, CodecError};
 use crate::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
 use crate::transports::client::{Backoff, Disconnect};
@@ -125,13 +124,13 @@ crate::counters::counters! {
     }
 }
 
-/// The envelope queue and its state.
-#[derive(Debug, Default)]
-struct Queue {
-    /// Decoded envelopes waiting for `recv`.
-    items: VecDeque<Envelope>,
-    /// Set when the receiver stopped: `recv` returns None once empty.
-    closed: bool,
+/// The receiver's queue is bounded in envelopes only
+/// ([`ReceiverConfig::queue`]): an envelope weighs nothing against its
+/// (unlimited) byte bound.
+impl Weigh for Envelope {
+    fn weigh(&self) -> usize {
+        0
+    }
 }
 
 /// State shared by the caller and the connection task, and what the task
@@ -142,12 +141,9 @@ struct Shared {
     cfg: ReceiverConfig,
     /// The subscription messages sent after each handshake.
     subscriptions: BytesMut,
-    /// The envelope queue.
-    queue: Mutex<Queue>,
-    /// Wakes blocking `recv` callers.
-    cond: Condvar,
-    /// Wakes async `recv` callers.
-    notify: Notify,
+    /// Decoded envelopes waiting for `recv` (closed when the receiver
+    /// stopped: `recv` returns None once it is empty).
+    queue: Bounded<Envelope>,
     /// Lagging envelopes warned about (the warning is rate-limited).
     lag_warned: AtomicU64,
     /// Counters.
@@ -155,14 +151,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn close(&self) {
-        self.lock().closed = true;
-        self.cond.notify_all();
-        self.notify.notify_waiters();
+        self.queue.close(false);
     }
 }
 
@@ -192,6 +182,7 @@ impl Receiver {
     /// A receiver with explicit settings.
     pub fn with_config(cfg: ReceiverConfig) -> Result<Receiver, ZmqError> {
         let endpoint = cfg.addr.parse()?;
+        let queue = cfg.queue;
         let mut subscriptions = BytesMut::new();
         if cfg.topics.is_empty() {
             zmtp::put_subscription(&mut subscriptions, true, b"");
@@ -206,9 +197,7 @@ impl Receiver {
                 Shared {
                     cfg,
                     subscriptions,
-                    queue: Mutex::new(Queue::default()),
-                    cond: Condvar::new(),
-                    notify: Notify::new(),
+                    queue: Bounded::new(queue, usize::MAX),
                     lag_warned: AtomicU64::new(0),
                     counters: Counters::default(),
                 },
@@ -229,7 +218,7 @@ impl Receiver {
     /// Starts connecting in the background (needs a tokio runtime).
     pub fn start(&mut self) -> Result<(), ZmqError> {
         if !self.task.is_started() {
-            self.shared().lock().closed = false;
+            self.shared().queue.reopen();
         }
         self.task.start()
     }
@@ -257,7 +246,7 @@ impl Receiver {
 
     /// The next envelope if one is queued (never waits).
     pub fn try_recv(&self) -> Option<Envelope> {
-        self.shared().lock().items.pop_front()
+        self.shared().queue.pop()
     }
 
     /// Waits for the next envelope; None once stopped and drained (or,
@@ -266,22 +255,7 @@ impl Receiver {
         if !self.task.is_started() {
             return self.try_recv();
         }
-        let shared = self.shared();
-        loop {
-            let notified = shared.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut q = shared.lock();
-                if let Some(e) = q.items.pop_front() {
-                    return Some(e);
-                }
-                if q.closed {
-                    return None;
-                }
-            }
-            notified.await;
-        }
+        self.shared().queue.recv().await
     }
 
     /// Waits up to `limit` for the next envelope.
@@ -297,39 +271,16 @@ impl Receiver {
     /// `block` false returns at once; true waits up to `timeout` (None:
     /// until an envelope arrives or the receiver stops).
     pub fn recv_blocking(&self, block: bool, timeout: Option<Duration>) -> Option<Envelope> {
-        let shared = self.shared();
-        let mut q = shared.lock();
+        let queue = &self.shared().queue;
         if !block {
-            return q.items.pop_front();
+            return queue.pop();
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            if let Some(e) = q.items.pop_front() {
-                return Some(e);
-            }
-            if q.closed {
-                return None;
-            }
-            q = match deadline {
-                None => shared.cond.wait(q).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return None;
-                    }
-                    shared
-                        .cond
-                        .wait_timeout(q, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
-        }
+        queue.recv_blocking(timeout)
     }
 
     /// Number of envelopes waiting.
     pub fn pending(&self) -> usize {
-        self.shared().lock().items.len()
+        self.shared().queue.len()
     }
 
     /// A copy of the counters.
@@ -398,14 +349,11 @@ impl Shared {
         reader: &mut zmtp::FrameReader,
     ) -> Result<(), ZmtpError> {
         loop {
-            let mut woke = false;
             while let Some(item) = reader.next_item()? {
                 match item {
                     Inbound::Message(m) => {
                         self.counters.received.fetch_add(1, Ordering::Relaxed);
-                        let (verdict, delivered) = self.handle(&m);
-                        woke |= delivered;
-                        if let Verdict::Stop = verdict {
+                        if let Verdict::Stop = self.handle(&m) {
                             return Ok(());
                         }
                     }
@@ -420,10 +368,6 @@ impl Shared {
                     }
                 }
             }
-            if woke {
-                self.cond.notify_all();
-                self.notify.notify_waiters();
-            }
             if !reader.fill(r).await? {
                 return Err(ZmtpError::Closed);
             }
@@ -431,30 +375,30 @@ impl Shared {
     }
 
     /// Decodes, filters and queues one message.
-    fn handle(&self, m: &RawMessage) -> (Verdict, bool) {
+    fn handle(&self, m: &RawMessage) -> Verdict {
         let c = &self.counters;
         let Some(frames) = m.frames_n::<4>() else {
             c.malformed.fetch_add(1, Ordering::Relaxed);
-            return (Verdict::Continue, false);
+            return Verdict::Continue;
         };
         if Codec::detect(frames[2]) == Codec::MsgPack && self.cfg.codec != Codec::MsgPack {
             c.codec_errors.fetch_add(1, Ordering::Relaxed);
-            return (Verdict::Continue, false);
+            return Verdict::Continue;
         }
         let env = match Envelope::from_frames(&frames, &self.cfg.registry) {
             Ok(e) => e,
             Err(EnvelopeError::Data(CodecError::MsgPackDecode(_))) => {
                 c.codec_errors.fetch_add(1, Ordering::Relaxed);
-                return (Verdict::Continue, false);
+                return Verdict::Continue;
             }
             Err(_) => {
                 c.malformed.fetch_add(1, Ordering::Relaxed);
-                return (Verdict::Continue, false);
+                return Verdict::Continue;
             }
         };
         if !self.cfg.exchanges.is_empty() && !self.cfg.exchanges.contains(&env.origin) {
             c.filtered.fetch_add(1, Ordering::Relaxed);
-            return (Verdict::Continue, false);
+            return Verdict::Continue;
         }
         let lag = unix_now() - env.ts;
         if lag > self.cfg.lag_threshold.as_secs_f64() {
@@ -467,23 +411,20 @@ impl Shared {
                 }
                 SlowPolicy::Drop => {
                     c.dropped.fetch_add(1, Ordering::Relaxed);
-                    return (Verdict::Continue, false);
+                    return Verdict::Continue;
                 }
                 SlowPolicy::Stop => {
                     tracing::error!(receiver = %self.cfg.name, lag_s = lag, "receiver cannot keep up with the publisher: stopping");
-                    return (Verdict::Stop, false);
+                    return Verdict::Stop;
                 }
             }
         }
-        let mut q = self.lock();
-        if q.items.len() >= self.cfg.queue {
-            drop(q);
+        // The push wakes a waiting `recv` (async or blocking).
+        if self.queue.push(env) == Pushed::Ok {
+            c.delivered.fetch_add(1, Ordering::Relaxed);
+        } else {
             c.dropped.fetch_add(1, Ordering::Relaxed);
-            return (Verdict::Continue, false);
         }
-        q.items.push_back(env);
-        drop(q);
-        c.delivered.fetch_add(1, Ordering::Relaxed);
-        (Verdict::Continue, true)
+        Verdict::Continue
     }
 }

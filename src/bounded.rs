@@ -1,0 +1,651 @@
+//! One bounded queue, [`Bounded`], between producers that must never wait
+//! inside a push and the consumer(s) that drain it: the ZeroMQ proxy's
+//! per-subscriber queues and the clients' send queues (wire bytes), the
+//! router bridge's queue, and the ZeroMQ `Receiver`'s envelope queue.
+//!
+//! - **Bounded in items and in bytes.** What an item costs is its
+//!   [`Weigh::weigh`]. Producers never wait inside [`Bounded::push`]: a
+//!   full queue refuses the new item and says so ([`Pushed::Full`]), so one
+//!   stalled consumer cannot stall its producers (or, through them, anyone
+//!   else). [`Bounded::push_forced`] is for what must never be refused for
+//!   space (replies): it is counted all the same.
+//! - **Outstanding work, not only queued work.** A writer that takes a
+//!   batch with [`Bounded::take_batch`] keeps it counted until it reports
+//!   it with [`Bounded::written`], so memory stays within the bounds while
+//!   a batch is on its way to the socket. [`Bounded::take_all`] and
+//!   [`Bounded::pop`] are for consumers that do not report: what they take
+//!   is forgotten at once.
+//! - **Waiting, outside the push.** A producer that wants no loss waits in
+//!   its own task with [`Bounded::wait_room`] (woken below a low-water mark,
+//!   3/4 of the bounds, so it is not woken per item). Consumers wait for
+//!   items asynchronously ([`Bounded::wait`], [`Bounded::recv`]) or block a
+//!   thread ([`Bounded::recv_blocking`]); several consumers may wait at
+//!   once, each item goes to one.
+//! - **A progress clock.** The consumer records when its socket accepted
+//!   bytes ([`Bounded::note_progress`]); work arriving at an idle queue
+//!   restarts the clock; [`Bounded::stalled_for`] then tells a slow
+//!   consumer from a stuck one. Callers that keep the clock out of their
+//!   state pass the time in (`*_at`).
+//!
+//! A shared byte budget across queues and a "stuck" policy (what the Unix
+//! sessions' outbox adds) sit on top: they need only `push_forced`, the
+//! outstanding counts and the progress clock.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// What an item costs against a queue's byte bound.
+pub trait Weigh {
+    /// The item's bytes.
+    fn weigh(&self) -> usize;
+}
+
+impl Weigh for Bytes {
+    fn weigh(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Outcome of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued.
+    Ok,
+    /// Dropped: the queue is full.
+    Full,
+    /// Dropped: the queue is closed (its consumer has stopped).
+    Closed,
+}
+
+/// Content and counts of a queue, under its lock.
+#[derive(Debug)]
+struct Inner<T> {
+    /// Items waiting for a consumer.
+    items: VecDeque<T>,
+    /// Sum of the weights of `items`.
+    bytes: usize,
+    /// Items a writer took with `take_batch` and has not reported
+    /// written: they still count against the bounds.
+    taken_items: usize,
+    /// Bytes of those items.
+    taken_bytes: usize,
+    /// Producers waiting in `wait_room`, so `written` notifies only when
+    /// someone listens.
+    room_waiters: usize,
+    /// Threads blocked in `recv_blocking`, so a push signals the condition
+    /// variable only when someone listens (a signal is a syscall).
+    blocked: usize,
+    /// Set when the consumer is gone; pushes then fail.
+    closed: bool,
+}
+
+impl<T> Inner<T> {
+    /// Items not yet written (queued or in a writer's batch).
+    fn out_items(&self) -> usize {
+        self.items.len() + self.taken_items
+    }
+
+    /// Bytes not yet written.
+    fn out_bytes(&self) -> usize {
+        self.bytes + self.taken_bytes
+    }
+}
+
+/// A queue bounded in items and bytes, with non-waiting pushes and async
+/// and blocking waits (see the module docs).
+#[derive(Debug)]
+pub struct Bounded<T> {
+    /// The items; the lock is held only to push, take or count.
+    inner: Mutex<Inner<T>>,
+    /// Wakes async consumers when items arrive (or the queue closes).
+    ready: Notify,
+    /// Wakes blocked consumers likewise.
+    ready_blocking: Condvar,
+    /// Wakes producers waiting for room once outstanding work drained
+    /// below the low-water mark (or the queue closed).
+    room: Notify,
+    /// Most outstanding items.
+    max_items: usize,
+    /// Most outstanding bytes.
+    max_bytes: usize,
+    /// Items at or below which a waiting producer may push again.
+    low_items: usize,
+    /// Bytes at or below which a waiting producer may push again.
+    low_bytes: usize,
+    /// Origin of `progress_ms` (a monotonic clock).
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the consumer's last progress, or of
+    /// the moment work arrived at an idle queue. Atomic so the consumer
+    /// records it without the lock.
+    progress_ms: AtomicU64,
+}
+
+impl<T: Weigh> Bounded<T> {
+    /// A queue holding at most `max_items` items and `max_bytes` bytes
+    /// outstanding (one item is always accepted when nothing is
+    /// outstanding, whatever its weight).
+    pub fn new(max_items: usize, max_bytes: usize) -> Bounded<T> {
+        let max_items = max_items.max(1);
+        Bounded {
+            inner: Mutex::new(Inner {
+                items: VecDeque::new(),
+                bytes: 0,
+                taken_items: 0,
+                taken_bytes: 0,
+                room_waiters: 0,
+                blocked: 0,
+                closed: false,
+            }),
+            ready: Notify::new(),
+            ready_blocking: Condvar::new(),
+            room: Notify::new(),
+            max_items,
+            max_bytes,
+            low_items: max_items / 4 * 3,
+            low_bytes: max_bytes / 4 * 3,
+            epoch: Instant::now(),
+            progress_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Milliseconds from `epoch` to `now`.
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Queues `item` unless full or closed. Never waits. Reads the clock
+    /// only when work arrives at an idle queue.
+    pub fn push(&self, item: T) -> Pushed {
+        self.push_with(item, false, Instant::now)
+    }
+
+    /// [`Bounded::push`] at a known time `now` (reads no clock).
+    pub fn push_at(&self, item: T, now: Instant) -> Pushed {
+        self.push_with(item, false, || now)
+    }
+
+    /// Queues `item` whatever the bounds (it still counts against them,
+    /// so later bounded pushes see it); fails only when closed.
+    pub fn push_forced(&self, item: T) -> Pushed {
+        self.push_with(item, true, Instant::now)
+    }
+
+    fn push_with(&self, item: T, forced: bool, now: impl FnOnce() -> Instant) -> Pushed {
+        let len = item.weigh();
+        let (was_empty, blocked) = {
+            let mut g = self.lock();
+            if g.closed {
+                return Pushed::Closed;
+            }
+            let out = g.out_items();
+            if !forced
+                && out != 0
+                && (out >= self.max_items || g.out_bytes().saturating_add(len) > self.max_bytes)
+            {
+                return Pushed::Full;
+            }
+            if out == 0 {
+                // Work arrives at an idle consumer: its no-progress clock
+                // starts now, not at its last write long ago.
+                self.note_progress_at(now());
+            }
+            let was_empty = g.items.is_empty();
+            g.bytes += len;
+            g.items.push_back(item);
+            (was_empty, g.blocked > 0)
+        };
+        if was_empty {
+            self.ready.notify_one();
+        }
+        if blocked {
+            self.ready_blocking.notify_one();
+        }
+        Pushed::Ok
+    }
+
+    /// Takes the first item, which stops counting at once (for consumers
+    /// that do not report writes). Never waits.
+    pub fn pop(&self) -> Option<T> {
+        let mut g = self.lock();
+        self.pop_locked(&mut g)
+    }
+
+    /// Pops under the lock; hands the wake-up on to another consumer when
+    /// items remain (a push wakes one consumer per empty → non-empty).
+    fn pop_locked(&self, g: &mut Inner<T>) -> Option<T> {
+        let item = g.items.pop_front()?;
+        g.bytes = g.bytes.saturating_sub(item.weigh());
+        if !g.items.is_empty() {
+            self.ready.notify_one();
+            if g.blocked > 0 {
+                self.ready_blocking.notify_one();
+            }
+        }
+        Some(item)
+    }
+
+    /// Moves every queued item into `batch` (which should be empty) and
+    /// stops counting them; returns how many. For consumers that do not
+    /// call [`Bounded::written`].
+    pub fn take_all(&self, batch: &mut VecDeque<T>) -> usize {
+        let mut g = self.lock();
+        g.bytes = 0;
+        std::mem::swap(&mut g.items, batch);
+        batch.len()
+    }
+
+    /// Moves up to `max_items` items and about `max_bytes` bytes (at least
+    /// one item when any is queued) into `batch`; they stay outstanding
+    /// until the writer reports them with [`Bounded::written`]. Returns
+    /// how many items and bytes were taken.
+    pub fn take_batch(
+        &self,
+        batch: &mut VecDeque<T>,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> (usize, usize) {
+        let mut g = self.lock();
+        let (mut n, mut bytes) = (0usize, 0usize);
+        for item in g.items.iter() {
+            let len = item.weigh();
+            if n >= max_items.max(1) || (n > 0 && bytes.saturating_add(len) > max_bytes) {
+                break;
+            }
+            n += 1;
+            bytes += len;
+        }
+        batch.extend(g.items.drain(..n));
+        g.bytes = g.bytes.saturating_sub(bytes);
+        g.taken_items += n;
+        g.taken_bytes += bytes;
+        (n, bytes)
+    }
+
+    /// Reports `items` items of `bytes` bytes from the writer's batch as
+    /// written: they stop counting against the bounds, and producers
+    /// waiting for room are woken once outstanding work is at or below
+    /// the low-water mark.
+    pub fn written(&self, items: usize, bytes: usize) {
+        let wake = {
+            let mut g = self.lock();
+            g.taken_items = g.taken_items.saturating_sub(items);
+            g.taken_bytes = g.taken_bytes.saturating_sub(bytes);
+            g.room_waiters > 0 && self.below_low(&g)
+        };
+        if wake {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Whether outstanding work is at or below the low-water mark.
+    fn below_low(&self, g: &Inner<T>) -> bool {
+        g.out_items() <= self.low_items && g.out_bytes() <= self.low_bytes
+    }
+
+    /// Records that the consumer made progress (its socket accepted bytes).
+    pub fn note_progress(&self) {
+        self.note_progress_at(Instant::now());
+    }
+
+    /// [`Bounded::note_progress`] at a known time.
+    pub fn note_progress_at(&self, now: Instant) {
+        self.progress_ms.store(self.ms(now), Ordering::Relaxed);
+    }
+
+    /// How long since the consumer last made progress (or since work
+    /// arrived at an idle queue). Meaningful while something is
+    /// outstanding, e.g. right after a push was refused as full.
+    pub fn stalled_for(&self) -> Duration {
+        self.stalled_at(Instant::now())
+    }
+
+    /// [`Bounded::stalled_for`] as of `now`.
+    pub fn stalled_at(&self, now: Instant) -> Duration {
+        let last = self.progress_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.ms(now).saturating_sub(last))
+    }
+
+    /// Waits until an item of `len` bytes fits with outstanding work at or
+    /// below the low-water mark, or the queue is closed. Does not push:
+    /// the caller pushes next (and waits again if another producer took
+    /// the room first). Cancel-safe.
+    pub async fn wait_room(&self, len: usize) {
+        let notified = self.room.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a `written` between the check
+        // and the await is not missed.
+        notified.as_mut().enable();
+        let _waiter = {
+            let mut g = self.lock();
+            let out = g.out_items();
+            let fits = out == 0
+                || (out < self.max_items && g.out_bytes().saturating_add(len) <= self.max_bytes);
+            if g.closed || (fits && self.below_low(&g)) {
+                return;
+            }
+            g.room_waiters += 1;
+            RoomWaiter(self)
+        };
+        notified.await;
+    }
+
+    /// Waits for items; returns false once closed and empty. Cancel-safe.
+    pub async fn wait(&self) -> bool {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.lock();
+                if !g.items.is_empty() {
+                    return true;
+                }
+                if g.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits for the next item and takes it (forgotten at once); None once
+    /// closed and empty. Cancel-safe.
+    pub async fn recv(&self) -> Option<T> {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if let Some(item) = self.pop_locked(&mut g) {
+                    return Some(item);
+                }
+                if g.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Blocks the calling thread until an item arrives and takes it; None
+    /// once closed and empty, or after `timeout` (None: no limit). Never
+    /// call it on an async runtime thread.
+    pub fn recv_blocking(&self, timeout: Option<Duration>) -> Option<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut g = self.lock();
+        loop {
+            if let Some(item) = self.pop_locked(&mut g) {
+                return Some(item);
+            }
+            if g.closed {
+                return None;
+            }
+            g.blocked += 1;
+            g = match deadline {
+                None => self
+                    .ready_blocking
+                    .wait(g)
+                    .unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        g.blocked -= 1;
+                        return None;
+                    }
+                    self.ready_blocking
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+            g.blocked -= 1;
+        }
+    }
+
+    /// Whether nothing is queued (a batch being written may remain).
+    pub fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
+    }
+
+    /// Number of queued items (not counting a batch being written).
+    pub fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    /// Closes the queue: later pushes fail, consumers drain what is left
+    /// and stop, producers waiting for room wake up. Returns how many
+    /// items were still queued (when `discard`, dropped).
+    pub fn close(&self, discard: bool) -> usize {
+        let n;
+        {
+            let mut g = self.lock();
+            g.closed = true;
+            n = g.items.len();
+            if discard {
+                g.items.clear();
+                g.bytes = 0;
+            }
+        }
+        self.ready.notify_waiters();
+        self.ready.notify_one();
+        self.ready_blocking.notify_all();
+        self.room.notify_waiters();
+        n
+    }
+
+    /// Opens a closed queue again (a client started anew); what it holds
+    /// stays.
+    pub fn reopen(&self) {
+        self.lock().closed = false;
+    }
+}
+
+/// Counts one producer in `wait_room` until it stops waiting, however it
+/// stops (woken, timed out, cancelled).
+struct RoomWaiter<'a, T>(&'a Bounded<T>);
+
+impl<T> Drop for RoomWaiter<'_, T> {
+    fn drop(&mut self) {
+        let mut g = self.0.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.room_waiters = g.room_waiters.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn b(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n])
+    }
+
+    #[test]
+    fn a_taken_batch_counts_until_written() {
+        let q = Bounded::new(4, 1000);
+        for _ in 0..4 {
+            assert_eq!(q.push(b(10)), Pushed::Ok);
+        }
+        assert_eq!(q.push(b(10)), Pushed::Full);
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take_batch(&mut batch, 3, 1 << 20), (3, 30));
+        assert_eq!(q.len(), 1);
+        // Taken but not written: still full.
+        assert_eq!(q.push(b(10)), Pushed::Full);
+        q.written(3, 30);
+        assert_eq!(q.push(b(10)), Pushed::Ok);
+    }
+
+    #[test]
+    fn the_byte_bound_refuses_but_one_item_always_fits_an_idle_queue() {
+        let q = Bounded::new(100, 50);
+        assert_eq!(q.push(b(80)), Pushed::Ok);
+        assert_eq!(q.push(b(1)), Pushed::Full);
+        assert_eq!(q.pop().map(|x| x.len()), Some(80));
+        assert_eq!(q.push(b(30)), Pushed::Ok);
+        assert_eq!(q.push(b(30)), Pushed::Full);
+        assert_eq!(q.push(b(20)), Pushed::Ok);
+    }
+
+    #[test]
+    fn a_forced_push_passes_the_bounds_and_counts() {
+        let q = Bounded::new(1, 10);
+        assert_eq!(q.push(b(5)), Pushed::Ok);
+        assert_eq!(q.push_forced(b(50)), Pushed::Ok);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.push(b(1)), Pushed::Full);
+        q.close(false);
+        assert_eq!(q.push_forced(b(1)), Pushed::Closed);
+    }
+
+    #[test]
+    fn a_batch_is_bounded_in_items_and_bytes_but_takes_at_least_one() {
+        let q = Bounded::new(100, 1 << 20);
+        q.push(b(600));
+        q.push(b(600));
+        q.push(b(10));
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take_batch(&mut batch, 10, 500), (1, 600));
+        assert_eq!(q.take_batch(&mut batch, 10, 1000), (2, 610));
+        assert_eq!(batch.len(), 3);
+    }
+
+    #[test]
+    fn take_all_forgets_what_it_took() {
+        let q = Bounded::new(2, 1000);
+        q.push(b(1));
+        q.push(b(1));
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take_all(&mut batch), 2);
+        assert_eq!(q.push(b(1)), Pushed::Ok);
+    }
+
+    #[tokio::test]
+    async fn wait_room_wakes_below_the_low_water_mark_and_on_close() {
+        let q = Arc::new(Bounded::new(8, 1 << 20));
+        for _ in 0..8 {
+            q.push(b(1));
+        }
+        let mut batch = VecDeque::new();
+        q.take_batch(&mut batch, 8, 1 << 20);
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.wait_room(1).await })
+        };
+        tokio::task::yield_now().await;
+        // 7 outstanding: above the mark (6), the waiter keeps waiting.
+        q.written(1, 1);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        q.written(2, 2);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("join");
+        // A waiter on a full queue wakes when it closes.
+        let q2 = Arc::new(Bounded::new(1, 1 << 20));
+        q2.push(b(1));
+        let w2 = {
+            let q2 = q2.clone();
+            tokio::spawn(async move { q2.wait_room(1).await })
+        };
+        tokio::task::yield_now().await;
+        q2.close(true);
+        tokio::time::timeout(Duration::from_secs(5), w2)
+            .await
+            .expect("woken by close")
+            .expect("join");
+    }
+
+    #[test]
+    fn an_idle_queue_restarts_the_no_progress_clock() {
+        let q = Bounded::new(4, 1000);
+        let t0 = q.epoch;
+        q.note_progress_at(t0);
+        assert_eq!(
+            q.stalled_at(t0 + Duration::from_millis(20)),
+            Duration::from_millis(20)
+        );
+        // Work arrives at an idle queue: the clock restarts at the push.
+        q.push_at(b(1), t0 + Duration::from_millis(30));
+        assert_eq!(
+            q.stalled_at(t0 + Duration::from_millis(35)),
+            Duration::from_millis(5)
+        );
+        // Not at the next push while work is outstanding.
+        q.push_at(b(1), t0 + Duration::from_millis(40));
+        assert_eq!(
+            q.stalled_at(t0 + Duration::from_millis(45)),
+            Duration::from_millis(15)
+        );
+    }
+
+    #[tokio::test]
+    async fn several_async_consumers_each_get_items_and_end_on_close() {
+        let q = Arc::new(Bounded::new(100, 1 << 20));
+        let consumers: Vec<_> = (0..3)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while q.recv().await.is_some() {
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        for _ in 0..30 {
+            q.push(b(1));
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !q.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("drained");
+        q.close(false);
+        let mut total = 0;
+        for c in consumers {
+            total += tokio::time::timeout(Duration::from_secs(5), c)
+                .await
+                .expect("ended on close")
+                .expect("join");
+        }
+        assert_eq!(total, 30);
+    }
+
+    #[test]
+    fn a_blocked_consumer_wakes_for_an_item_a_timeout_and_a_close() {
+        let q = Arc::new(Bounded::<Bytes>::new(10, 1 << 20));
+        assert_eq!(q.recv_blocking(Some(Duration::from_millis(10))), None);
+        let t = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let first = q.recv_blocking(None).map(|x| x.len());
+                let second = q.recv_blocking(None);
+                (first, second)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        q.push(b(7));
+        std::thread::sleep(Duration::from_millis(20));
+        q.close(false);
+        assert_eq!(t.join().expect("join"), (Some(7), None));
+        q.reopen();
+        assert_eq!(q.push(b(1)), Pushed::Ok);
+    }
+}

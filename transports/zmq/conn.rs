@@ -1,0 +1,55 @@
+//! What the proxy's connection tasks share: the hub and the router sink
+//! behind one handle, the wake-up of publisher writers, and the helpers
+//! both connection kinds use.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::hub::Hub;
+use super::proxy::EnvelopeSink;
+use super::stats::SideCounters;
+use super::zmtp::{self, ZmtpError};
+
+/// State shared by all connection tasks of one proxy.
+pub(super) struct Shared {
+    /// Subscriptions, upstream log, fan-out, limits and counters.
+    pub(super) hub: Hub,
+    /// The router bridge, when the proxy runs inside the bus.
+    pub(super) sink: Option<Arc<dyn EnvelopeSink>>,
+    /// Wakes idle publisher writers when the upstream log grew.
+    pub(super) upstream_changed: Notify,
+}
+
+impl Shared {
+    /// Wakes the publishers' writers when the hub said the upstream
+    /// changed.
+    pub(super) fn upstream(&self, changed: bool) {
+        if changed {
+            self.upstream_changed.notify_waiters();
+        }
+    }
+}
+
+/// Properties our proxy sides announce in READY: we accept MessagePack.
+pub(super) const PROXY_PROPS: &[(&str, &[u8])] = &[(zmtp::CODEC_PROPERTY, b"msgpack")];
+
+/// Counts a connection's end by its cause.
+pub(super) fn note_end(counters: &SideCounters, err: &ZmtpError) {
+    match err {
+        ZmtpError::Io(_) | ZmtpError::Closed => {}
+        _ => {
+            counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    tracing::debug!(error = %err, "zmq proxy: connection ended");
+}
+
+/// Waits until `deadline`, or forever without one.
+pub(super) async fn idle_deadline(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,657 @@
+//! The proxy's subscription hub: who subscribed to what, and where a
+//! message goes. No I/O, no awaits, no clock reads (the time comes in as
+//! an `Instant`); it answers with decisions the connection tasks act on:
+//! whether the publishers' upstream changed (their writers then have
+//! work), which full subscribers a message waits for (lossless mode),
+//! whether a subscriber is stuck.
+//!
+//! - [`SubIndex`]: prefix → peers, plus the prefix lengths in use, so a
+//!   change and a message cost the same whatever the total count.
+//! - [`PeerSubs`]: one subscriber's own multiset, owned by its connection
+//!   task; [`Hub::apply_sub_change`] applies one change within the
+//!   per-peer limits (what breaks them is ignored, counted, and never
+//!   goes upstream).
+//! - Upstream subscriptions are reference-counted across subscribers in
+//!   [`Upstream`], the log every publisher's writer reads from.
+//! - [`Hub::dispatch`] queues a message, without copy or re-encoding, to
+//!   every matching subscriber (transcoding MessagePack data once for the
+//!   peers that did not opt in); a full queue drops and counts (ZeroMQ PUB
+//!   semantics), or in lossless mode hands the full peer back to the
+//!   publisher's read loop, which waits for it.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::proxy::ProxyConfig;
+use super::queue::{Pushed, WireQueue};
+use super::stats::{ProxyStats, SideCounters};
+use super::upstream::Upstream;
+use super::zmtp::{self, RawMessage, SubChange};
+use crate::codec::MSGPACK_MARKER;
+
+/// Which side a subscriber-like peer is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    /// XPUB: its subscriptions flow upstream.
+    Backend,
+    /// Capture PUB: its subscriptions stay local.
+    Capture,
+}
+
+/// One subscriber connection as the fan-out sees it.
+#[derive(Debug)]
+pub(super) struct SubPeer {
+    /// What its writer task drains.
+    pub(super) queue: WireQueue,
+    /// Whether it accepts MessagePack data frames (said so in READY).
+    pub(super) msgpack: bool,
+    /// Its side, for the counters.
+    pub(super) side: Side,
+    /// Messages dropped because its queue was full.
+    pub(super) drops: AtomicU64,
+}
+
+impl SubPeer {
+    /// A peer with a queue of `items` items and `bytes` bytes.
+    pub(super) fn new(items: usize, bytes: usize, msgpack: bool, side: Side) -> SubPeer {
+        SubPeer {
+            queue: WireQueue::new(items, bytes),
+            msgpack,
+            side,
+            drops: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A message a subscriber could not take yet (lossless mode): the peer and
+/// the wire form meant for it.
+pub(super) type Waiting = (Arc<SubPeer>, Bytes);
+
+/// Every subscriber-like peer's prefixes for matching: prefix → the peers
+/// holding it (each once, however many times it subscribed), plus the
+/// prefix lengths in use, so a message probes only the prefixes of its
+/// topic frame whose length is in use. A change costs O(1) (plus the
+/// peers sharing that exact prefix); a message costs its topic's length
+/// in probes plus its matches, whatever the total count.
+#[derive(Debug, Default)]
+pub(super) struct SubIndex {
+    /// Prefix → peers subscribed to exactly it.
+    by_prefix: HashMap<Bytes, Vec<Arc<SubPeer>>>,
+    /// Prefix length → how many distinct prefixes have it.
+    lengths: BTreeMap<usize, usize>,
+}
+
+impl SubIndex {
+    /// Adds `peer` under `prefix` (the peer's first reference to it).
+    fn add(&mut self, prefix: Bytes, peer: &Arc<SubPeer>) {
+        let len = prefix.len();
+        let v = self.by_prefix.entry(prefix).or_default();
+        if v.is_empty() {
+            *self.lengths.entry(len).or_insert(0) += 1;
+        }
+        v.push(peer.clone());
+    }
+
+    /// Removes `peer` from under `prefix` (its last reference went).
+    fn remove(&mut self, prefix: &[u8], peer: &Arc<SubPeer>) {
+        let Some(v) = self.by_prefix.get_mut(prefix) else {
+            return;
+        };
+        if let Some(i) = v.iter().position(|x| Arc::ptr_eq(x, peer)) {
+            v.swap_remove(i);
+        }
+        if v.is_empty() {
+            self.by_prefix.remove(prefix);
+            if let Some(n) = self.lengths.get_mut(&prefix.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lengths.remove(&prefix.len());
+                }
+            }
+        }
+    }
+
+    /// Calls `f` once for every peer holding a prefix of `topic`.
+    fn for_each_match(&self, topic: &[u8], mut f: impl FnMut(&Arc<SubPeer>)) {
+        if self.by_prefix.is_empty() {
+            return;
+        }
+        // The first matching prefix's peers, and whether more prefixes
+        // match (then peers are deduplicated through the scratch list).
+        let mut first: Option<&Vec<Arc<SubPeer>>> = None;
+        let mut several = false;
+        for &len in self.lengths.range(..=topic.len()).map(|(l, _)| l) {
+            if let Some(v) = self.by_prefix.get(&topic[..len]) {
+                if first.is_some() {
+                    several = true;
+                    break;
+                }
+                first = Some(v);
+            }
+        }
+        let Some(first) = first else {
+            return;
+        };
+        if !several {
+            first.iter().for_each(f);
+            return;
+        }
+        MATCHED.with(|cell| {
+            let mut m = std::mem::take(&mut *cell.borrow_mut());
+            for &len in self.lengths.range(..=topic.len()).map(|(l, _)| l) {
+                if let Some(v) = self.by_prefix.get(&topic[..len]) {
+                    m.extend(v.iter().cloned());
+                }
+            }
+            m.sort_unstable_by_key(|p| Arc::as_ptr(p) as usize);
+            m.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            m.iter().for_each(&mut f);
+            m.clear();
+            *cell.borrow_mut() = m;
+        });
+    }
+}
+
+thread_local! {
+    /// Reused scratch of `for_each_match` for messages matching several
+    /// prefixes (deduplication of peers), so dispatch does not allocate
+    /// per message.
+    static MATCHED: RefCell<Vec<Arc<SubPeer>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One subscriber peer's own subscriptions, owned by its connection task
+/// (its only writer), so a change touches nothing shared but the index
+/// entry of that prefix.
+#[derive(Debug, Default)]
+pub(super) struct PeerSubs {
+    /// Prefix → how many times this peer subscribed to it.
+    prefixes: HashMap<Bytes, usize>,
+    /// Subscriptions held (the multiset's size).
+    count: usize,
+    /// Their bytes.
+    bytes: usize,
+    /// Whether it ever had a subscription accepted (not idle then).
+    pub(super) active: bool,
+}
+
+/// State shared by all connection tasks of one proxy: the index the hot
+/// path matches against, the upstream log, the limits and the counters.
+/// Its locks are held for one change or one message, never across an
+/// await (it has none).
+#[derive(Debug)]
+pub(super) struct Hub {
+    /// Limits.
+    pub(super) cfg: ProxyConfig,
+    /// Counters.
+    pub(super) stats: Arc<ProxyStats>,
+    /// The subscription index (read lock per message; a change takes the
+    /// write lock for one entry).
+    index: RwLock<SubIndex>,
+    /// Union of the backend subscriptions (reference-counted, one per
+    /// peer holding the prefix) and what publishers have yet to be sent.
+    up: Mutex<Upstream>,
+    /// Last publisher id given.
+    last_id: AtomicU64,
+}
+
+impl Hub {
+    /// An empty hub with `cfg`'s limits, counting on `stats`.
+    pub(super) fn new(cfg: ProxyConfig, stats: Arc<ProxyStats>) -> Hub {
+        Hub {
+            up: Mutex::new(Upstream::new(cfg.max_upstream_pending_bytes)),
+            cfg,
+            stats,
+            index: RwLock::new(SubIndex::default()),
+            last_id: AtomicU64::new(0),
+        }
+    }
+
+    fn up(&self) -> MutexGuard<'_, Upstream> {
+        self.up.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn index_mut(&self) -> RwLockWriteGuard<'_, SubIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The counters of a subscriber side.
+    pub(super) fn counters(&self, side: Side) -> &SideCounters {
+        match side {
+            Side::Backend => &self.stats.subscribers,
+            Side::Capture => &self.stats.capture,
+        }
+    }
+
+    /// Adds one reference to an upstream subscription; true when it
+    /// became live (the publishers' writers then have work).
+    pub(super) fn upstream_add(&self, prefix: &Bytes) -> bool {
+        let mut up = self.up();
+        let changed = up.add(prefix);
+        up.publish(&self.stats);
+        changed
+    }
+
+    /// Removes references to upstream subscriptions, one per prefix; true
+    /// when one stopped being live.
+    fn upstream_remove<'a>(&self, prefixes: impl IntoIterator<Item = &'a Bytes>) -> bool {
+        let mut up = self.up();
+        let mut changed = false;
+        for p in prefixes {
+            changed |= up.remove(p);
+        }
+        up.publish(&self.stats);
+        changed
+    }
+
+    /// A new publisher: its id; its writer replays every current
+    /// subscription from the log, then follows.
+    pub(super) fn join_publisher(&self) -> u64 {
+        let id = self.last_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.up().join(id);
+        id
+    }
+
+    /// A publisher left.
+    pub(super) fn leave_publisher(&self, id: u64) {
+        let mut up = self.up();
+        up.leave(id);
+        up.publish(&self.stats);
+    }
+
+    /// Encodes into `out` the upstream changes publisher `id` has not been
+    /// sent, up to about `max_bytes`; returns whether more remain.
+    pub(super) fn take_upstream(&self, id: u64, out: &mut BytesMut, max_bytes: usize) -> bool {
+        self.up().take(id, out, max_bytes)
+    }
+
+    /// Applies one subscription change of `peer`, within its limits.
+    /// Takes the index lock (and the upstream lock for an upstream change)
+    /// for this one change only. Returns whether the upstream changed.
+    pub(super) fn apply_sub_change(
+        &self,
+        peer: &Arc<SubPeer>,
+        subs: &mut PeerSubs,
+        change: SubChange,
+    ) -> bool {
+        let st = &self.stats;
+        match change {
+            SubChange::Subscribe(p) => {
+                if p.len() > self.cfg.max_prefix_len {
+                    st.subs_too_long.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                if subs.count >= self.cfg.max_subs_per_peer {
+                    st.subs_over_count.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                if subs.bytes.saturating_add(p.len()) > self.cfg.max_sub_bytes_per_peer {
+                    st.subs_over_bytes.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                subs.count += 1;
+                subs.bytes += p.len();
+                subs.active = true;
+                st.subscriptions.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = subs.prefixes.get_mut(&p[..]) {
+                    *n += 1;
+                    return false;
+                }
+                // Our own copy: a slice would pin the whole read buffer.
+                let p = Bytes::copy_from_slice(&p);
+                subs.prefixes.insert(p.clone(), 1);
+                self.index_mut().add(p.clone(), peer);
+                peer.side == Side::Backend && self.upstream_add(&p)
+            }
+            SubChange::Cancel(p) => {
+                let Some(n) = subs.prefixes.get_mut(&p[..]) else {
+                    return false;
+                };
+                *n -= 1;
+                subs.count -= 1;
+                subs.bytes -= p.len();
+                st.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                if *n > 0 {
+                    return false;
+                }
+                let Some((k, _)) = subs.prefixes.remove_entry(&p[..]) else {
+                    return false;
+                };
+                self.index_mut().remove(&k, peer);
+                peer.side == Side::Backend && self.upstream_remove([&k])
+            }
+        }
+    }
+
+    /// A peer left: its subscriptions leave the gauge, and its distinct
+    /// prefixes are returned for [`Hub::remove_prefixes`] (in chunks, so
+    /// a peer with many never holds the locks for long).
+    pub(super) fn peer_left(&self, subs: PeerSubs) -> Vec<Bytes> {
+        self.stats
+            .subscriptions
+            .fetch_sub(subs.count as u64, Ordering::Relaxed);
+        subs.prefixes.into_keys().collect()
+    }
+
+    /// Removes `peer` from under `prefixes` (its last references), one
+    /// lock taken for all of them; returns whether the upstream changed.
+    pub(super) fn remove_prefixes(&self, peer: &Arc<SubPeer>, prefixes: &[Bytes]) -> bool {
+        {
+            let mut idx = self.index_mut();
+            for p in prefixes {
+                idx.remove(p, peer);
+            }
+        }
+        peer.side == Side::Backend && self.upstream_remove(prefixes)
+    }
+
+    /// Counts one message dropped for `peer`.
+    pub(super) fn count_drop(&self, peer: &SubPeer) {
+        peer.drops.fetch_add(1, Ordering::Relaxed);
+        self.counters(peer.side)
+            .drops
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How long a full `peer` may still be waited for as of `now`: None
+    /// once it made no progress for the slow-consumer timeout (stuck).
+    /// Meaningful right after its queue refused a push.
+    pub(super) fn patience_left(&self, peer: &SubPeer, now: Instant) -> Option<Duration> {
+        self.cfg
+            .slow_timeout
+            .checked_sub(peer.queue.stalled_at(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Queues one message to every matching subscriber and capture peer,
+    /// at `now`. Never waits. With `waiting` (lossless mode, from a
+    /// publisher's read loop), a full XPUB-side peer that is not stuck is
+    /// added there instead of dropping; the caller then waits for those
+    /// before it reads on. Without it, or for a stuck peer, a full queue
+    /// drops and counts.
+    pub(super) fn dispatch(
+        &self,
+        msg: &RawMessage,
+        now: Instant,
+        mut waiting: Option<&mut Vec<Waiting>>,
+    ) {
+        let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let msgpack = is_msgpack_envelope(msg);
+        let mut json_form: Option<Option<Bytes>> = None;
+        idx.for_each_match(msg.first_frame(), |peer| {
+            let wire = if msgpack && !peer.msgpack {
+                let form = json_form.get_or_insert_with(|| {
+                    let j = transcode_to_json(msg);
+                    if j.is_some() {
+                        self.stats.transcoded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    j
+                });
+                match form {
+                    Some(b) => b.clone(),
+                    None => return,
+                }
+            } else {
+                msg.wire.clone()
+            };
+            match peer.queue.push_at(wire.clone(), now) {
+                Pushed::Ok => {}
+                Pushed::Full => match waiting.as_deref_mut() {
+                    Some(w)
+                        if peer.side == Side::Backend
+                            && self.patience_left(peer, now).is_some() =>
+                    {
+                        w.push((peer.clone(), wire));
+                    }
+                    _ => self.count_drop(peer),
+                },
+                Pushed::Closed => self.count_drop(peer),
+            }
+        });
+    }
+}
+
+/// Whether a message is a 4-frame envelope whose data frame is MessagePack.
+fn is_msgpack_envelope(msg: &RawMessage) -> bool {
+    msg.frames == 4 && msg.frames().nth(2).and_then(|d| d.first().copied()) == Some(MSGPACK_MARKER)
+}
+
+/// The same envelope with its data frame as JSON (for peers without the
+/// MessagePack opt-in); None when the data cannot be transcoded.
+fn transcode_to_json(msg: &RawMessage) -> Option<Bytes> {
+    let [t, o, d, ts] = msg.frames_n::<4>()?;
+    let raw = crate::codec::to_raw_json(d).ok()?;
+    let mut out = BytesMut::with_capacity(msg.wire.len() + 16);
+    zmtp::put_message(&mut out, &[t, o, raw.get().as_bytes(), ts]);
+    Some(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    fn hub(cfg: ProxyConfig) -> Hub {
+        Hub::new(cfg, Arc::new(ProxyStats::default()))
+    }
+
+    fn peer(items: usize, side: Side) -> Arc<SubPeer> {
+        Arc::new(SubPeer::new(items, 1 << 20, false, side))
+    }
+
+    fn sub(p: &str) -> SubChange {
+        SubChange::Subscribe(Bytes::copy_from_slice(p.as_bytes()))
+    }
+
+    fn cancel(p: &str) -> SubChange {
+        SubChange::Cancel(Bytes::copy_from_slice(p.as_bytes()))
+    }
+
+    fn msg(frames: &[&[u8]]) -> RawMessage {
+        let mut out = BytesMut::new();
+        zmtp::put_message(&mut out, frames);
+        RawMessage {
+            wire: out.freeze(),
+            frames: frames.len(),
+        }
+    }
+
+    /// What `peer`'s writer would take now.
+    fn drain(peer: &SubPeer) -> Vec<Bytes> {
+        let mut b = VecDeque::new();
+        peer.queue.take_all(&mut b);
+        b.into()
+    }
+
+    /// The upstream bytes publisher `id` would be sent now.
+    fn upstream(h: &Hub, id: u64) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        while h.take_upstream(id, &mut out, 1 << 20) {}
+        out.to_vec()
+    }
+
+    fn subscription(on: bool, p: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        zmtp::put_subscription(&mut out, on, p.as_bytes());
+        out.to_vec()
+    }
+
+    #[test]
+    fn a_message_goes_once_to_each_peer_holding_a_prefix_of_its_topic() {
+        let h = hub(ProxyConfig::default());
+        let (a, b, c) = (
+            peer(10, Side::Backend),
+            peer(10, Side::Backend),
+            peer(10, Side::Capture),
+        );
+        let (mut sa, mut sb, mut sc) = Default::default();
+        h.apply_sub_change(&a, &mut sa, sub("md/"));
+        h.apply_sub_change(&a, &mut sa, sub("md/x"));
+        h.apply_sub_change(&a, &mut sa, sub("md/x"));
+        h.apply_sub_change(&b, &mut sb, sub("other"));
+        h.apply_sub_change(&c, &mut sc, sub(""));
+        let now = Instant::now();
+        let m = msg(&[b"md/xy", b"body"]);
+        h.dispatch(&m, now, None);
+        h.dispatch(&msg(&[b"nothing"]), now, None);
+        // Two matching prefixes, one delivery; the same bytes, no copy.
+        assert_eq!(drain(&a), vec![m.wire.clone()]);
+        assert!(drain(&b).is_empty());
+        assert_eq!(drain(&c).len(), 2);
+        assert_eq!(h.stats.snapshot().subscriptions, 5);
+        // A cancel removes one reference; the last one unmatches.
+        h.apply_sub_change(&a, &mut sa, cancel("md/x"));
+        h.apply_sub_change(&a, &mut sa, cancel("md/"));
+        h.dispatch(&m, now, None);
+        assert_eq!(drain(&a).len(), 1);
+        h.apply_sub_change(&a, &mut sa, cancel("md/x"));
+        h.dispatch(&m, now, None);
+        assert!(drain(&a).is_empty());
+    }
+
+    #[test]
+    fn upstream_is_reference_counted_across_peers_and_skips_the_capture_side() {
+        let h = hub(ProxyConfig::default());
+        let id = h.join_publisher();
+        let (a, b, cap) = (
+            peer(10, Side::Backend),
+            peer(10, Side::Backend),
+            peer(10, Side::Capture),
+        );
+        let (mut sa, mut sb, mut sc) = Default::default();
+        assert!(h.apply_sub_change(&a, &mut sa, sub("t")));
+        assert!(
+            !h.apply_sub_change(&a, &mut sa, sub("t")),
+            "same peer again"
+        );
+        assert!(!h.apply_sub_change(&b, &mut sb, sub("t")), "another peer");
+        assert!(
+            !h.apply_sub_change(&cap, &mut sc, sub("c")),
+            "capture stays local"
+        );
+        assert_eq!(upstream(&h, id), subscription(true, "t"));
+        assert!(!h.apply_sub_change(&a, &mut sa, cancel("t")));
+        assert!(!h.apply_sub_change(&a, &mut sa, cancel("t")));
+        // `a` is gone from "t"; `b` still holds it: nothing upstream.
+        assert!(upstream(&h, id).is_empty());
+        // The last holder leaves: one cancel upstream.
+        let left = h.peer_left(sb);
+        assert!(h.remove_prefixes(&b, &left));
+        assert_eq!(upstream(&h, id), subscription(false, "t"));
+        // A publisher joining now gets nothing.
+        let late = h.join_publisher();
+        assert!(upstream(&h, late).is_empty());
+        assert_eq!(h.stats.snapshot().upstream_prefixes, 0);
+    }
+
+    #[test]
+    fn per_peer_limits_ignore_count_and_never_go_upstream() {
+        let h = hub(ProxyConfig {
+            max_prefix_len: 4,
+            max_subs_per_peer: 2,
+            max_sub_bytes_per_peer: 5,
+            ..ProxyConfig::default()
+        });
+        let id = h.join_publisher();
+        let a = peer(10, Side::Backend);
+        let mut s = PeerSubs::default();
+        assert!(!h.apply_sub_change(&a, &mut s, sub("toolong")));
+        assert!(!s.active, "an ignored subscription does not make it active");
+        assert!(h.apply_sub_change(&a, &mut s, sub("abc")));
+        assert!(
+            !h.apply_sub_change(&a, &mut s, sub("xyz")),
+            "bytes: 3 + 3 > 5"
+        );
+        assert!(h.apply_sub_change(&a, &mut s, sub("q")));
+        assert!(!h.apply_sub_change(&a, &mut s, sub("r")), "count: 2 held");
+        // A cancel of what it never held changes nothing.
+        assert!(!h.apply_sub_change(&a, &mut s, cancel("zz")));
+        let st = h.stats.snapshot();
+        assert_eq!(
+            (st.subs_too_long, st.subs_over_bytes, st.subs_over_count),
+            (1, 1, 1)
+        );
+        assert_eq!(st.subscriptions, 2);
+        let mut want = subscription(true, "abc");
+        want.extend(subscription(true, "q"));
+        assert_eq!(upstream(&h, id), want);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_by_default() {
+        let h = hub(ProxyConfig::default());
+        let a = peer(1, Side::Backend);
+        let mut s = PeerSubs::default();
+        h.apply_sub_change(&a, &mut s, sub(""));
+        let now = Instant::now();
+        h.dispatch(&msg(&[b"t"]), now, None);
+        h.dispatch(&msg(&[b"t"]), now, None);
+        assert_eq!(drain(&a).len(), 1);
+        assert_eq!(a.drops.load(Ordering::Relaxed), 1);
+        assert_eq!(h.stats.snapshot().subscribers.drops, 1);
+    }
+
+    #[test]
+    fn lossless_dispatch_returns_full_subscribers_until_they_are_stuck() {
+        let h = hub(ProxyConfig {
+            lossless: true,
+            slow_timeout: Duration::from_secs(10),
+            ..ProxyConfig::default()
+        });
+        let (a, cap) = (peer(1, Side::Backend), peer(1, Side::Capture));
+        let (mut sa, mut sc) = Default::default();
+        h.apply_sub_change(&a, &mut sa, sub(""));
+        h.apply_sub_change(&cap, &mut sc, sub(""));
+        let t0 = Instant::now();
+        let mut waiting = Vec::new();
+        h.dispatch(&msg(&[b"1"]), t0, Some(&mut waiting));
+        assert!(waiting.is_empty());
+        // Full, making progress: the backend peer is waited for; the
+        // capture peer drops (it never slows production).
+        let m2 = msg(&[b"2"]);
+        h.dispatch(&m2, t0 + Duration::from_secs(1), Some(&mut waiting));
+        assert_eq!(waiting.len(), 1);
+        assert!(Arc::ptr_eq(&waiting[0].0, &a) && waiting[0].1 == m2.wire);
+        assert_eq!(h.stats.snapshot().capture.drops, 1);
+        assert_eq!(
+            h.patience_left(&a, t0 + Duration::from_secs(4)),
+            Some(Duration::from_secs(6))
+        );
+        // No progress for the slow-consumer timeout: stuck, drops.
+        waiting.clear();
+        let late = t0 + Duration::from_secs(11);
+        assert_eq!(h.patience_left(&a, late), None);
+        h.dispatch(&msg(&[b"3"]), late, Some(&mut waiting));
+        assert!(waiting.is_empty());
+        assert_eq!(h.stats.snapshot().subscribers.drops, 1);
+        // Progress makes it a waited-for peer again.
+        a.queue.note_progress_at(late);
+        h.dispatch(&msg(&[b"4"]), late, Some(&mut waiting));
+        assert_eq!(waiting.len(), 1);
+    }
+
+    #[test]
+    fn msgpack_data_is_transcoded_once_for_the_peers_that_did_not_opt_in() {
+        let h = hub(ProxyConfig::default());
+        let json_a = peer(10, Side::Backend);
+        let json_b = peer(10, Side::Backend);
+        let mp = Arc::new(SubPeer::new(10, 1 << 20, true, Side::Backend));
+        for p in [&json_a, &json_b, &mp] {
+            h.apply_sub_change(p, &mut PeerSubs::default(), sub(""));
+        }
+        let data = crate::codec::encode(crate::codec::Codec::MsgPack, &serde_json::json!({"p": 1}))
+            .expect("msgpack");
+        let m = msg(&[b"\"t\"", b"\"o\"", &data, b"1.0"]);
+        h.dispatch(&m, Instant::now(), None);
+        let (a, b, c) = (drain(&json_a), drain(&json_b), drain(&mp));
+        assert_eq!(c, vec![m.wire.clone()]);
+        assert_eq!(a, b);
+        assert_ne!(a[0], m.wire);
+        assert_eq!(h.stats.snapshot().transcoded, 1);
+    }
+}

@@ -1,0 +1,303 @@
+//! One subscriber connection of the proxy (its XPUB side, or the capture
+//! PUB side): the read loop that applies its subscription changes to the
+//! hub, and the writer that drains its queue to the socket in batches,
+//! recording progress (what tells a slow subscriber from a stuck one).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{idle_deadline, note_end, Shared, PROXY_PROPS};
+use super::endpoint::{ReadHalf, Stream, WriteHalf};
+use super::hub::{PeerSubs, Side, SubPeer};
+use super::stats::ProxyStats;
+use super::zmtp::{self, FrameReader, Inbound, SocketType, SubChange, ZmtpError};
+
+/// Most items a subscriber's writer takes per batch (the batch counts as
+/// outstanding until written, so it must be small next to the queue).
+const WRITE_BATCH_ITEMS: usize = 256;
+/// Most bytes a writer takes per batch (at least one item).
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// Prefixes a disconnecting subscriber's cleanup removes per lock taken
+/// (it yields between chunks, so a peer with many prefixes never holds
+/// the index or the runtime for long).
+const CLEANUP_CHUNK: usize = 256;
+/// Unsent bytes a lossless-mode subscriber's TCP socket holds at most
+/// before it stops accepting writes (`TCP_NOTSENT_LOWAT`).
+const NOTSENT_LOWAT: usize = 128 * 1024;
+
+/// Serves one subscriber-like connection until it ends or `shutdown`.
+pub(super) async fn subscriber_conn(
+    sh: Arc<Shared>,
+    stream: Stream,
+    side: Side,
+    shutdown: CancellationToken,
+) {
+    let hub = &sh.hub;
+    let c = hub.counters(side);
+    if hub.cfg.lossless && side == Side::Backend {
+        limit_unsent(&stream);
+    }
+    let (mut r, mut w) = stream.into_split();
+    // Subscribers send only subscriptions: a small limit is plenty.
+    let mut reader = FrameReader::new(hub.cfg.max_msg_size.min(1 << 20));
+    let ours = match side {
+        Side::Backend => SocketType::XPub,
+        Side::Capture => SocketType::Pub,
+    };
+    let info = match zmtp::handshake(
+        &mut r,
+        &mut w,
+        &mut reader,
+        ours,
+        PROXY_PROPS,
+        hub.cfg.handshake_timeout,
+    )
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            note_end(c, &e);
+            return;
+        }
+    };
+    let peer = Arc::new(SubPeer::new(
+        hub.cfg.sub_queue,
+        hub.cfg.sub_queue_bytes,
+        info.wants_msgpack(),
+        side,
+    ));
+    let conn_done = shutdown.child_token();
+    let writer = tokio::spawn(writer_task(
+        w,
+        peer.clone(),
+        hub.stats.clone(),
+        conn_done.clone(),
+    ));
+    let mut subs = PeerSubs::default();
+    let res = subscriber_read_loop(&sh, &mut subs, &mut r, &mut reader, &peer, &conn_done).await;
+    if let Err(e) = res {
+        note_end(c, &e);
+    }
+    drop_subs(&sh, &peer, subs).await;
+    peer.queue.close(true);
+    conn_done.cancel();
+    let _ = writer.await;
+}
+
+/// Removes every subscription of a leaving peer, a chunk per lock taken,
+/// yielding between chunks.
+async fn drop_subs(sh: &Shared, peer: &Arc<SubPeer>, subs: PeerSubs) {
+    let all = sh.hub.peer_left(subs);
+    for chunk in all.chunks(CLEANUP_CHUNK) {
+        sh.upstream(sh.hub.remove_prefixes(peer, chunk));
+        if all.len() > CLEANUP_CHUNK {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+async fn subscriber_read_loop(
+    sh: &Shared,
+    subs: &mut PeerSubs,
+    r: &mut ReadHalf,
+    reader: &mut FrameReader,
+    peer: &Arc<SubPeer>,
+    done: &CancellationToken,
+) -> Result<(), ZmtpError> {
+    let hub = &sh.hub;
+    let c = hub.counters(peer.side);
+    let idle_at = tokio::time::Instant::now() + hub.cfg.idle_timeout;
+    loop {
+        while let Some(item) = reader.next_item()? {
+            if let Some(change) = SubChange::from_inbound(&item) {
+                sh.upstream(hub.apply_sub_change(peer, subs, change));
+                // A storm of changes shares the runtime with everyone.
+                tokio::task::consume_budget().await;
+                continue;
+            }
+            match item {
+                Inbound::Command(name, data) => {
+                    let mut out = BytesMut::new();
+                    if zmtp::answer_ping(&name, &data, &mut out) {
+                        peer.queue.push(out.freeze());
+                    }
+                }
+                _ => {
+                    c.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let deadline = (!subs.active).then_some(idle_at);
+        let more = tokio::select! {
+            _ = done.cancelled() => return Ok(()),
+            _ = idle_deadline(deadline) => {
+                hub.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            r = reader.fill(r) => r?,
+        };
+        if !more {
+            return Err(ZmtpError::Closed);
+        }
+    }
+}
+
+/// Makes a TCP socket accept writes only while its unsent data is small,
+/// so that "the socket accepted bytes" (the writer's progress) follows the
+/// subscriber's reading closely instead of the kernel's buffers, which
+/// can hold megabytes and wake the writer only after a large part of them
+/// drained (a slow but healthy reader would then look stuck). A failure
+/// only makes the progress signal coarser, so it is logged, not fatal.
+fn limit_unsent(stream: &Stream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Stream::Tcp(s) = stream {
+        use std::os::fd::AsRawFd;
+        let v = libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is a TCP socket owned by `s`, open for the whole
+        // call; the option value is a c_int living across the call and its
+        // exact size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                std::ptr::addr_of!(v).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "zmq proxy: TCP_NOTSENT_LOWAT not set");
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
+}
+
+/// A socket that records on its peer's queue every time it accepts bytes:
+/// the writer's progress, which tells a slow subscriber from a stuck one.
+struct ProgressWriter {
+    /// The socket.
+    inner: WriteHalf,
+    /// Whose progress it is.
+    peer: Arc<SubPeer>,
+}
+
+impl AsyncWrite for ProgressWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.peer.queue.note_progress();
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.peer.queue.note_progress();
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Writes a subscriber's queued wire bytes in bounded batches (one lock
+/// to take a batch and one to report it written, many messages per write
+/// syscall, flush when the queue is empty), counting messages and wire
+/// bytes per batch on its side's counters. A batch stays outstanding in
+/// the queue until written, and every write the socket accepts is
+/// recorded as progress. Ends on write error, on `done`, or when the
+/// queue closes.
+async fn writer_task(
+    w: WriteHalf,
+    peer: Arc<SubPeer>,
+    stats: Arc<ProxyStats>,
+    done: CancellationToken,
+) {
+    let c = match peer.side {
+        Side::Backend => &stats.subscribers,
+        Side::Capture => &stats.capture,
+    };
+    let mut w = BufWriter::with_capacity(
+        64 * 1024,
+        ProgressWriter {
+            inner: w,
+            peer: peer.clone(),
+        },
+    );
+    let q = &peer.queue;
+    let mut batch = VecDeque::new();
+    loop {
+        let (mut msgs, mut bytes) = (0u64, 0u64);
+        if q.is_empty() {
+            if w.flush().await.is_err() {
+                break;
+            }
+            let ready = tokio::select! {
+                _ = done.cancelled() => false,
+                r = q.wait() => r,
+            };
+            if !ready {
+                break;
+            }
+        }
+        let (taken, taken_bytes) = q.take_batch(&mut batch, WRITE_BATCH_ITEMS, WRITE_BATCH_BYTES);
+        let mut failed = false;
+        for item in batch.drain(..) {
+            if write_item(&mut w, &item).await.is_err() {
+                failed = true;
+                break;
+            }
+            msgs += 1;
+            bytes += item.len() as u64;
+        }
+        // All of it leaves the outstanding count, written or (on failure)
+        // about to be discarded with the queue.
+        q.written(taken, taken_bytes);
+        c.messages.fetch_add(msgs, Ordering::Relaxed);
+        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if failed {
+            break;
+        }
+    }
+    q.close(true);
+    let _ = tokio::time::timeout(Duration::from_millis(200), w.shutdown()).await;
+}
+
+async fn write_item<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    item: &Bytes,
+) -> std::io::Result<()> {
+    w.write_all(item).await
+}
