@@ -6,99 +6,30 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::{client_recv, free_tcp_addr, lines_of, next_line, TempRoot};
 use hermes_bus::transports::unix::{BusClient, ClientConfig};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// A temp bus root; the daemon started in it is killed on drop.
-struct Root {
-    dir: tempfile::TempDir,
-}
-
-impl Root {
-    fn new() -> Root {
-        Root {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    fn socket(&self) -> PathBuf {
-        self.path().join("hermes-bus.sock")
-    }
-    fn cmd(&self, bin: &str) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new(common::bin_dir().join(bin));
-        c.env("HERMES_BUS_ROOT", self.path())
-            .env("HERMES_HOME", self.path().join("home"))
-            .env_remove("HERMES_BUS_HOOKS")
-            .env_remove("HERMES_BUS_AUTOSTART")
-            .env("PATH", common::path_with_bins())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        c
-    }
-    /// Runs a command; (exit code, stdout, stderr).
-    async fn run(&self, bin: &str, args: &[&str]) -> (i32, String, String) {
-        let out = tokio::time::timeout(Duration::from_secs(30), self.cmd(bin).args(args).output())
-            .await
-            .expect("command finished in time")
-            .expect("command runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-    async fn bus(&self, args: &[&str]) -> (i32, String, String) {
-        self.run("hermes-bus", args).await
-    }
-    async fn start(&self) {
-        let (code, out, err) = self.run("hermes-busd", &["start"]).await;
-        assert_eq!(code, 0, "{out}{err}");
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        if let Ok(text) = std::fs::read_to_string(self.path().join("run/busd.pid")) {
-            if let Ok(pid) = text.trim().parse::<i32>() {
-                // SAFETY: plain kill(2) of the daemon this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
 
 fn parse(s: &str) -> Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s:?}"))
 }
 
 /// A client of the bus in this process (no autostart).
-async fn client(root: &Root, name: &str) -> BusClient {
+async fn client(root: &TempRoot, name: &str) -> BusClient {
     let mut cfg = ClientConfig::new(root.socket());
     cfg.autostart = false;
     BusClient::connect_with(name, cfg).await.expect("connect")
 }
 
-/// A TCP address where nothing listens.
-fn dead_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    drop(l);
-    format!("tcp://127.0.0.1:{port}")
-}
-
 #[tokio::test]
 async fn json_outputs_parse() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         root.start().await;
         let mut svc = client(&root, "svc").await;
 
@@ -125,10 +56,7 @@ async fn json_outputs_parse() {
         let sent = parse(&out);
         let id = sent["id"].as_str().expect("id").to_owned();
         assert_eq!(sent["to"], "svc");
-        let m = tokio::time::timeout(Duration::from_secs(10), svc.recv())
-            .await
-            .expect("in time")
-            .expect("message");
+        let m = client_recv(&mut svc, Duration::from_secs(10)).await;
         assert_eq!(m["id"], id.as_str(), "the printed id is the message's");
 
         // Human forms: a sentence with the id, tables with headers.
@@ -151,12 +79,8 @@ async fn json_outputs_parse() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = l.spawn().expect("listen");
-        let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let first = tokio::time::timeout(Duration::from_secs(20), err.next_line())
-            .await
-            .expect("in time")
-            .expect("read")
-            .expect("line");
+        let mut err = lines_of(child.stderr.take().expect("stderr"));
+        let first = next_line(&mut err, Duration::from_secs(20)).await;
         assert!(first.contains("listening as lst"), "{first}");
         svc.send("lst", json!({"k": "v"})).await.expect("send");
         let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
@@ -177,7 +101,7 @@ async fn json_outputs_parse() {
 #[tokio::test]
 async fn a_closed_pipe_is_not_a_panic() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         root.start().await;
         let _a = client(&root, "a").await;
         let _b = client(&root, "b").await;
@@ -203,7 +127,7 @@ async fn a_closed_pipe_is_not_a_panic() {
             assert!(!err.contains("panicked"), "{bin} {args:?}: {err}");
         }
         // As a shell runs it.
-        let busd = common::bin_dir().join("hermes-busd");
+        let busd = common::bin("hermes-busd");
         let out = tokio::process::Command::new("bash")
             .env("HERMES_BUS_ROOT", root.path())
             .args([
@@ -223,7 +147,7 @@ async fn a_closed_pipe_is_not_a_panic() {
 }
 
 /// A service that answers each request to its sender.
-async fn echo_service(root: &Root, name: &str) -> tokio::task::JoinHandle<()> {
+async fn echo_service(root: &TempRoot, name: &str) -> tokio::task::JoinHandle<()> {
     let mut c = client(root, name).await;
     tokio::spawn(async move {
         while let Some(m) = c.recv().await {
@@ -237,7 +161,7 @@ async fn echo_service(root: &Root, name: &str) -> tokio::task::JoinHandle<()> {
 #[tokio::test]
 async fn request_gets_its_reply_and_times_out_cleanly() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         root.start().await;
         let echo = echo_service(&root, "echo").await;
         let (code, out, err) = root
@@ -289,7 +213,7 @@ async fn request_gets_its_reply_and_times_out_cleanly() {
 #[tokio::test]
 async fn not_running_errors_name_the_socket_once_and_exit_3() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let sock = root.socket().display().to_string();
         for args in [vec!["endpoints"], vec!["stats", "--json"]] {
             let (code, out, err) = root.bus(&args).await;
@@ -347,19 +271,15 @@ async fn not_running_errors_name_the_socket_once_and_exit_3() {
 #[tokio::test]
 async fn listen_exits_when_replaced() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         root.start().await;
         let mut l = root.cmd("hermes-bus");
         l.args(["listen", "dup"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = l.spawn().expect("listen");
-        let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let first = tokio::time::timeout(Duration::from_secs(20), err.next_line())
-            .await
-            .expect("in time")
-            .expect("read")
-            .expect("line");
+        let mut err = lines_of(child.stderr.take().expect("stderr"));
+        let first = next_line(&mut err, Duration::from_secs(20)).await;
         assert!(first.contains("listening as dup"), "{first}");
         let _taker = client(&root, "dup").await;
         let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
@@ -395,8 +315,8 @@ async fn listen_exits_when_replaced() {
 #[tokio::test]
 async fn pub_and_sub_against_nothing_fail_clearly() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
-        let dead = dead_addr();
+        let root = TempRoot::new();
+        let dead = free_tcp_addr();
         let (code, out, err) = root
             .bus(&["pub", "--zmq-in", &dead, "--wait-ms", "500", "T/x", "{}"])
             .await;
@@ -432,7 +352,7 @@ async fn pub_and_sub_against_nothing_fail_clearly() {
 #[tokio::test]
 async fn pub_and_sub_json_through_a_proxy() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let mut proxy = root.cmd("hermes-bus");
         proxy
             .args([
@@ -445,14 +365,8 @@ async fn pub_and_sub_json_through_a_proxy() {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut proxy = proxy.spawn().expect("proxy");
-        let mut lines = BufReader::new(proxy.stdout.take().expect("stdout")).lines();
-        let ep = parse(
-            &tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-                .await
-                .expect("in time")
-                .expect("read")
-                .expect("line"),
-        );
+        let mut lines = lines_of(proxy.stdout.take().expect("stdout"));
+        let ep = parse(&next_line(&mut lines, Duration::from_secs(20)).await);
         let front = ep["frontend"].as_str().expect("frontend").to_owned();
         let back = ep["backend"].as_str().expect("backend").to_owned();
 
@@ -507,7 +421,7 @@ async fn pub_and_sub_json_through_a_proxy() {
 #[tokio::test]
 async fn completions_and_man_page_generate() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         for shell in ["bash", "zsh", "fish"] {
             let (code, out, err) = root.bus(&["completions", shell]).await;
             assert_eq!(code, 0, "{err}");

@@ -5,103 +5,17 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use common::{alive, lines_of, next_line, PyPeer, TempRoot};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-struct Root {
-    dir: tempfile::TempDir,
-}
-
-impl Root {
-    fn new() -> Root {
-        Root {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    fn socket(&self) -> PathBuf {
-        self.path().join("hermes-bus.sock")
-    }
-    fn pid_file(&self) -> PathBuf {
-        self.path().join("run/busd.pid")
-    }
-    fn cmd(&self, bin: &str) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new(common::bin_dir().join(bin));
-        c.env("HERMES_BUS_ROOT", self.path())
-            .env("HERMES_HOME", self.path().join("home"))
-            .env_remove("HERMES_BUS_HOOKS")
-            .env("PATH", common::path_with_bins())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        c
-    }
-    async fn run(&self, bin: &str, args: &[&str]) -> (i32, String) {
-        let out: Output =
-            tokio::time::timeout(Duration::from_secs(30), self.cmd(bin).args(args).output())
-                .await
-                .expect("command finished in time")
-                .expect("command runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    }
-    async fn busd(&self, args: &[&str]) -> (i32, String) {
-        self.run("hermes-busd", args).await
-    }
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pid_file())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-    async fn status_json(&self) -> serde_json::Value {
-        let out = self
-            .cmd("hermes-busd")
-            .args(["status", "--json"])
-            .output()
-            .await
-            .expect("status runs");
-        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid, 0) == 0 };
-    exists
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        // Never leave a daemon behind, whatever the test did.
-        if let Ok(text) = std::fs::read_to_string(self.pid_file()) {
-            if let Ok(pid) = text.trim().parse::<i32>() {
-                // SAFETY: plain kill(2) of the daemon this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
 
 #[tokio::test]
 async fn start_status_stop_as_a_user_would() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let (code, out) = root.busd(&["status"]).await;
         assert_eq!(code, 3, "{out}");
         assert!(out.contains("busd not running"), "{out}");
@@ -134,26 +48,21 @@ async fn start_status_stop_as_a_user_would() {
         let mut lst = root.cmd("hermes-bus");
         lst.args(["listen", "watcher"]).stdout(Stdio::piped());
         let mut listener = lst.spawn().expect("listen");
-        let found = common::wait_for(Duration::from_secs(10), || {
-            std::process::Command::new(common::bin_dir().join("hermes-bus"))
+        let found = common::eventually(Duration::from_secs(10), || {
+            std::process::Command::new(common::bin("hermes-bus"))
                 .env("HERMES_BUS_ROOT", root.path())
                 .arg("endpoints")
                 .output()
-                .ok()
-                .filter(|o| String::from_utf8_lossy(&o.stdout).contains("watcher"))
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("watcher"))
         })
         .await;
-        assert!(found.is_some(), "listener never registered");
+        assert!(found, "listener never registered");
         let (code, out) = root
-            .run("hermes-bus", &["send", "watcher", r#"{"hello": 1}"#])
+            .run_text("hermes-bus", &["send", "watcher", r#"{"hello": 1}"#])
             .await;
         assert_eq!(code, 0, "{out}");
-        let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("in time")
-            .expect("read")
-            .expect("a line");
+        let mut lines = lines_of(listener.stdout.take().expect("stdout"));
+        let line = next_line(&mut lines, Duration::from_secs(10)).await;
         let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
         assert_eq!(v["body"]["hello"], 1);
 
@@ -194,7 +103,7 @@ async fn start_status_stop_as_a_user_would() {
 #[tokio::test]
 async fn refuses_a_live_bus_and_cleans_a_stale_socket() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         // A stale socket file: bound once, nobody listening now.
         std::fs::create_dir_all(root.path()).expect("dir");
         drop(std::os::unix::net::UnixListener::bind(root.socket()).expect("bind"));
@@ -211,7 +120,7 @@ async fn refuses_a_live_bus_and_cleans_a_stale_socket() {
         let other = tempfile::tempdir().expect("tempdir");
         let sock = root.socket().display().to_string();
         let (code, out) = root
-            .run(
+            .run_text(
                 "hermes-bus-server",
                 &[
                     "--root",
@@ -225,7 +134,7 @@ async fn refuses_a_live_bus_and_cleans_a_stale_socket() {
         assert!(out.contains("already listening"), "{out}");
         // busd with another root but the same socket refuses too.
         let (code, out) = root
-            .run(
+            .run_text(
                 "hermes-busd",
                 &[
                     "--root",
@@ -256,12 +165,9 @@ async fn refuses_a_live_bus_and_cleans_a_stale_socket() {
     .expect("test timed out");
 }
 
-async fn next_line(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) -> String {
-    tokio::time::timeout(Duration::from_secs(40), lines.next_line())
-        .await
-        .expect("python line in time")
-        .expect("read")
-        .expect("python still running")
+/// The Python client's next line (it prints while it runs).
+async fn py_line(peer: &mut PyPeer) -> String {
+    peer.line(Duration::from_secs(40)).await
 }
 
 #[tokio::test]
@@ -270,21 +176,17 @@ async fn python_client_reconnects_after_restart() {
         return;
     };
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let (code, out) = root.busd(&["start"]).await;
         assert_eq!(code, 0, "{out}");
-        let mut child = tokio::process::Command::new(&py)
-            .arg(common::repo_root().join("tests/py/unix_listener.py"))
-            .env("HERMES_BUS_ROOT", root.path())
-            .env("NAME", "py-svc")
-            .env("RUN_SECONDS", "90")
-            .env("PATH", common::path_with_bins())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let first = next_line(&mut lines).await;
+        let root_s = root.path().display().to_string();
+        let env = [
+            ("HERMES_BUS_ROOT", root_s.as_str()),
+            ("NAME", "py-svc"),
+            ("RUN_SECONDS", "90"),
+        ];
+        let mut peer = PyPeer::spawn(&py, "unix_listener.py", &[], &env);
+        let first = py_line(&mut peer).await;
         assert!(first.starts_with("session "), "{first}");
         let first_sid = first["session ".len()..].to_owned();
 
@@ -297,7 +199,7 @@ async fn python_client_reconnects_after_restart() {
 
         // The client notices, reconnects and registers again: a new session id.
         loop {
-            let l = next_line(&mut lines).await;
+            let l = py_line(&mut peer).await;
             if let Some(sid) = l.strip_prefix("session ") {
                 if sid != first_sid && sid != "None" {
                     break;
@@ -308,7 +210,7 @@ async fn python_client_reconnects_after_restart() {
         let mut delivered = false;
         for _ in 0..50 {
             let (code, _) = root
-                .run("hermes-bus", &["send", "py-svc", r#"{"after": "restart"}"#])
+                .run_text("hermes-bus", &["send", "py-svc", r#"{"after": "restart"}"#])
                 .await;
             if code == 0 {
                 delivered = true;
@@ -318,13 +220,13 @@ async fn python_client_reconnects_after_restart() {
         }
         assert!(delivered, "py-svc never registered on the restarted bus");
         loop {
-            let l = next_line(&mut lines).await;
+            let l = py_line(&mut peer).await;
             if l.starts_with("msg ") {
                 assert!(l.contains(r#""after": "restart""#), "{l}");
                 break;
             }
         }
-        let _ = child.kill().await;
+        let _ = peer.child.kill().await;
         let (code, _) = root.busd(&["stop"]).await;
         assert_eq!(code, 0);
     })
@@ -340,7 +242,7 @@ async fn python_client_autostarts_our_daemon() {
         return;
     };
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let script = r#"
 from hermes_bus.client import BusClient, send_message
 c = BusClient("starter")
@@ -385,7 +287,7 @@ c.disconnect()
 #[tokio::test]
 async fn concurrent_starts_make_one_bus_and_stop_stops_it() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let s = ["start"];
         let (a, b, c, d, e) = tokio::join!(
             root.busd(&s),
@@ -421,8 +323,8 @@ async fn concurrent_starts_make_one_bus_and_stop_stops_it() {
         let (code, out) = root.busd(&["stop"]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("busd stopped"), "{out}");
-        let gone = common::wait_for(Duration::from_secs(10), || (!alive(pid)).then_some(())).await;
-        assert!(gone.is_some(), "bus {pid} still alive after stop");
+        let gone = common::eventually(Duration::from_secs(10), || !alive(pid)).await;
+        assert!(gone, "bus {pid} still alive after stop");
         assert!(!root.socket().exists());
         let (code, out) = root.busd(&["status"]).await;
         assert_eq!(code, 3, "{out}");
@@ -437,7 +339,7 @@ async fn concurrent_starts_make_one_bus_and_stop_stops_it() {
 #[tokio::test]
 async fn stop_with_autostarting_clients_stays_stopped() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let (code, out) = root.busd(&["start"]).await;
         assert_eq!(code, 0, "{out}");
         let mut listeners = Vec::new();
@@ -447,12 +349,8 @@ async fn stop_with_autostarting_clients_stays_stopped() {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
             let mut child = c.spawn().expect("listen");
-            let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
-            let l = tokio::time::timeout(Duration::from_secs(20), err.next_line())
-                .await
-                .expect("in time")
-                .expect("read")
-                .expect("a line");
+            let mut err = lines_of(child.stderr.take().expect("stderr"));
+            let l = next_line(&mut err, Duration::from_secs(20)).await;
             assert!(l.contains("listening as"), "{l}");
             listeners.push((child, err));
         }
@@ -463,11 +361,7 @@ async fn stop_with_autostarting_clients_stays_stopped() {
         // Each client says it lost the bus, then keeps trying (1 s, 1.5 s,
         // 2.25 s... apart) without starting one.
         for (_, err) in listeners.iter_mut() {
-            let l = tokio::time::timeout(Duration::from_secs(20), err.next_line())
-                .await
-                .expect("in time")
-                .expect("read")
-                .expect("a line");
+            let l = next_line(err, Duration::from_secs(20)).await;
             assert!(l.contains("lost the bus"), "{l}");
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -480,7 +374,9 @@ async fn stop_with_autostarting_clients_stays_stopped() {
         assert_eq!(code, 3, "{out}");
         assert!(out.contains("stopped explicitly"), "{out}");
         // A client command says why it does not start one.
-        let (code, out) = root.run("hermes-bus", &["send", "client0", "{}"]).await;
+        let (code, out) = root
+            .run_text("hermes-bus", &["send", "client0", "{}"])
+            .await;
         assert_eq!(code, 3, "{out}");
         assert!(out.contains("stopped explicitly"), "{out}");
         assert!(out.contains(&root.socket().display().to_string()), "{out}");
@@ -490,11 +386,7 @@ async fn stop_with_autostarting_clients_stays_stopped() {
         assert_eq!(code, 0, "{out}");
         for (_, err) in listeners.iter_mut() {
             loop {
-                let l = tokio::time::timeout(Duration::from_secs(40), err.next_line())
-                    .await
-                    .expect("in time")
-                    .expect("read")
-                    .expect("a line");
+                let l = next_line(err, Duration::from_secs(40)).await;
                 if l.contains("reconnected as") {
                     break;
                 }
@@ -514,7 +406,7 @@ async fn stop_with_autostarting_clients_stays_stopped() {
 #[tokio::test]
 async fn restart_with_a_bad_flag_keeps_the_old_bus() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let (code, out) = root.busd(&["start"]).await;
         assert_eq!(code, 0, "{out}");
         let pid = root.pid().expect("pid");
@@ -550,7 +442,7 @@ async fn restart_with_a_bad_flag_keeps_the_old_bus() {
 #[tokio::test]
 async fn stop_stops_a_bus_it_did_not_start() {
     tokio::time::timeout(LIMIT, async {
-        let root = Root::new();
+        let root = TempRoot::new();
         let other = tempfile::tempdir().expect("tempdir");
         let mut server = root
             .cmd("hermes-bus-server")
@@ -562,11 +454,7 @@ async fn stop_stops_a_bus_it_did_not_start() {
             .stderr(Stdio::null())
             .spawn()
             .expect("server");
-        let up = common::wait_for(Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(root.socket()).ok()
-        })
-        .await;
-        assert!(up.is_some());
+        assert!(common::listening(&root.socket(), Duration::from_secs(20)).await);
         let (code, out) = root.busd(&["stop"]).await;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("not started with this root"), "{out}");

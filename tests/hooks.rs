@@ -1,8 +1,8 @@
 //! Hook engine: resolution sources, real hook processes, limits, filters
 //! and in-process hooks.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +14,8 @@ use hermes_bus::hooks::{
 };
 use tempfile::TempDir;
 
-/// Upper bound of every async test: a hung test fails instead of hanging CI.
-const TEST_LIMIT: Duration = Duration::from_secs(60);
+use common::files::{stdin_copy_script, write_file};
+use common::{alive, eventually, TEST_LIMIT};
 
 /// Runs `fut` bounded by [`TEST_LIMIT`].
 async fn bounded<F: std::future::Future>(fut: F) -> F::Output {
@@ -25,35 +25,9 @@ async fn bounded<F: std::future::Future>(fut: F) -> F::Output {
     }
 }
 
-/// Polls `cond` until it holds (the caller is bounded by [`bounded`]).
-async fn wait_until(mut cond: impl FnMut() -> bool) {
-    while !cond() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Writes `body` to `dir/name` with `mode`, closing the file before return.
-fn write_file(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
-    let path = dir.join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&path)
-        .expect("create file");
-    f.write_all(body.as_bytes()).expect("write file");
-    f.sync_all().expect("sync file");
-    path
-}
-
-/// A shell-script hook that copies its stdin to `out` (atomically, so a
-/// reader never sees half a file).
-fn stdin_copy_script(dir: &Path, name: &str, out: &Path) -> PathBuf {
-    let body = format!(
-        "#!/bin/sh\ncat > '{out}.tmp' && mv '{out}.tmp' '{out}'\n",
-        out = out.display()
-    );
-    write_file(dir, name, &body, 0o755)
+/// Waits until `cond` holds (within [`TEST_LIMIT`]; fails otherwise).
+async fn wait_until(cond: impl FnMut() -> bool) {
+    assert!(eventually(TEST_LIMIT, cond).await, "condition never held");
 }
 
 fn message_event(json: &str) -> HookEvent {
@@ -402,17 +376,6 @@ async fn failing_missing_and_unrunnable_hooks_are_counted() {
     .await
 }
 
-/// Whether a process is gone (reaped, or a zombie nobody waits for yet).
-fn process_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        // The state follows the parenthesized command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
-
 fn read_pid(path: &Path) -> i32 {
     std::fs::read_to_string(path)
         .expect("pid file")
@@ -457,7 +420,7 @@ async fn hanging_hook_is_killed_at_its_timeout() {
         .await;
         if child_file.exists() {
             let child = read_pid(&child_file);
-            wait_until(|| process_gone(child)).await;
+            wait_until(|| !alive(child)).await;
         }
         engine.shutdown(Duration::from_secs(5)).await;
     })

@@ -6,19 +6,23 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::client_recv;
 use hermes_bus::hooks::HookEngine;
 use hermes_bus::transports::unix::blocking::{self, BlockingClient};
-use hermes_bus::transports::unix::{BusClient, ClientConfig, ClientEvent, UnixConfig, UnixServer};
-use hermes_bus::{Bus, RouterConfig, Transport};
+use hermes_bus::transports::unix::{BusClient, ClientConfig, ClientEvent};
+use hermes_bus::RouterConfig;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// A bus with defaults serving `socket`; the token stops it.
 fn serve_at(socket: &Path) -> CancellationToken {
-    let server = UnixServer::bind(UnixConfig::new(socket)).expect("bind");
-    let bus = Bus::new(RouterConfig::default(), HookEngine::disabled());
-    let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(bus, stop.clone()));
-    stop
+    common::serve_unix(
+        socket,
+        RouterConfig::default(),
+        HookEngine::disabled(),
+        |_| {},
+    )
+    .shutdown
 }
 
 async fn next_event(ev: &mut tokio::sync::broadcast::Receiver<ClientEvent>) -> ClientEvent {
@@ -42,10 +46,7 @@ async fn reconnects_and_registers_again_after_the_bus_restarts() {
         let mut ev = a.events();
 
         a.send("b", json!({"n": 1})).await.expect("send");
-        let m = tokio::time::timeout(Duration::from_secs(5), b.recv())
-            .await
-            .expect("in time")
-            .expect("msg");
+        let m = client_recv(&mut b, Duration::from_secs(5)).await;
         assert_eq!(m["body"]["n"], 1);
         assert_eq!(m["from"], "a");
 
@@ -64,9 +65,8 @@ async fn reconnects_and_registers_again_after_the_bus_restarts() {
 
         // A new bus on the same path: both clients come back by themselves.
         let _stop2 = {
-            let ok = common::wait_for(Duration::from_secs(10), || (!socket.exists()).then_some(()))
-                .await;
-            assert!(ok.is_some(), "old socket removed at shutdown");
+            let ok = common::eventually(Duration::from_secs(10), || !socket.exists()).await;
+            assert!(ok, "old socket removed at shutdown");
             serve_at(&socket)
         };
         loop {
@@ -103,7 +103,7 @@ async fn starts_the_daemon_when_no_bus_answers() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let root = tempfile::tempdir().expect("tempdir");
         let socket = root.path().join("hermes-bus.sock");
-        let busd = common::bin_dir().join("hermes-busd");
+        let busd = common::bin("hermes-busd");
         let mut cfg = ClientConfig::new(&socket);
         cfg.busd = busd.clone();
         let mut c = BusClient::connect_with("auto", cfg)
@@ -113,10 +113,7 @@ async fn starts_the_daemon_when_no_bus_answers() {
         hermes_bus::transports::unix::send_message(&socket, "auto", json!({"k": 1}), None)
             .await
             .expect("sent");
-        let m = tokio::time::timeout(Duration::from_secs(5), c.recv())
-            .await
-            .expect("in time")
-            .expect("msg");
+        let m = client_recv(&mut c, Duration::from_secs(5)).await;
         assert_eq!(m["body"]["k"], 1);
         c.close().await;
         // The daemon keeps its pid file beside its socket.

@@ -7,16 +7,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Raw, TestBus};
+use common::{PyPeer, Raw, TestBus};
 use hermes_bus::hooks::HookEngine;
 use hermes_bus::transports::unix::frame;
 use hermes_bus::RouterConfig;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+/// Bound of one step of a Python peer (the tests bound the whole).
+const PEER_LIMIT: Duration = Duration::from_secs(200);
 
 /// Ten reference clients blast one polling reference client.
 async fn python_fan_in(which: &str, senders: usize, per_sender: usize) {
@@ -24,42 +26,25 @@ async fn python_fan_in(which: &str, senders: usize, per_sender: usize) {
         return;
     };
     let bus = TestBus::start().await;
-    let script = common::repo_root().join("tests/py/flow_peer.py");
     let sock = bus.socket.to_string_lossy().into_owned();
+    let env = [("SOCK", sock.as_str())];
     let total = senders * per_sender;
-    let mut sink = tokio::process::Command::new(&py)
-        .arg(&script)
-        .args(["sink", "sink", &total.to_string(), "150"])
-        .env("SOCK", &sock)
-        .env("PATH", common::path_with_bins())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
-    let mut sink_out = BufReader::new(sink.stdout.take().expect("stdout")).lines();
-    let ready = sink_out.next_line().await.expect("read").expect("a line");
+    let sink_args = ["sink", "sink", &total.to_string(), "150"];
+    let mut sink = PyPeer::spawn(&py, "flow_peer.py", &sink_args, &env);
+    let ready = sink.line(PEER_LIMIT).await;
     assert_eq!(ready, "ready");
     let mut sources = Vec::new();
     for i in 0..senders {
-        let child = tokio::process::Command::new(&py)
-            .arg(&script)
-            .args([
-                "source",
-                &format!("src{i}"),
-                "sink",
-                &per_sender.to_string(),
-            ])
-            .env("SOCK", &sock)
-            .env("PATH", common::path_with_bins())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python runs");
-        sources.push(child);
+        let args = [
+            "source",
+            &format!("src{i}"),
+            "sink",
+            &per_sender.to_string(),
+        ];
+        sources.push(PyPeer::spawn(&py, "flow_peer.py", &args, &env));
     }
-    for (i, child) in sources.into_iter().enumerate() {
-        let out = child.wait_with_output().await.expect("source ends");
-        let line = String::from_utf8_lossy(&out.stdout);
+    for (i, source) in sources.into_iter().enumerate() {
+        let line = source.finish(PEER_LIMIT).await.join("\n");
         let v: Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| panic!("{line}"));
         assert_eq!(
             v["true"].as_u64(),
@@ -67,7 +52,7 @@ async fn python_fan_in(which: &str, senders: usize, per_sender: usize) {
             "every send() of src{i} returned True: {v}"
         );
     }
-    let last = sink_out.next_line().await.expect("read").expect("a line");
+    let last = sink.line(PEER_LIMIT).await;
     let v: Value = serde_json::from_str(&last).unwrap_or_else(|_| panic!("{last}"));
     let totals = bus.totals();
     assert_eq!(
@@ -81,7 +66,7 @@ async fn python_fan_in(which: &str, senders: usize, per_sender: usize) {
     }
     assert_eq!(totals.dropped_slow, 0, "{totals:?}");
     assert_eq!(totals.dropped_held, 0, "{totals:?}");
-    let _ = sink.wait().await;
+    sink.finish(PEER_LIMIT).await;
     bus.stop().await;
 }
 
@@ -176,9 +161,7 @@ async fn ten_raw_blasters_to_one_reader_lose_nothing() {
         for t in tasks {
             t.await.expect("sender");
         }
-        let mut admin = Raw::connect(&bus.socket).await;
-        admin.send(&json!({"type": "stats"})).await;
-        let stats = admin.recv().await.expect("stats");
+        let stats = Raw::stats(&bus.socket).await;
         let totals = &stats["stats"]["router"]["totals"];
         assert_eq!(totals["dropped_slow"], 0, "{totals}");
         assert_eq!(totals["delivered"], SENDERS as u64 * EACH, "{totals}");
@@ -235,17 +218,16 @@ async fn a_stalled_receiver_holds_back_only_its_own_senders_and_only_until_the_t
             s1
         });
         // S1 is held back: wait until the bus says so.
-        let blocked = common::wait_for(Duration::from_secs(30), || {
-            (bus.bus
+        let blocked = common::eventually(Duration::from_secs(30), || {
+            bus.bus
                 .router()
                 .stats(std::time::Instant::now())
                 .flow
                 .blocked_now
-                >= 1)
-                .then_some(())
+                >= 1
         })
         .await;
-        assert!(blocked.is_some(), "S1 is waiting for A: {:?}", bus.totals());
+        assert!(blocked, "S1 is waiting for A: {:?}", bus.totals());
 
         // Meanwhile S2 sends to B and C; both get everything, in order,
         // while S1 still waits and A is not yet declared stuck.
@@ -461,9 +443,7 @@ async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
         }
         let _s = flood.await.expect("flood done");
         let peak = server.peak_rss_kib();
-        let mut admin = Raw::connect(&socket).await;
-        admin.send(&json!({"type": "stats"})).await;
-        let stats = admin.recv().await.expect("stats");
+        let stats = Raw::stats(&socket).await;
         let dropped = stats["stats"]["router"]["totals"]["dropped_slow"]
             .as_u64()
             .unwrap_or(0);
@@ -482,16 +462,12 @@ async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
         // Once the deaf reader goes away its queue is freed, and the
         // memory is given back to the system.
         drop(deaf);
-        let given_back = common::wait_for(Duration::from_secs(20), || {
-            (server.rss_kib() < base + 24 * 1024).then_some(())
+        let given_back = common::eventually(Duration::from_secs(20), || {
+            server.rss_kib() < base + 24 * 1024
         })
         .await;
         eprintln!("RSS after the flood: {} MiB", server.rss_kib() / 1024);
-        assert!(
-            given_back.is_some(),
-            "RSS stayed at {} MiB",
-            server.rss_kib() / 1024
-        );
+        assert!(given_back, "RSS stayed at {} MiB", server.rss_kib() / 1024);
         drop(server);
     })
     .await

@@ -5,22 +5,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Raw, TestBus};
+use common::files::{stdin_copy_script, write_file};
+use common::{Raw, ServerProcess, TestBus};
 use hermes_bus::hooks::{HookConfig, HookEngine, HookSpec};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).expect("write hook");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    p
-}
 
 /// Runs the real server binary with `env`, sends one message from a
 /// registered sender to a registered receiver, and returns what the hook
@@ -30,32 +23,27 @@ async fn hook_sees_routed_message(
     out: &Path,
     home: &Path,
 ) -> (Value, Value) {
-    let root = tempfile::tempdir().expect("tempdir");
-    let socket = root.path().join("bus.sock");
-    let mut cmd = tokio::process::Command::new(common::bin_dir().join("hermes-bus-server"));
-    cmd.arg("--socket")
-        .arg(&socket)
-        .env("HERMES_HOME", home)
-        .env_remove("HERMES_BUS_HOOKS")
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut server = cmd.spawn().expect("server");
-    let up = common::wait_for(Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(&socket).ok()
+    let mut server = ServerProcess::start_bin("hermes-bus-server", &[], |cmd| {
+        cmd.env("HERMES_HOME", home);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
     })
     .await;
-    assert!(up.is_some(), "server did not come up");
+    let socket = server.socket.clone();
     let mut alice = Raw::register(&socket, "alice").await;
     let mut bob = Raw::register(&socket, "bob").await;
     alice
         .send(&json!({"type": "message", "to": "bob", "text": "hi", "body": {"x": "ü", "n": [1, 2]}, "extra": true}))
         .await;
     let delivered = bob.recv().await.expect("delivered");
-    let seen = common::wait_for(Duration::from_secs(20), || std::fs::read(out).ok()).await;
-    let _ = server.kill().await;
+    let mut seen = None;
+    common::eventually(Duration::from_secs(20), || {
+        seen = std::fs::read(out).ok();
+        seen.is_some()
+    })
+    .await;
+    let _ = server.child.kill().await;
     let stdin: Value =
         serde_json::from_slice(&seen.expect("hook ran")).expect("hook stdin is JSON");
     (stdin, delivered)
@@ -66,14 +54,7 @@ async fn hook_from_env_gets_the_routed_message_on_stdin() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("stdin.json");
-        let hook = script(
-            dir.path(),
-            "hook.sh",
-            &format!(
-                "#!/bin/sh\ncat > '{0}.tmp' && mv '{0}.tmp' '{0}'\n",
-                out.display()
-            ),
-        );
+        let hook = stdin_copy_script(dir.path(), "hook.sh", &out);
         let home = dir.path().join("home");
         let env = [("HERMES_BUS_HOOKS", hook.display().to_string())];
         let (stdin, delivered) = hook_sees_routed_message(&env, &out, &home).await;
@@ -118,7 +99,7 @@ async fn hook_from_hooks_yaml_runs_a_python_script() {
 async fn hanging_hooks_never_slow_routing() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hang = script(dir.path(), "hang.sh", "#!/bin/sh\nexec sleep 30\n");
+        let hang = write_file(dir.path(), "hang.sh", "#!/bin/sh\nexec sleep 30\n", 0o755);
         let cfg = HookConfig {
             max_concurrent: 2,
             queue_capacity: 8,

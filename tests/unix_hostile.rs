@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Raw, TestBus};
+use common::{PyPeer, Raw, TestBus};
 use hermes_bus::hooks::HookEngine;
 use hermes_bus::RouterConfig;
 use serde_json::json;
@@ -21,12 +21,12 @@ async fn a_held_name_re_registered_without_reading_still_expires_on_time() {
         let bus = TestBus::start_with(cfg, HookEngine::disabled()).await;
         let ghost = Raw::register(&bus.socket, "ghost").await;
         drop(ghost);
-        let held = common::wait_for(Duration::from_secs(5), || {
+        let held = common::eventually(Duration::from_secs(5), || {
             let s = bus.bus.router().stats(std::time::Instant::now());
-            s.held.iter().any(|h| h.name == "ghost").then_some(())
+            s.held.iter().any(|h| h.name == "ghost")
         })
         .await;
-        assert!(held.is_some());
+        assert!(held);
         // Three messages far larger than a socket buffer: a session that
         // does not read cannot take them off the bus.
         let mut sender = Raw::connect(&bus.socket).await;
@@ -36,11 +36,8 @@ async fn a_held_name_re_registered_without_reading_still_expires_on_time() {
                 .send(&json!({"type": "message", "to": "ghost", "body": {"n": n, "pad": pad}}))
                 .await;
         }
-        let queued = common::wait_for(Duration::from_secs(5), || {
-            (bus.totals().held == 3).then_some(())
-        })
-        .await;
-        assert!(queued.is_some(), "{:?}", bus.totals());
+        let queued = common::eventually(Duration::from_secs(5), || bus.totals().held == 3).await;
+        assert!(queued, "{:?}", bus.totals());
         // Re-register every 300 ms without reading, for up to 15 s: the
         // hold's grace (3 s) is not extended by that.
         let mut expired = false;
@@ -58,11 +55,11 @@ async fn a_held_name_re_registered_without_reading_still_expires_on_time() {
             "held copies outlived their grace: {:?}",
             bus.totals()
         );
-        let budget_freed = common::wait_for(Duration::from_secs(10), || {
-            (bus.bus.router().budget().used() == 0).then_some(())
+        let budget_freed = common::eventually(Duration::from_secs(10), || {
+            bus.bus.router().budget().used() == 0
         })
         .await;
-        assert!(budget_freed.is_some(), "their bytes are given back");
+        assert!(budget_freed, "their bytes are given back");
         bus.stop().await;
     })
     .await
@@ -82,26 +79,20 @@ async fn a_replaced_session_that_never_reads_is_closed_after_its_farewell() {
                 .send(&json!({"type": "message", "to": "svc", "body": {"n": n, "pad": pad}}))
                 .await;
         }
-        let stuck = common::wait_for(Duration::from_secs(10), || {
+        let stuck = common::eventually(Duration::from_secs(10), || {
             let s = bus.bus.router().stats(std::time::Instant::now());
-            s.endpoints
-                .iter()
-                .any(|e| e.name == "svc" && e.queued > 0)
-                .then_some(())
+            s.endpoints.iter().any(|e| e.name == "svc" && e.queued > 0)
         })
         .await;
-        assert!(stuck.is_some());
+        assert!(stuck);
         assert_eq!(bus.bus.router().session_count(), 2);
         let _new = Raw::register(&bus.socket, "svc").await;
         // The old connection never reads, yet it is closed and forgotten.
-        let closed = common::wait_for(Duration::from_secs(20), || {
-            (bus.bus.router().session_count() == 2).then_some(())
+        let closed = common::eventually(Duration::from_secs(20), || {
+            bus.bus.router().session_count() == 2
         })
         .await;
-        assert!(
-            closed.is_some(),
-            "the replaced session still holds its slot"
-        );
+        assert!(closed, "the replaced session still holds its slot");
         assert_eq!(bus.totals().replaced, 1);
         drop(old);
         bus.stop().await;
@@ -166,9 +157,7 @@ async fn partial_frames_are_bounded_in_total_and_in_time() {
         }
         assert!(overloaded > 0, "the bound was reached");
         // The bound and its use are shown by the stats reply.
-        let mut admin = Raw::connect(&server.socket).await;
-        admin.send(&json!({"type": "stats"})).await;
-        let stats = admin.recv().await.expect("stats");
+        let stats = Raw::stats(&server.socket).await;
         assert_eq!(
             stats["stats"]["transports"]["unix"]["partial_frame_limit"],
             64 << 20,
@@ -257,22 +246,16 @@ async fn a_body_1500_deep_never_reaches_a_reference_070_client() {
     let Some(py) = common::python("py07") else {
         return;
     };
-    use tokio::io::AsyncBufReadExt;
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::start().await;
-        let mut child = tokio::process::Command::new(&py)
-            .arg(common::repo_root().join("tests/py/unix_listener.py"))
-            .env("SOCK", &bus.socket)
-            .env("NAME", "py07")
-            .env("RUN_SECONDS", "40")
-            .env("PATH", common::path_with_bins())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python");
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let first = lines.next_line().await.expect("read").expect("line");
+        let sock = bus.socket.to_string_lossy().into_owned();
+        let env = [
+            ("SOCK", sock.as_str()),
+            ("NAME", "py07"),
+            ("RUN_SECONDS", "40"),
+        ];
+        let mut peer = PyPeer::spawn(&py, "unix_listener.py", &[], &env);
+        let first = peer.line(Duration::from_secs(60)).await;
         assert!(first.starts_with("session "), "{first}");
         let mut raw = Raw::register(&bus.socket, "attacker").await;
         let depth = 1500;
@@ -290,7 +273,7 @@ async fn a_body_1500_deep_never_reaches_a_reference_070_client() {
         // and it never saw the deep one.
         let line = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
-                let l = lines.next_line().await.expect("read").expect("line");
+                let l = peer.line(Duration::from_secs(20)).await;
                 if l.starts_with("msg ") {
                     return l;
                 }
@@ -301,7 +284,7 @@ async fn a_body_1500_deep_never_reaches_a_reference_070_client() {
         let v: serde_json::Value = serde_json::from_str(&line[4..]).expect("json");
         assert_eq!(v["body"]["next"], 1, "{v}");
         assert_eq!(bus.totals().routed, 1);
-        let _ = child.kill().await;
+        let _ = peer.child.kill().await;
         bus.stop().await;
     })
     .await

@@ -4,31 +4,23 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::TestBus;
+use common::python::NoLine;
+use common::{client_recv, PyPeer, TestBus};
 use hermes_bus::transports::unix::BusClient;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn peer_script() -> std::path::PathBuf {
-    common::repo_root().join("tests/py/unix_peer.py")
-}
-
 /// Reads the Python peer's next line that starts with `tag`.
-async fn line_with(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    tag: &str,
-) -> String {
+async fn line_with(peer: &mut PyPeer, tag: &str) -> String {
     loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("no '{tag}' line from the python peer"))
-            .expect("read")
-            .unwrap_or_else(|| panic!("python peer ended before '{tag}'"));
+        let line = match peer.read(Duration::from_secs(30)).await {
+            Ok(l) => l,
+            Err(NoLine::TimedOut) => panic!("no '{tag}' line from the python peer"),
+            Err(NoLine::Ended) => panic!("python peer ended before '{tag}'"),
+        };
         if let Some(rest) = line.strip_prefix(tag) {
             return rest.trim().to_owned();
         }
@@ -44,25 +36,17 @@ async fn exchange_with(python: &Path, version: &str) {
     let mut rusty = BusClient::connect("rusty", &bus.socket)
         .await
         .expect("rust client");
-    let mut child = tokio::process::Command::new(python)
-        .arg(peer_script())
-        .env("SOCK", &bus.socket)
-        .env("NAME", "py")
-        .env("PEER", "rusty")
-        .env("PATH", common::path_with_bins())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    line_with(&mut lines, "ready").await;
+    let sock = bus.socket.to_string_lossy().into_owned();
+    let env = [("SOCK", sock.as_str()), ("NAME", "py"), ("PEER", "rusty")];
+    let mut peer = PyPeer::spawn(python, "unix_peer.py", &[], &env);
+    line_with(&mut peer, "ready").await;
 
     // Rust → Python.
     rusty
         .send("py", json!({"n": 7, "text": "from rust"}))
         .await
         .expect("send");
-    let got: Value = serde_json::from_str(&line_with(&mut lines, "got").await).expect("json");
+    let got: Value = serde_json::from_str(&line_with(&mut peer, "got").await).expect("json");
     assert_eq!(got["type"], "message");
     assert_eq!(got["to"], "py");
     assert_eq!(got["from"], "rusty");
@@ -70,28 +54,25 @@ async fn exchange_with(python: &Path, version: &str) {
     assert!(got["id"].is_string() && got["ts"].is_number(), "{got}");
 
     // Python → Rust (skipping nothing: the first message must be it).
-    let reply = tokio::time::timeout(Duration::from_secs(20), rusty.recv())
-        .await
-        .expect("reply in time")
-        .expect("reply");
+    let reply = client_recv(&mut rusty, Duration::from_secs(20)).await;
     assert_eq!(reply["from"], "py", "{version}: {reply}");
     assert_eq!(reply["body"]["reply_to"], 7);
     assert_eq!(reply["body"]["text"], "héllo ✓");
 
     // list_endpoints from Python shows both names (with session ids).
-    let eps: Value = serde_json::from_str(&line_with(&mut lines, "endpoints").await).expect("json");
+    let eps: Value = serde_json::from_str(&line_with(&mut peer, "endpoints").await).expect("json");
     assert_eq!(eps["type"], "endpoints_list", "{eps}");
     assert!(eps["endpoints"]["rusty"].is_string(), "{eps}");
     assert!(eps["endpoints"]["py"].is_string(), "{eps}");
 
     // send_message to a missing endpoint returns False.
     assert_eq!(
-        line_with(&mut lines, "send_missing").await,
+        line_with(&mut peer, "send_missing").await,
         "false",
         "{version}"
     );
 
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(20), peer.child.wait())
         .await
         .expect("python exits")
         .expect("wait");
@@ -138,10 +119,7 @@ print(send_message("rusty", {"k": [1, 2.5, None, "ü"]}, socket_path=os.environ[
         let sock = bus.socket.to_string_lossy().into_owned();
         let out = common::run_python(&py, script, &[("SOCK", &sock)], Duration::from_secs(30)).await;
         assert_eq!(out.trim(), "True");
-        let m = tokio::time::timeout(Duration::from_secs(10), rusty.recv())
-            .await
-            .expect("in time")
-            .expect("message");
+        let m = client_recv(&mut rusty, Duration::from_secs(10)).await;
         assert_eq!(m["from"], "cli-tool");
         assert_eq!(m["body"], json!({"k": [1, 2.5, null, "ü"]}));
         bus.stop().await;

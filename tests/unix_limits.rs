@@ -7,22 +7,17 @@ use std::time::Duration;
 
 use common::{Raw, TestBus};
 use hermes_bus::hooks::HookEngine;
-use hermes_bus::transports::unix::{UnixConfig, UnixServer};
-use hermes_bus::{Bus, RouterConfig, Transport};
+use hermes_bus::RouterConfig;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn connections_past_the_limit_are_told_and_closed() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("bus.sock");
-        let mut cfg = UnixConfig::new(&socket);
-        cfg.max_connections = 3;
-        let server = UnixServer::bind(cfg).expect("bind");
-        let bus = Bus::new(RouterConfig::default(), HookEngine::disabled());
-        let stop = CancellationToken::new();
-        tokio::spawn(Box::new(server).serve(bus.clone(), stop.clone()));
+        let tb = TestBus::start_unix(RouterConfig::default(), HookEngine::disabled(), |u| {
+            u.max_connections = 3
+        })
+        .await;
+        let (socket, bus) = (tb.socket.clone(), tb.bus.clone());
         let mut held = Vec::new();
         for i in 0..3 {
             held.push(Raw::register(&socket, &format!("c{i}")).await);
@@ -33,13 +28,11 @@ async fn connections_past_the_limit_are_told_and_closed() {
         assert!(extra.closed_within(Duration::from_secs(5)).await);
         // A slot frees when a connection ends.
         drop(held.pop());
-        let again = common::wait_for(Duration::from_secs(5), || {
-            (bus.router().session_count() == 2).then_some(())
-        })
-        .await;
-        assert!(again.is_some());
+        let again =
+            common::eventually(Duration::from_secs(5), || bus.router().session_count() == 2).await;
+        assert!(again);
         let _c = Raw::register(&socket, "late").await;
-        stop.cancel();
+        tb.stop().await;
     })
     .await
     .expect("test timed out");
@@ -91,11 +84,9 @@ async fn shutdown_drains_what_is_queued_then_closes() {
         }
         // Wait until the bus has routed them all, then shut it down before
         // rx has read anything.
-        let routed = common::wait_for(Duration::from_secs(10), || {
-            (bus.totals().routed == 2000).then_some(())
-        })
-        .await;
-        assert!(routed.is_some());
+        let routed =
+            common::eventually(Duration::from_secs(10), || bus.totals().routed == 2000).await;
+        assert!(routed);
         let socket = bus.socket.clone();
         let stop = bus.shutdown.clone();
         stop.cancel();

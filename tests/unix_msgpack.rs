@@ -90,10 +90,7 @@ async fn rust_client_can_ask_for_msgpack() {
         b.send("a", json!({"hello": "msgpack"}))
             .await
             .expect("send");
-        let m = tokio::time::timeout(Duration::from_secs(5), a.recv())
-            .await
-            .expect("in time")
-            .expect("message");
+        let m = common::client_recv(&mut a, Duration::from_secs(5)).await;
         assert_eq!(m["body"]["hello"], "msgpack");
         assert_eq!(m["from"], "b");
         bus.stop().await;

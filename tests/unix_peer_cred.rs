@@ -10,10 +10,9 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
+use common::TestBus;
 use hermes_bus::hooks::HookEngine;
-use hermes_bus::transports::unix::{UnixConfig, UnixServer};
-use hermes_bus::{Bus, RouterConfig, Transport};
-use tokio_util::sync::CancellationToken;
+use hermes_bus::RouterConfig;
 
 const CLIENT: &str = r#"
 import json, socket, struct, sys
@@ -50,16 +49,16 @@ fn as_nobody(socket: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("json reply")
 }
 
-async fn serve(allow: bool) -> (tempfile::TempDir, std::path::PathBuf, CancellationToken) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+async fn serve(allow: bool) -> TestBus {
+    let bus = TestBus::start_unix(RouterConfig::default(), HookEngine::disabled(), |u| {
+        u.allow_other_users = allow
+    })
+    .await;
+    std::fs::set_permissions(bus.dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod dir");
-    let socket = dir.path().join("bus.sock");
-    let mut cfg = UnixConfig::new(&socket);
-    cfg.allow_other_users = allow;
-    let server = UnixServer::bind(cfg).expect("bind");
+    let socket = &bus.socket;
     assert_eq!(
-        std::fs::metadata(&socket)
+        std::fs::metadata(socket)
             .expect("socket")
             .permissions()
             .mode()
@@ -67,11 +66,8 @@ async fn serve(allow: bool) -> (tempfile::TempDir, std::path::PathBuf, Cancellat
         0o600
     );
     // Open the file mode wide, so only the credential check stands.
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let bus = Bus::new(RouterConfig::default(), HookEngine::disabled());
-    let stop = CancellationToken::new();
-    tokio::spawn(Box::new(server).serve(bus, stop.clone()));
-    (dir, socket, stop)
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    bus
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,21 +78,22 @@ async fn other_users_are_refused_unless_allowed() {
         return;
     }
     tokio::time::timeout(Duration::from_secs(60), async {
-        let (_d, socket, stop) = serve(false).await;
-        let s = socket.clone();
+        let bus = serve(false).await;
+        let s = bus.socket.clone();
         let v = tokio::task::spawn_blocking(move || as_nobody(&s))
             .await
             .expect("join");
         assert_eq!(v["type"], "error", "{v}");
         assert_eq!(v["code"], "permission_denied", "{v}");
-        stop.cancel();
+        bus.stop().await;
 
-        let (_d, socket, stop) = serve(true).await;
-        let v = tokio::task::spawn_blocking(move || as_nobody(&socket))
+        let bus = serve(true).await;
+        let s = bus.socket.clone();
+        let v = tokio::task::spawn_blocking(move || as_nobody(&s))
             .await
             .expect("join");
         assert_eq!(v["type"], "pong", "{v}");
-        stop.cancel();
+        bus.stop().await;
     })
     .await
     .expect("test timed out");

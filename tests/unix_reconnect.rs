@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Raw, TestBus};
+use common::{PyPeer, Raw, TestBus};
 use hermes_bus::transports::unix::client::{send_message, ClientError};
 use hermes_bus::ErrorCode;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const COUNT: u64 = 14;
 /// Gaps between messages, cycling: some shorter than the client's idle
@@ -45,31 +43,21 @@ async fn idle_070_stream(keepalive: Duration) {
             |u| u.keepalive = keepalive,
         )
         .await;
-        let mut child = tokio::process::Command::new(&py)
-            .arg(common::repo_root().join("tests/py/unix_listener.py"))
-            .env("SOCK", &bus.socket)
-            .env("NAME", "idle07")
-            .env("RUN_SECONDS", "120")
-            .env("PATH", common::path_with_bins())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("ready in time")
-            .expect("read")
-            .expect("line");
+        let sock = bus.socket.to_string_lossy().into_owned();
+        let env = [
+            ("SOCK", sock.as_str()),
+            ("NAME", "idle07"),
+            ("RUN_SECONDS", "120"),
+        ];
+        let mut peer = PyPeer::spawn(&py, "unix_listener.py", &[], &env);
+        let first = peer.line(Duration::from_secs(30)).await;
         assert!(first.starts_with("session "), "{first}");
 
         let collector = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut sessions = 1;
             while (got.len() as u64) < COUNT {
-                let Ok(Ok(Some(line))) =
-                    tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
-                else {
+                let Some(line) = peer.next_line(Duration::from_secs(30)).await else {
                     break;
                 };
                 if let Some(m) = line.strip_prefix("msg ") {
@@ -79,7 +67,7 @@ async fn idle_070_stream(keepalive: Duration) {
                     sessions += 1;
                 }
             }
-            (got, sessions)
+            (got, sessions, peer)
         });
 
         for n in 0..COUNT {
@@ -89,7 +77,7 @@ async fn idle_070_stream(keepalive: Duration) {
                 .unwrap_or_else(|e| panic!("message {n} refused: {e}"));
             tokio::time::sleep(Duration::from_millis(GAPS_MS[n as usize % GAPS_MS.len()])).await;
         }
-        let (got, sessions) = collector.await.expect("collector");
+        let (got, sessions, mut peer) = collector.await.expect("collector");
         assert_eq!(got, (0..COUNT).collect::<Vec<_>>(), "complete and in order");
         if keepalive.is_zero() {
             // The quirk really happened: the client re-registered along the
@@ -101,7 +89,7 @@ async fn idle_070_stream(keepalive: Duration) {
             assert_eq!(bus.totals().held, 0, "{:?}", bus.totals());
         }
         assert_eq!(bus.totals().dropped_held, 0);
-        let _ = child.kill().await;
+        let _ = peer.child.kill().await;
         bus.stop().await;
     })
     .await
@@ -120,12 +108,12 @@ async fn a_client_gone_for_good_is_forgotten_after_the_grace_period() {
         let ghost = Raw::register(&bus.socket, "ghost").await;
         drop(ghost);
         // Within the grace period: accepted and held (up to the bound).
-        let held = common::wait_for(Duration::from_secs(5), || {
+        let held = common::eventually(Duration::from_secs(5), || {
             let s = bus.bus.router().stats(std::time::Instant::now());
-            s.held.iter().any(|h| h.name == "ghost").then_some(())
+            s.held.iter().any(|h| h.name == "ghost")
         })
         .await;
-        assert!(held.is_some(), "name not held");
+        assert!(held, "name not held");
         for n in 0..3 {
             send_message(&bus.socket, "ghost", json!({"n": n}), None)
                 .await
@@ -143,11 +131,9 @@ async fn a_client_gone_for_good_is_forgotten_after_the_grace_period() {
         assert_eq!(bus.totals().blocked, 1, "{:?}", bus.totals());
         // Past the grace period: forgotten, the held ones counted dropped,
         // and senders now hear endpoint_not_found.
-        let gone = common::wait_for(Duration::from_secs(10), || {
-            (bus.totals().dropped_held == 4).then_some(())
-        })
-        .await;
-        assert!(gone.is_some(), "{:?}", bus.totals());
+        let gone =
+            common::eventually(Duration::from_secs(10), || bus.totals().dropped_held == 4).await;
+        assert!(gone, "{:?}", bus.totals());
         assert_eq!(
             bus.bus.router().budget().used(),
             0,

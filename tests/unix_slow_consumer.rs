@@ -80,9 +80,7 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
 
         // The drops are attributed to `stuck`, visible in the stats reply
         // that `hermes-busd status` prints.
-        let mut admin = Raw::connect(&bus.socket).await;
-        admin.send(&json!({"type": "stats"})).await;
-        let stats = admin.recv().await.expect("stats");
+        let stats = Raw::stats(&bus.socket).await;
         let eps = stats["stats"]["router"]["endpoints"]
             .as_array()
             .expect("endpoints")
@@ -104,7 +102,7 @@ async fn stalled_receiver_does_not_slow_others_and_its_drops_are_counted() {
                 >= 1000
         );
         // And `hermes-busd status` shows them, as a user would look.
-        let out = tokio::process::Command::new(common::bin_dir().join("hermes-busd"))
+        let out = tokio::process::Command::new(common::bin("hermes-busd"))
             .arg("--socket")
             .arg(&bus.socket)
             .arg("--root")

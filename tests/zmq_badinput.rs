@@ -3,23 +3,19 @@
 //! in. Each is counted; nothing crashes; valid traffic keeps flowing.
 #![cfg(feature = "zmq")]
 
-mod zmq_util;
+mod common;
 
 use std::time::Duration;
 
+use common::zmq::*;
+use common::{eventually, TEST_LIMIT};
 use hermes_bus::codec::{self, Codec, MSGPACK_MARKER};
 use hermes_bus::envelope::{Quote, Registry};
 use hermes_bus::transports::zmq::zmtp::SocketType;
-use hermes_bus::transports::zmq::{Receiver, ReceiverConfig, SlowPolicy};
-use zmq_util::*;
+use hermes_bus::transports::zmq::{Receiver, SlowPolicy};
 
 fn receiver(addr: &str, codec: Codec) -> Receiver {
-    let mut cfg = ReceiverConfig::new(addr, "r");
-    cfg.slow_policy = SlowPolicy::Warn;
-    cfg.codec = codec;
-    let mut r = Receiver::with_config(cfg).expect("receiver");
-    r.start().expect("start");
-    r
+    common::zmq::receiver(addr, |c| c.codec = codec)
 }
 
 const TOPIC: &[u8] = b"\"T/x\"";
@@ -168,12 +164,10 @@ async fn receiver_counts_a_codec_it_did_not_opt_in_to() {
 }
 
 fn fake_receiver(addr: &str, policy: SlowPolicy, exchanges: &[&str]) -> Receiver {
-    let mut cfg = ReceiverConfig::new(addr, "r");
-    cfg.slow_policy = policy;
-    cfg.exchanges = exchanges.iter().map(|s| s.to_string()).collect();
-    let mut r = Receiver::with_config(cfg).expect("receiver");
-    r.start().expect("start");
-    r
+    common::zmq::receiver(addr, |c| {
+        c.slow_policy = policy;
+        c.exchanges = exchanges.iter().map(|s| s.to_string()).collect();
+    })
 }
 
 #[tokio::test]

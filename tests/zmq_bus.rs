@@ -3,12 +3,14 @@
 //! router reaches ZeroMQ subscribers (without coming back).
 #![cfg(feature = "zmq")]
 
-mod zmq_util;
+mod common;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::zmq::{receiver, serve_zmq};
+use common::{eventually, TEST_LIMIT};
 use hermes_bus::delivery::TopicMessage;
 use hermes_bus::envelope::Data;
 use hermes_bus::hooks::error::HookError;
@@ -16,11 +18,8 @@ use hermes_bus::hooks::event::{HookEvent, HookEventKind};
 use hermes_bus::hooks::filter::HookFilter;
 use hermes_bus::hooks::hook::Hook;
 use hermes_bus::hooks::{HookConfig, HookEngine};
-use hermes_bus::transports::zmq::proxy::ProxyConfig;
-use hermes_bus::transports::zmq::{Publisher, Receiver, ReceiverConfig, SlowPolicy, ZmqTransport};
-use hermes_bus::{Bus, RouterConfig, Transport};
-use tokio_util::sync::CancellationToken;
-use zmq_util::*;
+use hermes_bus::transports::zmq::Publisher;
+use hermes_bus::{Bus, RouterConfig};
 
 /// An in-process hook that records the topics it sees.
 struct Recorder {
@@ -66,17 +65,8 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
         let hooks = HookEngine::start(HookConfig::default(), vec![hook]);
         let bus = Bus::new(RouterConfig::default(), hooks);
 
-        let t = ZmqTransport::bind(ProxyConfig {
-            frontend: "tcp://127.0.0.1:0".into(),
-            backend: "tcp://127.0.0.1:0".into(),
-            ..ProxyConfig::default()
-        })
-        .await
-        .expect("bind");
-        let ep = t.endpoints().expect("endpoints");
-        let stats = t.stats();
-        let stop = CancellationToken::new();
-        let serve = tokio::spawn(Box::new(t).serve(bus.clone(), stop.clone()));
+        let zmq = serve_zmq(&bus).await;
+        let (ep, stats) = (zmq.ep.clone(), zmq.stats.clone());
 
         // A router session (as a Unix client would have) subscribed to MD/.
         let (sid, mut outbox) = bus.connect("test");
@@ -129,11 +119,7 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
 
         // Router → ZeroMQ: a topic published by the router session reaches
         // a ZeroMQ receiver, and is not fed back into the router.
-        let mut cfg = ReceiverConfig::new(ep.backend.to_string(), "r");
-        cfg.topics = vec!["ALERT/".into()];
-        cfg.slow_policy = SlowPolicy::Warn;
-        let mut r = Receiver::with_config(cfg).expect("receiver");
-        r.start().expect("start");
+        let mut r = receiver(&zmq.back(), |c| c.topics = vec!["ALERT/".into()]);
         r.wait_connected(Duration::from_secs(10))
             .await
             .expect("connected");
@@ -162,8 +148,7 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
 
         p.stop().await;
         r.stop().await;
-        stop.cancel();
-        let _ = serve.await;
+        zmq.shutdown().await;
     })
     .await
     .expect("test timed out");

@@ -12,15 +12,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Raw;
+use common::{free_tcp_addr, lines_of, Raw, ServerProcess};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
-    l.local_addr().expect("addr").port()
-}
 
 fn envelope(topic: &str, origin: &str, data: &str) -> ZmqMessage {
     let mut m = ZmqMessage::from(Bytes::from(format!("\"{topic}\"")));
@@ -33,26 +27,10 @@ fn envelope(topic: &str, origin: &str, data: &str) -> ZmqMessage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_sessions_and_zeromq_peers_share_one_router() {
     tokio::time::timeout(Duration::from_secs(90), async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("bus.sock");
-        let (p_in, p_out) = (free_port(), free_port());
-        let front = format!("tcp://127.0.0.1:{p_in}");
-        let back = format!("tcp://127.0.0.1:{p_out}");
-        let mut server = tokio::process::Command::new(common::bin_dir().join("hermes-bus"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(["server", "--zmq", "--zmq-in", &front, "--zmq-out", &back])
-            .env("HERMES_HOME", dir.path().join("home"))
-            .env_remove("HERMES_BUS_HOOKS")
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("server");
-        let up = common::wait_for(Duration::from_secs(15), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok()
-        })
-        .await;
-        assert!(up.is_some(), "bus did not come up");
+        let (front, back) = (free_tcp_addr(), free_tcp_addr());
+        let mut server =
+            ServerProcess::start(&["--zmq", "--zmq-in", &front, "--zmq-out", &back]).await;
+        let socket = server.socket.clone();
 
         // A Unix session subscribes to market data.
         let mut unix = Raw::register(&socket, "desk").await;
@@ -99,14 +77,14 @@ async fn unix_sessions_and_zeromq_peers_share_one_router() {
 
         // Unix → ZeroMQ: our `sub` command and the zeromq SUB both get a
         // topic a Unix session publishes; origin is its registered name.
-        let mut cli_sub = tokio::process::Command::new(common::bin_dir().join("hermes-bus"))
+        let mut cli_sub = tokio::process::Command::new(common::bin("hermes-bus"))
             .args(["sub", "--addr", &back, "--count", "1", "NEWS/"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("sub");
-        let mut lines = BufReader::new(cli_sub.stdout.take().expect("stdout")).lines();
+        let mut lines = lines_of(cli_sub.stdout.take().expect("stdout"));
         let mut publisher = Raw::register(&socket, "newsroom").await;
         let line = loop {
             publisher
@@ -138,7 +116,7 @@ async fn unix_sessions_and_zeromq_peers_share_one_router() {
             .is_none());
 
         // Our `pub` command reaches the Unix subscriber.
-        let out = tokio::process::Command::new(common::bin_dir().join("hermes-bus"))
+        let out = tokio::process::Command::new(common::bin("hermes-bus"))
             .args([
                 "pub",
                 "--addr",
@@ -168,11 +146,9 @@ async fn unix_sessions_and_zeromq_peers_share_one_router() {
         assert_eq!(v["data"], json!({"p": 2}));
 
         // The bus counts both sides in its stats.
-        let mut admin = Raw::connect(&socket).await;
-        admin.send(&json!({"type": "stats"})).await;
-        let stats = admin.recv().await.expect("stats");
+        let stats = Raw::stats(&socket).await;
         assert!(stats["stats"]["transports"]["zmq"].is_object(), "{stats}");
-        let _ = server.kill().await;
+        let _ = server.child.kill().await;
     })
     .await
     .expect("test timed out");

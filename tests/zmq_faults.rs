@@ -2,26 +2,23 @@
 //! reset mid-stream, and a proxy restart. Counts, never durations.
 #![cfg(feature = "zmq")]
 
-mod zmq_util;
+mod common;
 
 use std::time::Duration;
 
+use common::zmq::*;
+use common::{eventually, free_tcp_addr, TEST_LIMIT};
 use hermes_bus::envelope::Data;
-use hermes_bus::transports::zmq::proxy::{ProxyConfig, ZmqProxy};
+use hermes_bus::transports::zmq::proxy::ProxyConfig;
 use hermes_bus::transports::zmq::zmtp::SocketType;
-use hermes_bus::transports::zmq::{Publisher, Receiver, ReceiverConfig, SlowPolicy};
+use hermes_bus::transports::zmq::{Publisher, Receiver};
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
-use zmq_util::*;
 
 fn receiver(addr: &str, topics: &[&str]) -> Receiver {
-    let mut cfg = ReceiverConfig::new(addr, "r");
-    cfg.topics = topics.iter().map(|s| s.to_string()).collect();
-    cfg.slow_policy = SlowPolicy::Warn;
-    cfg.queue = 1_000_000;
-    let mut r = Receiver::with_config(cfg).expect("receiver");
-    r.start().expect("start");
-    r
+    common::zmq::receiver(addr, |c| {
+        c.topics = topics.iter().map(|s| s.to_string()).collect();
+        c.queue = 1_000_000;
+    })
 }
 
 async fn started_publisher(front: &str, topic: &str) -> Publisher {
@@ -192,23 +189,13 @@ async fn broken_publishers_and_subscribers_leave_the_proxy_serving() {
 #[tokio::test]
 async fn clients_resume_after_a_proxy_restart() {
     tokio::time::timeout(TEST_LIMIT, async {
-        let front = format!("tcp://127.0.0.1:{}", free_port());
-        let back = format!("tcp://127.0.0.1:{}", free_port());
+        let (front, back) = (free_tcp_addr(), free_tcp_addr());
         let cfg = ProxyConfig {
             frontend: front.clone(),
             backend: back.clone(),
             ..ProxyConfig::default()
         };
-        let run = |cfg: ProxyConfig| async move {
-            let p = ZmqProxy::bind(cfg).await.expect("bind");
-            let stop = CancellationToken::new();
-            let s = stop.clone();
-            (
-                stop,
-                tokio::spawn(async move { p.run(s).await.expect("proxy") }),
-            )
-        };
-        let (stop, task) = run(cfg.clone()).await;
+        let proxy = run_proxy(cfg.clone()).await;
         let r = receiver(&back, &["T/"]);
         r.wait_connected(Duration::from_secs(10))
             .await
@@ -216,8 +203,8 @@ async fn clients_resume_after_a_proxy_restart() {
         let p = started_publisher(&front, "T/x").await;
         paced_publish(&p, &r, 100, 10).await;
 
-        stop.cancel();
-        task.await.expect("proxy ended");
+        proxy.stop.cancel();
+        proxy.task.await.expect("proxy ended");
         assert!(
             eventually(Duration::from_secs(10), || !p.is_connected()
                 && !r.is_connected())
@@ -229,15 +216,14 @@ async fn clients_resume_after_a_proxy_restart() {
             .expect("publish"));
         assert!(p.stats().disconnected >= 1);
 
-        let (stop, task) = run(cfg).await;
+        let proxy = run_proxy(cfg).await;
         p.wait_for_subscriber("T/x", Duration::from_secs(15))
             .await
             .expect("publisher and receiver back");
         paced_publish(&p, &r, 100, 10).await;
         assert!(p.stats().reconnects >= 1);
         assert!(r.stats().reconnects >= 1);
-        stop.cancel();
-        let _ = task.await;
+        proxy.shutdown().await;
     })
     .await
     .expect("test timed out");

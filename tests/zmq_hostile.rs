@@ -1,14 +1,14 @@
 //! Hostile ZeroMQ peers: one peer's bytes never corrupt another's stream.
 
 mod common;
-mod zmq_util;
 
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use common::eventually;
+use common::zmq::{raw_peer, start_proxy};
 use hermes_bus::transports::zmq::zmtp::{Inbound, SocketType};
 use tokio::io::AsyncWriteExt;
-use zmq_util::{eventually, raw_peer, start_proxy};
 
 const LIMIT: Duration = Duration::from_secs(60);
 

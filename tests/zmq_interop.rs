@@ -5,25 +5,20 @@
 #![cfg(feature = "zmq")]
 
 mod common;
-mod zmq_util;
 
 use std::time::Duration;
 
+use common::zmq::start_proxy;
+use common::{free_tcp_addr, PyPeer, TEST_LIMIT};
 use hermes_bus::codec::Codec;
 use hermes_bus::envelope::{Data, Message, Quote};
-use hermes_bus::transports::zmq::{
-    Node, Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy,
-};
-use zmq_util::*;
+use hermes_bus::transports::zmq::{Node, Publisher, PublisherConfig, Receiver};
 
 fn receiver(addr: &str, topics: &[&str]) -> Receiver {
-    let mut cfg = ReceiverConfig::new(addr, "rust-recv");
-    cfg.topics = topics.iter().map(|s| s.to_string()).collect();
-    // Loaded CI machines: never stop on lag in tests.
-    cfg.slow_policy = SlowPolicy::Warn;
-    let mut r = Receiver::with_config(cfg).expect("receiver");
-    r.start().expect("start");
-    r
+    common::zmq::receiver(addr, |c| {
+        c.name = "rust-recv".into();
+        c.topics = topics.iter().map(|s| s.to_string()).collect();
+    })
 }
 
 #[tokio::test]
@@ -40,7 +35,12 @@ async fn python_node_publishes_to_rust_receiver_through_our_proxy() {
         r.wait_connected(Duration::from_secs(10))
             .await
             .expect("connected");
-        let _py = py_peer(&py, &["node-pub", &proxy.front(), "pynodé", "RAW", "20"]).await;
+        let _py = PyPeer::spawn_ready(
+            &py,
+            "zmq_peer.py",
+            &["node-pub", &proxy.front(), "pynodé", "RAW", "20"],
+        )
+        .await;
         let (mut typed, mut raw) = (0, 0);
         while typed == 0 || raw == 0 {
             let env = r
@@ -77,7 +77,8 @@ async fn rust_node_publishes_to_python_receiver_through_our_proxy() {
     };
     tokio::time::timeout(TEST_LIMIT, async {
         let proxy = start_proxy(|_| {}).await;
-        let mut py_recv = py_peer(&py, &["recv", &proxy.back(), "4", "30"]).await;
+        let mut py_recv =
+            PyPeer::spawn_ready(&py, "zmq_peer.py", &["recv", &proxy.back(), "4", "30"]).await;
         let publisher = Publisher::new(&proxy.front(), "rnode-pub").expect("publisher");
         let mut node = Node::new("rnode", None, Some(publisher));
         node.start().expect("start");
@@ -102,9 +103,7 @@ async fn rust_node_publishes_to_python_receiver_through_our_proxy() {
             node.publish("MD", Data::json("plain").expect("json"))
                 .expect("publish");
             seq += 1;
-            if let Ok(Some(line)) =
-                tokio::time::timeout(Duration::from_millis(100), py_recv.lines.recv()).await
-            {
+            if let Some(line) = py_recv.next_json(Duration::from_millis(100)).await {
                 got.push(line);
             }
             assert!(seq < 300, "python receiver got too little: {got:?}");
@@ -131,10 +130,9 @@ async fn rust_clients_through_libzmq_proxy() {
         return;
     };
     tokio::time::timeout(TEST_LIMIT, async {
-        let (front, back) = (free_port(), free_port());
-        let front = format!("tcp://127.0.0.1:{front}");
-        let back = format!("tcp://127.0.0.1:{back}");
-        let _proxy = py_peer(&py, &["libzmq-proxy", &front, &back]).await;
+        let (front, back) = (free_tcp_addr(), free_tcp_addr());
+        let _proxy =
+            PyPeer::spawn_ready(&py, "zmq_peer.py", &["libzmq-proxy", &front, &back]).await;
         let r = receiver(&back, &["T/"]);
         let mut cfg = PublisherConfig::new(&front, "p");
         // libzmq does not announce MessagePack: the publisher must fall
@@ -191,7 +189,12 @@ async fn pyzmq_sub_prefix_is_forwarded_upstream_by_our_proxy() {
     };
     tokio::time::timeout(TEST_LIMIT, async {
         let proxy = start_proxy(|_| {}).await;
-        let mut sub = py_peer(&py, &["sub", &proxy.back(), "\"A/", "20", "30"]).await;
+        let mut sub = PyPeer::spawn_ready(
+            &py,
+            "zmq_peer.py",
+            &["sub", &proxy.back(), "\"A/", "20", "30"],
+        )
+        .await;
         let mut p = Publisher::new(&proxy.front(), "p").expect("publisher");
         p.start().expect("start");
         p.wait_for_subscriber("A/1", Duration::from_secs(15))
@@ -209,9 +212,7 @@ async fn pyzmq_sub_prefix_is_forwarded_upstream_by_our_proxy() {
             p.publish_parts("B/1", "p", &Data::json(&i).expect("json"))
                 .expect("publish");
             i += 1;
-            while let Ok(Some(frames)) =
-                tokio::time::timeout(Duration::from_millis(5), sub.lines.recv()).await
-            {
+            while let Some(frames) = sub.next_json(Duration::from_millis(5)).await {
                 got.push(frames);
             }
             assert!(i < 5000, "pyzmq SUB got too little");

@@ -11,16 +11,15 @@
 #![cfg(feature = "zmq")]
 
 mod common;
-mod zmq_util;
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::zmq::{raw_peer, start_proxy};
+use common::{eventually, lines_of, next_line, PyPeer, TEST_LIMIT};
 use hermes_bus::envelope::Data;
 use hermes_bus::transports::zmq::zmtp::SocketType;
 use hermes_bus::transports::zmq::{Publisher, PublisherConfig};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use zmq_util::*;
 
 /// Messages in the burst.
 const N: u64 = 200_000;
@@ -48,9 +47,9 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 /// Starts the slow pyzmq subscriber; `idle_ms` ends it after that long
 /// without a message once one arrived.
 async fn slow_sub(py: &std::path::Path, back: &str, idle_ms: u64) -> PyPeer {
-    py_script_peer(
+    PyPeer::spawn_ready(
         py,
-        &py_script("zmq_lossless_peer.py"),
+        "zmq_lossless_peer.py",
         &[
             "slow-sub",
             back,
@@ -101,10 +100,9 @@ async fn publish_burst(p: &Publisher) {
 
 /// The slow subscriber's summary line.
 async fn summary(peer: &mut PyPeer) -> serde_json::Value {
-    tokio::time::timeout(Duration::from_secs(50), peer.lines.recv())
+    peer.next_json(Duration::from_secs(50))
         .await
         .expect("subscriber summary in time")
-        .expect("subscriber summary")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +244,7 @@ async fn lossless_drops_only_for_a_stuck_subscriber() {
 #[tokio::test]
 async fn the_proxy_command_takes_the_lossless_flags() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let bin = common::bin_dir().join("hermes-bus");
+        let bin = common::bin("hermes-bus");
         let mut child = tokio::process::Command::new(&bin)
             .args([
                 "proxy",
@@ -264,12 +262,7 @@ async fn the_proxy_command_takes_the_lossless_flags() {
             .spawn()
             .expect("spawn proxy");
         let out = child.stdout.take().expect("stdout");
-        let line = BufReader::new(out)
-            .lines()
-            .next_line()
-            .await
-            .expect("read")
-            .expect("a line with the bound addresses");
+        let line = next_line(&mut lines_of(out), Duration::from_secs(20)).await;
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
         assert!(
             v["frontend"]

@@ -7,13 +7,14 @@
 //! made (not root, no `ip`).
 #![cfg(feature = "zmq")]
 
+mod common;
+
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use hermes_bus::envelope::Data;
-use hermes_bus::transports::zmq::proxy::{ProxyConfig, ZmqProxy};
+use hermes_bus::transports::zmq::proxy::ProxyConfig;
 use hermes_bus::transports::zmq::{Publisher, Receiver, ReceiverConfig, SlowPolicy};
-use tokio_util::sync::CancellationToken;
 
 const ROLE: &str = "HERMES_ZMQ_NETNS_ROLE";
 const COUNT: u64 = 200;
@@ -191,14 +192,9 @@ async fn netns_helper() {
                 backend: get("BACK"),
                 ..ProxyConfig::default()
             };
-            let p = ZmqProxy::bind(cfg).await.expect("bind in namespace");
-            let stop = CancellationToken::new();
-            let s = stop.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(80)).await;
-                s.cancel();
-            });
-            p.run(stop).await.expect("proxy");
+            let proxy = common::zmq::run_proxy(cfg).await;
+            tokio::time::sleep(Duration::from_secs(80)).await;
+            proxy.shutdown().await;
         }
         "sub" => {
             let mut cfg = ReceiverConfig::new(get("ADDR"), "ns-sub");

@@ -2,7 +2,6 @@
 //! subscriptions, and idle connections must not stall or lock out anyone.
 
 mod common;
-mod zmq_util;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -11,14 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use common::eventually;
+use common::zmq::{raw_peer, serve_zmq, start_proxy, try_raw_peer, RawPeer};
 use hermes_bus::transports::unix::frame;
-use hermes_bus::transports::zmq::proxy::{ProxyConfig, ProxyStats};
+use hermes_bus::transports::zmq::proxy::ProxyStats;
 use hermes_bus::transports::zmq::zmtp::{self, Inbound, SocketType, SubChange};
-use hermes_bus::transports::zmq::ZmqTransport;
-use hermes_bus::Transport;
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
-use zmq_util::{eventually, raw_peer, start_proxy, try_raw_peer, RawPeer};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -47,24 +44,10 @@ async fn subscription_storm_does_not_stall_other_traffic() {
 async fn subscription_storm_leaves_unix_pings_answered_in_the_bus() {
     tokio::time::timeout(LIMIT, async {
         let tb = common::TestBus::start().await;
-        let t = ZmqTransport::bind(ProxyConfig {
-            frontend: "tcp://127.0.0.1:0".into(),
-            backend: "tcp://127.0.0.1:0".into(),
-            ..ProxyConfig::default()
-        })
-        .await
-        .expect("bind");
-        let ep = t.endpoints().expect("endpoints");
-        let stats = t.stats();
-        let stop = CancellationToken::new();
-        let serve = tokio::spawn(Box::new(t).serve(tb.bus.clone(), stop.clone()));
-        let rtts = storm_with_control_pair(
-            &ep.backend.to_string(),
-            &ep.frontend.to_string(),
-            &stats,
-            Some(tb.socket.clone()),
-        )
-        .await;
+        let zmq = serve_zmq(&tb.bus).await;
+        let rtts =
+            storm_with_control_pair(&zmq.back(), &zmq.front(), &zmq.stats, Some(tb.socket.clone()))
+                .await;
         let mut sorted = rtts.clone();
         sorted.sort_unstable();
         let p99 = sorted[(sorted.len() * 99).div_ceil(100).saturating_sub(1)];
@@ -74,8 +57,7 @@ async fn subscription_storm_leaves_unix_pings_answered_in_the_bus() {
             sorted.len(),
             sorted[sorted.len() / 2]
         );
-        stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), serve).await;
+        zmq.shutdown().await;
         tb.stop().await;
     })
     .await

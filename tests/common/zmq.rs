@@ -1,9 +1,6 @@
-//! Helpers shared by the ZeroMQ integration tests: an in-process proxy on
-//! free ports, raw ZMTP peers, and Python reference peers.
-#![allow(dead_code)]
+//! ZeroMQ in this process: our proxy on free ports (alone or as the bus's
+//! transport), our receiver as tests configure it, and raw ZMTP peers.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +8,10 @@ use bytes::BytesMut;
 use hermes_bus::transports::zmq::endpoint::{self, ReadHalf, WriteHalf};
 use hermes_bus::transports::zmq::proxy::{ProxyConfig, ProxyEndpoints, ProxyStats, ZmqProxy};
 use hermes_bus::transports::zmq::zmtp::{self, FrameReader, SocketType};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use hermes_bus::transports::zmq::{Receiver, ReceiverConfig, SlowPolicy, ZmqTransport};
+use hermes_bus::{Bus, Transport};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for any single test.
-pub const TEST_LIMIT: Duration = Duration::from_secs(60);
 
 /// A proxy running in this process.
 pub struct TestProxy {
@@ -55,6 +49,11 @@ pub async fn start_proxy(tweak: impl FnOnce(&mut ProxyConfig)) -> TestProxy {
         ..ProxyConfig::default()
     };
     tweak(&mut cfg);
+    run_proxy(cfg).await
+}
+
+/// A proxy bound as `cfg` says, running in this process.
+pub async fn run_proxy(cfg: ProxyConfig) -> TestProxy {
     let p = ZmqProxy::bind(cfg).await.expect("bind proxy");
     let ep = p.endpoints().expect("endpoints");
     let stats = p.stats();
@@ -73,10 +72,42 @@ pub async fn start_proxy(tweak: impl FnOnce(&mut ProxyConfig)) -> TestProxy {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
-    l.local_addr().expect("addr").port()
+/// The proxy as the transport of `bus` (as `hermes-bus server --zmq`
+/// runs it), on free loopback ports.
+pub async fn serve_zmq(bus: &Bus) -> TestProxy {
+    let t = ZmqTransport::bind(ProxyConfig {
+        frontend: "tcp://127.0.0.1:0".into(),
+        backend: "tcp://127.0.0.1:0".into(),
+        ..ProxyConfig::default()
+    })
+    .await
+    .expect("bind");
+    let ep = t.endpoints().expect("endpoints");
+    let stats = t.stats();
+    let stop = CancellationToken::new();
+    let serve = Box::new(t).serve(bus.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            eprintln!("zmq transport failed: {e}");
+        }
+    });
+    TestProxy {
+        ep,
+        stats,
+        stop,
+        task,
+    }
+}
+
+/// A started receiver of `addr` named `r` that never stops on lag
+/// (loaded CI machines), with `tune` applied to its config.
+pub fn receiver(addr: &str, tune: impl FnOnce(&mut ReceiverConfig)) -> Receiver {
+    let mut cfg = ReceiverConfig::new(addr, "r");
+    cfg.slow_policy = SlowPolicy::Warn;
+    tune(&mut cfg);
+    let mut r = Receiver::with_config(cfg).expect("receiver");
+    r.start().expect("start");
+    r
 }
 
 /// A raw ZMTP peer after its handshake.
@@ -91,14 +122,9 @@ pub struct RawPeer {
 
 /// Connects to `addr` and handshakes as `ty`.
 pub async fn raw_peer(addr: &str, ty: SocketType) -> RawPeer {
-    let ep = addr.parse().expect("endpoint");
-    let s = endpoint::connect(&ep).await.expect("connect");
-    let (mut r, mut w) = s.into_split();
-    let mut reader = FrameReader::new(64 << 20);
-    zmtp::handshake(&mut r, &mut w, &mut reader, ty, &[], Duration::from_secs(5))
+    try_raw_peer(addr, ty)
         .await
-        .expect("handshake");
-    RawPeer { r, w, reader }
+        .unwrap_or_else(|e| panic!("raw peer of {addr}: {e}"))
 }
 
 impl RawPeer {
@@ -114,83 +140,6 @@ impl RawPeer {
         zmtp::put_subscription(&mut b, true, prefix);
         self.w.write_all(&b).await.expect("subscribe");
     }
-}
-
-/// A Python reference peer (killed on drop) and its stdout lines.
-pub struct PyPeer {
-    /// The process.
-    pub child: Child,
-    /// Its stdout, one JSON value per line.
-    pub lines: mpsc::UnboundedReceiver<serde_json::Value>,
-}
-
-/// The reference helper script.
-pub fn peer_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/zmq_peer.py")
-}
-
-/// Starts `zmq_peer.py MODE ARGS` with `python` and waits for its
-/// `{"ready":true}` line.
-pub async fn py_peer(python: &std::path::Path, args: &[&str]) -> PyPeer {
-    py_script_peer(python, &peer_script(), args).await
-}
-
-/// A script under `tests/py/`.
-pub fn py_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/py")
-        .join(name)
-}
-
-/// Starts `script ARGS` with `python` and waits for its `{"ready":true}`
-/// line.
-pub async fn py_script_peer(
-    python: &std::path::Path,
-    script: &std::path::Path,
-    args: &[&str],
-) -> PyPeer {
-    let mut child = Command::new(python)
-        .arg(script)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn python peer");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("python peer ready in time")
-        .expect("python peer output");
-    assert_eq!(
-        first["ready"],
-        serde_json::json!(true),
-        "python peer: {first}"
-    );
-    PyPeer { child, lines: rx }
-}
-
-/// Polls `f` every 10 ms until true or `limit`.
-pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < end {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 /// A fake proxy XPUB side: a listener that hands out raw peers after the
