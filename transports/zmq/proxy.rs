@@ -258,7 +258,7 @@ impl ZmqProxy {
             return Err(ZmqError::NotBound);
         };
         let all_upstream = sink.is_some();
-        let hub = Arc::new(Shared {
+        let shared = Arc::new(Shared {
             hub: Hub::new(self.cfg.clone(), self.stats.clone()),
             sink,
             upstream_changed: tokio::sync::Notify::new(),
@@ -266,19 +266,21 @@ impl ZmqProxy {
         if all_upstream {
             // The router wants every topic: keep an everything-subscription
             // upstream for as long as we run.
-            hub.upstream(hub.hub.upstream_add(&Bytes::new()));
+            shared.upstream(shared.hub.upstream_add(&Bytes::new()));
         }
-        on_ready(ProxyHandle { hub: hub.clone() });
+        on_ready(ProxyHandle {
+            shared: shared.clone(),
+        });
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(accept_loop(
-            hub.clone(),
+            shared.clone(),
             front,
             Role::Publisher,
             shutdown.clone(),
             tasks.clone(),
         ));
         tasks.spawn(accept_loop(
-            hub.clone(),
+            shared.clone(),
             back,
             Role::Subscriber(Side::Backend),
             shutdown.clone(),
@@ -286,7 +288,7 @@ impl ZmqProxy {
         ));
         if let Some(cap) = cap {
             tasks.spawn(accept_loop(
-                hub.clone(),
+                shared.clone(),
                 cap,
                 Role::Subscriber(Side::Capture),
                 shutdown.clone(),
@@ -311,7 +313,7 @@ impl ZmqProxy {
 #[derive(Clone)]
 pub struct ProxyHandle {
     /// The running proxy's shared state.
-    hub: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl ProxyHandle {
@@ -325,12 +327,12 @@ impl ProxyHandle {
             wire: out.freeze(),
             frames: frames.len(),
         };
-        self.hub.hub.dispatch(&msg, Instant::now(), None);
+        self.shared.hub.dispatch(&msg, Instant::now(), None);
     }
 
     /// The proxy's counters.
     pub fn stats(&self) -> &ProxyStats {
-        &self.hub.hub.stats
+        &self.shared.hub.stats
     }
 }
 
@@ -344,15 +346,15 @@ enum Role {
 }
 
 async fn accept_loop(
-    hub: Arc<Shared>,
+    shared: Arc<Shared>,
     listener: Listener,
     role: Role,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 ) {
     let counters = match role {
-        Role::Publisher => &hub.hub.stats.publishers,
-        Role::Subscriber(side) => hub.hub.counters(side),
+        Role::Publisher => &shared.hub.stats.publishers,
+        Role::Subscriber(side) => shared.hub.counters(side),
     };
     loop {
         let stream = tokio::select! {
@@ -368,25 +370,25 @@ async fn accept_loop(
             },
         };
         counters.accepted.fetch_add(1, Ordering::Relaxed);
-        if counters.open.load(Ordering::Relaxed) >= hub.hub.cfg.max_connections as u64 {
+        if counters.open.load(Ordering::Relaxed) >= shared.hub.cfg.max_connections as u64 {
             counters.rejected.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         }
         counters.open.fetch_add(1, Ordering::Relaxed);
         let guard = OpenGuard {
-            hub: hub.clone(),
+            shared: shared.clone(),
             role,
         };
-        let hub = hub.clone();
+        let shared = shared.clone();
         let sd = shutdown.clone();
         match role {
             Role::Publisher => tasks.spawn(async move {
-                publisher_conn(hub, stream, sd).await;
+                publisher_conn(shared, stream, sd).await;
                 drop(guard);
             }),
             Role::Subscriber(side) => tasks.spawn(async move {
-                subscriber_conn(hub, stream, side, sd).await;
+                subscriber_conn(shared, stream, side, sd).await;
                 drop(guard);
             }),
         };
@@ -397,7 +399,7 @@ async fn accept_loop(
 /// whichever way it ends.
 struct OpenGuard {
     /// The proxy's state (for its counters).
-    hub: Arc<Shared>,
+    shared: Arc<Shared>,
     /// Which side the connection is on.
     role: Role,
 }
@@ -405,8 +407,8 @@ struct OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         let c = match self.role {
-            Role::Publisher => &self.hub.hub.stats.publishers,
-            Role::Subscriber(side) => self.hub.hub.counters(side),
+            Role::Publisher => &self.shared.hub.stats.publishers,
+            Role::Subscriber(side) => self.shared.hub.counters(side),
         };
         c.open.fetch_sub(1, Ordering::Relaxed);
     }
