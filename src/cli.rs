@@ -16,7 +16,7 @@ pub struct PathArgs {
     /// Bus root directory (default: $HERMES_BUS_ROOT, else ~/.hermes).
     #[arg(long, global = true)]
     pub root: Option<PathBuf>,
-    /// Socket path (default: <root>/hermes-bus.sock).
+    /// Socket path (default: ROOT/hermes-bus.sock).
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
 }
@@ -118,6 +118,11 @@ pub struct ServeArgs {
     /// Write the log to this file (trimmed to its last half past 500 KB).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Serve metrics in the Prometheus text format at
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9100), from the same data as
+    /// `stats`.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Remove this pid file at exit if it holds our pid (daemon mode).
     #[arg(long)]
     pub pid_file: Option<PathBuf>,

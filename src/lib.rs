@@ -5,6 +5,71 @@
 //! 0.7.0) and `hermes-zmq` (1.3.0): their unmodified clients work against
 //! this bus, and this crate's clients work against theirs.
 //!
+//! # Where to start
+//! - [`BusClient`](transports::unix::BusClient): a named endpoint on the
+//!   bus's Unix socket: send to other endpoints, receive what they send.
+//! - [`Publisher`](transports::zmq::Publisher): publishes topic envelopes
+//!   into a ZeroMQ proxy (`hermes-bus proxy` or `server --zmq`).
+//! - [`Receiver`](transports::zmq::Receiver): subscribes to topic prefixes
+//!   through the proxy.
+//! - [`Node`](transports::zmq::Node): a publisher and a receiver under one
+//!   name.
+//!
+//! Each needs a running bus or proxy (`hermes-busd start`, `hermes-bus
+//! proxy`), hence `no_run` below.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use hermes_bus::transports::unix::BusClient;
+//!
+//! let mut me = BusClient::connect("worker", "/tmp/hermes-bus.sock").await?;
+//! me.send("planner", serde_json::json!({"status": "ready"})).await?;
+//! if let Some(msg) = me.recv().await {
+//!     println!("{} says {}", msg["from"], msg["body"]);
+//! }
+//! me.close().await;
+//! # Ok(()) }
+//! ```
+//!
+#![cfg_attr(
+    feature = "zmq",
+    doc = r#"
+```no_run
+# async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+use hermes_bus::transports::zmq::{Publisher, Receiver};
+
+// Publishers connect to the proxy's XSUB side, receivers to its XPUB side.
+let mut publisher = Publisher::new("tcp://127.0.0.1:5559", "feed")?;
+publisher.start()?;
+let data = serde_json::value::to_raw_value(&serde_json::json!({"px": 64000.5}))?;
+publisher.publish_parts("md/BTC", "feed", &data.into())?;
+
+let mut receiver = Receiver::new("tcp://127.0.0.1:5560", "reader", &["md/"], &[])?;
+receiver.start()?;
+if let Some(env) = receiver.recv().await {
+    println!("{} from {}", env.topic, env.origin);
+}
+# Ok(()) }
+```
+
+```no_run
+# async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+use hermes_bus::transports::zmq::{Node, Publisher, Receiver};
+
+// A node: one name, a receiver and a publisher.
+let rx = Receiver::new("tcp://127.0.0.1:5560", "strategy", &["md/"], &[])?;
+let tx = Publisher::new("tcp://127.0.0.1:5559", "strategy")?;
+let mut node = Node::new("strategy", Some(rx), Some(tx));
+node.start()?;
+let order = serde_json::value::to_raw_value(&serde_json::json!({"side": "buy"}))?;
+node.publish("orders", order)?;
+let next = node.recv(Some(std::time::Duration::from_secs(1))).await?;
+# let _ = next;
+# Ok(()) }
+```
+"#
+)]
+//!
 //! # Layout
 //! - [`message`]: `BusMessage`, the JSON object of the Unix protocol, parsed
 //!   once; unknown fields and `body` are kept as raw JSON.
@@ -32,6 +97,8 @@
 //! - [`config`]: paths and environment (`HERMES_BUS_ROOT`, `HERMES_HOME`).
 //! - [`daemon`]: pid file, start / stop / status / restart.
 //! - [`logging`]: `tracing` to stderr or to a self-trimming log file.
+//! - [`metrics`]: the Prometheus text of the status, and its HTTP
+//!   responder (`--metrics`).
 //! - [`serve`]: running the bus in the foreground (signals, ordered shutdown).
 //! - [`cli`] (features `unix` + `cli`): the command-line options the
 //!   binaries share.
@@ -56,6 +123,7 @@ pub mod error;
 pub mod hooks;
 pub mod logging;
 pub mod message;
+pub mod metrics;
 pub mod notice;
 pub mod outbox;
 pub mod router;

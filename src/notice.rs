@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 use crate::codec::{self, Codec};
 use crate::error::ProtocolError;
+use crate::router::monitor::{MonitorEvent, MonitorSpec};
 
 /// One reply or notice of the bus to one session.
 #[derive(Debug, Clone)]
@@ -55,6 +56,12 @@ pub enum Notice {
     Endpoints(Vec<(String, String)>),
     /// `{"type":"stats","stats":{..}}` (ours).
     Stats(serde_json::Value),
+    /// `{"type":"monitoring","names","topics","transports","body","max_bytes"}`
+    /// (ours): the answer to `monitor`, with the filter and bound in force.
+    Monitoring(Box<MonitorSpec>),
+    /// `{"type":"monitor","kind",..}` (ours): one routed message, sent to
+    /// a session that monitors the traffic.
+    Monitor(Box<MonitorEvent>),
 }
 
 impl Notice {
@@ -76,6 +83,8 @@ impl Notice {
             Notice::Subscription { .. } => "unsubscribed",
             Notice::Endpoints(_) => "endpoints_list",
             Notice::Stats(_) => "stats",
+            Notice::Monitoring(_) => "monitoring",
+            Notice::Monitor(_) => "monitor",
         }
     }
 
@@ -96,6 +105,14 @@ impl Notice {
                 Notice::Endpoints(list) => list.iter().map(|(n, s)| n.len() + s.len() + 6).sum(),
                 // Computed once for all: a stats reply is rare.
                 Notice::Stats(v) => v.to_string().len(),
+                Notice::Monitoring(spec) => {
+                    64 + [&spec.names, &spec.topics, &spec.transports]
+                        .iter()
+                        .flat_map(|l| l.iter())
+                        .map(|x| x.len() + 3)
+                        .sum::<usize>()
+                }
+                Notice::Monitor(ev) => ev.size_hint(),
             }
     }
 
@@ -166,6 +183,14 @@ impl Serialize for Notice {
             Notice::Subscription { topic, .. } => m.serialize_entry("topic", topic)?,
             Notice::Endpoints(list) => m.serialize_entry("endpoints", &Endpoints(list))?,
             Notice::Stats(v) => m.serialize_entry("stats", v)?,
+            Notice::Monitoring(spec) => {
+                m.serialize_entry("names", &spec.names)?;
+                m.serialize_entry("topics", &spec.topics)?;
+                m.serialize_entry("transports", &spec.transports)?;
+                m.serialize_entry("body", &spec.body)?;
+                m.serialize_entry("max_bytes", &spec.max_bytes)?;
+            }
+            Notice::Monitor(ev) => ev.write_fields(&mut m)?,
         }
         m.end()
     }

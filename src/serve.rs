@@ -30,12 +30,27 @@ pub fn hook_engine(paths: &Paths, args: &ServeArgs) -> HookEngine {
 
 /// Serves in the foreground until SIGTERM / SIGINT (or `stop` fires).
 pub async fn run(paths: Paths, args: ServeArgs, stop: CancellationToken) -> anyhow::Result<()> {
+    // The metrics address first: a taken port fails before the socket
+    // is made.
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let unix = UnixServer::bind(args.unix_config(paths.socket.clone()))?;
     let hooks = hook_engine(&paths, &args);
     let bus = Bus::new(args.router_config(), hooks.clone());
     let shutdown = stop.child_token();
     spawn_signal_handler(shutdown.clone())?;
     let sweeper = bus.spawn_sweeper(args.sweep_interval(), shutdown.clone());
+    if let Some(listener) = metrics {
+        let b = bus.clone();
+        let source: crate::metrics::Source =
+            std::sync::Arc::new(move || crate::metrics::render(&b.status()));
+        if let Ok(at) = listener.local_addr() {
+            tracing::info!("metrics on http://{at}/metrics");
+        }
+        tokio::spawn(crate::metrics::serve(listener, source, shutdown.clone()));
+    }
 
     #[allow(unused_mut)] // the zmq feature adds to it
     let mut transports: Vec<Box<dyn Transport>> = vec![Box::new(unix)];

@@ -367,6 +367,16 @@ impl Bus {
         self.router().subscribe(sid, prefix)
     }
 
+    /// Starts (or changes) traffic monitoring for a session (see
+    /// [`crate::router::monitor`]); returns the filter and bound in force.
+    pub fn monitor(
+        &self,
+        sid: SessionId,
+        spec: crate::router::monitor::MonitorSpec,
+    ) -> Result<crate::router::monitor::MonitorSpec, ProtocolError> {
+        self.router().monitor(sid, spec)
+    }
+
     /// Removes a topic prefix of a session.
     pub fn unsubscribe(&self, sid: SessionId, prefix: &str) -> bool {
         self.router().unsubscribe(sid, prefix)
@@ -384,7 +394,10 @@ impl Bus {
     /// The router's snapshot, the hooks' counters and each transport's
     /// status, as JSON (the `stats` reply and `status` output).
     pub fn status(&self) -> serde_json::Value {
-        let router: RouterStats = self.router().stats(Instant::now());
+        let (router, traffic, monitors): (RouterStats, _, _) = {
+            let r = self.router();
+            (r.stats(Instant::now()), r.traffic(), r.monitor_stats())
+        };
         let mut transports = serde_json::Map::new();
         for (name, src) in self
             .inner
@@ -399,6 +412,8 @@ impl Bus {
             "uptime_s": self.inner.started.elapsed().as_secs_f64(),
             "pid": std::process::id(),
             "router": router,
+            "traffic": traffic,
+            "monitors": monitors,
             "hooks": self.inner.hooks.stats(),
             "transports": transports,
         })

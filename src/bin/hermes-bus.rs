@@ -1,6 +1,6 @@
 //! `hermes-bus`: every command in one binary: `server`, `daemon ...`,
-//! `send`, `request`, `listen`, `endpoints`, `stats`, the ZeroMQ `proxy`,
-//! `pub`, `sub`, and `completions` / `man`.
+//! `send`, `request`, `listen`, `endpoints`, `stats`, `monitor`, `top`,
+//! `bench`, the ZeroMQ `proxy`, `pub`, `sub`, and `completions` / `man`.
 //!
 //! Exit codes: 0 ok, 1 failure, 2 usage, 3 no bus running. Data goes to
 //! stdout (a closed pipe ends the command quietly with 0), notices and
@@ -18,6 +18,13 @@ use hermes_bus::transports::unix::client::{
     self, BusClient, ClientConfig, ClientError, ClientEvent,
 };
 use serde_json::Value;
+
+#[path = "tools/bench.rs"]
+mod bench;
+#[path = "tools/monitor.rs"]
+mod monitor;
+#[path = "tools/top.rs"]
+mod top;
 
 /// A fast, hard-to-break message bus (Unix socket + ZeroMQ).
 ///
@@ -110,6 +117,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show every routed message, one line each (point-to-point,
+    /// broadcast, topics, ZeroMQ envelopes in the bus): from → to, kind,
+    /// size, optionally the body. A monitor that reads too slowly loses
+    /// events (counted and shown); it never slows the bus.
+    Monitor(monitor::MonitorArgs),
+    /// Live rates per endpoint, topic and transport, queue depths, drops
+    /// and hook activity, refreshed each second (--once, --json).
+    Top(top::TopArgs),
+    /// A quick throughput and latency check against the running bus:
+    /// N messages of S bytes between two sessions, then round trips;
+    /// fails when anything was lost.
+    Bench(bench::BenchArgs),
     /// Run the ZeroMQ proxy in the foreground.
     #[cfg(feature = "zmq")]
     Proxy(hermes_bus::transports::zmq::cli::ProxyArgs),
@@ -513,6 +532,9 @@ async fn run(paths: hermes_bus::config::Paths, no_autostart: bool, cmd: Cmd) -> 
             }
             Ok(())
         }
+        Cmd::Monitor(a) => monitor::run(&paths.socket, a).await,
+        Cmd::Top(a) => top::run(&paths.socket, a).await,
+        Cmd::Bench(a) => bench::run(&paths.socket, a).await,
         #[cfg(feature = "zmq")]
         Cmd::Proxy(a) => {
             logging::init(None, logging::LogFormat::Text);

@@ -24,12 +24,16 @@ use crate::notice::Notice;
 use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
 use crate::stats::{EndpointStats, FlowStats, RouterStats, SessionCounters, Totals};
 use hash::FastHash;
+use monitor::{Content, EventKind, MonitorSpec, MonitorStats, Monitors, Seen};
 use names::{Answer, Hold, HoldLimits, Names, Released, Returned};
 use topics::{TopicIndex, TopicLimits};
+use traffic::{Traffic, TrafficStats};
 
 mod hash;
+pub mod monitor;
 pub mod names;
 pub mod topics;
+pub mod traffic;
 
 /// The longest endpoint name, in bytes (as D-Bus bounds its names): a
 /// name is copied into every message's `from`, every list and the status.
@@ -209,6 +213,10 @@ pub struct Router {
     budget: Arc<Budget>,
     /// Senders waiting right now (a gauge for status).
     blocked_now: usize,
+    /// Sessions that monitor the traffic (usually none).
+    monitors: Monitors,
+    /// Counters by transport and topic.
+    traffic: Traffic,
 }
 
 pub use crate::clock::unix_now;
@@ -257,6 +265,8 @@ impl Router {
             totals: Totals::default(),
             budget,
             blocked_now: 0,
+            monitors: Monitors::default(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -504,6 +514,12 @@ impl Router {
                 }
             }
         }
+        let transport = self.sessions.get(&sid).map_or("unknown", |s| s.transport);
+        let copies = delivered + held + waits.len();
+        self.traffic.message(transport, frame.len() - 4, copies);
+        if !self.monitors.is_empty() {
+            self.monitor_message(transport, msg, &frame, to.as_deref(), copies);
+        }
         let blocked = self.blocked(d, waits);
         Ok(Routed {
             frame,
@@ -727,8 +743,91 @@ impl Router {
         }
         targets.clear();
         self.targets = targets;
+        if let Some(m) = d.topic_message() {
+            let transport = self.sessions.get(&from).map_or("unknown", |s| s.transport);
+            let copies = n + waits.len();
+            self.traffic
+                .publish(transport, &m.topic, m.data.get().len(), copies);
+            if !self.monitors.is_empty() {
+                let seen = Seen {
+                    kind: EventKind::Publish,
+                    transport,
+                    from: &m.origin,
+                    to: &m.topic,
+                    id: None,
+                    ts: m.ts,
+                    size: m.data.get().len(),
+                    delivered: copies,
+                };
+                self.monitors
+                    .offer(&seen, || Content::Topic(d.without_ack()));
+            }
+        }
         let blocked = self.blocked(d.clone(), waits);
         (n, blocked)
+    }
+
+    /// Offers a routed message to the monitors.
+    fn monitor_message(
+        &mut self,
+        transport: &'static str,
+        msg: &BusMessage,
+        frame: &Bytes,
+        to: Option<&str>,
+        delivered: usize,
+    ) {
+        let from = msg.str_field("from").ok().flatten();
+        let ts = msg
+            .raw("ts")
+            .and_then(|r| r.get().parse::<f64>().ok())
+            .unwrap_or_else(unix_now);
+        let seen = Seen {
+            kind: if to.is_some() {
+                EventKind::Message
+            } else {
+                EventKind::Broadcast
+            },
+            transport,
+            from: from.as_deref().unwrap_or(""),
+            to: to.unwrap_or(""),
+            id: msg.raw("id").map(|i| i.get()),
+            ts,
+            size: msg.raw("body").map_or(0, |b| b.get().len()),
+            delivered,
+        };
+        let json = frame.slice(4..);
+        self.monitors
+            .offer(&seen, || Content::Message(json.clone()));
+    }
+
+    /// Starts (or changes) monitoring for a session: from now on it is
+    /// sent a `monitor` event for each routed message its filter selects,
+    /// into a queue bounded by the spec's bytes (at most the outbox
+    /// bound), dropping (and counting) past it. Returns the spec in force.
+    pub fn monitor(
+        &mut self,
+        sid: SessionId,
+        spec: MonitorSpec,
+    ) -> Result<MonitorSpec, ProtocolError> {
+        spec.check()?;
+        let Some(s) = self.sessions.get(&sid) else {
+            return Err(ProtocolError::new(
+                ErrorCode::ShuttingDown,
+                "session is closed",
+            ));
+        };
+        let limit = self.cfg.outbox_bytes;
+        Ok(self.monitors.start(sid, s.outbox.clone(), spec, limit))
+    }
+
+    /// The monitors' counters.
+    pub fn monitor_stats(&self) -> MonitorStats {
+        self.monitors.stats()
+    }
+
+    /// Traffic by transport and topic.
+    pub fn traffic(&self) -> TrafficStats {
+        self.traffic.stats()
     }
 
     /// Removes a session (its connection ended). A registered name is held
@@ -737,6 +836,7 @@ impl Router {
     /// name, for [`Router::restore`].
     pub fn disconnect(&mut self, sid: SessionId, now: Instant) -> Option<String> {
         let s = self.sessions.remove(&sid)?;
+        self.monitors.stop(sid);
         let mut unsent = VecDeque::new();
         s.outbox.take_routed(&mut unsent);
         s.outbox.close(None);

@@ -14,6 +14,7 @@ use crate::delivery::Delivery;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::message::BusMessage;
 use crate::notice::Notice;
+use crate::router::monitor::MonitorSpec;
 use crate::router::SessionId;
 use crate::transport::{Bus, Inbound, Publish};
 
@@ -58,6 +59,9 @@ pub enum Request {
         /// The prefix.
         topic: String,
     },
+    /// `monitor` (ours): from now on, a `monitor` event for each routed
+    /// message the filter selects (bounded queue, drops counted).
+    Monitor(MonitorSpec),
 }
 
 /// Why a frame is refused, and the `id` its error reply carries.
@@ -92,6 +96,7 @@ impl Command {
             "unsubscribe" => {
                 topic(&msg).map(|topic| Command::Request(Request::Unsubscribe { topic }, None))
             }
+            "monitor" => monitor(&msg).map(|spec| Command::Request(Request::Monitor(spec), None)),
             other => Err(ProtocolError::new(
                 ErrorCode::UnknownType,
                 format!("unknown message type '{other}'"),
@@ -149,6 +154,10 @@ impl Request {
                     subscribed: false,
                 });
             }
+            Request::Monitor(spec) => {
+                let spec = bus.monitor(sid, spec)?;
+                reply(Notice::Monitoring(Box::new(spec)));
+            }
         }
         Ok(())
     }
@@ -182,6 +191,36 @@ fn register(msg: &BusMessage) -> Result<Request, ProtocolError> {
             "register needs a string field 'endpoint'",
         )),
     }
+}
+
+/// `monitor`: optional string lists `names`, `topics`, `transports`, an
+/// optional boolean `body` and a byte bound `max_bytes`.
+fn monitor(msg: &BusMessage) -> Result<MonitorSpec, ProtocolError> {
+    fn field<T: serde::de::DeserializeOwned + Default>(
+        msg: &BusMessage,
+        key: &str,
+        what: &str,
+    ) -> Result<T, ProtocolError> {
+        match msg.raw(key) {
+            None => Ok(T::default()),
+            Some(raw) if raw.get() == "null" => Ok(T::default()),
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
+                ProtocolError::new(
+                    ErrorCode::BadField,
+                    format!("monitor: field '{key}' must be {what}"),
+                )
+            }),
+        }
+    }
+    let spec = MonitorSpec {
+        names: field(msg, "names", "a list of strings")?,
+        topics: field(msg, "topics", "a list of strings")?,
+        transports: field(msg, "transports", "a list of strings")?,
+        body: field(msg, "body", "a boolean")?,
+        max_bytes: field(msg, "max_bytes", "a number of bytes")?,
+    };
+    spec.check()?;
+    Ok(spec)
 }
 
 /// The `topic` of a (un)subscribe: a string, or everything when absent.
@@ -274,6 +313,23 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+        assert_eq!(
+            request(r#"{"type":"monitor","names":["a"],"body":true,"max_bytes":65536}"#),
+            Request::Monitor(MonitorSpec {
+                names: vec!["a".into()],
+                body: true,
+                max_bytes: 65536,
+                ..MonitorSpec::default()
+            })
+        );
+        assert_eq!(
+            request(r#"{"type":"monitor"}"#),
+            Request::Monitor(MonitorSpec::default())
+        );
+        assert_eq!(
+            refused(r#"{"type":"monitor","topics":"md/","id":1}"#),
+            (ErrorCode::BadField, Some("1".to_owned()))
+        );
         assert!(request(r#"{"type":"stats"}"#).is_costly());
         assert!(!request(r#"{"type":"ping"}"#).is_costly());
     }

@@ -1,4 +1,4 @@
-//! One connection of the Unix-socket transport: its I/O ([`super::conn`])
+//! One connection of the Unix-socket transport: its I/O (`conn`)
 //! joined to the bus by its commands ([`super::command`]).
 //!
 //! Frames are decoded into messages and then into commands. Traffic

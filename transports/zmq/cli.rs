@@ -116,6 +116,14 @@ pub struct ProxyArgs {
     /// Same as --zmq-slow-consumer-timeout.
     #[arg(long, value_parser = parse_secs)]
     pub slow_consumer_timeout: Option<f64>,
+    /// Serve the proxy's counters in the Prometheus text format at
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9101).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Log a one-line summary (rates, drops, connections) every this many
+    /// seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_secs)]
+    pub summary_secs: f64,
 }
 
 impl ProxyArgs {
@@ -274,6 +282,10 @@ pub async fn run_proxy_with_bus(args: ProxyArgs, bus: Bus) -> anyhow::Result<()>
 /// reference's PostOffice, until SIGINT/SIGTERM; prints the bound
 /// addresses as one JSON line first.
 pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let p = ZmqProxy::bind(args.config()).await?;
     if let Some(ep) = p.endpoints() {
         let line = serde_json::json!({
@@ -284,9 +296,85 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         print_line(&line.to_string())?;
     }
     let stats = p.stats();
-    p.run(signal_token()).await?;
-    tracing::info!(stats = ?stats.snapshot(), "zmq proxy stopped");
+    let started = std::time::Instant::now();
+    let shutdown = signal_token();
+    if let Some(listener) = metrics {
+        let stats = stats.clone();
+        let source: crate::metrics::Source =
+            std::sync::Arc::new(move || crate::metrics::render(&proxy_status(&stats, started)));
+        if let Ok(at) = listener.local_addr() {
+            tracing::info!("metrics on http://{at}/metrics");
+        }
+        tokio::spawn(crate::metrics::serve(listener, source, shutdown.clone()));
+    }
+    if args.summary_secs > 0.0 {
+        tokio::spawn(log_summaries(
+            stats.clone(),
+            secs(args.summary_secs),
+            shutdown.clone(),
+        ));
+    }
+    p.run(shutdown.clone()).await?;
+    shutdown.cancel();
+    tracing::info!(
+        "zmq proxy stopped: {}",
+        serde_json::to_string(&stats.snapshot()).unwrap_or_default()
+    );
     Ok(())
+}
+
+/// A standalone proxy's status: `{"uptime_s", "transports": {"zmq": ..}}`
+/// (the shape of the bus's `stats`, for the metrics).
+fn proxy_status(stats: &super::ProxyStats, started: std::time::Instant) -> serde_json::Value {
+    serde_json::json!({
+        "uptime_s": started.elapsed().as_secs_f64(),
+        "transports": {"zmq": stats.snapshot()},
+    })
+}
+
+/// Logs one line every `every`: message and byte rates in and out, drops
+/// since the last line, connections.
+async fn log_summaries(
+    stats: std::sync::Arc<super::ProxyStats>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let every = every.max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = stats.snapshot();
+    let mut at = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = stats.snapshot();
+        let dt = at.elapsed().as_secs_f64().max(1e-3);
+        at = tokio::time::Instant::now();
+        tracing::info!("{}", summary_line(&last, &now, dt));
+        last = now;
+    }
+}
+
+/// The summary of the change from `a` to `b` over `dt` seconds.
+fn summary_line(a: &super::ProxySnapshot, b: &super::ProxySnapshot, dt: f64) -> String {
+    let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
+    let drops = |s: &super::ProxySnapshot| {
+        s.publishers.drops + s.subscribers.drops + s.capture.drops + s.to_bus_dropped
+    };
+    format!(
+        "zmq proxy: in {:.0} msg/s ({:.2} MB/s), out {:.0} msg/s ({:.2} MB/s), drops +{} (total {}), publishers {}, subscribers {}",
+        rate(a.publishers.messages, b.publishers.messages),
+        rate(a.publishers.bytes, b.publishers.bytes) / 1e6,
+        rate(a.subscribers.messages, b.subscribers.messages),
+        rate(a.subscribers.bytes, b.subscribers.bytes) / 1e6,
+        drops(b).saturating_sub(drops(a)),
+        drops(b),
+        b.publishers.open,
+        b.subscribers.open,
+    )
 }
 
 fn print_line(s: &str) -> std::io::Result<()> {
