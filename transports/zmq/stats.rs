@@ -1,7 +1,6 @@
 //! Counters of the proxy, per side and proxy-wide, and their plain
-//! snapshots (what `status` shows), declared with [`counters!`].
-//!
-//! [`counters!`]: crate::counters::counters
+//! snapshots (what `status` shows), declared with the crate's `counters!`
+//! macro (src/counters.rs).
 
 use serde::Serialize;
 
