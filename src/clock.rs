@@ -18,3 +18,23 @@ pub fn unix_now() -> f64 {
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
+
+/// Where the router's ids and wall-clock times come from: the real clock
+/// and random UUIDs by default; a test passes its own, so what the bus
+/// stamps is known in advance.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamps {
+    /// A fresh message or session id.
+    pub id: fn() -> String,
+    /// Float Unix seconds now.
+    pub unix_now: fn() -> f64,
+}
+
+impl Default for Stamps {
+    fn default() -> Self {
+        Stamps {
+            id: new_id,
+            unix_now,
+        }
+    }
+}

@@ -217,9 +217,12 @@ pub struct Router {
     monitors: Monitors,
     /// Counters by transport and topic.
     traffic: Traffic,
+    /// Where ids and wall-clock times come from.
+    stamps: Stamps,
 }
 
 pub use crate::clock::unix_now;
+use crate::clock::Stamps;
 
 /// An error reply: `{"type":"error","code":..,"detail":..,"id":..}`.
 pub fn error_frame(err: &ProtocolError, id: Option<RawJson<'_>>) -> Delivery {
@@ -267,7 +270,15 @@ impl Router {
             blocked_now: 0,
             monitors: Monitors::default(),
             traffic: Traffic::default(),
+            stamps: Stamps::default(),
         }
+    }
+
+    /// The same router stamping ids and times from `stamps` (tests pass
+    /// their own).
+    pub fn with_stamps(mut self, stamps: Stamps) -> Self {
+        self.stamps = stamps;
+        self
     }
 
     /// The configuration in force.
@@ -400,7 +411,7 @@ impl Router {
             o.outbox.close(Some(error_frame(&err, None)));
             self.totals.replaced += 1;
         }
-        let uuid = crate::clock::new_id();
+        let uuid = (self.stamps.id)();
         let Some(s) = self.sessions.get_mut(&sid) else {
             return Err(ProtocolError::new(
                 ErrorCode::ShuttingDown,
@@ -450,10 +461,10 @@ impl Router {
             .map(|c| c.into_owned())
             .filter(|t| !t.is_empty());
         if !msg.contains("id") {
-            msg.set_str("id", &crate::clock::new_id());
+            msg.set_str("id", &(self.stamps.id)());
         }
         if !msg.contains("ts") {
-            msg.set("ts", &unix_now());
+            msg.set("ts", &(self.stamps.unix_now)());
         }
         // One lookup of the target: found (live, or held within its
         // grace), or an error before anything is encoded.
@@ -1115,6 +1126,38 @@ mod tests {
     fn session(r: &mut Router, now: Instant) -> (SessionId, OutboxReader) {
         let (tx, rx) = standalone(8, 1 << 20);
         (r.connect("unix", tx, now), rx)
+    }
+
+    #[test]
+    fn ids_and_times_come_from_the_callers_stamps() {
+        let t0 = Instant::now();
+        let stamps = Stamps {
+            id: || "id-7".to_owned(),
+            unix_now: || 42.5,
+        };
+        let mut r = Router::new(RouterConfig::default()).with_stamps(stamps);
+        let (a, mut ra) = session(&mut r, t0);
+        let (b, mut rb) = session(&mut r, t0);
+        assert_eq!(r.register(a, "a", t0).unwrap(), "id-7");
+        r.register(b, "b", t0).unwrap();
+        assert_eq!(frames(&mut ra)[0]["session_id"], "id-7");
+        frames(&mut rb);
+        let mut m = BusMessage::parse(br#"{"type":"message","to":"b","body":1}"#).unwrap();
+        r.route(a, &mut m, t0).unwrap();
+        let got = frames(&mut rb);
+        assert_eq!(
+            (got[0]["id"].as_str(), got[0]["ts"].as_f64()),
+            (Some("id-7"), Some(42.5))
+        );
+        // What the client stamped itself is kept.
+        let mut m =
+            BusMessage::parse(br#"{"type":"message","to":"b","id":"mine","ts":1.0}"#).unwrap();
+        r.route(a, &mut m, t0).unwrap();
+        let got = frames(&mut rb);
+        assert_eq!(
+            (got[0]["id"].as_str(), got[0]["ts"].as_f64()),
+            (Some("mine"), Some(1.0))
+        );
     }
 
     #[test]
