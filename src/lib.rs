@@ -73,7 +73,8 @@ let next = node.recv(Some(std::time::Duration::from_secs(1))).await?;
 //! # Layout
 //! - [`message`]: `BusMessage`, the JSON object of the Unix protocol, parsed
 //!   once; unknown fields and `body` are kept as raw JSON.
-//! - [`envelope`]: the pub-sub `Envelope` (topic, origin, data, ts) and the
+//! - [`envelope`] (feature `zmq`; in `transports/zmq/`): the pub-sub
+//!   `Envelope` (topic, origin, data, ts) and the
 //!   `Message` struct model.
 //! - [`codec`]: JSON (default) and MessagePack data encodings.
 //! - [`delivery`]: what the router hands to a session, encoded at most once
@@ -118,7 +119,6 @@ mod counters;
 #[cfg(feature = "unix")]
 pub mod daemon;
 pub mod delivery;
-pub mod envelope;
 pub mod error;
 pub mod hooks;
 pub mod logging;
@@ -133,6 +133,9 @@ pub mod stats;
 pub mod transport;
 
 pub use router::topics;
+/// The pub-sub model (lives with the ZeroMQ transport, its only user).
+#[cfg(feature = "zmq")]
+pub use transports::zmq::envelope;
 
 #[path = "../transports/mod.rs"]
 pub mod transports;

@@ -26,7 +26,7 @@ use super::queue::{Pushed, WireQueue};
 use super::zmtp::RawMessage;
 use super::ZmqError;
 use crate::delivery::TopicMessage;
-use crate::envelope;
+use crate::transports::zmq::envelope;
 use crate::transport::{Bus, Transport, TransportStatus};
 
 /// Transport name in hook filters and status.

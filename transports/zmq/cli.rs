@@ -14,7 +14,7 @@ use super::publisher::{Publisher, PublisherConfig};
 use super::receiver::{Receiver, ReceiverConfig, SlowPolicy};
 use super::{Endpoint, ZmqTransport};
 use crate::codec::Codec;
-use crate::envelope::{Data, Registry};
+use crate::transports::zmq::envelope::{Data, Registry};
 use crate::transport::{Bus, Transport};
 
 /// The ZeroMQ proxy's settings: one set of flags for `hermes-bus proxy`

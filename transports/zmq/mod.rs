@@ -25,6 +25,7 @@ mod client_task;
 mod conn;
 mod dial;
 pub mod endpoint;
+pub mod envelope;
 mod hub;
 pub mod node;
 mod prefix_set;
@@ -64,7 +65,7 @@ pub enum ZmqError {
     NotBound,
     /// An envelope could not be encoded.
     #[error("envelope: {0}")]
-    Envelope(#[from] crate::envelope::EnvelopeError),
+    Envelope(#[from] crate::transports::zmq::envelope::EnvelopeError),
     /// A client was used before `start()` (or after `stop()`).
     #[error("{0} is not running")]
     NotRunning(&'static str),

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::publisher::Publisher;
 use super::receiver::Receiver;
 use super::ZmqError;
-use crate::envelope::{Data, Envelope};
+use crate::transports::zmq::envelope::{Data, Envelope};
 
 /// The smallest unit of a hermes cluster: receives, publishes, forwards.
 #[derive(Debug)]

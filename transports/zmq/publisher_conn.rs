@@ -20,7 +20,7 @@ use super::hub::{SubPeer, Waiting};
 use super::queue::{Pushed, WireQueue};
 use super::upstream::UPSTREAM_BATCH_BYTES;
 use super::zmtp::{self, FrameReader, Inbound, SocketType, ZmtpError};
-use crate::envelope;
+use crate::transports::zmq::envelope;
 
 /// Most pong answers queued for one publisher (it sent pings faster than
 /// it reads: later ones are dropped, as a full queue does).

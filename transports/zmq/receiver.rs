@@ -20,7 +20,7 @@ use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::bounded::{Bounded, Pushed, Weigh};
 use crate::codec::{Codec, CodecError};
-use crate::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
+use crate::transports::zmq::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
 use crate::transports::client::{Backoff, Disconnect};
 
 /// What a receiver does with an envelope older than its lag threshold.

@@ -181,19 +181,19 @@ macro_rules! message_struct {
             $( $(#[$fmeta])* $fvis $field: $ty, )*
         }
 
-        impl $crate::envelope::MessageStruct for $name {
+        impl $crate::transports::zmq::envelope::MessageStruct for $name {
             const DTYPE: &'static str = $dtype;
             fn ts(&self) -> f64 {
                 self.ts
             }
         }
 
-        impl $crate::envelope::__serde::Serialize for $name {
+        impl $crate::transports::zmq::envelope::__serde::Serialize for $name {
             fn serialize<S>(&self, s: S) -> ::core::result::Result<S::Ok, S::Error>
             where
-                S: $crate::envelope::__serde::Serializer,
+                S: $crate::transports::zmq::envelope::__serde::Serializer,
             {
-                use $crate::envelope::__serde::ser::SerializeTuple;
+                use $crate::transports::zmq::envelope::__serde::ser::SerializeTuple;
                 let n = 2usize $( + { let _ = stringify!($field); 1usize } )*;
                 let mut t = s.serialize_tuple(n)?;
                 t.serialize_element($dtype)?;
@@ -203,12 +203,12 @@ macro_rules! message_struct {
             }
         }
 
-        impl<'de> $crate::envelope::__serde::Deserialize<'de> for $name {
+        impl<'de> $crate::transports::zmq::envelope::__serde::Deserialize<'de> for $name {
             fn deserialize<D>(d: D) -> ::core::result::Result<Self, D::Error>
             where
-                D: $crate::envelope::__serde::Deserializer<'de>,
+                D: $crate::transports::zmq::envelope::__serde::Deserializer<'de>,
             {
-                use $crate::envelope::__serde::de::{Error, IgnoredAny, SeqAccess, Visitor};
+                use $crate::transports::zmq::envelope::__serde::de::{Error, IgnoredAny, SeqAccess, Visitor};
                 struct V;
                 impl<'de> Visitor<'de> for V {
                     type Value = $name;
