@@ -100,6 +100,7 @@ let next = node.recv(Some(std::time::Duration::from_secs(1))).await?;
 //! - [`logging`]: `tracing` to stderr or to a self-trimming log file.
 //! - [`metrics`]: the Prometheus text of the status, and its HTTP
 //!   responder (`--metrics`).
+//! - [`signals`]: shutdown on SIGINT / SIGTERM, for every program.
 //! - [`serve`]: running the bus in the foreground (signals, ordered shutdown).
 //! - [`cli`] (features `unix` + `cli`): the command-line options the
 //!   binaries share.
@@ -129,6 +130,7 @@ pub mod outbox;
 pub mod router;
 #[cfg(all(feature = "unix", feature = "cli"))]
 pub mod serve;
+pub mod signals;
 pub mod stats;
 pub mod transport;
 

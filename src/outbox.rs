@@ -628,14 +628,16 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_wake_on_drain_and_on_stuck() {
-        let (tx, mut rx) = standalone(4, 1 << 20);
-        for n in 0..4 {
-            tx.push(d(n)).unwrap();
-        }
-        let waiter = {
+        // Fills the queue, then waits for room in a task of its own.
+        let full_then_wait = |tx: &Outbox| {
+            for n in 0..4 {
+                tx.push(d(n)).unwrap();
+            }
             let tx = tx.clone();
             tokio::spawn(async move { tx.room().await })
         };
+        let (tx, mut rx) = standalone(4, 1 << 20);
+        let waiter = full_then_wait(&tx);
         tokio::task::yield_now().await;
         drain_all(&mut rx);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
@@ -643,13 +645,7 @@ mod tests {
             .expect("woken by the drain")
             .unwrap();
 
-        for n in 0..4 {
-            tx.push(d(n)).unwrap();
-        }
-        let waiter = {
-            let tx = tx.clone();
-            tokio::spawn(async move { tx.room().await })
-        };
+        let waiter = full_then_wait(&tx);
         tokio::task::yield_now().await;
         tx.mark_stuck();
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)

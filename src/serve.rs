@@ -91,17 +91,16 @@ pub async fn run(paths: Paths, args: ServeArgs, stop: CancellationToken) -> anyh
     result
 }
 
+/// Cancels `shutdown` on SIGINT or SIGTERM.
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            _ = shutdown.cancelled() => return,
+            _ = crate::signals::shutdown_signal() => {
+                tracing::info!("SIGINT or SIGTERM: shutting down");
+                shutdown.cancel();
+            }
+            _ = shutdown.cancelled() => {}
         }
-        shutdown.cancel();
     });
     Ok(())
 }

@@ -335,24 +335,6 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("{s:?} is not a usable number of seconds"))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-fn shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    })
-}
-
 fn announce_autostart(socket: &Path) {
     eprintln!(
         "hermes-bus: no bus answers on {}; starting one (hermes-busd start; --no-autostart or HERMES_BUS_AUTOSTART=0 turn this off)",
@@ -599,7 +581,7 @@ async fn listen(
         }
     );
     let human = !json && std::io::stdout().is_terminal();
-    let mut shutdown = shutdown_signal();
+    let mut shutdown = Box::pin(hermes_bus::signals::shutdown_signal());
     let mut seen = 0u64;
     loop {
         tokio::select! {

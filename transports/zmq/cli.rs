@@ -14,8 +14,8 @@ use super::publisher::{Publisher, PublisherConfig};
 use super::receiver::{Receiver, ReceiverConfig, SlowPolicy};
 use super::{Endpoint, ZmqTransport};
 use crate::codec::Codec;
-use crate::transports::zmq::envelope::{Data, Registry};
 use crate::transport::{Bus, Transport};
+use crate::transports::zmq::envelope::{Data, Registry};
 
 /// The ZeroMQ proxy's settings: one set of flags for `hermes-bus proxy`
 /// and `server --zmq`. Each is `--zmq-*`; the names the proxy command had
@@ -238,34 +238,7 @@ fn parse_codec(s: &str) -> Result<Codec, String> {
     Codec::from_name(s).ok_or_else(|| format!("unknown codec {s:?} (json, msgpack)"))
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
-pub fn signal_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-        t.cancel();
-    });
-    token
-}
+pub use crate::signals::signal_token;
 
 /// Runs the proxy inside `bus` (so Unix sessions and hooks see ZeroMQ
 /// topics) until SIGINT/SIGTERM.

@@ -6,11 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::endpoint::ReadHalf;
 
 use super::hub::Hub;
 use super::proxy::EnvelopeSink;
 use super::stats::SideCounters;
-use super::zmtp::{self, ZmtpError};
+use super::zmtp::{self, FrameReader, ZmtpError};
 
 /// State shared by all connection tasks of one proxy.
 pub(super) struct Shared {
@@ -47,9 +50,35 @@ pub(super) fn note_end(counters: &SideCounters, err: &ZmtpError) {
 }
 
 /// Waits until `deadline`, or forever without one.
-pub(super) async fn idle_deadline(deadline: Option<tokio::time::Instant>) {
+async fn idle_deadline(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Reads more of a peer's stream into `reader`. `Ok(false)`: stop
+/// quietly (shutdown, or a peer that neither subscribed nor published
+/// passed its idle deadline: counted as `idle_closed`). The peer closing
+/// its end is [`ZmtpError::Closed`].
+pub(super) async fn read_more(
+    shared: &Shared,
+    reader: &mut FrameReader,
+    r: &mut ReadHalf,
+    done: &CancellationToken,
+    idle_at: Option<tokio::time::Instant>,
+) -> Result<bool, ZmtpError> {
+    let more = tokio::select! {
+        _ = done.cancelled() => return Ok(false),
+        _ = idle_deadline(idle_at) => {
+            shared.hub.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        r = reader.fill(r) => r?,
+    };
+    if more {
+        Ok(true)
+    } else {
+        Err(ZmtpError::Closed)
     }
 }

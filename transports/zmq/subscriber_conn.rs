@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{idle_deadline, note_end, Shared, PROXY_PROPS};
+use super::conn::{note_end, read_more, Shared, PROXY_PROPS};
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
 use super::hub::{PeerSubs, Side, SubPeer};
 use super::stats::ProxyStats;
@@ -136,16 +136,8 @@ async fn subscriber_read_loop(
             }
         }
         let deadline = (!subs.active).then_some(idle_at);
-        let more = tokio::select! {
-            _ = done.cancelled() => return Ok(()),
-            _ = idle_deadline(deadline) => {
-                hub.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-            r = reader.fill(r) => r?,
-        };
-        if !more {
-            return Err(ZmtpError::Closed);
+        if !read_more(sh, reader, r, done, deadline).await? {
+            return Ok(());
         }
     }
 }

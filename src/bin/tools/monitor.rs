@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use super::{bail, line, shutdown_signal};
+use super::{bail, line};
 use hermes_bus::daemon::EXIT_FAILURE;
 
 /// The flags of `monitor`.
@@ -111,7 +111,7 @@ pub async fn run(socket: &Path, a: MonitorArgs) -> anyhow::Result<()> {
         }
     }
     let human = !a.json && std::io::stdout().is_terminal();
-    let mut shutdown = shutdown_signal();
+    let mut shutdown = Box::pin(hermes_bus::signals::shutdown_signal());
     // A silent connection is evicted after the bus's heartbeat timeout.
     let mut ping = tokio::time::interval(Duration::from_secs(20));
     ping.tick().await;

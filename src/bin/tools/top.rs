@@ -249,7 +249,7 @@ pub async fn run(socket: &Path, a: TopArgs) -> anyhow::Result<()> {
     let tty = !a.json && std::io::stdout().is_terminal();
     let mut before = client::stats(socket).await?;
     let mut at = Instant::now();
-    let mut shutdown = super::shutdown_signal();
+    let mut shutdown = Box::pin(hermes_bus::signals::shutdown_signal());
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
