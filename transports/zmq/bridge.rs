@@ -26,8 +26,8 @@ use super::queue::{Pushed, WireQueue};
 use super::zmtp::RawMessage;
 use super::ZmqError;
 use crate::delivery::TopicMessage;
-use crate::transports::zmq::envelope;
 use crate::transport::{Bus, Transport, TransportStatus};
+use crate::transports::zmq::envelope;
 
 /// Transport name in hook filters and status.
 pub const TRANSPORT_NAME: &str = "zmq";

@@ -24,8 +24,8 @@ use super::queue::{Pushed, WireQueue};
 use super::zmtp::{self, Inbound, PeerInfo, SocketType, SubChange, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::codec::Codec;
-use crate::transports::zmq::envelope::{self, unix_now, Data, Envelope};
 use crate::transports::client::{Backoff, Disconnect};
+use crate::transports::zmq::envelope::{self, unix_now, Data, Envelope};
 
 /// Settings of a [`Publisher`].
 #[derive(Debug, Clone)]

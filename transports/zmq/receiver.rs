@@ -20,8 +20,8 @@ use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::bounded::{Bounded, Pushed, Weigh};
 use crate::codec::{Codec, CodecError};
-use crate::transports::zmq::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
 use crate::transports::client::{Backoff, Disconnect};
+use crate::transports::zmq::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
 
 /// What a receiver does with an envelope older than its lag threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
