@@ -104,7 +104,7 @@ impl Drop for Ack {
 enum Inner {
     /// A routed message, already encoded as a Unix-protocol frame (header
     /// included) once for all its targets and the hooks.
-    Frame(Bytes),
+    Frame(Arc<FrameInner>),
     /// A reply meant for one connection only, ready encoded: never
     /// replayed to a later connection of the same name.
     Reply(Bytes),
@@ -131,11 +131,34 @@ struct NoticeInner {
 }
 
 #[derive(Debug)]
+struct FrameInner {
+    /// The Unix JSON frame, as routed.
+    json: Bytes,
+    /// Its MessagePack frame, made by the first MessagePack session's
+    /// writer that needs it and shared by the others (None: the JSON
+    /// could not be transcoded; such a session gets it as JSON).
+    msgpack: OnceLock<Option<Bytes>>,
+}
+
+#[derive(Debug)]
 struct TopicInner {
     /// The message itself, for transports with their own wire form.
     msg: TopicMessage,
     /// The Unix frame, made by the first Unix writer that needs it.
     unix: OnceLock<Bytes>,
+    /// Its MessagePack frame, made once, as for [`FrameInner::msgpack`].
+    msgpack: OnceLock<Option<Bytes>>,
+}
+
+/// A Unix JSON frame transcoded to a MessagePack frame (length, marker,
+/// MessagePack), or None when it cannot be.
+fn json_frame_to_msgpack(frame: &Bytes) -> Option<Bytes> {
+    let value = serde_json::from_slice::<serde_json::Value>(frame.get(4..)?).ok()?;
+    let payload = crate::codec::encode(crate::codec::Codec::MsgPack, &value).ok()?;
+    let mut out = BytesMut::with_capacity(4 + payload.len());
+    out.put_u32(payload.len() as u32);
+    out.put_slice(&payload);
+    Some(out.freeze())
 }
 
 impl Delivery {
@@ -195,7 +218,8 @@ impl Delivery {
     pub fn charge(&self) -> usize {
         Self::OVERHEAD
             + match &self.inner {
-                Inner::Frame(b) | Inner::Reply(b) => b.len(),
+                Inner::Frame(f) => f.json.len(),
+                Inner::Reply(b) => b.len(),
                 Inner::Notice(n) => n.notice.size_hint(),
                 Inner::Codec(_) => 0,
                 Inner::Topic(t) => {
@@ -208,7 +232,10 @@ impl Delivery {
 
     /// A delivery of a ready Unix frame (4-byte length + JSON).
     pub fn frame(frame: Bytes) -> Self {
-        Delivery::of(Inner::Frame(frame))
+        Delivery::of(Inner::Frame(Arc::new(FrameInner {
+            json: frame,
+            msgpack: OnceLock::new(),
+        })))
     }
 
     /// A delivery of a topic message.
@@ -216,6 +243,7 @@ impl Delivery {
         Delivery::of(Inner::Topic(Arc::new(TopicInner {
             msg,
             unix: OnceLock::new(),
+            msgpack: OnceLock::new(),
         })))
     }
 
@@ -273,19 +301,25 @@ impl Delivery {
             Inner::Transcoded(..) | Inner::Codec(_) => return self,
             // A notice is encoded from its type, never from its JSON.
             Inner::Notice(n) => n.notice.msgpack_frame(),
-            _ => {
-                let json = &self.unix_frame()[4..];
-                let encoded = serde_json::from_slice::<serde_json::Value>(json)
-                    .ok()
-                    .and_then(|v| crate::codec::encode(crate::codec::Codec::MsgPack, &v).ok());
-                let Some(payload) = encoded else {
-                    return self;
-                };
-                let mut out = BytesMut::with_capacity(4 + payload.len());
-                out.put_u32(payload.len() as u32);
-                out.put_slice(&payload);
-                out.freeze()
+            // Routed traffic is transcoded once for every MessagePack
+            // session it goes to.
+            Inner::Frame(f) => match f.msgpack.get_or_init(|| json_frame_to_msgpack(&f.json)) {
+                Some(b) => b.clone(),
+                None => return self,
+            },
+            Inner::Topic(t) => {
+                let cached = t
+                    .msgpack
+                    .get_or_init(|| json_frame_to_msgpack(self.unix_frame()));
+                match cached {
+                    Some(b) => b.clone(),
+                    None => return self,
+                }
             }
+            Inner::Reply(b) => match json_frame_to_msgpack(b) {
+                Some(b) => b,
+                None => return self,
+            },
         };
         let (ack, held_at) = (self.ack.clone(), self.held_at);
         Delivery {
@@ -323,7 +357,8 @@ impl Delivery {
     /// The Unix-protocol frame (length header + JSON), encoded at most once.
     pub fn unix_frame(&self) -> &Bytes {
         match &self.inner {
-            Inner::Frame(b) | Inner::Reply(b) | Inner::Transcoded(b, _) => b,
+            Inner::Frame(f) => &f.json,
+            Inner::Reply(b) | Inner::Transcoded(b, _) => b,
             Inner::Notice(n) => n.json.get_or_init(|| n.notice.json_frame()),
             Inner::Codec(_) => {
                 static NOTHING: Bytes = Bytes::new();
@@ -355,4 +390,42 @@ pub fn encode_frame<T: Serialize + ?Sized>(value: &T) -> Bytes {
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_wire_form_is_made_once_and_shared_by_every_copy() {
+        let json =
+            encode_frame(&serde_json::json!({"type": "message", "to": "b", "body": [1, 2.5]}));
+        let d = Delivery::frame(json.clone());
+        let (a, b) = (d.clone().to_msgpack(), d.clone().to_msgpack());
+        assert_eq!(a.unix_frame()[4], crate::codec::MSGPACK_MARKER);
+        assert_eq!(
+            a.unix_frame().as_ptr(),
+            b.unix_frame().as_ptr(),
+            "the second MessagePack session shares the first one's encoding"
+        );
+        assert_eq!(
+            d.unix_frame().as_ptr(),
+            json.as_ptr(),
+            "the JSON form is the routed frame"
+        );
+        let back: serde_json::Value =
+            crate::codec::decode(&a.unix_frame()[4..]).expect("MessagePack");
+        assert_eq!(back["body"][1], 2.5);
+        // The transcoded copy gives back the shared form, to be held.
+        assert_eq!(a.into_original().unix_frame(), &json);
+
+        let topic = Delivery::topic(TopicMessage {
+            topic: "t".into(),
+            origin: "o".into(),
+            data: serde_json::value::to_raw_value(&1).expect("raw"),
+            ts: 1.5,
+        });
+        let (a, b) = (topic.clone().to_msgpack(), topic.to_msgpack());
+        assert_eq!(a.unix_frame().as_ptr(), b.unix_frame().as_ptr());
+    }
 }
