@@ -5,10 +5,13 @@
 //! rates; `/metrics` parses as Prometheus text (bus and standalone
 //! proxy); `bench` reports no loss. No timing assertions.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::{bin, free_port};
 use hermes_bus::transports::unix::BusClient;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -16,20 +19,6 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn bin(name: &str) -> PathBuf {
-    match name {
-        "hermes-bus" => PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus")),
-        _ => PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus-server")),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// A bus in a temp dir, with a metrics address; killed on drop.
 struct Bus {

@@ -47,6 +47,7 @@
 //! - `zmq_storm`: subscription storms, limits and idle peers lock out no one.
 //! - `daemon_cli`: `hermes-busd start/status/stop/restart` on a temp root.
 //! - `cli_output`: `--json` outputs, closed pipes, `request`, `pub` / `sub`, completions.
+//! - `cli_monitor`: `monitor`, `top`, the metrics endpoint (bus and proxy), `bench`.
 //! - `hooks`: the hook engine: resolution, real hook processes, limits, filters.
 #![allow(dead_code, unused_imports)]
 
