@@ -126,6 +126,9 @@ enum Inner {
 struct NoticeInner {
     /// The notice.
     notice: Notice,
+    /// What a queue charges for it, reckoned once (the same at push and
+    /// at write).
+    charge: usize,
     /// Its JSON frame, made by the first writer that needs it.
     json: OnceLock<Bytes>,
 }
@@ -220,7 +223,7 @@ impl Delivery {
             + match &self.inner {
                 Inner::Frame(f) => f.json.len(),
                 Inner::Reply(b) => b.len(),
-                Inner::Notice(n) => n.notice.size_hint(),
+                Inner::Notice(n) => n.charge,
                 Inner::Codec(_) => 0,
                 Inner::Topic(t) => {
                     let m = &t.msg;
@@ -255,9 +258,18 @@ impl Delivery {
     /// A reply or notice of the bus to one connection (never held for a
     /// reconnect), encoded by its writer in the connection's wire form.
     pub fn notice(notice: Notice) -> Self {
+        let json = OnceLock::new();
+        // A stats reply is sized by encoding it (its size is not known
+        // otherwise): encoded now, once, and that encoding is what a JSON
+        // writer sends.
+        let charge = match &notice {
+            Notice::Stats(_) => json.get_or_init(|| notice.json_frame()).len(),
+            _ => notice.size_hint(),
+        };
         Delivery::of(Inner::Notice(Arc::new(NoticeInner {
             notice,
-            json: OnceLock::new(),
+            charge,
+            json,
         })))
     }
 

@@ -257,7 +257,16 @@ impl Bus {
     /// the hooks. The message is wrapped once: subscribers and the hook
     /// event share its Unix JSON encoding.
     pub fn publish(&self, transport: &'static str, from: SessionId, msg: TopicMessage) -> usize {
-        self.publish_inner(transport, from, msg, false).0
+        let hooks = &self.inner.hooks;
+        let wanted = hooks.wants(HookEventKind::Topic, transport, None, Some(&msg.topic));
+        let d = Delivery::topic(msg);
+        let (n, _) = self.router().publish_delivery(from, &d, false);
+        if wanted {
+            if let Some(m) = d.topic_message() {
+                hooks.offer(HookEvent::topic(transport, m.topic.clone(), d.unix_json()));
+            }
+        }
+        n
     }
 
     /// Routes what a session sent, in order, under one router lock: each
@@ -341,25 +350,6 @@ impl Bus {
             hooks.offer(ev);
         }
         blocked
-    }
-
-    fn publish_inner(
-        &self,
-        transport: &'static str,
-        from: SessionId,
-        msg: TopicMessage,
-        wait: bool,
-    ) -> (usize, Option<Blocked>) {
-        let hooks = &self.inner.hooks;
-        let wanted = hooks.wants(HookEventKind::Topic, transport, None, Some(&msg.topic));
-        let d = Delivery::topic(msg);
-        let out = self.router().publish_delivery(from, &d, wait);
-        if wanted {
-            if let Some(m) = d.topic_message() {
-                hooks.offer(HookEvent::topic(transport, m.topic.clone(), d.unix_json()));
-            }
-        }
-        out
     }
 
     /// Subscribes a session to a topic prefix (refused past its limits).

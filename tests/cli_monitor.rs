@@ -75,15 +75,7 @@ impl Bus {
         c
     }
     async fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = tokio::time::timeout(Duration::from_secs(60), self.cmd().args(args).output())
-            .await
-            .expect("command finished in time")
-            .expect("command runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        common::process::output_of(self.cmd().args(args), Duration::from_secs(60)).await
     }
     async fn stats(&self) -> Value {
         let (code, out, err) = self.run(&["stats", "--json"]).await;

@@ -221,7 +221,6 @@ pub struct Router {
     stamps: Stamps,
 }
 
-pub use crate::clock::unix_now;
 use crate::clock::Stamps;
 
 /// An error reply: `{"type":"error","code":..,"detail":..,"id":..}`.
@@ -791,7 +790,7 @@ impl Router {
         let ts = msg
             .raw("ts")
             .and_then(|r| r.get().parse::<f64>().ok())
-            .unwrap_or_else(unix_now);
+            .unwrap_or_else(self.stamps.unix_now);
         let seen = Seen {
             kind: if to.is_some() {
                 EventKind::Message

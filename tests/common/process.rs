@@ -122,15 +122,7 @@ impl TempRoot {
     }
     /// Runs `bin ARGS` (within 30 s); (exit code, stdout, stderr).
     pub async fn run(&self, bin: &str, args: &[&str]) -> (i32, String, String) {
-        let out = tokio::time::timeout(Duration::from_secs(30), self.cmd(bin).args(args).output())
-            .await
-            .expect("command finished in time")
-            .expect("command runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        output_of(self.cmd(bin).args(args), Duration::from_secs(30)).await
     }
     /// Like [`TempRoot::run`], stdout and stderr as one text.
     pub async fn run_text(&self, bin: &str, args: &[&str]) -> (i32, String) {
@@ -238,4 +230,20 @@ impl ServerProcess {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("proc field")
     }
+}
+
+/// Runs a command to its end within `limit`; (exit code, stdout, stderr).
+pub async fn output_of(
+    cmd: &mut tokio::process::Command,
+    limit: Duration,
+) -> (i32, String, String) {
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("command finished in time")
+        .expect("command runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -302,7 +302,7 @@ impl BusClient {
     /// dropped on this side.
     pub async fn send(&self, to: &str, body: Value) -> Result<(), ClientError> {
         let id = self.ids.next();
-        let frame = message_frame(to, &self.endpoint, &id, crate::router::unix_now(), &body);
+        let frame = message_frame(to, &self.endpoint, &id, crate::clock::unix_now(), &body);
         self.out.send(frame).await.map_err(|_| ClientError::Closed)
     }
 
@@ -529,7 +529,7 @@ pub async fn send_message_with(
     let id = uuid::Uuid::new_v4().to_string();
     let msg = serde_json::json!({
         "type": "message", "to": to, "from": from.unwrap_or("anonymous"),
-        "id": id, "ts": crate::router::unix_now(), "body": body, "ack": true,
+        "id": id, "ts": crate::clock::unix_now(), "body": body, "ack": true,
     });
     s.write_all(&frame_of(&msg)).await?;
     let mut buf = BytesMut::new();

@@ -60,9 +60,12 @@ impl PartialBudget {
 
 impl crate::transport::TransportStatus for PartialBudget {
     fn status(&self) -> serde_json::Value {
+        let (pool_idle, pool_limit) = frame::pool_idle();
         serde_json::json!({
             "partial_frame_bytes": self.used(),
             "partial_frame_limit": self.limit,
+            "frame_pool_idle_bytes": pool_idle,
+            "frame_pool_idle_limit": pool_limit,
         })
     }
 }

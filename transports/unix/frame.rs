@@ -106,6 +106,12 @@ pub fn pool_take(min: usize) -> Vec<u8> {
     Vec::with_capacity(min.div_ceil(POOL_STEP) * POOL_STEP)
 }
 
+/// Bytes of idle buffers the pool holds now, and its bound (for status).
+pub fn pool_idle() -> (usize, usize) {
+    let pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    (pool.1, POOL_IDLE)
+}
+
 /// Gives a buffer back to the pool (freed when the pool is full).
 pub fn pool_give(mut b: Vec<u8>) {
     if b.capacity() == 0 {
