@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// Longest topic prefix, in bytes.
     #[arg(long, default_value_t = 1024)]
     pub max_topic_len: usize,
+    /// Bytes of the bus's per-topic sequence counters (K, M, G): past it
+    /// the least recently used are forgotten (counted in status) and
+    /// their topics start again at 1.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub max_seq_bytes: usize,
     /// Most connections open at once.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
@@ -178,6 +183,7 @@ impl ServeArgs {
                 max_bytes_per_session: self.max_subscription_bytes,
                 max_prefix: self.max_topic_len,
             },
+            seq_bytes: self.max_seq_bytes,
         }
     }
 

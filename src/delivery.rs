@@ -25,6 +25,11 @@ pub struct TopicMessage {
     pub data: Box<RawValue>,
     /// Float Unix seconds when the message was published.
     pub ts: f64,
+    /// Its number: from a numbering ZeroMQ publisher, or given by the bus
+    /// (as its own origin) to what arrives without one. Sent only to the
+    /// sessions that asked (`subscribe` with `"seq": true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<crate::seq::Seq>,
 }
 
 impl TopicMessage {
@@ -39,6 +44,23 @@ impl TopicMessage {
         out.put_slice(self.data.get().as_bytes());
         out.put_slice(b",\"ts\":");
         put_json(out, &self.ts);
+        out.put_u8(b'}');
+    }
+
+    /// [`TopicMessage::to_unix_json`] with the number, for a session that
+    /// asked for it: `..,"ts":..,"seq":N,"seq_origin":"name#epoch"}` (the
+    /// same as without when the message has none).
+    pub fn to_unix_json_seq(&self, out: &mut BytesMut) {
+        self.to_unix_json(out);
+        let Some(seq) = &self.seq else {
+            return;
+        };
+        // Reopen the object: its last byte is the closing brace.
+        out.truncate(out.len() - 1);
+        out.put_slice(b",\"seq\":");
+        put_json(out, &seq.n);
+        out.put_slice(b",\"seq_origin\":");
+        put_json(out, &*seq.origin);
         out.put_u8(b'}');
     }
 }
@@ -116,6 +138,9 @@ enum Inner {
     /// Not content: from here on the session's writer encodes in this
     /// codec (queued in order, so what was queued before keeps its form).
     Codec(crate::codec::Codec),
+    /// Not content: from here on the session's writer adds the number to
+    /// topic messages (true) or not (queued in order, like `Codec`).
+    Seq(bool),
     /// Another delivery in a session's own wire form (MessagePack), made by
     /// that session's writer; the original is kept so what was not written
     /// can be held for the name in its shared (JSON) form.
@@ -151,6 +176,10 @@ struct TopicInner {
     unix: OnceLock<Bytes>,
     /// Its MessagePack frame, made once, as for [`FrameInner::msgpack`].
     msgpack: OnceLock<Option<Bytes>>,
+    /// The Unix frame with the number, for sessions that asked (made once).
+    unix_seq: OnceLock<Bytes>,
+    /// Its MessagePack frame (made once).
+    msgpack_seq: OnceLock<Option<Bytes>>,
 }
 
 /// A Unix JSON frame transcoded to a MessagePack frame (length, marker,
@@ -224,7 +253,7 @@ impl Delivery {
                 Inner::Frame(f) => f.json.len(),
                 Inner::Reply(b) => b.len(),
                 Inner::Notice(n) => n.charge,
-                Inner::Codec(_) => 0,
+                Inner::Codec(_) | Inner::Seq(_) => 0,
                 Inner::Topic(t) => {
                     let m = &t.msg;
                     64 + m.topic.len() + m.origin.len() + m.data.get().len()
@@ -247,6 +276,8 @@ impl Delivery {
             msg,
             unix: OnceLock::new(),
             msgpack: OnceLock::new(),
+            unix_seq: OnceLock::new(),
+            msgpack_seq: OnceLock::new(),
         })))
     }
 
@@ -279,6 +310,21 @@ impl Delivery {
         Delivery::of(Inner::Codec(codec))
     }
 
+    /// A switch of the session's topic deliveries to carry their number
+    /// (`on`) or not, for everything queued after it (a `subscribe` with
+    /// `"seq"`): written as nothing.
+    pub fn seq_switch(on: bool) -> Self {
+        Delivery::of(Inner::Seq(on))
+    }
+
+    /// What this switches numbering to, when it is such a switch.
+    pub fn numbering_switch(&self) -> Option<bool> {
+        match self.inner {
+            Inner::Seq(on) => Some(on),
+            _ => None,
+        }
+    }
+
     /// The codec this switches to, when it is a switch.
     pub fn codec_switch(&self) -> Option<crate::codec::Codec> {
         match self.inner {
@@ -299,7 +345,7 @@ impl Delivery {
     /// True for a reply (as opposed to routed traffic).
     pub fn is_reply(&self) -> bool {
         match &self.inner {
-            Inner::Reply(_) | Inner::Notice(_) | Inner::Codec(_) => true,
+            Inner::Reply(_) | Inner::Notice(_) | Inner::Codec(_) | Inner::Seq(_) => true,
             Inner::Transcoded(_, original) => original.is_reply(),
             _ => false,
         }
@@ -310,7 +356,7 @@ impl Delivery {
     /// A delivery that cannot be transcoded stays JSON.
     pub fn to_msgpack(self) -> Delivery {
         let frame = match &self.inner {
-            Inner::Transcoded(..) | Inner::Codec(_) => return self,
+            Inner::Transcoded(..) | Inner::Codec(_) | Inner::Seq(_) => return self,
             // A notice is encoded from its type, never from its JSON.
             Inner::Notice(n) => n.notice.msgpack_frame(),
             // Routed traffic is transcoded once for every MessagePack
@@ -341,6 +387,36 @@ impl Delivery {
         }
     }
 
+    /// This delivery in the form of a session that asked for numbers, in
+    /// `codec`: a numbered topic message with its `seq` and `seq_origin`
+    /// (each form made once and shared by every such session); anything
+    /// else as [`Delivery::to_msgpack`] makes it, or as it is.
+    pub fn to_numbered(self, codec: crate::codec::Codec) -> Delivery {
+        let frame = match &self.inner {
+            Inner::Topic(t) if t.msg.seq.is_some() => {
+                let json = t.unix_seq.get_or_init(|| {
+                    frame_of(|out| t.msg.to_unix_json_seq(out), t.msg.data.get().len())
+                });
+                if codec == crate::codec::Codec::MsgPack {
+                    match t.msgpack_seq.get_or_init(|| json_frame_to_msgpack(json)) {
+                        Some(b) => b.clone(),
+                        None => json.clone(),
+                    }
+                } else {
+                    json.clone()
+                }
+            }
+            _ if codec == crate::codec::Codec::MsgPack => return self.to_msgpack(),
+            _ => return self,
+        };
+        let (ack, held_at) = (self.ack.clone(), self.held_at);
+        Delivery {
+            inner: Inner::Transcoded(frame, Box::new(self.without_ack())),
+            ack,
+            held_at,
+        }
+    }
+
     /// The shared form of a delivery a writer transcoded for its session.
     pub fn into_original(self) -> Delivery {
         match self.inner {
@@ -361,7 +437,11 @@ impl Delivery {
     pub fn topic_message(&self) -> Option<&TopicMessage> {
         match &self.inner {
             Inner::Topic(t) => Some(&t.msg),
-            Inner::Frame(_) | Inner::Reply(_) | Inner::Notice(_) | Inner::Codec(_) => None,
+            Inner::Frame(_)
+            | Inner::Reply(_)
+            | Inner::Notice(_)
+            | Inner::Codec(_)
+            | Inner::Seq(_) => None,
             Inner::Transcoded(_, original) => original.topic_message(),
         }
     }
@@ -372,19 +452,13 @@ impl Delivery {
             Inner::Frame(f) => &f.json,
             Inner::Reply(b) | Inner::Transcoded(b, _) => b,
             Inner::Notice(n) => n.json.get_or_init(|| n.notice.json_frame()),
-            Inner::Codec(_) => {
+            Inner::Codec(_) | Inner::Seq(_) => {
                 static NOTHING: Bytes = Bytes::new();
                 &NOTHING
             }
-            Inner::Topic(t) => t.unix.get_or_init(|| {
-                let msg = &t.msg;
-                let mut out = BytesMut::with_capacity(64 + msg.data.get().len());
-                out.put_u32(0);
-                msg.to_unix_json(&mut out);
-                let len = (out.len() - 4) as u32;
-                out[..4].copy_from_slice(&len.to_be_bytes());
-                out.freeze()
-            }),
+            Inner::Topic(t) => t
+                .unix
+                .get_or_init(|| frame_of(|out| t.msg.to_unix_json(out), t.msg.data.get().len())),
         }
     }
 
@@ -392,6 +466,17 @@ impl Delivery {
     pub fn unix_json(&self) -> Bytes {
         self.unix_frame().slice(4..)
     }
+}
+
+/// One Unix frame (4-byte length, then what `body` writes), sized for a
+/// payload of about `hint` bytes.
+fn frame_of(body: impl FnOnce(&mut BytesMut), hint: usize) -> Bytes {
+    let mut out = BytesMut::with_capacity(96 + hint);
+    out.put_u32(0);
+    body(&mut out);
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
 }
 
 /// Encodes a serializable value as one Unix-protocol frame.
@@ -436,6 +521,7 @@ mod tests {
             origin: "o".into(),
             data: serde_json::value::to_raw_value(&1).expect("raw"),
             ts: 1.5,
+            seq: None,
         });
         let (a, b) = (topic.clone().to_msgpack(), topic.to_msgpack());
         assert_eq!(a.unix_frame().as_ptr(), b.unix_frame().as_ptr());

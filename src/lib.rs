@@ -89,6 +89,8 @@ let next = node.recv(Some(std::time::Duration::from_secs(1))).await?;
 //!   names, live or held; returns what happened) and [`router::topics`]
 //!   (topic subscriptions, with per-change and per-publish costs
 //!   independent of their number).
+//! - [`seq`]: sequence numbers per (origin, topic) and gap detection,
+//!   plain state (the numbering counters and the receivers' tracker).
 //! - [`clock`]: wall-clock time and fresh ids, generated in one place.
 //! - [`error`]: the wire error codes.
 //! - [`stats`]: the counters `status` shows.
@@ -128,6 +130,7 @@ pub mod metrics;
 pub mod notice;
 pub mod outbox;
 pub mod router;
+pub mod seq;
 #[cfg(all(feature = "unix", feature = "cli"))]
 pub mod serve;
 pub mod signals;

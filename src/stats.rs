@@ -122,4 +122,22 @@ pub struct RouterStats {
     /// Flow control now.
     #[serde(default)]
     pub flow: FlowStats,
+    /// The bus's own topic numbering (see [`crate::seq`]).
+    #[serde(default)]
+    pub seq: SeqStats,
+}
+
+/// The bus's numbering of the topic messages that arrive without a number.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SeqStats {
+    /// The bus's origin id (`hermes-bus#epoch`).
+    pub origin: String,
+    /// Topics numbered now.
+    pub topics: usize,
+    /// Bytes of their counters now.
+    pub bytes: usize,
+    /// The bound on those bytes.
+    pub limit: usize,
+    /// Counters forgotten for that bound (the topic starts again at 1).
+    pub forgotten: u64,
 }

@@ -259,8 +259,11 @@ impl Bus {
     pub fn publish(&self, transport: &'static str, from: SessionId, msg: TopicMessage) -> usize {
         let hooks = &self.inner.hooks;
         let wanted = hooks.wants(HookEventKind::Topic, transport, None, Some(&msg.topic));
-        let d = Delivery::topic(msg);
-        let (n, _) = self.router().publish_delivery(from, &d, false);
+        let (n, d) = {
+            let mut r = self.router();
+            let d = r.topic_delivery(msg);
+            (r.publish_delivery(from, &d, false).0, d)
+        };
         if wanted {
             if let Some(m) = d.topic_message() {
                 hooks.offer(HookEvent::topic(transport, m.topic.clone(), d.unix_json()));
@@ -316,11 +319,12 @@ impl Bus {
                             None => p.origin.take().unwrap_or_else(|| "anonymous".to_owned()),
                         };
                         let data = std::mem::replace(&mut p.data, null_json());
-                        let d = Delivery::topic(TopicMessage {
+                        let d = r.topic_delivery(TopicMessage {
                             topic: std::mem::take(&mut p.topic),
                             origin,
                             data,
                             ts: p.ts.unwrap_or(unix_now),
+                            seq: None,
                         });
                         let (_, b) = r.publish_delivery(sid, &d, true);
                         if let Some(m) = d.topic_message() {

@@ -130,6 +130,7 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
             origin: "unix-client".into(),
             data: serde_json::value::to_raw_value(&serde_json::json!({"level": 3})).expect("raw"),
             ts: hermes_bus::envelope::unix_now(),
+            seq: None,
         };
         bus.publish("test", sid, msg);
         let env = r

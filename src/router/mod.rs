@@ -22,7 +22,8 @@ use crate::error::{ErrorCode, ProtocolError};
 use crate::message::{BusMessage, RawJson};
 use crate::notice::Notice;
 use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
-use crate::stats::{EndpointStats, FlowStats, RouterStats, SessionCounters, Totals};
+use crate::seq::{Seq, SeqCounters};
+use crate::stats::{EndpointStats, FlowStats, RouterStats, SeqStats, SessionCounters, Totals};
 use hash::FastHash;
 use monitor::{Content, EventKind, MonitorSpec, MonitorStats, Monitors, Seen};
 use names::{Answer, Hold, HoldLimits, Names, Released, Returned};
@@ -96,6 +97,10 @@ pub struct RouterConfig {
     pub slow_consumer: SlowConsumerPolicy,
     /// Bounds on topic subscriptions.
     pub topics: TopicLimits,
+    /// Bound in bytes of the bus's per-topic numbering counters (topic +
+    /// 64 bytes each); past it the least recently used are forgotten and
+    /// counted.
+    pub seq_bytes: usize,
 }
 
 impl Default for RouterConfig {
@@ -111,6 +116,7 @@ impl Default for RouterConfig {
             slow_consumer_timeout: Duration::from_secs(10),
             slow_consumer: SlowConsumerPolicy::Drop,
             topics: TopicLimits::default(),
+            seq_bytes: crate::seq::DEFAULT_SEQ_BYTES,
         }
     }
 }
@@ -219,6 +225,10 @@ pub struct Router {
     traffic: Traffic,
     /// Where ids and wall-clock times come from.
     stamps: Stamps,
+    /// The next number of each topic the bus numbers itself.
+    numbers: SeqCounters,
+    /// The bus's numbering origin (`hermes-bus#epoch`).
+    seq_origin: Arc<str>,
 }
 
 use crate::clock::Stamps;
@@ -252,6 +262,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Self {
         let budget = Budget::new(cfg.memory_budget);
         let topics = TopicIndex::new(cfg.topics);
+        let cfg_seq_bytes = cfg.seq_bytes;
         let holds = HoldLimits {
             grace: cfg.hold_grace,
             count: cfg.hold_limit,
@@ -270,6 +281,8 @@ impl Router {
             monitors: Monitors::default(),
             traffic: Traffic::default(),
             stamps: Stamps::default(),
+            numbers: SeqCounters::new(cfg_seq_bytes),
+            seq_origin: crate::seq::new_origin("hermes-bus").into(),
         }
     }
 
@@ -720,7 +733,25 @@ impl Router {
     /// semantics, for transports that cannot wait); returns how many it
     /// was queued to.
     pub fn publish(&mut self, from: SessionId, msg: TopicMessage) -> usize {
-        self.publish_delivery(from, &Delivery::topic(msg), false).0
+        let d = self.topic_delivery(msg);
+        self.publish_delivery(from, &d, false).0
+    }
+
+    /// The delivery of a topic message about to be published, numbered
+    /// by the bus (its own origin, per topic) when it came without a
+    /// number (a Unix `publish`, an unnumbered ZeroMQ publisher), so that
+    /// the sessions that asked for numbers can see every loss, the
+    /// router's own drops included. One map lookup; allocates only for a
+    /// new topic.
+    pub fn topic_delivery(&mut self, mut msg: TopicMessage) -> Delivery {
+        if msg.seq.is_none() {
+            let n = self.numbers.next(msg.topic.as_bytes());
+            msg.seq = Some(Seq {
+                origin: self.seq_origin.clone(),
+                n,
+            });
+        }
+        Delivery::topic(msg)
     }
 
     /// [`Router::publish`] of a topic delivery the caller already made
@@ -975,6 +1006,13 @@ impl Router {
             totals: self.totals,
             subscriptions: self.topics.count(),
             subscription_bytes: self.topics.bytes(),
+            seq: SeqStats {
+                origin: self.seq_origin.to_string(),
+                topics: self.numbers.len(),
+                bytes: self.numbers.bytes(),
+                limit: self.cfg.seq_bytes,
+                forgotten: self.numbers.forgotten(),
+            },
             flow: FlowStats {
                 blocked_now: self.blocked_now,
                 budget_used: self.budget.used(),
@@ -1461,6 +1499,7 @@ mod tests {
                 origin: "node".into(),
                 data,
                 ts: 1.0,
+                seq: None,
             },
         );
         assert_eq!(n, 1);

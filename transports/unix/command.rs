@@ -53,6 +53,10 @@ pub enum Request {
     Subscribe {
         /// The prefix.
         topic: String,
+        /// `"seq"` (ours, optional): from now on this session's topic
+        /// deliveries carry their number (`seq`, `seq_origin`), or stop
+        /// to (false). Absent: as before.
+        seq: Option<bool>,
     },
     /// `unsubscribe` (ours).
     Unsubscribe {
@@ -90,9 +94,10 @@ impl Command {
             "register" => register(&msg).map(|r| Command::Request(r, None)),
             "list_endpoints" => Ok(Command::Request(Request::ListEndpoints, None)),
             "stats" => Ok(Command::Request(Request::Stats, None)),
-            "subscribe" => {
-                topic(&msg).map(|topic| Command::Request(Request::Subscribe { topic }, None))
-            }
+            "subscribe" => topic(&msg).and_then(|topic| {
+                let seq = flag(&msg, "seq")?;
+                Ok(Command::Request(Request::Subscribe { topic, seq }, None))
+            }),
             "unsubscribe" => {
                 topic(&msg).map(|topic| Command::Request(Request::Unsubscribe { topic }, None))
             }
@@ -140,8 +145,13 @@ impl Request {
             // large) reply is encoded by the writer, outside it.
             Request::ListEndpoints => reply(Notice::Endpoints(bus.endpoints())),
             Request::Stats => reply(Notice::Stats(bus.status())),
-            Request::Subscribe { topic } => {
+            Request::Subscribe { topic, seq } => {
                 bus.subscribe(sid, &topic)?;
+                // In order, ahead of the reply: what is queued after the
+                // reply is in the new form.
+                if let Some(on) = seq {
+                    bus.reply(sid, Delivery::seq_switch(on), false);
+                }
                 reply(Notice::Subscription {
                     topic,
                     subscribed: true,
@@ -223,6 +233,19 @@ fn monitor(msg: &BusMessage) -> Result<MonitorSpec, ProtocolError> {
     Ok(spec)
 }
 
+/// A boolean field: None when absent or null.
+fn flag(msg: &BusMessage, key: &str) -> Result<Option<bool>, ProtocolError> {
+    match msg.raw(key).map(|r| r.get()) {
+        None | Some("null") => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadField,
+            format!("field '{key}' must be a boolean"),
+        )),
+    }
+}
+
 /// The `topic` of a (un)subscribe: a string, or everything when absent.
 fn topic(msg: &BusMessage) -> Result<String, ProtocolError> {
     Ok(msg
@@ -298,8 +321,20 @@ mod tests {
         assert_eq!(
             request(r#"{"type":"subscribe","topic":"md/"}"#),
             Request::Subscribe {
-                topic: "md/".into()
+                topic: "md/".into(),
+                seq: None
             }
+        );
+        assert_eq!(
+            request(r#"{"type":"subscribe","topic":"md/","seq":true}"#),
+            Request::Subscribe {
+                topic: "md/".into(),
+                seq: Some(true)
+            }
+        );
+        assert_eq!(
+            refused(r#"{"type":"subscribe","topic":"md/","seq":"yes","id":2}"#),
+            (ErrorCode::BadField, Some("2".to_owned()))
         );
         assert_eq!(
             request(r#"{"type":"unsubscribe"}"#),

@@ -426,15 +426,18 @@ const MAX_IOV: usize = 256;
 struct WireState {
     /// The session's wire form (switched by a codec delivery).
     codec: Codec,
+    /// Whether topic messages go with their number (switched by a
+    /// numbering delivery: a `subscribe` with `"seq"`).
+    seq: bool,
     /// Set once the `registered` reply went by: keepalives go only to
     /// registered sessions.
     registered: bool,
 }
 
 impl WireState {
-    /// Takes a batch fresh from the outbox: applies the codec switches
-    /// in order (taking them out: they write as nothing) and puts each
-    /// delivery in the wire form then in force. Returns the items and
+    /// Takes a batch fresh from the outbox: applies the codec and
+    /// numbering switches in order (taking them out: they write as
+    /// nothing) and puts each delivery in the wire form then in force. Returns the items and
     /// bytes of the switches taken (done, for the outbox's count).
     fn prepare(&mut self, pending: &mut VecDeque<Delivery>) -> (usize, usize) {
         let mut switches = (0, 0);
@@ -445,10 +448,18 @@ impl WireState {
                 switches.1 += d.charge();
                 return false;
             }
+            if let Some(on) = d.numbering_switch() {
+                self.seq = on;
+                switches.0 += 1;
+                switches.1 += d.charge();
+                return false;
+            }
             if matches!(d.as_notice(), Some(Notice::Registered { .. })) {
                 self.registered = true;
             }
-            if self.codec == Codec::MsgPack {
+            if self.seq {
+                *d = std::mem::replace(d, Delivery::codec(Codec::Json)).to_numbered(self.codec);
+            } else if self.codec == Codec::MsgPack {
                 *d = std::mem::replace(d, Delivery::codec(Codec::Json)).to_msgpack();
             }
             true
@@ -469,6 +480,7 @@ pub async fn write_loop(
 ) -> VecDeque<Delivery> {
     let mut state = WireState {
         codec: Codec::Json,
+        seq: false,
         registered: false,
     };
     let mut pending: VecDeque<Delivery> = VecDeque::new();

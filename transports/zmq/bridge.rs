@@ -7,7 +7,14 @@
 //!   publishes them into the router, so Unix sessions subscribed to a
 //!   topic and topic hooks see them;
 //! - what the router delivers to the sink (topics published by other
-//!   transports) goes out to the proxy's subscribers as 4-frame envelopes.
+//!   transports) goes out to the proxy's subscribers as envelopes,
+//!   numbered (the bus numbers them as its own origin, see
+//!   [`crate::seq`]): the subscribers that asked for numbers get the
+//!   fifth, sequence frame, every other one the usual four frames.
+//!
+//! A numbered envelope from a publisher keeps its number on its way into
+//! the router (`seq`, `seq_origin` for the Unix sessions that ask); one
+//! without is numbered by the router.
 //!
 //! No loops: the router never delivers a message back to the session that
 //! published it, and messages from the router are only sent to ZeroMQ
@@ -23,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::proxy::{EnvelopeSink, ProxyConfig, ProxyEndpoints, ProxyHandle, ProxyStats, ZmqProxy};
 use super::queue::{Pushed, WireQueue};
+use super::sequence::{self, SeqFramer};
 use super::zmtp::RawMessage;
 use super::ZmqError;
 use crate::delivery::TopicMessage;
+use crate::seq::Seq;
 use crate::transport::{Bus, Transport, TransportStatus};
 use crate::transports::zmq::envelope;
 
@@ -93,24 +102,40 @@ impl EnvelopeSink for ToBus {
     }
 }
 
-/// Decodes one queued envelope into the router's form.
-fn to_topic_message(wire: &Bytes) -> Option<TopicMessage> {
-    let mut frames = [&[][..]; 4];
+/// Decodes one queued envelope (4 frames, or 5 with a sequence frame: the
+/// proxy offers 5 only from a numbering publisher) into the router's form.
+/// `last_origin` keeps the last numbering origin seen, shared by the
+/// messages it numbered (one allocation per change of origin).
+fn to_topic_message(wire: &Bytes, last_origin: &mut Option<Arc<str>>) -> Option<TopicMessage> {
+    let mut frames = [&[][..]; 5];
     let mut n = 0;
     let raw = RawMessage {
         wire: wire.clone(),
-        frames: 4,
+        frames: 0,
     };
     for f in raw.frames() {
-        if n == 4 {
+        if n == 5 {
             return None;
         }
         frames[n] = f;
         n += 1;
     }
-    if n != 4 {
-        return None;
-    }
+    let seq = match n {
+        4 => None,
+        5 => {
+            let (origin, n) = sequence::parse_seq_frame(frames[4])?;
+            let origin = match last_origin {
+                Some(o) if **o == *origin => o.clone(),
+                _ => {
+                    let o: Arc<str> = Arc::from(&*origin);
+                    *last_origin = Some(o.clone());
+                    o
+                }
+            };
+            Some(Seq { origin, n })
+        }
+        _ => return None,
+    };
     let (topic, origin, ts) = envelope::parse_header(frames[0], frames[1], frames[3]).ok()?;
     let data = crate::codec::to_raw_json(frames[2]).ok()?;
     Some(TopicMessage {
@@ -118,6 +143,7 @@ fn to_topic_message(wire: &Bytes) -> Option<TopicMessage> {
         origin,
         data,
         ts,
+        seq,
     })
 }
 
@@ -147,6 +173,7 @@ impl Transport for ZmqTransport {
             let done = shutdown.clone();
             tokio::spawn(async move {
                 let mut batch = VecDeque::new();
+                let mut last_origin = None;
                 loop {
                     let ready = tokio::select! {
                         _ = done.cancelled() => false,
@@ -157,7 +184,7 @@ impl Transport for ZmqTransport {
                     }
                     to_bus.queue.take_all(&mut batch);
                     for wire in batch.drain(..) {
-                        match to_topic_message(&wire) {
+                        match to_topic_message(&wire, &mut last_origin) {
                             Some(m) => {
                                 bus.publish(TRANSPORT_NAME, sid, m);
                                 stats.to_bus.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +206,9 @@ impl Transport for ZmqTransport {
             tokio::spawn(async move {
                 let Ok(handle) = handle_rx.await else { return };
                 let mut batch = VecDeque::new();
+                // The framer of the last numbering origin (the bus's own,
+                // nearly always): its head is encoded once.
+                let mut framer: Option<(Arc<str>, SeqFramer)> = None;
                 loop {
                     let more = tokio::select! {
                         _ = done.cancelled() => false,
@@ -197,7 +227,21 @@ impl Transport for ZmqTransport {
                         let mut origin = Vec::with_capacity(m.origin.len() + 2);
                         envelope::write_ascii_json_str(&m.origin, true, &mut origin);
                         let ts = serde_json::to_vec(&m.ts).unwrap_or_else(|_| b"0".to_vec());
-                        handle.send(&[&topic, &origin, m.data.get().as_bytes(), &ts]);
+                        let data = m.data.get().as_bytes();
+                        match &m.seq {
+                            Some(seq) => {
+                                let f = match &framer {
+                                    Some((o, f)) if Arc::ptr_eq(o, &seq.origin) => f,
+                                    _ => {
+                                        let f = SeqFramer::new(&seq.origin);
+                                        &framer.insert((seq.origin.clone(), f)).1
+                                    }
+                                };
+                                let frame = f.body(seq.n);
+                                handle.send_numbered(&[&topic, &origin, data, &ts, &frame]);
+                            }
+                            None => handle.send(&[&topic, &origin, data, &ts]),
+                        }
                         stats.from_bus.fetch_add(1, Ordering::Relaxed);
                     }
                 }

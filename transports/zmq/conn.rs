@@ -35,8 +35,12 @@ impl Shared {
     }
 }
 
-/// Properties our proxy sides announce in READY: we accept MessagePack.
-pub(super) const PROXY_PROPS: &[(&str, &[u8])] = &[(zmtp::CODEC_PROPERTY, b"msgpack")];
+/// Properties our proxy sides announce in READY: we accept MessagePack,
+/// and we take and pass numbered envelopes (`sequence.rs`).
+pub(super) const PROXY_PROPS: &[(&str, &[u8])] = &[
+    (zmtp::CODEC_PROPERTY, b"msgpack"),
+    (zmtp::SEQ_PROPERTY, b"1"),
+];
 
 /// Counts a connection's end by its cause.
 pub(super) fn note_end(counters: &SideCounters, err: &ZmtpError) {

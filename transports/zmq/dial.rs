@@ -22,17 +22,22 @@ pub struct Dialed {
 
 /// Connects to `ep` as a `ours` socket, accepting messages up to `max_msg`
 /// bytes, and tells the peer in READY that we accept MessagePack data when
-/// `codec` is MessagePack.
+/// `codec` is MessagePack, and that we speak numbered envelopes when `seq`.
 pub async fn dial(
     ep: &Endpoint,
     ours: SocketType,
     codec: Codec,
+    seq: bool,
     max_msg: usize,
 ) -> Result<Dialed, ZmtpError> {
-    let props: &[(&str, &[u8])] = if codec == Codec::MsgPack {
-        &[(zmtp::CODEC_PROPERTY, b"msgpack")]
-    } else {
-        &[]
+    let codec_prop = (zmtp::CODEC_PROPERTY, &b"msgpack"[..]);
+    let seq_prop = (zmtp::SEQ_PROPERTY, &b"1"[..]);
+    let all = [codec_prop, seq_prop];
+    let props: &[(&str, &[u8])] = match (codec == Codec::MsgPack, seq) {
+        (true, true) => &all,
+        (true, false) => &all[..1],
+        (false, true) => &all[1..],
+        (false, false) => &[],
     };
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(ep))
         .await

@@ -504,6 +504,10 @@ pub struct Envelope {
     pub data: Data,
     /// Float Unix seconds, set when the envelope is sent.
     pub ts: f64,
+    /// Its number, when it arrived numbered (a `Receiver` that asked for
+    /// numbers; see `sequence.rs`). Never sent by `Publisher::publish`,
+    /// which numbers on its own.
+    pub seq: Option<crate::seq::Seq>,
 }
 
 impl Envelope {
@@ -518,6 +522,7 @@ impl Envelope {
             origin: origin.into(),
             data: data.into(),
             ts: unix_now(),
+            seq: None,
         }
     }
 
@@ -549,6 +554,7 @@ impl Envelope {
             origin,
             data,
             ts,
+            seq: None,
         })
     }
 }
@@ -675,6 +681,7 @@ mod tests {
             origin: "x".into(),
             data: Data::json(&[1, 2]).expect("j"),
             ts: 3.25,
+            seq: None,
         };
         let f = e.to_frames(Codec::Json).expect("frames");
         assert!(looks_like_envelope(&f));

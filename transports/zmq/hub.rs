@@ -15,7 +15,9 @@
 //!   [`Upstream`], the log every publisher's writer reads from.
 //! - [`Hub::dispatch`] queues a message, without copy or re-encoding, to
 //!   every matching subscriber (transcoding MessagePack data once for the
-//!   peers that did not opt in); a full queue drops and counts (ZeroMQ PUB
+//!   peers that did not opt in, and making the 4-frame form of a numbered
+//!   envelope once for the peers that did not ask for numbers, see
+//!   `sequence.rs`); a full queue drops and counts (ZeroMQ PUB
 //!   semantics), or in lossless mode hands the full peer back to the
 //!   publisher's read loop, which waits for it.
 
@@ -50,6 +52,9 @@ pub(super) struct SubPeer {
     pub(super) queue: WireQueue,
     /// Whether it accepts MessagePack data frames (said so in READY).
     pub(super) msgpack: bool,
+    /// Whether it wants numbered envelopes (the fifth, sequence frame;
+    /// said so in READY). Others get every envelope in four frames.
+    pub(super) seq: bool,
     /// Its side, for the counters.
     pub(super) side: Side,
     /// Messages dropped because its queue was full.
@@ -57,11 +62,13 @@ pub(super) struct SubPeer {
 }
 
 impl SubPeer {
-    /// A peer with a queue of `items` items and `bytes` bytes.
-    pub(super) fn new(items: usize, bytes: usize, msgpack: bool, side: Side) -> SubPeer {
+    /// A peer with a queue of `items` items and `bytes` bytes, taking
+    /// MessagePack data and sequence frames as it said in READY.
+    pub(super) fn new(items: usize, bytes: usize, msgpack: bool, seq: bool, side: Side) -> SubPeer {
         SubPeer {
             queue: WireQueue::new(items, bytes),
             msgpack,
+            seq,
             side,
             drops: AtomicU64::new(0),
         }
@@ -368,7 +375,9 @@ impl Hub {
     }
 
     /// Queues one message to every matching subscriber and capture peer,
-    /// at `now`. Never waits. With `waiting` (lossless mode, from a
+    /// at `now`, each in the wire form it takes (see [`Forms`]). `numbered`:
+    /// the message comes from a peer that announced sequence frames, so a
+    /// fifth frame is one. Never waits. With `waiting` (lossless mode, from a
     /// publisher's read loop), a full XPUB-side peer that is not stuck is
     /// added there instead of dropping; the caller then waits for those
     /// before it reads on. Without it, or for a stuck peer, a full queue
@@ -378,25 +387,13 @@ impl Hub {
         msg: &RawMessage,
         now: Instant,
         mut waiting: Option<&mut Vec<Waiting>>,
+        numbered: bool,
     ) {
         let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
-        let msgpack = is_msgpack_envelope(msg);
-        let mut json_form: Option<Option<Bytes>> = None;
+        let mut forms = Forms::new(msg, numbered);
         idx.for_each_match(msg.first_frame(), |peer| {
-            let wire = if msgpack && !peer.msgpack {
-                let form = json_form.get_or_insert_with(|| {
-                    let j = transcode_to_json(msg);
-                    if j.is_some() {
-                        self.stats.transcoded.fetch_add(1, Ordering::Relaxed);
-                    }
-                    j
-                });
-                match form {
-                    Some(b) => b.clone(),
-                    None => return,
-                }
-            } else {
-                msg.wire.clone()
+            let Some(wire) = forms.for_peer(peer, &self.stats) else {
+                return;
             };
             match peer.queue.push_at(wire.clone(), now) {
                 Pushed::Ok => {}
@@ -415,18 +412,96 @@ impl Hub {
     }
 }
 
-/// Whether a message is a 4-frame envelope whose data frame is MessagePack.
-fn is_msgpack_envelope(msg: &RawMessage) -> bool {
-    msg.frames == 4 && msg.frames().nth(2).and_then(|d| d.first().copied()) == Some(MSGPACK_MARKER)
+/// The wire forms of one message being dispatched: as received, and the
+/// others made lazily, once each, for the peers that need them: data as
+/// JSON (peers without the MessagePack opt-in), without the sequence frame
+/// (peers that did not ask for numbers: byte-identical to the envelope of
+/// an unnumbered publisher), or both. A form that cannot be made (data
+/// that does not transcode) is not sent to those peers.
+struct Forms<'a> {
+    /// The message as received.
+    msg: &'a RawMessage,
+    /// A 4- or 5-frame envelope whose data frame is MessagePack.
+    msgpack: bool,
+    /// For a numbered envelope: the header offsets of its 5 frames.
+    seq: Option<[usize; 5]>,
+    /// Made forms: [JSON data with the sequence frame, without the
+    /// sequence frame, JSON data without it].
+    made: [Option<Option<Bytes>>; 3],
+}
+
+impl<'a> Forms<'a> {
+    /// Looks at frame headers only (no decoding): frame count, the data
+    /// frame's first byte, where the frames start.
+    fn new(msg: &'a RawMessage, numbered: bool) -> Forms<'a> {
+        let seq = if numbered && msg.frames == 5 {
+            zmtp::frame_offsets::<5>(&msg.wire).map(|(at, _)| at)
+        } else {
+            None
+        };
+        let msgpack = (msg.frames == 4 || seq.is_some())
+            && msg.frames().nth(2).and_then(|d| d.first().copied()) == Some(MSGPACK_MARKER);
+        Forms {
+            msg,
+            msgpack,
+            seq,
+            made: [None, None, None],
+        }
+    }
+
+    /// The form `peer` takes; None when it cannot be made.
+    fn for_peer(&mut self, peer: &SubPeer, stats: &ProxyStats) -> Option<Bytes> {
+        let json = self.msgpack && !peer.msgpack;
+        let strip = self.seq.is_some() && !peer.seq;
+        let slot = match (json, strip) {
+            (false, false) => return Some(self.msg.wire.clone()),
+            (true, false) => 0,
+            (false, true) => 1,
+            (true, true) => 2,
+        };
+        let (msg, seq) = (self.msg, self.seq);
+        self.made[slot]
+            .get_or_insert_with(|| {
+                let form = if json {
+                    transcode_to_json(msg, !strip)
+                } else {
+                    seq.map(|at| strip_seq(msg, at))
+                };
+                if form.is_some() {
+                    let c = if json {
+                        &stats.transcoded
+                    } else {
+                        &stats.seq_stripped
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                form
+            })
+            .clone()
+    }
+}
+
+/// A numbered envelope without its sequence frame: the first four frames,
+/// the fourth one's MORE flag cleared (one copy of the wire bytes).
+fn strip_seq(msg: &RawMessage, at: [usize; 5]) -> Bytes {
+    let mut out = BytesMut::from(&msg.wire[..at[4]]);
+    zmtp::clear_more(&mut out, at[3]);
+    out.freeze()
 }
 
 /// The same envelope with its data frame as JSON (for peers without the
-/// MessagePack opt-in); None when the data cannot be transcoded.
-fn transcode_to_json(msg: &RawMessage) -> Option<Bytes> {
-    let [t, o, d, ts] = msg.frames_n::<4>()?;
+/// MessagePack opt-in), with its sequence frame if it has one and
+/// `keep_seq`; None when the data cannot be transcoded.
+fn transcode_to_json(msg: &RawMessage, keep_seq: bool) -> Option<Bytes> {
+    let mut it = msg.frames();
+    let (t, o, d, ts) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    let seq = it.next().filter(|_| keep_seq);
     let raw = crate::codec::to_raw_json(d).ok()?;
     let mut out = BytesMut::with_capacity(msg.wire.len() + 16);
-    zmtp::put_message(&mut out, &[t, o, raw.get().as_bytes(), ts]);
+    match seq {
+        Some(seq) => zmtp::put_message(&mut out, &[t, o, raw.get().as_bytes(), ts, seq]),
+        None => zmtp::put_message(&mut out, &[t, o, raw.get().as_bytes(), ts]),
+    }
     Some(out.freeze())
 }
 
@@ -441,7 +516,7 @@ mod tests {
     }
 
     fn peer(items: usize, side: Side) -> Arc<SubPeer> {
-        Arc::new(SubPeer::new(items, 1 << 20, false, side))
+        Arc::new(SubPeer::new(items, 1 << 20, false, false, side))
     }
 
     fn sub(p: &str) -> SubChange {
@@ -497,8 +572,8 @@ mod tests {
         h.apply_sub_change(&c, &mut sc, sub(""));
         let now = Instant::now();
         let m = msg(&[b"md/xy", b"body"]);
-        h.dispatch(&m, now, None);
-        h.dispatch(&msg(&[b"nothing"]), now, None);
+        h.dispatch(&m, now, None, false);
+        h.dispatch(&msg(&[b"nothing"]), now, None, false);
         // Two matching prefixes, one delivery; the same bytes, no copy.
         assert_eq!(drain(&a), vec![m.wire.clone()]);
         assert!(drain(&b).is_empty());
@@ -507,10 +582,10 @@ mod tests {
         // A cancel removes one reference; the last one unmatches.
         h.apply_sub_change(&a, &mut sa, cancel("md/x"));
         h.apply_sub_change(&a, &mut sa, cancel("md/"));
-        h.dispatch(&m, now, None);
+        h.dispatch(&m, now, None, false);
         assert_eq!(drain(&a).len(), 1);
         h.apply_sub_change(&a, &mut sa, cancel("md/x"));
-        h.dispatch(&m, now, None);
+        h.dispatch(&m, now, None, false);
         assert!(drain(&a).is_empty());
     }
 
@@ -589,8 +664,8 @@ mod tests {
         let mut s = PeerSubs::default();
         h.apply_sub_change(&a, &mut s, sub(""));
         let now = Instant::now();
-        h.dispatch(&msg(&[b"t"]), now, None);
-        h.dispatch(&msg(&[b"t"]), now, None);
+        h.dispatch(&msg(&[b"t"]), now, None, false);
+        h.dispatch(&msg(&[b"t"]), now, None, false);
         assert_eq!(drain(&a).len(), 1);
         assert_eq!(a.drops.load(Ordering::Relaxed), 1);
         assert_eq!(h.stats.snapshot().subscribers.drops, 1);
@@ -609,12 +684,12 @@ mod tests {
         h.apply_sub_change(&cap, &mut sc, sub(""));
         let t0 = Instant::now();
         let mut waiting = Vec::new();
-        h.dispatch(&msg(&[b"1"]), t0, Some(&mut waiting));
+        h.dispatch(&msg(&[b"1"]), t0, Some(&mut waiting), false);
         assert!(waiting.is_empty());
         // Full, making progress: the backend peer is waited for; the
         // capture peer drops (it never slows production).
         let m2 = msg(&[b"2"]);
-        h.dispatch(&m2, t0 + Duration::from_secs(1), Some(&mut waiting));
+        h.dispatch(&m2, t0 + Duration::from_secs(1), Some(&mut waiting), false);
         assert_eq!(waiting.len(), 1);
         assert!(Arc::ptr_eq(&waiting[0].0, &a) && waiting[0].1 == m2.wire);
         assert_eq!(h.stats.snapshot().capture.drops, 1);
@@ -626,12 +701,12 @@ mod tests {
         waiting.clear();
         let late = t0 + Duration::from_secs(11);
         assert_eq!(h.patience_left(&a, late), None);
-        h.dispatch(&msg(&[b"3"]), late, Some(&mut waiting));
+        h.dispatch(&msg(&[b"3"]), late, Some(&mut waiting), false);
         assert!(waiting.is_empty());
         assert_eq!(h.stats.snapshot().subscribers.drops, 1);
         // Progress makes it a waited-for peer again.
         a.queue.note_progress_at(late);
-        h.dispatch(&msg(&[b"4"]), late, Some(&mut waiting));
+        h.dispatch(&msg(&[b"4"]), late, Some(&mut waiting), false);
         assert_eq!(waiting.len(), 1);
     }
 
@@ -640,18 +715,99 @@ mod tests {
         let h = hub(ProxyConfig::default());
         let json_a = peer(10, Side::Backend);
         let json_b = peer(10, Side::Backend);
-        let mp = Arc::new(SubPeer::new(10, 1 << 20, true, Side::Backend));
+        let mp = Arc::new(SubPeer::new(10, 1 << 20, true, false, Side::Backend));
         for p in [&json_a, &json_b, &mp] {
             h.apply_sub_change(p, &mut PeerSubs::default(), sub(""));
         }
         let data = crate::codec::encode(crate::codec::Codec::MsgPack, &serde_json::json!({"p": 1}))
             .expect("msgpack");
         let m = msg(&[b"\"t\"", b"\"o\"", &data, b"1.0"]);
-        h.dispatch(&m, Instant::now(), None);
+        h.dispatch(&m, Instant::now(), None, false);
         let (a, b, c) = (drain(&json_a), drain(&json_b), drain(&mp));
         assert_eq!(c, vec![m.wire.clone()]);
         assert_eq!(a, b);
         assert_ne!(a[0], m.wire);
         assert_eq!(h.stats.snapshot().transcoded, 1);
+    }
+
+    /// A numbered envelope goes as it is to the peers that asked for
+    /// numbers and, to the others, as the 4-frame envelope an unnumbered
+    /// publisher would have sent (made once); MessagePack data is
+    /// transcoded for the peers without that opt-in, keeping or dropping
+    /// the sequence frame as each wants. A 5-frame message from a peer that
+    /// did not announce numbers is forwarded untouched.
+    #[test]
+    fn numbered_envelopes_reach_each_peer_in_its_form() {
+        use crate::transports::zmq::sequence::SeqFramer;
+        let h = hub(ProxyConfig::default());
+        let mk = |msgpack, seq| Arc::new(SubPeer::new(10, 1 << 20, msgpack, seq, Side::Backend));
+        let (plain_a, plain_b, seq_json, seq_mp, mp_only) = (
+            mk(false, false),
+            mk(false, false),
+            mk(false, true),
+            mk(true, true),
+            mk(true, false),
+        );
+        for p in [&plain_a, &plain_b, &seq_json, &seq_mp, &mp_only] {
+            h.apply_sub_change(p, &mut PeerSubs::default(), sub(""));
+        }
+        let framer = SeqFramer::new("feed#0000000000000001");
+        let numbered = |data: &[u8]| {
+            let mut out = BytesMut::new();
+            for f in [&b"\"t\""[..], b"\"o\"", data, b"1.5"] {
+                zmtp::put_frame(&mut out, true, f);
+            }
+            framer.put(&mut out, 7);
+            RawMessage {
+                wire: out.freeze(),
+                frames: 5,
+            }
+        };
+        let json_data = br#"{"p":1}"#;
+        let m = numbered(json_data);
+        h.dispatch(&m, Instant::now(), None, true);
+        let four = msg(&[b"\"t\"", b"\"o\"", json_data, b"1.5"]).wire;
+        let (a, b) = (drain(&plain_a), drain(&plain_b));
+        assert_eq!(
+            a,
+            vec![four.clone()],
+            "byte-identical to an unnumbered envelope"
+        );
+        assert_eq!(a[0].as_ptr(), b[0].as_ptr(), "made once, shared");
+        assert_eq!(drain(&seq_json), vec![m.wire.clone()]);
+        assert_eq!(drain(&seq_mp), vec![m.wire.clone()]);
+        assert_eq!(drain(&mp_only), vec![four]);
+        assert_eq!(h.stats.snapshot().seq_stripped, 1);
+
+        // MessagePack data: four forms.
+        let mp = crate::codec::encode(crate::codec::Codec::MsgPack, &serde_json::json!({"p": 1}))
+            .expect("msgpack");
+        let m = numbered(&mp);
+        h.dispatch(&m, Instant::now(), None, true);
+        assert_eq!(drain(&seq_mp), vec![m.wire.clone()]);
+        let frames = |b: &Bytes| {
+            let r = RawMessage {
+                wire: b.clone(),
+                frames: 0,
+            };
+            r.frames().map(<[u8]>::to_vec).collect::<Vec<_>>()
+        };
+        let sj = drain(&seq_json);
+        assert_eq!(frames(&sj[0]).len(), 5);
+        assert_eq!(frames(&sj[0])[2], json_data.to_vec());
+        let pa = drain(&plain_a);
+        assert_eq!(
+            frames(&pa[0]),
+            frames(&msg(&[b"\"t\"", b"\"o\"", json_data, b"1.5"]).wire)
+        );
+        assert_eq!(pa[0], msg(&[b"\"t\"", b"\"o\"", json_data, b"1.5"]).wire);
+        let mo = drain(&mp_only);
+        assert_eq!(mo[0], msg(&[b"\"t\"", b"\"o\"", &mp, b"1.5"]).wire);
+        drain(&plain_b);
+
+        // Not announced as numbered: forwarded untouched to everyone.
+        h.dispatch(&m, Instant::now(), None, false);
+        let nm = drain(&plain_a);
+        assert_eq!(nm, vec![m.wire.clone()]);
     }
 }

@@ -12,6 +12,9 @@
 //!   [`crate::bounded`]); [`stats`]: its counters.
 //! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router.
 //! - [`publisher`], [`receiver`], [`node`]: the clients.
+//! - [`sequence`]: numbered envelopes (the fifth, sequence frame), opted
+//!   into through READY; the numbering and gap tracking are
+//!   [`crate::seq`].
 //! - [`cli`] (feature `cli`): the `proxy`, `pub` and `sub` subcommands, and
 //!   the proxy flags `server --zmq` shares.
 //!
@@ -34,6 +37,7 @@ pub mod publisher;
 mod publisher_conn;
 pub mod queue;
 pub mod receiver;
+pub mod sequence;
 pub mod stats;
 mod subscriber_conn;
 mod upstream;
@@ -44,7 +48,7 @@ pub use endpoint::Endpoint;
 pub use node::Node;
 pub use proxy::{ProxyConfig, ProxyEndpoints, ProxySnapshot, ProxyStats, ZmqProxy};
 pub use publisher::{Publisher, PublisherConfig};
-pub use receiver::{Receiver, ReceiverConfig, SlowPolicy};
+pub use receiver::{OnGap, Receiver, ReceiverConfig, SlowPolicy};
 
 use std::time::Duration;
 

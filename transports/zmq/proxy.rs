@@ -327,7 +327,20 @@ impl ProxyHandle {
             wire: out.freeze(),
             frames: frames.len(),
         };
-        self.shared.hub.dispatch(&msg, Instant::now(), None);
+        self.shared.hub.dispatch(&msg, Instant::now(), None, false);
+    }
+
+    /// [`ProxyHandle::send`] of a numbered envelope: its fifth frame is a
+    /// sequence frame (`sequence.rs`), passed to the subscribers that asked
+    /// for numbers and left off for the others.
+    pub fn send_numbered(&self, frames: &[&[u8]; 5]) {
+        let mut out = BytesMut::new();
+        zmtp::put_message(&mut out, frames);
+        let msg = RawMessage {
+            wire: out.freeze(),
+            frames: 5,
+        };
+        self.shared.hub.dispatch(&msg, Instant::now(), None, true);
     }
 
     /// The proxy's counters.

@@ -6,10 +6,21 @@
 //! `publish` never waits: like a ZeroMQ PUB it drops what no subscriber
 //! wants, what arrives while disconnected, and what overflows its queue,
 //! and unlike one it counts each of these.
+//!
+//! Numbering (on by default, [`PublisherConfig::seq`]): the publisher is one
+//! origin, its name plus a random epoch chosen when it is made
+//! ([`Publisher::origin_id`]), and numbers every envelope it is asked to
+//! publish per topic, from 1, dropped ones included (each is a loss for
+//! whoever wanted the topic). The counters outlive reconnects, so what a
+//! reconnect loses shows as a gap at the receivers. The number travels as a
+//! fifth frame only to a proxy that said in READY it takes one (see
+//! `sequence.rs`); a libzmq proxy gets four frames. The per-topic counters
+//! are bounded in bytes ([`PublisherConfig::seq_bytes`]); looking up a
+//! known topic does not allocate.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -21,9 +32,11 @@ use super::dial::{self, Dialed};
 use super::endpoint::Endpoint;
 use super::prefix_set::PrefixSet;
 use super::queue::{Pushed, WireQueue};
+use super::sequence::SeqFramer;
 use super::zmtp::{self, Inbound, PeerInfo, SocketType, SubChange, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::codec::Codec;
+use crate::seq::{SeqCounters, DEFAULT_SEQ_BYTES};
 use crate::transports::client::{Backoff, Disconnect};
 use crate::transports::zmq::envelope::{self, unix_now, Data, Envelope};
 
@@ -46,6 +59,13 @@ pub struct PublisherConfig {
     /// Reconnect delays (default: 100 ms doubling up to 2 s, like libzmq's
     /// `ZMQ_RECONNECT_IVL`).
     pub reconnect: Backoff,
+    /// Number envelopes per topic and send the number (a fifth frame) to a
+    /// proxy that takes it (default on; see the module docs).
+    pub seq: bool,
+    /// Bound of the per-topic counters in bytes (topic frame + 64 per
+    /// topic); past it the least recently used are forgotten (counted in
+    /// `seq_forgotten`) and start again at 1.
+    pub seq_bytes: usize,
 }
 
 impl PublisherConfig {
@@ -59,6 +79,8 @@ impl PublisherConfig {
             queue_bytes: 64 << 20,
             linger: Duration::from_secs(1),
             reconnect: Backoff::new(RECONNECT_MIN, 2.0, RECONNECT_MAX),
+            seq: true,
+            seq_bytes: DEFAULT_SEQ_BYTES,
         }
     }
 }
@@ -82,6 +104,15 @@ crate::counters::counters! {
         dropped,
         /// Connections made after the first one.
         reconnects,
+        /// Envelopes sent with a sequence frame (to a proxy that takes it).
+        numbered;
+        /// Topics numbered now (a gauge).
+        seq_topics: u64,
+        /// Bytes of the per-topic counters now (bounded by `seq_bytes`).
+        seq_bytes: u64,
+        /// Per-topic counters forgotten for that bound (such a topic
+        /// starts again at 1: a restart at the receivers).
+        seq_forgotten: u64,
     }
 }
 
@@ -98,6 +129,14 @@ struct Shared {
     subs: RwLock<PrefixSet>,
     /// Whether the proxy accepts MessagePack (from its READY).
     msgpack_ok: AtomicBool,
+    /// Whether we number envelopes (the config's `seq`).
+    seq: bool,
+    /// Whether the proxy takes sequence frames (from its READY).
+    seq_ok: AtomicBool,
+    /// The next number per topic (topic frame → counter).
+    numbers: Mutex<SeqCounters>,
+    /// Writes our sequence frames (our origin id, encoded once).
+    framer: SeqFramer,
     /// Counters.
     counters: Counters,
 }
@@ -113,6 +152,10 @@ impl Shared {
     fn subs_mut(&self) -> std::sync::RwLockWriteGuard<'_, PrefixSet> {
         self.subs.write().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn numbers(&self) -> std::sync::MutexGuard<'_, SeqCounters> {
+        self.numbers.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A hermes publisher (ZeroMQ PUB connected to the proxy's XSUB side).
@@ -120,6 +163,8 @@ impl Shared {
 pub struct Publisher {
     /// Settings.
     cfg: PublisherConfig,
+    /// Our numbering origin: the name and a random epoch.
+    origin_id: String,
     /// The connection task and the state it shares.
     task: ClientTask<Shared>,
 }
@@ -134,6 +179,7 @@ impl Publisher {
     /// A publisher with explicit settings.
     pub fn with_config(cfg: PublisherConfig) -> Result<Publisher, ZmqError> {
         let endpoint = cfg.addr.parse()?;
+        let origin_id = crate::seq::new_origin(&cfg.name);
         let task = ClientTask::new(
             endpoint,
             cfg.reconnect.clone(),
@@ -142,10 +188,24 @@ impl Publisher {
                 queue: WireQueue::new(cfg.queue, cfg.queue_bytes),
                 subs: RwLock::new(PrefixSet::default()),
                 msgpack_ok: AtomicBool::new(false),
+                seq: cfg.seq,
+                seq_ok: AtomicBool::new(false),
+                numbers: Mutex::new(SeqCounters::new(cfg.seq_bytes)),
+                framer: SeqFramer::new(&origin_id),
                 counters: Counters::default(),
             },
         );
-        Ok(Publisher { cfg, task })
+        Ok(Publisher {
+            cfg,
+            origin_id,
+            task,
+        })
+    }
+
+    /// Our numbering origin, `name#epoch` (the epoch is random, chosen
+    /// when the publisher is made): what receivers report gaps under.
+    pub fn origin_id(&self) -> &str {
+        &self.origin_id
     }
 
     /// The publisher's name.
@@ -187,11 +247,14 @@ impl Publisher {
             return Err(ZmqError::NotRunning("publisher"));
         }
         let s = self.task.link();
+        let topic_frame = envelope::topic_frame(topic);
+        // Every envelope asked for takes a number, dropped ones too: each
+        // is a loss for whoever wanted its topic.
+        let n = s.seq.then(|| s.numbers().next(&topic_frame));
         if !self.task.is_connected() {
             s.counters.disconnected.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
-        let topic_frame = envelope::topic_frame(topic);
         if !s.wants(&topic_frame) {
             s.counters.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
@@ -209,12 +272,28 @@ impl Publisher {
         let ts = serde_json::to_vec(&unix_now())
             .map_err(|e| ZmqError::Envelope(crate::codec::CodecError::from(e).into()))?;
         let mut wire = BytesMut::with_capacity(
-            topic_frame.len() + origin_frame.len() + data.len() + ts.len() + 16,
+            topic_frame.len() + origin_frame.len() + data.len() + ts.len() + 64,
         );
-        zmtp::put_message(&mut wire, &[&topic_frame[..], &origin_frame, &data, &ts]);
+        let frames = [&topic_frame[..], &origin_frame, &data, &ts];
+        let numbered = match n {
+            Some(n) if s.seq_ok.load(Ordering::Relaxed) => {
+                for f in frames {
+                    zmtp::put_frame(&mut wire, true, f);
+                }
+                s.framer.put(&mut wire, n);
+                true
+            }
+            _ => {
+                zmtp::put_message(&mut wire, &frames);
+                false
+            }
+        };
         match s.queue.push(wire.freeze()) {
             Pushed::Ok => {
                 s.counters.queued.fetch_add(1, Ordering::Relaxed);
+                if numbered {
+                    s.counters.numbered.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(true)
             }
             Pushed::Full | Pushed::Closed => {
@@ -246,7 +325,13 @@ impl Publisher {
 
     /// A copy of the counters.
     pub fn stats(&self) -> PublisherStats {
-        self.task.link().counters.snapshot()
+        let s = self.task.link();
+        let mut st = s.counters.snapshot();
+        let numbers = s.numbers();
+        st.seq_topics = numbers.len() as u64;
+        st.seq_bytes = numbers.bytes() as u64;
+        st.seq_forgotten = numbers.forgotten();
+        st
     }
 }
 
@@ -255,7 +340,7 @@ impl Link for Shared {
     const DRAINS_ON_STOP: bool = true;
 
     async fn dial(&self, ep: &Endpoint) -> Result<Dialed, ZmtpError> {
-        dial::dial(ep, SocketType::Pub, self.codec, 1 << 20).await
+        dial::dial(ep, SocketType::Pub, self.codec, self.seq, 1 << 20).await
     }
 
     fn on_connect(&self, info: &PeerInfo, reconnect: bool) {
@@ -264,6 +349,7 @@ impl Link for Shared {
         }
         self.msgpack_ok
             .store(info.wants_msgpack(), Ordering::Relaxed);
+        self.seq_ok.store(info.wants_seq(), Ordering::Relaxed);
     }
 
     fn on_disconnect(&self) {

@@ -18,8 +18,9 @@ use super::conn::{note_end, read_more, Shared, PROXY_PROPS};
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
 use super::hub::{SubPeer, Waiting};
 use super::queue::{Pushed, WireQueue};
+use super::sequence;
 use super::upstream::UPSTREAM_BATCH_BYTES;
-use super::zmtp::{self, FrameReader, Inbound, SocketType, ZmtpError};
+use super::zmtp::{self, FrameReader, Inbound, RawMessage, SocketType, ZmtpError};
 use crate::transports::zmq::envelope;
 
 /// Most pong answers queued for one publisher (it sent pings faster than
@@ -43,7 +44,7 @@ pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: Ca
     let c = &hub.stats.publishers;
     let (mut r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(hub.cfg.max_msg_size);
-    if let Err(e) = zmtp::handshake(
+    let info = match zmtp::handshake(
         &mut r,
         &mut w,
         &mut reader,
@@ -53,9 +54,15 @@ pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: Ca
     )
     .await
     {
-        note_end(c, &e);
-        return;
-    }
+        Ok(info) => info,
+        Err(e) => {
+            note_end(c, &e);
+            return;
+        }
+    };
+    // Only a publisher that announced sequence frames has its fifth
+    // frames read as numbers; anyone else's messages go out as they came.
+    let numbered = info.wants_seq();
     // Only our answers to its pings are queued for it (a few, small);
     // its subscriptions come from the shared upstream log.
     let control = Arc::new(WireQueue::new(PONG_QUEUE_ITEMS, PONG_QUEUE_BYTES));
@@ -68,7 +75,7 @@ pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: Ca
         control.clone(),
         conn_done.clone(),
     ));
-    let res = publisher_read_loop(&sh, &mut r, &mut reader, &control, &conn_done).await;
+    let res = publisher_read_loop(&sh, &mut r, &mut reader, &control, &conn_done, numbered).await;
     if let Err(e) = res {
         note_end(c, &e);
     }
@@ -135,6 +142,7 @@ async fn publisher_read_loop(
     reader: &mut FrameReader,
     control: &WireQueue,
     done: &CancellationToken,
+    numbered: bool,
 ) -> Result<(), ZmtpError> {
     let hub = &sh.hub;
     let c = &hub.stats.publishers;
@@ -154,10 +162,8 @@ async fn publisher_read_loop(
                 Ok(Some(Inbound::Message(m))) => {
                     n += 1;
                     bytes += m.wire.len() as u64;
-                    hub.dispatch(&m, now, lossless.then_some(&mut waiting));
-                    if m.frames_n::<4>()
-                        .is_some_and(|f| envelope::looks_like_envelope(&f))
-                    {
+                    hub.dispatch(&m, now, lossless.then_some(&mut waiting), numbered);
+                    if is_envelope(&m, numbered) {
                         if let Some(sink) = &sh.sink {
                             sink.offer(&m);
                         }
@@ -206,6 +212,20 @@ async fn publisher_read_loop(
         if !read_more(sh, reader, r, done, deadline).await? {
             return Ok(());
         }
+    }
+}
+
+/// Whether a message from a publisher is an envelope worth routing: four
+/// frames, or five with a sequence frame from a numbering publisher.
+fn is_envelope(m: &RawMessage, numbered: bool) -> bool {
+    match m.frames {
+        4 => m
+            .frames_n::<4>()
+            .is_some_and(|f| envelope::looks_like_envelope(&f)),
+        5 if numbered => m.frames_n::<5>().is_some_and(|[t, o, d, ts, seq]| {
+            envelope::looks_like_envelope(&[t, o, d, ts]) && sequence::looks_like_seq_frame(seq)
+        }),
+        _ => false,
     }
 }
 

@@ -4,9 +4,20 @@
 //! topic frame), filters by origin ("exchanges"), detects slow consumption
 //! (the reference's "suicidal snail", with a configurable action), and
 //! queues decoded envelopes for `recv`.
+//!
+//! Sequence numbers (opt-in, [`ReceiverConfig::seq`]): the receiver says in
+//! READY that it wants numbered envelopes (see `sequence.rs`), gets each
+//! numbered one with its fifth frame ([`Envelope::seq`]), and checks every
+//! (origin, topic) stream with a [`GapTracker`] (bounded in bytes,
+//! [`ReceiverConfig::seq_bytes`]): each gap is counted per origin
+//! ([`Receiver::gaps_by_origin`], [`ReceiverStats::gaps`] and `missing`)
+//! and reported to [`ReceiverConfig::on_gap`] with its origin, topic,
+//! expected and received numbers. The tracker outlives reconnects, so what
+//! a reconnect loses shows as a gap. Envelopes from publishers that do not
+//! number (reference, libzmq) arrive unnumbered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,10 +27,12 @@ use tokio::io::AsyncWriteExt;
 use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::Endpoint;
+use super::sequence::parse_seq_frame;
 use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
 use crate::bounded::{Bounded, Pushed, Weigh};
 use crate::codec::{Codec, CodecError};
+use crate::seq::{Gap, GapTracker, Observed, OriginGaps, Seq, DEFAULT_SEQ_BYTES};
 use crate::transports::client::{Backoff, Disconnect};
 use crate::transports::zmq::envelope::{self, unix_now, Envelope, EnvelopeError, Registry};
 
@@ -44,6 +57,24 @@ impl std::str::FromStr for SlowPolicy {
             "stop" => Ok(SlowPolicy::Stop),
             other => Err(format!("unknown slow policy {other:?} (warn, drop, stop)")),
         }
+    }
+}
+
+/// What a receiver calls for every gap it sees (on its connection task:
+/// it must return quickly).
+#[derive(Clone)]
+pub struct OnGap(pub Arc<dyn Fn(&Gap) + Send + Sync>);
+
+impl OnGap {
+    /// Wraps a callback.
+    pub fn new(f: impl Fn(&Gap) + Send + Sync + 'static) -> OnGap {
+        OnGap(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for OnGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnGap(..)")
     }
 }
 
@@ -74,6 +105,15 @@ pub struct ReceiverConfig {
     /// Reconnect delays (default: 100 ms doubling up to 2 s, like libzmq's
     /// `ZMQ_RECONNECT_IVL`).
     pub reconnect: Backoff,
+    /// Ask the proxy for numbered envelopes and report gaps (off by
+    /// default; see the module docs).
+    pub seq: bool,
+    /// Bound of the gap tracker in bytes (origin and topic bytes + 64 per
+    /// entry); past it the least recently used streams are forgotten
+    /// (counted in `seq_forgotten`).
+    pub seq_bytes: usize,
+    /// Called for each gap (with `seq`).
+    pub on_gap: Option<OnGap>,
 }
 
 impl ReceiverConfig {
@@ -92,6 +132,9 @@ impl ReceiverConfig {
             registry: Registry::shared(),
             max_msg_size: 16 << 20,
             reconnect: Backoff::new(RECONNECT_MIN, 2.0, RECONNECT_MAX),
+            seq: false,
+            seq_bytes: DEFAULT_SEQ_BYTES,
+            on_gap: None,
         }
     }
 }
@@ -120,7 +163,23 @@ crate::counters::counters! {
         /// Oversized messages skipped.
         oversized,
         /// Connections made after the first one.
-        reconnects,
+        reconnects;
+        /// Numbered envelopes checked for gaps.
+        numbered: u64,
+        /// Gaps seen (each reported to `on_gap`).
+        gaps: u64,
+        /// Envelopes missing in those gaps.
+        missing: u64,
+        /// Streams that started again at 1 (the publisher forgot its
+        /// counter for that topic).
+        seq_restarts: u64,
+        /// Numbers at or below the last one seen (duplicates), skipped by
+        /// the check (the envelope is still delivered).
+        seq_stale: u64,
+        /// Streams the tracker forgot for its byte bound.
+        seq_forgotten: u64,
+        /// Bytes the tracker holds now (bounded by `seq_bytes`).
+        seq_bytes: u64,
     }
 }
 
@@ -146,13 +205,29 @@ struct Shared {
     queue: Bounded<Envelope>,
     /// Lagging envelopes warned about (the warning is rate-limited).
     lag_warned: AtomicU64,
+    /// Gap tracking (with `seq`).
+    seq: Mutex<SeqState>,
     /// Counters.
     counters: Counters,
+}
+
+/// The receiver's gap tracking.
+#[derive(Debug)]
+struct SeqState {
+    /// Last number per (origin, topic), gap counts per origin.
+    tracker: GapTracker,
+    /// The last origin id seen, shared by the envelopes it numbered (one
+    /// allocation per origin change, not per envelope).
+    last_origin: Option<Arc<str>>,
 }
 
 impl Shared {
     fn close(&self) {
         self.queue.close(false);
+    }
+
+    fn seq_state(&self) -> std::sync::MutexGuard<'_, SeqState> {
+        self.seq.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -183,6 +258,7 @@ impl Receiver {
     pub fn with_config(cfg: ReceiverConfig) -> Result<Receiver, ZmqError> {
         let endpoint = cfg.addr.parse()?;
         let queue = cfg.queue;
+        let seq_bytes = cfg.seq_bytes;
         let mut subscriptions = BytesMut::new();
         if cfg.topics.is_empty() {
             zmtp::put_subscription(&mut subscriptions, true, b"");
@@ -199,6 +275,10 @@ impl Receiver {
                     subscriptions,
                     queue: Bounded::new(queue, usize::MAX),
                     lag_warned: AtomicU64::new(0),
+                    seq: Mutex::new(SeqState {
+                        tracker: GapTracker::new(seq_bytes),
+                        last_origin: None,
+                    }),
                     counters: Counters::default(),
                 },
             ),
@@ -285,7 +365,22 @@ impl Receiver {
 
     /// A copy of the counters.
     pub fn stats(&self) -> ReceiverStats {
-        self.shared().counters.snapshot()
+        let sh = self.shared();
+        let mut st = sh.counters.snapshot();
+        let t = sh.seq_state().tracker.totals();
+        st.numbered = t.numbered;
+        st.gaps = t.gaps;
+        st.missing = t.missing;
+        st.seq_restarts = t.restarts;
+        st.seq_stale = t.stale;
+        st.seq_forgotten = t.forgotten;
+        st.seq_bytes = t.bytes;
+        st
+    }
+
+    /// Gap counts per origin (with `seq`), for the origins tracked now.
+    pub fn gaps_by_origin(&self) -> Vec<OriginGaps> {
+        self.shared().seq_state().tracker.origins()
     }
 }
 
@@ -308,8 +403,14 @@ impl Link for Shared {
     const DRAINS_ON_STOP: bool = false;
 
     async fn dial(&self, ep: &Endpoint) -> Result<Dialed, ZmtpError> {
-        let mut conn =
-            dial::dial(ep, SocketType::Sub, self.cfg.codec, self.cfg.max_msg_size).await?;
+        let mut conn = dial::dial(
+            ep,
+            SocketType::Sub,
+            self.cfg.codec,
+            self.cfg.seq,
+            self.cfg.max_msg_size,
+        )
+        .await?;
         conn.w.write_all(&self.subscriptions).await?;
         conn.w.flush().await?;
         Ok(conn)
@@ -377,15 +478,34 @@ impl Shared {
     /// Decodes, filters and queues one message.
     fn handle(&self, m: &RawMessage) -> Verdict {
         let c = &self.counters;
-        let Some(frames) = m.frames_n::<4>() else {
-            c.malformed.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Continue;
+        // A fifth frame only when we asked for numbers: the sequence frame.
+        let (frames, seq) = match (m.frames, self.cfg.seq) {
+            (5, true) => match m.frames_n::<5>() {
+                Some([t, o, d, ts, seq]) => match parse_seq_frame(seq) {
+                    Some(seq) => ([t, o, d, ts], Some(seq)),
+                    None => {
+                        c.malformed.fetch_add(1, Ordering::Relaxed);
+                        return Verdict::Continue;
+                    }
+                },
+                None => {
+                    c.malformed.fetch_add(1, Ordering::Relaxed);
+                    return Verdict::Continue;
+                }
+            },
+            _ => match m.frames_n::<4>() {
+                Some(f) => (f, None),
+                None => {
+                    c.malformed.fetch_add(1, Ordering::Relaxed);
+                    return Verdict::Continue;
+                }
+            },
         };
         if Codec::detect(frames[2]) == Codec::MsgPack && self.cfg.codec != Codec::MsgPack {
             c.codec_errors.fetch_add(1, Ordering::Relaxed);
             return Verdict::Continue;
         }
-        let env = match Envelope::from_frames(&frames, &self.cfg.registry) {
+        let mut env = match Envelope::from_frames(&frames, &self.cfg.registry) {
             Ok(e) => e,
             Err(EnvelopeError::Data(CodecError::MsgPackDecode(_))) => {
                 c.codec_errors.fetch_add(1, Ordering::Relaxed);
@@ -396,6 +516,11 @@ impl Shared {
                 return Verdict::Continue;
             }
         };
+        // Checked before any local decision (origin filter, lag policy,
+        // full queue): only what never arrived is a gap.
+        if let Some((origin, n)) = seq {
+            self.check_seq(&mut env, &origin, n);
+        }
         if !self.cfg.exchanges.is_empty() && !self.cfg.exchanges.contains(&env.origin) {
             c.filtered.fetch_add(1, Ordering::Relaxed);
             return Verdict::Continue;
@@ -420,11 +545,44 @@ impl Shared {
             }
         }
         // The push wakes a waiting `recv` (async or blocking).
+        // (Numbered envelopes were checked above.)
         if self.queue.push(env) == Pushed::Ok {
             c.delivered.fetch_add(1, Ordering::Relaxed);
         } else {
             c.dropped.fetch_add(1, Ordering::Relaxed);
         }
         Verdict::Continue
+    }
+}
+
+impl Shared {
+    /// Records number `n` of `origin` for the envelope's topic, sets the
+    /// envelope's [`Envelope::seq`], and reports a gap.
+    fn check_seq(&self, env: &mut Envelope, origin: &str, n: u64) {
+        let gap = {
+            let mut st = self.seq_state();
+            let origin_arc = match &st.last_origin {
+                Some(o) if &**o == origin => o.clone(),
+                _ => {
+                    let o: Arc<str> = Arc::from(origin);
+                    st.last_origin = Some(o.clone());
+                    o
+                }
+            };
+            env.seq = Some(Seq {
+                origin: origin_arc,
+                n,
+            });
+            match st.tracker.observe(origin, &env.topic, n) {
+                Observed::Gap(g) => Some(g),
+                _ => None,
+            }
+        };
+        if let Some(g) = gap {
+            tracing::debug!(receiver = %self.cfg.name, origin = %g.origin, topic = %g.topic, expected = g.expected, got = g.got, "sequence gap");
+            if let Some(cb) = &self.cfg.on_gap {
+                (cb.0)(&g);
+            }
+        }
     }
 }

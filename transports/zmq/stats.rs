@@ -53,6 +53,9 @@ counters! {
         /// MessagePack data frames transcoded to JSON for peers that did
         /// not opt in.
         transcoded,
+        /// Numbered envelopes given their 4-frame form (once per message)
+        /// for subscribers that did not ask for sequence numbers.
+        seq_stripped,
         /// Subscription prefixes currently held by subscriber and capture
         /// peers (a gauge).
         subscriptions,

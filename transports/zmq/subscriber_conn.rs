@@ -72,6 +72,7 @@ pub(super) async fn subscriber_conn(
         hub.cfg.sub_queue,
         hub.cfg.sub_queue_bytes,
         info.wants_msgpack(),
+        info.wants_seq(),
         side,
     ));
     let conn_done = shutdown.child_token();

@@ -23,6 +23,12 @@ const FLAG_COMMAND: u8 = 0x04;
 /// (`msgpack`); reference and libzmq peers never send it.
 pub const CODEC_PROPERTY: &str = "X-Hermes-Codec";
 
+/// Property our peers put in READY (value `1`) to say they speak numbered
+/// envelopes (a fifth, sequence frame; see `sequence.rs`): a publisher
+/// that sends them, a subscriber that wants them, a proxy that passes
+/// them. Reference and libzmq peers never send it, and never get one.
+pub const SEQ_PROPERTY: &str = "X-Hermes-Seq";
+
 /// Why a ZMTP conversation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ZmtpError {
@@ -118,6 +124,11 @@ impl PeerInfo {
     pub fn wants_msgpack(&self) -> bool {
         self.property(CODEC_PROPERTY) == Some(b"msgpack")
     }
+
+    /// Whether the peer speaks numbered envelopes ([`SEQ_PROPERTY`]).
+    pub fn wants_seq(&self) -> bool {
+        self.property(SEQ_PROPERTY) == Some(b"1")
+    }
 }
 
 /// Our greeting: signature, version 3.0, NULL, as-server 0, filler.
@@ -147,6 +158,42 @@ fn put_frame_header(out: &mut BytesMut, flags: u8, len: usize) {
         out.put_u8(flags | FLAG_LONG);
         out.put_u64(len as u64);
     }
+}
+
+/// Appends one frame whose body is `parts` one after the other (no
+/// intermediate buffer).
+pub fn put_frame_parts(out: &mut BytesMut, more: bool, parts: &[&[u8]]) {
+    let len = parts.iter().map(|p| p.len()).sum();
+    put_frame_header(out, if more { FLAG_MORE } else { 0 }, len);
+    for p in parts {
+        out.put_slice(p);
+    }
+}
+
+/// Clears the MORE flag of the frame whose header starts at `at` in `out`
+/// (making it the last frame of its message).
+pub fn clear_more(out: &mut [u8], at: usize) {
+    if let Some(flags) = out.get_mut(at) {
+        *flags &= !FLAG_MORE;
+    }
+}
+
+/// The offsets of the first `N` frame headers of a message's wire form,
+/// and the end of the `N`th frame; None when it has fewer frames.
+pub fn frame_offsets<const N: usize>(wire: &[u8]) -> Option<([usize; N], usize)> {
+    let mut at = [0usize; N];
+    let mut pos = 0usize;
+    for slot in at.iter_mut() {
+        *slot = pos;
+        let (hdr, len) = parse_header(wire.get(pos..)?)?;
+        pos = pos
+            .checked_add(hdr)?
+            .checked_add(usize::try_from(len).ok()?)?;
+        if pos > wire.len() {
+            return None;
+        }
+    }
+    Some((at, pos))
 }
 
 /// Appends a multipart message.
