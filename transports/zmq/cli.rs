@@ -221,6 +221,10 @@ pub struct SubArgs {
     /// One JSON envelope per line, even on a terminal (always when piped).
     #[arg(long)]
     pub json: bool,
+    /// Ask for sequence numbers: each line gets `seq` and `seq_origin`,
+    /// and every gap (envelopes lost on the way) is reported on stderr.
+    #[arg(long)]
+    pub seq: bool,
 }
 
 /// A `pub` / `sub` failure with the exit code the binary should use
@@ -449,6 +453,19 @@ pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
     cfg.slow_policy = args.slow;
     cfg.codec = args.codec;
     cfg.registry = std::sync::Arc::new(Registry::empty());
+    cfg.seq = args.seq;
+    cfg.on_gap = args.seq.then(|| {
+        super::receiver::OnGap::new(|g| {
+            eprintln!(
+                "hermes-bus: gap from {} on [{}]: expected #{}, got #{} ({} missing)",
+                g.origin,
+                g.topic,
+                g.expected,
+                g.got,
+                g.missing()
+            );
+        })
+    });
     let mut r = Receiver::with_config(cfg)?;
     r.start()?;
     let human = !args.json && std::io::stdout().is_terminal();
@@ -496,19 +513,28 @@ pub async fn run_sub(args: SubArgs) -> anyhow::Result<()> {
         let Some(env) = env else { break };
         ever_connected = true;
         if human {
+            let n = env
+                .seq
+                .as_ref()
+                .map(|s| format!(" #{}", s.n))
+                .unwrap_or_default();
             print_line(&format!(
-                "{} → [{}]: {}",
+                "{} → [{}]{n}: {}",
                 env.origin,
                 env.topic,
                 serde_json::to_string(&env.data)?
             ))?;
         } else {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "topic": env.topic,
                 "origin": env.origin,
                 "data": env.data,
                 "ts": env.ts,
             });
+            if let Some(seq) = &env.seq {
+                line["seq"] = seq.n.into();
+                line["seq_origin"] = seq.origin.to_string().into();
+            }
             print_line(&line.to_string())?;
         }
         n += 1;
