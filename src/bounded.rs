@@ -218,6 +218,11 @@ impl<T: Weigh> Bounded<T> {
         q
     }
 
+    /// The bounds: most items and bytes outstanding.
+    pub fn bounds(&self) -> (usize, usize) {
+        (self.max_items, self.max_bytes)
+    }
+
     /// Whether this queue conflates by key.
     pub fn is_conflating(&self) -> bool {
         self.lock().keys.is_some()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::config::Paths;
-use crate::router::{RouterConfig, SlowConsumerPolicy};
+use crate::router::{RouterConfig, SlowConsumerPolicy, SlowPolicy};
 use crate::transports::unix::UnixConfig;
 
 /// Where the bus lives.
@@ -67,6 +67,12 @@ pub struct ServeArgs {
     /// comes while it stays stuck; counted) or disconnect (with a reason).
     #[arg(long, default_value = "drop")]
     pub slow_consumer: SlowConsumerPolicy,
+    /// What a lagging topic subscriber's outbox does: queue (every value,
+    /// in order; senders wait) or conflate (at most one queued value per
+    /// topic, the newest in the place of the old; counted as `conflated`).
+    /// The ZeroMQ side has its own: --zmq-slow-policy.
+    #[arg(long, default_value = "queue")]
+    pub slow_policy: SlowPolicy,
     /// Most topic subscriptions one session may hold.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_subscriptions: usize,
@@ -178,6 +184,7 @@ impl ServeArgs {
             memory_budget: self.memory_budget,
             slow_consumer_timeout: secs(self.slow_consumer_timeout),
             slow_consumer: self.slow_consumer,
+            topic_policy: self.slow_policy,
             topics: crate::topics::TopicLimits {
                 max_per_session: self.max_subscriptions,
                 max_bytes_per_session: self.max_subscription_bytes,

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::bounded::{Bounded, Pushed, Weigh};
@@ -150,6 +151,9 @@ pub struct Bounds {
     /// Most bytes outstanding (each delivery counts its wire length plus
     /// [`Delivery::OVERHEAD`]).
     pub bytes: usize,
+    /// Whether keyed pushes ([`Outbox::push_keyed`]) replace a queued
+    /// delivery of the same key (conflation).
+    pub conflate: bool,
 }
 
 impl Bounds {
@@ -158,6 +162,15 @@ impl Bounds {
         Bounds {
             items: items.max(1),
             bytes: bytes.max(1),
+            conflate: false,
+        }
+    }
+
+    /// The same bounds for a conflating queue.
+    pub fn conflating(self, on: bool) -> Bounds {
+        Bounds {
+            conflate: on,
+            ..self
         }
     }
 }
@@ -230,7 +243,11 @@ pub struct OutboxReader {
 /// Makes a queue with the given bounds, charging `budget`.
 pub fn outbox(bounds: Bounds, budget: Arc<Budget>) -> (Outbox, OutboxReader) {
     let shared = Arc::new(Shared {
-        queue: Bounded::new(bounds.items, bounds.bytes),
+        queue: if bounds.conflate {
+            Bounded::conflating(bounds.items, bounds.bytes)
+        } else {
+            Bounded::new(bounds.items, bounds.bytes)
+        },
         budget,
         stuck: AtomicBool::new(false),
         verdict: Notify::new(),
@@ -260,6 +277,24 @@ impl Outbox {
         }
         let charge = d.charge();
         sh.pushed(sh.queue.push_unless(d, sh.budget.full()), charge)
+    }
+
+    /// [`Outbox::push`] under `key` (a topic): in a conflating outbox a
+    /// delivery of the same key still queued is replaced in its place,
+    /// whatever the bounds, and returned (the caller counts it). A plain
+    /// outbox ignores the key.
+    pub fn push_keyed(&self, d: Delivery, key: Bytes) -> Result<Option<Delivery>, PushError> {
+        let sh = &*self.shared;
+        if sh.stuck.load(Ordering::Relaxed) {
+            return Err(PushError::Stuck);
+        }
+        let charge = d.charge();
+        let (pushed, old) = sh.queue.push_keyed(d, key, sh.budget.full());
+        sh.pushed(pushed, charge)?;
+        if let Some(old) = &old {
+            sh.budget.release(old.charge());
+        }
+        Ok(old)
     }
 
     /// Enqueues past the bounds, still counted: replies and acks (which
@@ -470,7 +505,6 @@ impl OutboxReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn d(n: u8) -> Delivery {
         Delivery::frame(Bytes::from(vec![0, 0, 0, 1, n]))

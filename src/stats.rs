@@ -26,6 +26,9 @@ pub struct Totals {
     pub delivered: u64,
     /// Deliveries dropped by a full outbox (slow consumer).
     pub dropped_slow: u64,
+    /// Topic values replaced in a lagging subscriber's outbox by a newer
+    /// value of the same topic (`--slow-policy conflate`).
+    pub conflated: u64,
     /// Messages queued for a name whose client went away a moment ago
     /// (delivered when it registers again).
     pub held: u64,

@@ -70,6 +70,33 @@ impl std::str::FromStr for SlowConsumerPolicy {
     }
 }
 
+/// What a lagging topic subscriber's queue does with a topic's values
+/// (`--slow-policy`; the proxy's subscribers take the same choice).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowPolicy {
+    /// Keep every value in order (Unix sessions: the senders wait; the
+    /// proxy: drop and count past the bound, or wait with `--lossless`).
+    #[default]
+    Queue,
+    /// Keep at most one queued value per topic: a newer value replaces
+    /// the queued one in its place (counted as `conflated`), so a lagging
+    /// subscriber catches up with the latest value of every topic instead
+    /// of a stale backlog. For prices and other state-like feeds.
+    Conflate,
+}
+
+impl std::str::FromStr for SlowPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "queue" => Ok(SlowPolicy::Queue),
+            "conflate" => Ok(SlowPolicy::Conflate),
+            other => Err(format!("unknown slow policy '{other}' (queue|conflate)")),
+        }
+    }
+}
+
 /// Limits and timings of the router.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -95,6 +122,9 @@ pub struct RouterConfig {
     pub slow_consumer_timeout: Duration,
     /// What the policy does.
     pub slow_consumer: SlowConsumerPolicy,
+    /// What a topic subscriber's outbox does with a topic's values while
+    /// the subscriber lags (conflation replaces a queued value in place).
+    pub topic_policy: SlowPolicy,
     /// Bounds on topic subscriptions.
     pub topics: TopicLimits,
     /// Bound in bytes of the bus's per-topic numbering counters (topic +
@@ -115,6 +145,7 @@ impl Default for RouterConfig {
             memory_budget: 512 << 20,
             slow_consumer_timeout: Duration::from_secs(10),
             slow_consumer: SlowConsumerPolicy::Drop,
+            topic_policy: SlowPolicy::Queue,
             topics: TopicLimits::default(),
             seq_bytes: crate::seq::DEFAULT_SEQ_BYTES,
         }
@@ -301,7 +332,8 @@ impl Router {
     /// A new outbox with the configured bounds, charging the shared budget.
     pub fn new_outbox(&self) -> (Outbox, OutboxReader) {
         outbox(
-            Bounds::new(self.cfg.outbox_capacity, self.cfg.outbox_bytes),
+            Bounds::new(self.cfg.outbox_capacity, self.cfg.outbox_bytes)
+                .conflating(self.cfg.topic_policy == SlowPolicy::Conflate),
             self.budget.clone(),
         )
     }
@@ -519,7 +551,7 @@ impl Router {
                 targets.extend(self.names.live().map(|(_, id)| id));
                 for id in &targets {
                     if let Some(s) = self.sessions.get_mut(id) {
-                        match offer(&self.cfg, &mut self.totals, *id, s, &d, true) {
+                        match offer(&self.cfg, &mut self.totals, *id, s, &d, true, None) {
                             Offered::Queued => delivered += 1,
                             Offered::Wait(w) => waits.push(w),
                             Offered::Dropped => {}
@@ -589,7 +621,15 @@ impl Router {
                         Offered::Dropped
                     }
                 },
-                Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live == Full::Wait),
+                Some(s) => offer(
+                    &self.cfg,
+                    &mut self.totals,
+                    id,
+                    s,
+                    d,
+                    live == Full::Wait,
+                    None,
+                ),
                 None => Offered::Dropped,
             },
             Some(Answer::Held) => self.hold(name, d, held, now),
@@ -770,12 +810,15 @@ impl Router {
         let mut waits = Vec::new();
         let mut targets = std::mem::take(&mut self.targets);
         self.topics.matches(topic, &mut targets);
+        // Conflation replaces a queued value of the same topic.
+        let key = (self.cfg.topic_policy == SlowPolicy::Conflate && !targets.is_empty())
+            .then(|| Bytes::copy_from_slice(topic.as_bytes()));
         for id in &targets {
             if *id == from {
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(id) {
-                match offer(&self.cfg, &mut self.totals, *id, s, d, wait) {
+                match offer(&self.cfg, &mut self.totals, *id, s, d, wait, key.as_ref()) {
                     Offered::Queued => n += 1,
                     Offered::Wait(w) => waits.push(w),
                     Offered::Dropped => {}
@@ -1063,6 +1106,7 @@ enum Offered {
 /// Offers `d` to a session. A full outbox is a wait (or, for a sender
 /// that cannot wait, a counted drop); a stuck receiver's copy is dropped
 /// and counted at once.
+#[allow(clippy::too_many_arguments)]
 fn offer(
     cfg: &RouterConfig,
     totals: &mut Totals,
@@ -1070,8 +1114,17 @@ fn offer(
     s: &mut Session,
     d: &Delivery,
     wait: bool,
+    key: Option<&Bytes>,
 ) -> Offered {
-    match s.outbox.push(d.clone()) {
+    let pushed = match key {
+        None => s.outbox.push(d.clone()),
+        Some(key) => s.outbox.push_keyed(d.clone(), key.clone()).map(|old| {
+            if old.is_some() {
+                totals.conflated += 1;
+            }
+        }),
+    };
+    match pushed {
         Ok(()) => {
             s.counters.delivered += 1;
             totals.delivered += 1;

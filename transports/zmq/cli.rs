@@ -70,6 +70,17 @@ pub struct ZmqProxyArgs {
     /// those publishers are resynced).
     #[arg(id = "zmq_max_upstream_pending_bytes", value_name = "BYTES", long = "zmq-max-upstream-pending-bytes", default_value_t = super::proxy::DEFAULT_MAX_UPSTREAM_PENDING_BYTES)]
     pub max_upstream_pending_bytes: usize,
+    /// What a lagging subscriber's queue does: queue (every envelope;
+    /// drops past the bound, or pushback with lossless) or conflate (at
+    /// most one queued envelope per topic, the newest in the place of the
+    /// old; counted as `conflated`). `proxy` also takes `--slow-policy`.
+    #[arg(
+        id = "zmq_slow_policy",
+        value_name = "POLICY",
+        long = "zmq-slow-policy",
+        default_value = "queue"
+    )]
+    pub slow_policy: crate::router::SlowPolicy,
 }
 
 impl ZmqProxyArgs {
@@ -86,6 +97,7 @@ impl ZmqProxyArgs {
             lossless: self.lossless,
             slow_timeout: secs(self.slow_consumer_timeout),
             max_upstream_pending_bytes: self.max_upstream_pending_bytes,
+            slow_policy: self.slow_policy,
             ..ProxyConfig::default()
         }
     }
@@ -116,6 +128,9 @@ pub struct ProxyArgs {
     /// Same as --zmq-slow-consumer-timeout.
     #[arg(long, value_parser = parse_secs)]
     pub slow_consumer_timeout: Option<f64>,
+    /// Same as --zmq-slow-policy.
+    #[arg(long, value_name = "POLICY")]
+    pub slow_policy: Option<crate::router::SlowPolicy>,
     /// Serve the proxy's counters in the Prometheus text format at
     /// http://ADDR/metrics (e.g. 127.0.0.1:9101).
     #[arg(long, value_name = "ADDR")]
@@ -135,6 +150,9 @@ impl ProxyArgs {
         }
         if let Some(t) = self.slow_consumer_timeout {
             args.slow_consumer_timeout = t;
+        }
+        if let Some(p) = self.slow_policy {
+            args.slow_policy = p;
         }
         args.config()
     }

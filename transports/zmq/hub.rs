@@ -59,6 +59,9 @@ pub(super) struct SubPeer {
     pub(super) side: Side,
     /// Messages dropped because its queue was full.
     pub(super) drops: AtomicU64,
+    /// Whether its queue conflates by topic (a newer envelope of a topic
+    /// replaces the queued one).
+    pub(super) conflate: bool,
 }
 
 impl SubPeer {
@@ -71,6 +74,17 @@ impl SubPeer {
             seq,
             side,
             drops: AtomicU64::new(0),
+            conflate: false,
+        }
+    }
+
+    /// The same peer with a queue that conflates by topic frame.
+    pub(super) fn conflating(self) -> SubPeer {
+        let (items, bytes) = self.queue.bounds();
+        SubPeer {
+            queue: WireQueue::conflating(items, bytes),
+            conflate: true,
+            ..self
         }
     }
 }
@@ -391,11 +405,24 @@ impl Hub {
     ) {
         let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut forms = Forms::new(msg, numbered);
+        let mut topic_key: Option<Bytes> = None;
         idx.for_each_match(msg.first_frame(), |peer| {
             let Some(wire) = forms.for_peer(peer, &self.stats) else {
                 return;
             };
-            match peer.queue.push_at(wire.clone(), now) {
+            let pushed = if peer.conflate {
+                let key = topic_key
+                    .get_or_insert_with(|| msg.wire.slice_ref(msg.first_frame()))
+                    .clone();
+                let (pushed, old) = peer.queue.push_keyed(wire.clone(), key, false);
+                if old.is_some() {
+                    self.stats.conflated.fetch_add(1, Ordering::Relaxed);
+                }
+                pushed
+            } else {
+                peer.queue.push_at(wire.clone(), now)
+            };
+            match pushed {
                 Pushed::Ok => {}
                 Pushed::Full => match waiting.as_deref_mut() {
                     Some(w)
@@ -669,6 +696,28 @@ mod tests {
         assert_eq!(drain(&a).len(), 1);
         assert_eq!(a.drops.load(Ordering::Relaxed), 1);
         assert_eq!(h.stats.snapshot().subscribers.drops, 1);
+    }
+
+    #[test]
+    fn a_conflating_peer_keeps_the_newest_envelope_of_each_topic_in_place() {
+        let h = hub(ProxyConfig::default());
+        let a = Arc::new(SubPeer::new(2, 1 << 20, false, false, Side::Backend).conflating());
+        let mut s = PeerSubs::default();
+        h.apply_sub_change(&a, &mut s, sub(""));
+        let now = Instant::now();
+        let m = |t: &str, v: &str| msg(&[t.as_bytes(), v.as_bytes()]);
+        for (t, v) in [
+            ("\"x\"", "1"),
+            ("\"y\"", "1"),
+            ("\"x\"", "2"),
+            ("\"x\"", "3"),
+        ] {
+            h.dispatch(&m(t, v), now, None, false);
+        }
+        // Full at two, yet nothing dropped: x's newest took x's place.
+        assert_eq!(drain(&a), vec![m("\"x\"", "3").wire, m("\"y\"", "1").wire]);
+        assert_eq!(a.drops.load(Ordering::Relaxed), 0);
+        assert_eq!(h.stats.snapshot().conflated, 2);
     }
 
     #[test]

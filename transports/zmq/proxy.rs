@@ -136,6 +136,11 @@ pub struct ProxyConfig {
     /// Past it the oldest are discarded and the publishers that needed
     /// them are resynced (`upstream_resyncs`, `upstream_cancels_dropped`).
     pub max_upstream_pending_bytes: usize,
+    /// What a lagging subscriber's queue does with a topic's envelopes:
+    /// queue them all (the default: ZeroMQ PUB semantics, or pushback with
+    /// `lossless`) or conflate (at most one queued envelope per topic, the
+    /// newest in the place of the old, counted as `conflated`).
+    pub slow_policy: crate::router::SlowPolicy,
 }
 
 impl Default for ProxyConfig {
@@ -156,6 +161,7 @@ impl Default for ProxyConfig {
             max_prefix_len: DEFAULT_MAX_PREFIX_LEN,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_upstream_pending_bytes: DEFAULT_MAX_UPSTREAM_PENDING_BYTES,
+            slow_policy: crate::router::SlowPolicy::Queue,
         }
     }
 }

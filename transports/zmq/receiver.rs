@@ -95,6 +95,11 @@ pub struct ReceiverConfig {
     pub lag_threshold: Duration,
     /// Queue limit (envelopes) between the socket and `recv`.
     pub queue: usize,
+    /// Conflate the queue: while the application lags, at most one
+    /// envelope per topic waits; a newer one takes the place of the queued
+    /// one (counted as `conflated`), so `recv` catches up with the latest
+    /// value of every topic instead of a stale backlog.
+    pub conflate: bool,
     /// Data codec we accept besides JSON: with `MsgPack` we tell the proxy
     /// so in the handshake and it may send us MessagePack data frames.
     pub codec: Codec,
@@ -128,6 +133,7 @@ impl ReceiverConfig {
             slow_policy: SlowPolicy::Stop,
             lag_threshold: Duration::from_secs(1),
             queue: 100_000,
+            conflate: false,
             codec: Codec::Json,
             registry: Registry::shared(),
             max_msg_size: 16 << 20,
@@ -160,6 +166,9 @@ crate::counters::counters! {
         lagging,
         /// Envelopes dropped: queue full, or lagging under `Drop`.
         dropped,
+        /// Envelopes replaced in the queue by a newer one of the same
+        /// topic (`conflate`).
+        conflated,
         /// Oversized messages skipped.
         oversized,
         /// Connections made after the first one.
@@ -257,7 +266,11 @@ impl Receiver {
     /// A receiver with explicit settings.
     pub fn with_config(cfg: ReceiverConfig) -> Result<Receiver, ZmqError> {
         let endpoint = cfg.addr.parse()?;
-        let queue = cfg.queue;
+        let queue = if cfg.conflate {
+            Bounded::conflating(cfg.queue, usize::MAX)
+        } else {
+            Bounded::new(cfg.queue, usize::MAX)
+        };
         let seq_bytes = cfg.seq_bytes;
         let mut subscriptions = BytesMut::new();
         if cfg.topics.is_empty() {
@@ -273,7 +286,7 @@ impl Receiver {
                 Shared {
                     cfg,
                     subscriptions,
-                    queue: Bounded::new(queue, usize::MAX),
+                    queue,
                     lag_warned: AtomicU64::new(0),
                     seq: Mutex::new(SeqState {
                         tracker: GapTracker::new(seq_bytes),
@@ -546,7 +559,17 @@ impl Shared {
         }
         // The push wakes a waiting `recv` (async or blocking).
         // (Numbered envelopes were checked above.)
-        if self.queue.push(env) == Pushed::Ok {
+        let pushed = if self.cfg.conflate {
+            let key = bytes::Bytes::copy_from_slice(env.topic.as_bytes());
+            let (pushed, old) = self.queue.push_keyed(env, key, false);
+            if old.is_some() {
+                c.conflated.fetch_add(1, Ordering::Relaxed);
+            }
+            pushed
+        } else {
+            self.queue.push(env)
+        };
+        if pushed == Pushed::Ok {
             c.delivered.fetch_add(1, Ordering::Relaxed);
         } else {
             c.dropped.fetch_add(1, Ordering::Relaxed);

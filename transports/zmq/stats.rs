@@ -56,6 +56,9 @@ counters! {
         /// Numbered envelopes given their 4-frame form (once per message)
         /// for subscribers that did not ask for sequence numbers.
         seq_stripped,
+        /// Envelopes replaced in a lagging subscriber's queue by a newer
+        /// one of the same topic (`--slow-policy conflate`).
+        conflated,
         /// Subscription prefixes currently held by subscriber and capture
         /// peers (a gauge).
         subscriptions,

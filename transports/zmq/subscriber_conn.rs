@@ -68,13 +68,21 @@ pub(super) async fn subscriber_conn(
             return;
         }
     };
-    let peer = Arc::new(SubPeer::new(
+    let peer = SubPeer::new(
         hub.cfg.sub_queue,
         hub.cfg.sub_queue_bytes,
         info.wants_msgpack(),
         info.wants_seq(),
         side,
-    ));
+    );
+    // Conflation is for the XPUB side; the capture copy keeps every one.
+    let peer = Arc::new(
+        if side == Side::Backend && hub.cfg.slow_policy == crate::router::SlowPolicy::Conflate {
+            peer.conflating()
+        } else {
+            peer
+        },
+    );
     let conn_done = shutdown.child_token();
     let writer = tokio::spawn(writer_task(
         w,
