@@ -585,6 +585,23 @@ mod tests {
     }
 
     #[test]
+    fn conflation_is_opt_in_under_both_spellings() {
+        use crate::router::SlowPolicy;
+        let parse = |args: &[&str]| {
+            Cmd::try_parse_from(std::iter::once("proxy").chain(args.iter().copied()))
+                .map(|c| c.proxy.config().slow_policy)
+        };
+        assert_eq!(parse(&[]).expect("default"), SlowPolicy::Queue);
+        for flag in ["--slow-policy", "--zmq-slow-policy"] {
+            assert_eq!(
+                parse(&[flag, "conflate"]).expect(flag),
+                SlowPolicy::Conflate
+            );
+            assert!(parse(&[flag, "latest"]).is_err(), "{flag} latest refused");
+        }
+    }
+
+    #[test]
     fn lossless_is_opt_in_with_a_slow_consumer_timeout() {
         let off = Cmd::try_parse_from(["proxy"])
             .expect("defaults")
