@@ -15,7 +15,9 @@
 //! Each line reports what the publisher was asked to publish and what it
 //! really sent; what it dropped is split by cause: `filtered` (no
 //! subscriber wanted the topic: a ZeroMQ PUB drops those at the source),
-//! `disconnected` and `dropped` (queue full).
+//! `disconnected` and `dropped` (queue full). `--seq` makes the receivers
+//! ask for sequence numbers and count gaps; `--no-numbering` turns the
+//! publisher's numbering off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,6 +60,14 @@ struct Args {
         default_value = "tcp://127.0.0.1:6001"
     )]
     zmq_out: String,
+    /// Receivers ask for sequence numbers and count gaps (`gaps`,
+    /// `missing` in their stats at the end).
+    #[arg(long)]
+    seq: bool,
+    /// The publisher does not number its envelopes (to measure what
+    /// numbering costs).
+    #[arg(long)]
+    no_numbering: bool,
 }
 
 /// Per-receiver tallies the printer reads.
@@ -116,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         let mut cfg = ReceiverConfig::new(back.clone(), format!("sub-{prefix}"));
         cfg.topics = vec![format!("quotes/{prefix}"), format!("trades/{prefix}")];
         cfg.slow_policy = SlowPolicy::Warn;
+        cfg.seq = args.seq;
         let mut r = Receiver::with_config(cfg)?;
         r.start()?;
         r.wait_connected(Duration::from_secs(5))
@@ -146,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut pcfg = PublisherConfig::new(front.clone(), "feed");
     pcfg.queue = 1_000_000;
+    pcfg.seq = !args.no_numbering;
     let mut publisher = Publisher::with_config(pcfg)?;
     publisher.start()?;
     publisher

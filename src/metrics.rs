@@ -165,6 +165,19 @@ pub fn render(status: &Value) -> String {
                 }
             }
         }
+        // The bus's topic numbering: topics, bytes, limit (gauges) and
+        // counters forgotten for the bound.
+        if let Some(seq) = router["seq"].as_object() {
+            for (k, v) in seq {
+                if let Some(n) = number(v) {
+                    if k == "forgotten" {
+                        m.add(&format!("{P}_seq_{k}_total"), "counter", &[], n);
+                    } else {
+                        m.add(&format!("{P}_seq_{k}"), "gauge", &[], n);
+                    }
+                }
+            }
+        }
         for e in router["endpoints"].as_array().into_iter().flatten() {
             let name = e["name"].as_str().unwrap_or("");
             let transport = e["transport"].as_str().unwrap_or("");

@@ -1563,4 +1563,43 @@ mod tests {
         assert!(frames(&mut r2).is_empty());
         assert!(frames(&mut rp).is_empty());
     }
+
+    #[test]
+    fn topic_messages_without_a_number_are_numbered_per_topic_by_the_bus() {
+        let mut r = Router::new(RouterConfig {
+            seq_bytes: 2 * (1 + crate::seq::ENTRY_OVERHEAD),
+            ..RouterConfig::default()
+        });
+        let mk = |topic: &str, seq: Option<Seq>| TopicMessage {
+            topic: topic.into(),
+            origin: "o".into(),
+            data: serde_json::value::to_raw_value(&1).unwrap(),
+            ts: 1.0,
+            seq,
+        };
+        let mut number = |topic: &str, seq: Option<Seq>| {
+            let d = r.topic_delivery(mk(topic, seq));
+            d.topic_message()
+                .and_then(|m| m.seq.clone())
+                .expect("numbered")
+        };
+        let a1 = number("a", None);
+        assert!(a1.origin.starts_with("hermes-bus#"), "{a1:?}");
+        assert_eq!((a1.n, number("a", None).n, number("b", None).n), (1, 2, 1));
+        // A message numbered by its publisher keeps its number.
+        let theirs = Seq {
+            origin: "feed#0000000000000001".into(),
+            n: 42,
+        };
+        assert_eq!(number("a", Some(theirs.clone())), theirs);
+        assert_eq!(number("a", None).n, 3);
+        // Past the byte bound the least recently used counter goes: its
+        // topic starts again at 1, and status counts it.
+        assert_eq!(number("c", None).n, 1);
+        assert_eq!(number("b", None).n, 1);
+        let st = r.stats(Instant::now()).seq;
+        assert_eq!((st.topics, st.forgotten), (2, 2));
+        assert!(st.bytes <= st.limit);
+        assert_eq!(st.origin, &*a1.origin);
+    }
 }
