@@ -459,3 +459,83 @@ async fn numbers_cross_the_bus_between_zeromq_and_unix() {
     .await
     .expect("test timed out");
 }
+
+/// `hermes-bus sub --seq`: every line carries its number and origin, and
+/// every gap (a tiny proxy queue drops) is reported on stderr; the lines
+/// and the missing counts of the reports cover every number exactly.
+#[tokio::test]
+async fn the_sub_command_prints_numbers_and_reports_gaps() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| c.sub_queue = 2).await;
+        let root = common::TempRoot::new();
+        let back = proxy.back();
+        let mut sub = root.cmd("hermes-bus");
+        sub.args([
+            "sub",
+            "--seq",
+            "--json",
+            "--zmq-out",
+            &back,
+            "--timeout-s",
+            "8",
+            "T/",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let sub = sub.spawn().expect("sub");
+        let mut p = Publisher::new(&proxy.front(), "feed").expect("publisher");
+        p.start().expect("start");
+        p.wait_for_subscriber("T/x", Duration::from_secs(15))
+            .await
+            .expect("the sub command subscribed");
+        for i in 0..5_000 {
+            p.publish_parts("T/x", "feed", &data(i)).expect("publish");
+        }
+        p.flush(Duration::from_secs(10)).await.expect("flushed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The fence: the last drops show once it arrives.
+        p.publish_parts("T/x", "feed", &data(5_000))
+            .expect("publish");
+        let out = tokio::time::timeout(Duration::from_secs(30), sub.wait_with_output())
+            .await
+            .expect("sub ended")
+            .expect("sub output");
+        assert!(out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert!(lines
+            .iter()
+            .all(|l| l["seq_origin"] == p.origin_id() && l["topic"] == "T/x"));
+        let (first, last) = (
+            lines[0]["seq"].as_u64().expect("seq"),
+            lines[lines.len() - 1]["seq"].as_u64().expect("seq"),
+        );
+        // "... (N missing)" per gap line.
+        let missing: u64 = stderr
+            .lines()
+            .filter(|l| l.contains("gap from") && l.contains(p.origin_id()))
+            .filter_map(|l| l.rsplit('(').next()?.split(' ').next()?.parse::<u64>().ok())
+            .sum();
+        println!(
+            "sub: {} lines, numbers {first}..{last}, {missing} missing; proxy drops {}",
+            lines.len(),
+            proxy.stats.snapshot().subscribers.drops
+        );
+        assert_eq!(last, 5_001, "the fence arrived");
+        assert_eq!(lines.len() as u64 + missing, last - first + 1, "{stderr}");
+        // Every drop is reported, but those before the first line (the
+        // stream's baseline), which nothing can tell apart.
+        assert_eq!(
+            missing + (first - 1),
+            proxy.stats.snapshot().subscribers.drops
+        );
+        p.stop().await;
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
