@@ -29,6 +29,9 @@ pub enum Disconnect {
     Protocol(String),
     /// A task of the client failed (it panicked).
     TaskFailed(String),
+    /// The peer went silent: nothing arrived within the heartbeat timeout
+    /// (a dead host or a cut link leaves the TCP connection half open).
+    Silent(String),
 }
 
 impl Disconnect {
@@ -56,6 +59,7 @@ impl fmt::Display for Disconnect {
             Disconnect::Io { message, .. } => f.write_str(message),
             Disconnect::Protocol(m) => f.write_str(m),
             Disconnect::TaskFailed(m) => write!(f, "reader failed: {m}"),
+            Disconnect::Silent(m) => f.write_str(m),
         }
     }
 }
@@ -73,6 +77,7 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::BrokenPipe).into(),
             Disconnect::Protocol("bad frame".into()),
             Disconnect::TaskFailed("panic".into()),
+            Disconnect::Silent("peer silent".into()),
         ] {
             assert!(!d.is_final(), "{d:?}");
         }

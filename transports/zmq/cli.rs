@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
+use super::heartbeat::{HeartbeatConfig, MAX_TTL};
 use super::proxy::{
     ProxyConfig, ZmqProxy, DEFAULT_BACKEND, DEFAULT_CAPTURE, DEFAULT_FRONTEND, DEFAULT_SLOW_TIMEOUT,
 };
@@ -81,6 +82,21 @@ pub struct ZmqProxyArgs {
         default_value = "queue"
     )]
     pub slow_policy: crate::router::SlowPolicy,
+    /// ZMTP heartbeats (libzmq's ZMQ_HEARTBEAT_IVL): send every peer a
+    /// PING this often, in seconds (0: never, the default, as libzmq).
+    /// `proxy` also takes `--heartbeat-ivl`.
+    #[arg(id = "zmq_heartbeat_ivl", value_name = "SECS", long = "zmq-heartbeat-ivl", default_value_t = 0.0, value_parser = parse_secs)]
+    pub heartbeat_ivl: f64,
+    /// Drop a peer that sent nothing for this many seconds after a PING
+    /// (ZMQ_HEARTBEAT_TIMEOUT; default: the interval). `proxy` also takes
+    /// `--heartbeat-timeout`.
+    #[arg(id = "zmq_heartbeat_timeout", value_name = "SECS", long = "zmq-heartbeat-timeout", value_parser = parse_secs)]
+    pub heartbeat_timeout: Option<f64>,
+    /// TTL sent in our PINGs, in seconds (ZMQ_HEARTBEAT_TTL): peers drop
+    /// us after hearing nothing that long (0: no limit; at most 6553.5).
+    /// `proxy` also takes `--heartbeat-ttl`.
+    #[arg(id = "zmq_heartbeat_ttl", value_name = "SECS", long = "zmq-heartbeat-ttl", default_value_t = 0.0, value_parser = parse_ttl)]
+    pub heartbeat_ttl: f64,
 }
 
 impl ZmqProxyArgs {
@@ -98,6 +114,11 @@ impl ZmqProxyArgs {
             slow_timeout: secs(self.slow_consumer_timeout),
             max_upstream_pending_bytes: self.max_upstream_pending_bytes,
             slow_policy: self.slow_policy,
+            heartbeat: HeartbeatConfig {
+                interval: secs(self.heartbeat_ivl),
+                timeout: self.heartbeat_timeout.map(secs),
+                ttl: secs(self.heartbeat_ttl),
+            },
             ..ProxyConfig::default()
         }
     }
@@ -131,6 +152,16 @@ pub struct ProxyArgs {
     /// Same as --zmq-slow-policy.
     #[arg(long, value_name = "POLICY")]
     pub slow_policy: Option<crate::router::SlowPolicy>,
+    /// Same as --zmq-heartbeat-ivl. (`server` has its own
+    /// `--heartbeat-timeout`, for Unix sessions, hence the two spellings.)
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub heartbeat_ivl: Option<f64>,
+    /// Same as --zmq-heartbeat-timeout.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub heartbeat_timeout: Option<f64>,
+    /// Same as --zmq-heartbeat-ttl.
+    #[arg(long, value_name = "SECS", value_parser = parse_ttl)]
+    pub heartbeat_ttl: Option<f64>,
     /// Serve the proxy's counters in the Prometheus text format at
     /// http://ADDR/metrics (e.g. 127.0.0.1:9101).
     #[arg(long, value_name = "ADDR")]
@@ -154,6 +185,15 @@ impl ProxyArgs {
         if let Some(p) = self.slow_policy {
             args.slow_policy = p;
         }
+        if let Some(t) = self.heartbeat_ivl {
+            args.heartbeat_ivl = t;
+        }
+        if self.heartbeat_timeout.is_some() {
+            args.heartbeat_timeout = self.heartbeat_timeout;
+        }
+        if let Some(t) = self.heartbeat_ttl {
+            args.heartbeat_ttl = t;
+        }
         args.config()
     }
 }
@@ -170,6 +210,19 @@ pub fn parse_secs(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if Duration::try_from_secs_f64(v).is_err() {
         return Err(format!("{s:?} is not a usable number of seconds"));
+    }
+    Ok(v)
+}
+
+/// A heartbeat TTL in seconds: as [`parse_secs`], and at most what a PING
+/// carries (6553.5 s).
+pub fn parse_ttl(s: &str) -> Result<f64, String> {
+    let v = parse_secs(s)?;
+    if v > MAX_TTL.as_secs_f64() {
+        return Err(format!(
+            "{s:?}: a heartbeat TTL is at most {} seconds",
+            MAX_TTL.as_secs_f64()
+        ));
     }
     Ok(v)
 }
@@ -687,5 +740,72 @@ mod tests {
             (old.frontend.as_str(), old.max_connections),
             ("tcp://127.0.0.1:7", 3)
         );
+    }
+
+    #[test]
+    fn heartbeats_are_off_by_default_and_set_by_either_spelling() {
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            zmq: ZmqProxyArgs,
+        }
+        let off = Cmd::try_parse_from(["proxy"])
+            .expect("defaults")
+            .proxy
+            .config();
+        assert_eq!(off.heartbeat, HeartbeatConfig::OFF);
+        let want = HeartbeatConfig {
+            interval: Duration::from_millis(200),
+            timeout: Some(Duration::from_secs(1)),
+            ttl: Duration::from_secs(3),
+        };
+        let long = [
+            "x",
+            "--zmq-heartbeat-ivl",
+            "0.2",
+            "--zmq-heartbeat-timeout",
+            "1",
+            "--zmq-heartbeat-ttl",
+            "3",
+        ];
+        let server = Serve::try_parse_from(long)
+            .expect("server flags")
+            .zmq
+            .config();
+        let proxy = Cmd::try_parse_from(long)
+            .expect("proxy flags")
+            .proxy
+            .config();
+        let short = Cmd::try_parse_from([
+            "x",
+            "--heartbeat-ivl",
+            "0.2",
+            "--heartbeat-timeout",
+            "1",
+            "--heartbeat-ttl",
+            "3",
+        ])
+        .expect("the proxy's own names")
+        .proxy
+        .config();
+        for c in [server, proxy, short] {
+            assert_eq!(c.heartbeat, want);
+            assert_eq!(c.heartbeat.ttl_deciseconds(), 30);
+        }
+        let default_timeout = Cmd::try_parse_from(["x", "--heartbeat-ivl", "2"])
+            .expect("ivl alone")
+            .proxy
+            .config();
+        assert_eq!(
+            default_timeout.heartbeat.effective_timeout(),
+            Duration::from_secs(2)
+        );
+        for bad in [
+            ["x", "--heartbeat-ttl", "7000"],
+            ["x", "--zmq-heartbeat-ivl", "-1"],
+            ["x", "--heartbeat-timeout", "nan"],
+        ] {
+            assert!(Cmd::try_parse_from(bad).is_err(), "{bad:?} refused");
+        }
     }
 }

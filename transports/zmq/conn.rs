@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::endpoint::ReadHalf;
 
+use super::heartbeat_task::BeatCounters;
 use super::hub::Hub;
 use super::proxy::EnvelopeSink;
 use super::stats::SideCounters;
@@ -45,12 +46,24 @@ pub(super) const PROXY_PROPS: &[(&str, &[u8])] = &[
 /// Counts a connection's end by its cause.
 pub(super) fn note_end(counters: &SideCounters, err: &ZmtpError) {
     match err {
-        ZmtpError::Io(_) | ZmtpError::Closed => {}
+        // Counted as `heartbeat_timeouts` where they fire.
+        ZmtpError::Io(_) | ZmtpError::Closed | ZmtpError::HeartbeatExpired(_) => {}
         _ => {
             counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
     tracing::debug!(error = %err, "zmq proxy: connection ended");
+}
+
+/// Where a connection of a side counts its heartbeats.
+pub(super) fn beat_counters(c: &SideCounters) -> BeatCounters<'_> {
+    BeatCounters {
+        pings_sent: &c.pings_sent,
+        pings_received: &c.pings_received,
+        pongs_received: &c.pongs_received,
+        timeouts: &c.heartbeat_timeouts,
+        pongs_dropped: &c.pongs_dropped,
+    }
 }
 
 /// Waits until `deadline`, or forever without one.

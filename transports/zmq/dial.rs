@@ -53,6 +53,7 @@ impl From<ZmtpError> for Disconnect {
         match e {
             ZmtpError::Closed => Disconnect::PeerClosed,
             ZmtpError::Io(e) => e.into(),
+            ZmtpError::HeartbeatExpired(why) => Disconnect::Silent(why.to_string()),
             other => Disconnect::Protocol(other.to_string()),
         }
     }

@@ -3,7 +3,11 @@
 //! (NULL mechanism) over tokio.
 //!
 //! - [`zmtp`]: greeting, READY, frames, subscriptions.
-//! - [`endpoint`]: `tcp://` and `ipc://` endpoints.
+//! - [`endpoint`]: `tcp://` and `ipc://` endpoints (TCP keepalive on
+//!   every TCP socket).
+//! - [`heartbeat`]: ZMTP 3.1 PING/PONG heartbeats as plain state
+//!   (`heartbeat_task` drives them on a connection, for the proxy and the
+//!   clients alike).
 //! - [`proxy`]: the XSUB/XPUB/capture proxy (config, bind and accept, the
 //!   public API); its parts: `hub` (subscriptions and fan-out, plain
 //!   state), `upstream` (the subscriptions publishers are sent, one log
@@ -29,6 +33,8 @@ mod conn;
 mod dial;
 pub mod endpoint;
 pub mod envelope;
+pub mod heartbeat;
+mod heartbeat_task;
 mod hub;
 pub mod node;
 mod prefix_set;
@@ -45,6 +51,7 @@ pub mod zmtp;
 
 pub use bridge::ZmqTransport;
 pub use endpoint::Endpoint;
+pub use heartbeat::HeartbeatConfig;
 pub use node::Node;
 pub use proxy::{ProxyConfig, ProxyEndpoints, ProxySnapshot, ProxyStats, ZmqProxy};
 pub use publisher::{Publisher, PublisherConfig};

@@ -40,6 +40,10 @@
 //!   timeout after its handshake is closed, so idle peers cannot hold the
 //!   connection limit.
 //! - A broken peer (reset, half frame, garbage) ends only its connection.
+//! - Heartbeats (opt-in, `heartbeat.rs`): PINGs to every peer and a
+//!   timeout for silent ones, so peers of a host that died (half-open TCP
+//!   connections) are dropped in seconds; every TCP socket also has TCP
+//!   keepalive (minutes).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::Shared;
 use super::endpoint::{Endpoint, Listener};
+use super::heartbeat::HeartbeatConfig;
 use super::hub::{Hub, Side};
 use super::publisher_conn::publisher_conn;
 use super::subscriber_conn::subscriber_conn;
@@ -141,6 +146,14 @@ pub struct ProxyConfig {
     /// `lossless`) or conflate (at most one queued envelope per topic, the
     /// newest in the place of the old, counted as `conflated`).
     pub slow_policy: crate::router::SlowPolicy,
+    /// ZMTP 3.1 heartbeats with every peer (libzmq's
+    /// `ZMQ_HEARTBEAT_IVL` / `_TIMEOUT` / `_TTL`): a PING every interval,
+    /// and a peer silent for the timeout after one is dropped (counted as
+    /// `heartbeat_timeouts`). Off by default, as in libzmq. A peer's own
+    /// PINGs are answered, and the TTL they carry honoured, either way.
+    /// A subscriber that reads nothing for the timeout (stuck, or too
+    /// slow to reach our PING) is dropped too, as libzmq does.
+    pub heartbeat: HeartbeatConfig,
 }
 
 impl Default for ProxyConfig {
@@ -162,6 +175,7 @@ impl Default for ProxyConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_upstream_pending_bytes: DEFAULT_MAX_UPSTREAM_PENDING_BYTES,
             slow_policy: crate::router::SlowPolicy::Queue,
+            heartbeat: HeartbeatConfig::OFF,
         }
     }
 }

@@ -30,6 +30,8 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::Endpoint;
+use super::heartbeat::HeartbeatConfig;
+use super::heartbeat_task::{control_queue, Beat, BeatCounters};
 use super::prefix_set::PrefixSet;
 use super::queue::{Pushed, WireQueue};
 use super::sequence::SeqFramer;
@@ -66,6 +68,11 @@ pub struct PublisherConfig {
     /// topic); past it the least recently used are forgotten (counted in
     /// `seq_forgotten`) and start again at 1.
     pub seq_bytes: usize,
+    /// ZMTP heartbeats with the proxy: a proxy silent past the timeout is
+    /// dropped and dialled again (default
+    /// [`HeartbeatConfig::CLIENT_DEFAULT`], which says why;
+    /// [`HeartbeatConfig::OFF`] for none).
+    pub heartbeat: HeartbeatConfig,
 }
 
 impl PublisherConfig {
@@ -81,6 +88,7 @@ impl PublisherConfig {
             reconnect: Backoff::new(RECONNECT_MIN, 2.0, RECONNECT_MAX),
             seq: true,
             seq_bytes: DEFAULT_SEQ_BYTES,
+            heartbeat: HeartbeatConfig::CLIENT_DEFAULT,
         }
     }
 }
@@ -104,6 +112,17 @@ crate::counters::counters! {
         dropped,
         /// Connections made after the first one.
         reconnects,
+        /// Heartbeat PINGs sent to the proxy.
+        pings_sent,
+        /// PINGs received from the proxy (each answered with a PONG).
+        pings_received,
+        /// PONGs received from the proxy.
+        pongs_received,
+        /// Connections dropped because the proxy went silent (then
+        /// dialled again).
+        heartbeat_timeouts,
+        /// PONG answers dropped: the proxy pinged faster than we wrote.
+        pongs_dropped,
         /// Envelopes sent with a sequence frame (to a proxy that takes it).
         numbered;
         /// Topics numbered now (a gauge).
@@ -137,6 +156,8 @@ struct Shared {
     numbers: Mutex<SeqCounters>,
     /// Writes our sequence frames (our origin id, encoded once).
     framer: SeqFramer,
+    /// Heartbeat settings of each connection.
+    heartbeat: HeartbeatConfig,
     /// Counters.
     counters: Counters,
 }
@@ -155,6 +176,17 @@ impl Shared {
 
     fn numbers(&self) -> std::sync::MutexGuard<'_, SeqCounters> {
         self.numbers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn beats(&self) -> BeatCounters<'_> {
+        let c = &self.counters;
+        BeatCounters {
+            pings_sent: &c.pings_sent,
+            pings_received: &c.pings_received,
+            pongs_received: &c.pongs_received,
+            timeouts: &c.heartbeat_timeouts,
+            pongs_dropped: &c.pongs_dropped,
+        }
     }
 }
 
@@ -192,6 +224,7 @@ impl Publisher {
                 seq_ok: AtomicBool::new(false),
                 numbers: Mutex::new(SeqCounters::new(cfg.seq_bytes)),
                 framer: SeqFramer::new(&origin_id),
+                heartbeat: cfg.heartbeat,
                 counters: Counters::default(),
             },
         );
@@ -366,16 +399,19 @@ impl Link for Shared {
 }
 
 /// Serves one connection: applies the subscriptions the proxy forwards,
-/// answers its pings, and writes the queue in batches. Ends with
-/// [`Disconnect::Closed`] once stopping and everything queued is written,
-/// otherwise with why the connection was lost.
+/// exchanges heartbeats with it, and writes the queue in batches. Ends
+/// with [`Disconnect::Closed`] once stopping and everything queued is
+/// written, otherwise with why the connection was lost (a proxy silent
+/// past the heartbeat timeout included).
 async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
     let Dialed {
         mut r,
         w,
         mut reader,
-        ..
+        info,
     } = conn;
+    let control = control_queue();
+    let beat = Beat::new(&shared.heartbeat, info.takes_pings(), control.clone());
     let read = async {
         loop {
             while let Some(item) = reader.next_item()? {
@@ -385,23 +421,23 @@ async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
                         SubChange::Cancel(p) => shared.subs_mut().cancel(&p),
                     }
                     ctl.status.notify();
-                } else if let Inbound::Command(name, data) = item {
-                    let mut pong = BytesMut::new();
-                    if zmtp::answer_ping(&name, &data, &mut pong) {
-                        shared.queue.push(pong.freeze());
-                    }
+                } else if let Inbound::Ping(p) = &item {
+                    beat.on_ping(p, shared.beats());
+                } else if let Inbound::Pong(_) = item {
+                    beat.on_pong(shared.beats());
                 }
             }
             if !reader.fill(&mut r).await? {
                 return Err::<(), _>(ZmtpError::Closed);
             }
+            beat.received();
         }
     };
     let write = async {
         let mut w = BufWriter::with_capacity(64 * 1024, w);
         let mut batch = VecDeque::new();
         loop {
-            if shared.queue.is_empty() {
+            if shared.queue.is_empty() && control.is_empty() {
                 w.flush().await?;
                 ctl.status.notify();
                 tokio::select! {
@@ -412,7 +448,16 @@ async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
                         }
                     }
                     _ = shared.queue.wait() => {}
+                    _ = control.wait() => {}
                 }
+            }
+            // Heartbeats first, outside the counts.
+            if !control.is_empty() {
+                control.take_all(&mut batch);
+                for item in batch.drain(..) {
+                    w.write_all(&item).await?;
+                }
+                w.flush().await?;
             }
             shared.queue.take_all(&mut batch);
             let n = batch.len() as u64;
@@ -425,5 +470,6 @@ async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
     tokio::select! {
         r = read => r.err().map_or(Disconnect::PeerClosed, Disconnect::from),
         w = write => w.err().map_or(Disconnect::Closed, Disconnect::from),
+        why = beat.run(shared.beats()) => ZmtpError::HeartbeatExpired(why).into(),
     }
 }

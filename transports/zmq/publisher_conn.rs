@@ -14,20 +14,15 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{note_end, read_more, Shared, PROXY_PROPS};
+use super::conn::{beat_counters, note_end, read_more, Shared, PROXY_PROPS};
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
+use super::heartbeat_task::{control_queue, Beat};
 use super::hub::{SubPeer, Waiting};
 use super::queue::{Pushed, WireQueue};
 use super::sequence;
 use super::upstream::UPSTREAM_BATCH_BYTES;
 use super::zmtp::{self, FrameReader, Inbound, RawMessage, SocketType, ZmtpError};
 use crate::transports::zmq::envelope;
-
-/// Most pong answers queued for one publisher (it sent pings faster than
-/// it reads: later ones are dropped, as a full queue does).
-const PONG_QUEUE_ITEMS: usize = 64;
-/// Most bytes of them.
-const PONG_QUEUE_BYTES: usize = 64 * 1024;
 
 /// Outcome of waiting for room at one subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +58,13 @@ pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: Ca
     // Only a publisher that announced sequence frames has its fifth
     // frames read as numbers; anyone else's messages go out as they came.
     let numbered = info.wants_seq();
-    // Only our answers to its pings are queued for it (a few, small);
-    // its subscriptions come from the shared upstream log.
-    let control = Arc::new(WireQueue::new(PONG_QUEUE_ITEMS, PONG_QUEUE_BYTES));
+    // Only heartbeats (our PINGs, our answers to its PINGs: a few, small)
+    // are queued for it; its subscriptions come from the shared upstream
+    // log.
+    let control = control_queue();
+    // Every peer is pinged when the operator turned heartbeats on
+    // (libzmq does the same); ours and libzmq's answer.
+    let beat = Beat::new(&hub.cfg.heartbeat, true, control.clone());
     let id = hub.join_publisher();
     let conn_done = shutdown.child_token();
     let writer = tokio::spawn(publisher_writer(
@@ -75,7 +74,10 @@ pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: Ca
         control.clone(),
         conn_done.clone(),
     ));
-    let res = publisher_read_loop(&sh, &mut r, &mut reader, &control, &conn_done, numbered).await;
+    let res = tokio::select! {
+        r = publisher_read_loop(&sh, &mut r, &mut reader, &beat, &conn_done, numbered) => r,
+        why = beat.run(beat_counters(c)) => Err(ZmtpError::HeartbeatExpired(why)),
+    };
     if let Err(e) = res {
         note_end(c, &e);
     }
@@ -87,7 +89,8 @@ pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: Ca
 
 /// Writes to one publisher: the upstream subscription changes it has not
 /// been sent (encoded from the shared log in batches of at most
-/// `UPSTREAM_BATCH_BYTES`, the only bytes held for it) and pongs. While
+/// `UPSTREAM_BATCH_BYTES`, the only bytes held for it) and heartbeats
+/// (PINGs and PONGs, ahead of subscriptions). While
 /// the publisher does not read, its cursor stays and nothing is queued
 /// for it; the log's tombstones are bounded across all publishers.
 async fn publisher_writer(
@@ -140,7 +143,7 @@ async fn publisher_read_loop(
     sh: &Shared,
     r: &mut ReadHalf,
     reader: &mut FrameReader,
-    control: &WireQueue,
+    beat: &Beat,
     done: &CancellationToken,
     numbered: bool,
 ) -> Result<(), ZmtpError> {
@@ -174,18 +177,19 @@ async fn publisher_read_loop(
                     // subscriber took the message (or was found stuck),
                     // so its later messages stay behind it.
                     if !waiting.is_empty() {
-                        if deliver_waiting(sh, &mut waiting, done).await == Waited::Cancelled {
+                        // Its silence while we do not read it is ours.
+                        beat.hold();
+                        let waited = deliver_waiting(sh, &mut waiting, done).await;
+                        beat.release();
+                        if waited == Waited::Cancelled {
                             break;
                         }
                         now = Instant::now();
                     }
                 }
-                Ok(Some(Inbound::Command(name, data))) => {
-                    let mut out = BytesMut::new();
-                    if zmtp::answer_ping(&name, &data, &mut out) {
-                        control.push(out.freeze());
-                    }
-                }
+                Ok(Some(Inbound::Ping(p))) => beat.on_ping(&p, beat_counters(c)),
+                Ok(Some(Inbound::Pong(_))) => beat.on_pong(beat_counters(c)),
+                Ok(Some(Inbound::Command(..))) => {}
                 Ok(Some(Inbound::Oversized(_))) => big += 1,
                 Ok(None) => break,
                 Err(e) => {
@@ -212,6 +216,7 @@ async fn publisher_read_loop(
         if !read_more(sh, reader, r, done, deadline).await? {
             return Ok(());
         }
+        beat.received();
     }
 }
 

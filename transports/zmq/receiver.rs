@@ -26,7 +26,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, WriteHalf};
+use super::heartbeat::HeartbeatConfig;
+use super::heartbeat_task::{control_queue, Beat, BeatCounters};
+use super::queue::WireQueue;
 use super::sequence::parse_seq_frame;
 use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
 use super::{ZmqError, RECONNECT_MAX, RECONNECT_MIN};
@@ -119,6 +122,11 @@ pub struct ReceiverConfig {
     pub seq_bytes: usize,
     /// Called for each gap (with `seq`).
     pub on_gap: Option<OnGap>,
+    /// ZMTP heartbeats with the proxy: a proxy silent past the timeout is
+    /// dropped and dialled again, and the receiver re-subscribes (default
+    /// [`HeartbeatConfig::CLIENT_DEFAULT`], which says why;
+    /// [`HeartbeatConfig::OFF`] for none).
+    pub heartbeat: HeartbeatConfig,
 }
 
 impl ReceiverConfig {
@@ -141,6 +149,7 @@ impl ReceiverConfig {
             seq: false,
             seq_bytes: DEFAULT_SEQ_BYTES,
             on_gap: None,
+            heartbeat: HeartbeatConfig::CLIENT_DEFAULT,
         }
     }
 }
@@ -172,7 +181,18 @@ crate::counters::counters! {
         /// Oversized messages skipped.
         oversized,
         /// Connections made after the first one.
-        reconnects;
+        reconnects,
+        /// Heartbeat PINGs sent to the proxy.
+        pings_sent,
+        /// PINGs received from the proxy (each answered with a PONG).
+        pings_received,
+        /// PONGs received from the proxy.
+        pongs_received,
+        /// Connections dropped because the proxy went silent (then
+        /// dialled again).
+        heartbeat_timeouts,
+        /// PONG answers dropped: the proxy pinged faster than we wrote.
+        pongs_dropped;
         /// Numbered envelopes checked for gaps.
         numbered: u64,
         /// Gaps seen (each reported to `on_gap`).
@@ -237,6 +257,17 @@ impl Shared {
 
     fn seq_state(&self) -> std::sync::MutexGuard<'_, SeqState> {
         self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn beats(&self) -> BeatCounters<'_> {
+        let c = &self.counters;
+        BeatCounters {
+            pings_sent: &c.pings_sent,
+            pings_received: &c.pings_received,
+            pongs_received: &c.pongs_received,
+            timeouts: &c.heartbeat_timeouts,
+            pongs_dropped: &c.pongs_dropped,
+        }
     }
 }
 
@@ -403,6 +434,21 @@ impl Drop for Receiver {
     }
 }
 
+/// Writes the heartbeats (our PINGs, our PONGs) of one connection, the
+/// only thing a receiver sends after its subscriptions; ends on a write
+/// error, or never.
+async fn write_control(mut w: WriteHalf, control: &WireQueue) -> std::io::Result<()> {
+    let mut batch = std::collections::VecDeque::new();
+    while control.wait().await {
+        control.take_all(&mut batch);
+        for item in batch.drain(..) {
+            w.write_all(&item).await?;
+        }
+        w.flush().await?;
+    }
+    std::future::pending().await
+}
+
 /// What to do after handling one message.
 enum Verdict {
     /// Keep reading.
@@ -438,11 +484,18 @@ impl Link for Shared {
     async fn serve(&self, conn: Dialed, _: &Control) -> Disconnect {
         let Dialed {
             mut r,
-            mut w,
+            w,
             mut reader,
-            ..
+            info,
         } = conn;
-        match self.read_loop(&mut r, &mut w, &mut reader).await {
+        let control = control_queue();
+        let beat = Beat::new(&self.cfg.heartbeat, info.takes_pings(), control.clone());
+        let res = tokio::select! {
+            r = self.read_loop(&mut r, &mut reader, &beat) => r,
+            r = write_control(w, &control) => r.map_err(ZmtpError::from),
+            why = beat.run(self.beats()) => Err(ZmtpError::HeartbeatExpired(why)),
+        };
+        match res {
             Ok(()) => Disconnect::GaveUp("lagging behind the publisher"),
             Err(e) => e.into(),
         }
@@ -459,8 +512,8 @@ impl Shared {
     async fn read_loop(
         &self,
         r: &mut super::endpoint::ReadHalf,
-        w: &mut super::endpoint::WriteHalf,
         reader: &mut zmtp::FrameReader,
+        beat: &Beat,
     ) -> Result<(), ZmtpError> {
         loop {
             while let Some(item) = reader.next_item()? {
@@ -471,12 +524,9 @@ impl Shared {
                             return Ok(());
                         }
                     }
-                    Inbound::Command(name, data) => {
-                        let mut pong = BytesMut::new();
-                        if zmtp::answer_ping(&name, &data, &mut pong) {
-                            w.write_all(&pong).await?;
-                        }
-                    }
+                    Inbound::Ping(p) => beat.on_ping(&p, self.beats()),
+                    Inbound::Pong(_) => beat.on_pong(self.beats()),
+                    Inbound::Command(..) => {}
                     Inbound::Oversized(_) => {
                         self.counters.oversized.fetch_add(1, Ordering::Relaxed);
                     }
@@ -485,6 +535,7 @@ impl Shared {
             if !reader.fill(r).await? {
                 return Err(ZmtpError::Closed);
             }
+            beat.received();
         }
     }
 

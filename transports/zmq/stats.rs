@@ -33,6 +33,18 @@ counters! {
         accepted,
         /// Connections refused for the connection limit.
         rejected,
+        /// ZMTP heartbeat PINGs sent (`heartbeat_ivl`).
+        pings_sent,
+        /// PINGs received from peers (each answered with a PONG).
+        pings_received,
+        /// PONGs received from peers.
+        pongs_received,
+        /// Connections closed because the peer went silent: nothing
+        /// within the heartbeat timeout after a PING, or within the TTL
+        /// its own PING asked for.
+        heartbeat_timeouts,
+        /// PONG answers dropped: the peer sent PINGs faster than it read.
+        pongs_dropped,
     }
 }
 

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{note_end, read_more, Shared, PROXY_PROPS};
+use super::conn::{beat_counters, note_end, read_more, Shared, PROXY_PROPS};
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
+use super::heartbeat_task::{control_queue, Beat};
 use super::hub::{PeerSubs, Side, SubPeer};
+use super::queue::WireQueue;
 use super::stats::ProxyStats;
 use super::zmtp::{self, FrameReader, Inbound, SocketType, SubChange, ZmtpError};
 
@@ -83,15 +85,23 @@ pub(super) async fn subscriber_conn(
             peer
         },
     );
+    // Heartbeats go ahead of the queued messages (as libzmq's do), so a
+    // backlog never delays a PONG or our PING.
+    let control = control_queue();
+    let beat = Beat::new(&hub.cfg.heartbeat, true, control.clone());
     let conn_done = shutdown.child_token();
     let writer = tokio::spawn(writer_task(
         w,
         peer.clone(),
+        control.clone(),
         hub.stats.clone(),
         conn_done.clone(),
     ));
     let mut subs = PeerSubs::default();
-    let res = subscriber_read_loop(&sh, &mut subs, &mut r, &mut reader, &peer, &conn_done).await;
+    let res = tokio::select! {
+        r = subscriber_read_loop(&sh, &mut subs, &mut r, &mut reader, &peer, &beat, &conn_done) => r,
+        why = beat.run(beat_counters(c)) => Err(ZmtpError::HeartbeatExpired(why)),
+    };
     if let Err(e) = res {
         note_end(c, &e);
     }
@@ -119,6 +129,7 @@ async fn subscriber_read_loop(
     r: &mut ReadHalf,
     reader: &mut FrameReader,
     peer: &Arc<SubPeer>,
+    beat: &Beat,
     done: &CancellationToken,
 ) -> Result<(), ZmtpError> {
     let hub = &sh.hub;
@@ -133,12 +144,9 @@ async fn subscriber_read_loop(
                 continue;
             }
             match item {
-                Inbound::Command(name, data) => {
-                    let mut out = BytesMut::new();
-                    if zmtp::answer_ping(&name, &data, &mut out) {
-                        peer.queue.push(out.freeze());
-                    }
-                }
+                Inbound::Ping(p) => beat.on_ping(&p, beat_counters(c)),
+                Inbound::Pong(_) => beat.on_pong(beat_counters(c)),
+                Inbound::Command(..) => {}
                 _ => {
                     c.malformed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -148,6 +156,7 @@ async fn subscriber_read_loop(
         if !read_more(sh, reader, r, done, deadline).await? {
             return Ok(());
         }
+        beat.received();
     }
 }
 
@@ -238,11 +247,12 @@ impl AsyncWrite for ProgressWriter {
 /// syscall, flush when the queue is empty), counting messages and wire
 /// bytes per batch on its side's counters. A batch stays outstanding in
 /// the queue until written, and every write the socket accepts is
-/// recorded as progress. Ends on write error, on `done`, or when the
-/// queue closes.
+/// recorded as progress. Heartbeats in `control` go out first, outside
+/// the counts. Ends on write error, on `done`, or when the queue closes.
 async fn writer_task(
     w: WriteHalf,
     peer: Arc<SubPeer>,
+    control: Arc<WireQueue>,
     stats: Arc<ProxyStats>,
     done: CancellationToken,
 ) {
@@ -259,17 +269,33 @@ async fn writer_task(
     );
     let q = &peer.queue;
     let mut batch = VecDeque::new();
+    let mut beats = VecDeque::new();
     loop {
         let (mut msgs, mut bytes) = (0u64, 0u64);
-        if q.is_empty() {
+        if q.is_empty() && control.is_empty() {
             if w.flush().await.is_err() {
                 break;
             }
             let ready = tokio::select! {
                 _ = done.cancelled() => false,
                 r = q.wait() => r,
+                r = control.wait() => r,
             };
             if !ready {
+                break;
+            }
+        }
+        if !control.is_empty() {
+            control.take_all(&mut beats);
+            let mut failed = false;
+            for item in beats.drain(..) {
+                if write_item(&mut w, &item).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            // Sent now, not after the next batch of messages.
+            if failed || w.flush().await.is_err() {
                 break;
             }
         }
@@ -293,6 +319,7 @@ async fn writer_task(
         }
     }
     q.close(true);
+    control.close(true);
     let _ = tokio::time::timeout(Duration::from_millis(200), w.shutdown()).await;
 }
 

@@ -65,6 +65,105 @@ pub enum ZmtpError {
     /// The peer closed the connection.
     #[error("connection closed")]
     Closed,
+    /// A PING or PONG command broke RFC 37.
+    #[error("bad heartbeat: {0}")]
+    Heartbeat(#[from] HeartbeatError),
+    /// The peer sent nothing for the heartbeat timeout after our PING, or
+    /// for the TTL its own PING asked for.
+    #[error("heartbeat: {0}")]
+    HeartbeatExpired(crate::transports::zmq::heartbeat::Expired),
+}
+
+/// Longest context a PING may carry, and so a PONG echo (RFC 37).
+pub const MAX_PING_CONTEXT: usize = 16;
+
+/// Why a PING or PONG command is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeartbeatError {
+    /// A PING shorter than its 2-byte TTL.
+    #[error("PING of {0} bytes has no 2-byte TTL")]
+    Truncated(usize),
+    /// A PING or PONG context past [`MAX_PING_CONTEXT`] bytes.
+    #[error("{command} context of {len} bytes (at most 16)")]
+    ContextTooLong {
+        /// `PING` or `PONG`.
+        command: &'static str,
+        /// The context's length.
+        len: usize,
+    },
+}
+
+/// A ZMTP 3.1 PING command (RFC 37): the sender's TTL and a context the
+/// PONG must echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ping {
+    /// How long the sender wants us to keep it without hearing from it,
+    /// in deciseconds; 0: no limit.
+    pub ttl_ds: u16,
+    /// Up to [`MAX_PING_CONTEXT`] bytes to echo in the PONG.
+    pub context: Bytes,
+}
+
+impl Ping {
+    /// Parses a PING's data (after the command name).
+    pub fn parse(mut data: Bytes) -> Result<Ping, HeartbeatError> {
+        if data.len() < 2 {
+            return Err(HeartbeatError::Truncated(data.len()));
+        }
+        let ttl_ds = u16::from_be_bytes([data[0], data[1]]);
+        data.advance(2);
+        if data.len() > MAX_PING_CONTEXT {
+            return Err(HeartbeatError::ContextTooLong {
+                command: "PING",
+                len: data.len(),
+            });
+        }
+        Ok(Ping {
+            ttl_ds,
+            context: data,
+        })
+    }
+
+    /// The TTL as a duration; None for 0 (no limit).
+    pub fn ttl(&self) -> Option<Duration> {
+        (self.ttl_ds > 0).then(|| Duration::from_millis(u64::from(self.ttl_ds) * 100))
+    }
+}
+
+/// A ZMTP 3.1 PONG command: the context of the PING it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pong {
+    /// The echoed context.
+    pub context: Bytes,
+}
+
+impl Pong {
+    /// Parses a PONG's data (after the command name).
+    pub fn parse(data: Bytes) -> Result<Pong, HeartbeatError> {
+        if data.len() > MAX_PING_CONTEXT {
+            return Err(HeartbeatError::ContextTooLong {
+                command: "PONG",
+                len: data.len(),
+            });
+        }
+        Ok(Pong { context: data })
+    }
+}
+
+/// Appends a PING with a TTL in deciseconds (0: none) and a context (cut
+/// to [`MAX_PING_CONTEXT`] bytes).
+pub fn put_ping(out: &mut BytesMut, ttl_ds: u16, context: &[u8]) {
+    let context = &context[..context.len().min(MAX_PING_CONTEXT)];
+    put_frame_header(out, FLAG_COMMAND, 1 + 4 + 2 + context.len());
+    out.put_u8(4);
+    out.put_slice(b"PING");
+    out.put_u16(ttl_ds);
+    out.put_slice(context);
+}
+
+/// Appends the PONG answering `ping` (its context echoed).
+pub fn put_pong(out: &mut BytesMut, ping: &Ping) {
+    put_command(out, "PONG", &ping.context);
 }
 
 /// The socket types this crate speaks.
@@ -118,6 +217,14 @@ impl PeerInfo {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_slice())
+    }
+
+    /// Whether the peer answers PINGs: a ZMTP 3.1 peer, or our proxy (it
+    /// announces 3.0 so that libzmq peers send subscriptions as messages,
+    /// has always answered PINGs, and says so by the codec property in its
+    /// READY). A 3.0 peer that is not ours is never sent one.
+    pub fn takes_pings(&self) -> bool {
+        self.minor >= 1 || self.property(CODEC_PROPERTY).is_some()
     }
 
     /// Whether the peer accepts MessagePack data frames.
@@ -315,8 +422,12 @@ fn parse_header(b: &[u8]) -> Option<(usize, u64)> {
 pub enum Inbound {
     /// A complete multipart message.
     Message(RawMessage),
-    /// A command: its name and data.
+    /// A command other than PING and PONG: its name and data.
     Command(String, Bytes),
+    /// A PING (ZMTP 3.1 heartbeat).
+    Ping(Ping),
+    /// A PONG (ZMTP 3.1 heartbeat).
+    Pong(Pong),
     /// A message larger than the limit was skipped entirely (its bytes
     /// were read and discarded, so the stream stays in sync).
     Oversized(u64),
@@ -507,7 +618,16 @@ fn parse_command(mut body: Bytes) -> Result<Inbound, ZmtpError> {
     if body.len() < 1 + n {
         return Err(ZmtpError::Protocol("truncated command name"));
     }
-    let name = String::from_utf8_lossy(&body[1..1 + n]).into_owned();
+    let name = &body[1..1 + n];
+    if name == b"PING" {
+        body.advance(1 + n);
+        return Ok(Inbound::Ping(Ping::parse(body)?));
+    }
+    if name == b"PONG" {
+        body.advance(1 + n);
+        return Ok(Inbound::Pong(Pong::parse(body)?));
+    }
+    let name = String::from_utf8_lossy(name).into_owned();
     body.advance(1 + n);
     Ok(Inbound::Command(name, body))
 }
@@ -544,18 +664,6 @@ impl SubChange {
             _ => None,
         }
     }
-}
-
-/// Answers a PING command with a PONG (appended to `out`); true if `cmd`
-/// was a PING.
-pub fn answer_ping(name: &str, data: &Bytes, out: &mut BytesMut) -> bool {
-    if name != "PING" {
-        return false;
-    }
-    // PING: 2-byte TTL then context; PONG echoes the context.
-    let ctx = if data.len() > 2 { &data[2..] } else { &[][..] };
-    put_command(out, "PONG", ctx);
-    true
 }
 
 /// Performs the NULL handshake: sends our greeting and READY, reads and
@@ -744,7 +852,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&got[1], Inbound::Command(n, _) if n == "PING"));
+        assert_eq!(
+            match &got[1] {
+                Inbound::Ping(p) => p.clone(),
+                other => panic!("{other:?}"),
+            },
+            Ping {
+                ttl_ds: 0,
+                context: Bytes::from_static(&[9])
+            }
+        );
         assert_eq!(
             SubChange::from_inbound(&got[2]),
             Some(SubChange::Subscribe(Bytes::from_static(b"\"RAW/")))
@@ -771,6 +888,105 @@ mod tests {
         assert!(matches!(got[0], Inbound::Oversized(_)));
         assert!(matches!(&got[1], Inbound::Message(m) if m.first_frame() == b"ok"));
         assert_eq!(got.len(), 2);
+    }
+
+    /// Reads one item from `wire` with a fresh reader.
+    fn one_item(wire: &[u8]) -> Result<Option<Inbound>, ZmtpError> {
+        let mut r = FrameReader::new(1 << 20);
+        r.buf.put_slice(wire);
+        r.next_item()
+    }
+
+    #[test]
+    fn ping_and_pong_encode_and_parse() {
+        let mut out = BytesMut::new();
+        put_ping(&mut out, 300, b"ctx-0123");
+        // Wire: command flag, size, \x04PING, TTL 300 (0x012C), context.
+        assert_eq!(
+            &out[..9],
+            &[FLAG_COMMAND, 15, 4, b'P', b'I', b'N', b'G', 0x01, 0x2C]
+        );
+        let ping = match one_item(&out) {
+            Ok(Some(Inbound::Ping(p))) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ping.ttl_ds, 300);
+        assert_eq!(ping.ttl(), Some(Duration::from_secs(30)));
+        assert_eq!(&ping.context[..], b"ctx-0123");
+        let mut pong = BytesMut::new();
+        put_pong(&mut pong, &ping);
+        assert_eq!(&pong[..], b"\x04\x0d\x04PONGctx-0123");
+        match one_item(&pong) {
+            Ok(Some(Inbound::Pong(p))) => assert_eq!(&p.context[..], b"ctx-0123"),
+            other => panic!("{other:?}"),
+        }
+        // No TTL, no context (what libzmq sends without ZMQ_HEARTBEAT_TTL).
+        let mut bare = BytesMut::new();
+        put_ping(&mut bare, 0, b"");
+        match one_item(&bare) {
+            Ok(Some(Inbound::Ping(p))) => {
+                assert_eq!((p.ttl(), p.context.len()), (None, 0));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Our encoder cuts a long context to the RFC's 16 bytes.
+        let mut long = BytesMut::new();
+        put_ping(&mut long, 1, &[7u8; 40]);
+        match one_item(&long) {
+            Ok(Some(Inbound::Ping(p))) => assert_eq!(p.context.len(), MAX_PING_CONTEXT),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_pings_and_pongs_are_typed_errors() {
+        for (name, data, want) in [
+            ("PING", &b""[..], HeartbeatError::Truncated(0)),
+            ("PING", &b"\x01"[..], HeartbeatError::Truncated(1)),
+            (
+                "PING",
+                &[0u8; 2 + 17][..],
+                HeartbeatError::ContextTooLong {
+                    command: "PING",
+                    len: 17,
+                },
+            ),
+            (
+                "PONG",
+                &[0u8; 17][..],
+                HeartbeatError::ContextTooLong {
+                    command: "PONG",
+                    len: 17,
+                },
+            ),
+        ] {
+            let mut out = BytesMut::new();
+            put_command(&mut out, name, data);
+            match one_item(&out) {
+                Err(ZmtpError::Heartbeat(e)) => assert_eq!(e, want),
+                other => panic!("{name} {data:?}: {other:?}"),
+            }
+        }
+        // Exactly 16 bytes of context is fine both ways.
+        let mut out = BytesMut::new();
+        put_command(&mut out, "PONG", &[1u8; 16]);
+        assert!(matches!(one_item(&out), Ok(Some(Inbound::Pong(p))) if p.context.len() == 16));
+        // Other commands stay generic.
+        let mut out = BytesMut::new();
+        put_command(&mut out, "PINGX", b"");
+        assert!(matches!(one_item(&out), Ok(Some(Inbound::Command(n, _))) if n == "PINGX"));
+    }
+
+    #[test]
+    fn who_takes_pings() {
+        let mut info = PeerInfo::default();
+        assert!(!info.takes_pings(), "a ZMTP 3.0 peer that is not ours");
+        info.minor = 1;
+        assert!(info.takes_pings(), "any ZMTP 3.1 peer");
+        info.minor = 0;
+        info.properties
+            .push((CODEC_PROPERTY.into(), b"msgpack".to_vec()));
+        assert!(info.takes_pings(), "our proxy");
     }
 
     #[test]
