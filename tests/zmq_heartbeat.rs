@@ -205,6 +205,14 @@ async fn the_proxy_drops_peers_that_go_silent() {
         assert_eq!(s.subscribers.heartbeat_timeouts, 1, "{s:?}");
         assert_eq!(s.subscribers.protocol_errors, 0);
         assert!(s.subscribers.pongs_received >= 5, "{s:?}");
+        // Where the other counters show: the metrics of the status.
+        let text = hermes_bus::metrics::render(&serde_json::json!({"transports": {"zmq": s}}));
+        for line in [
+            "hermes_bus_zmq_subscribers_heartbeat_timeouts_total 1",
+            "hermes_bus_zmq_publishers_heartbeat_timeouts_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
         proxy.shutdown().await;
     })
     .await
@@ -420,6 +428,37 @@ async fn clients_do_not_ping_peers_that_do_not_take_pings() {
             (s.pings_sent, s.heartbeat_timeouts, s.reconnects),
             (0, 0, 0)
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Every TCP socket of the transport, accepted or dialled, has TCP
+/// keepalive with our settings (the kernel's own says so).
+#[tokio::test]
+async fn accepted_and_dialled_sockets_have_tcp_keepalive() {
+    use hermes_bus::transports::zmq::endpoint::{
+        self as ep, Listener, Stream, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES,
+    };
+    tokio::time::timeout(TEST_LIMIT, async {
+        let l = Listener::bind(&"tcp://127.0.0.1:0".parse().expect("endpoint"))
+            .await
+            .expect("bind");
+        let at = l.local_endpoint().expect("bound");
+        let (dialled, accepted) = tokio::join!(ep::connect(&at), l.accept());
+        for s in [dialled.expect("connect"), accepted.expect("accept")] {
+            let Stream::Tcp(s) = s else {
+                panic!("a TCP stream")
+            };
+            let k = socket2::SockRef::from(&s);
+            assert!(k.keepalive().expect("SO_KEEPALIVE"));
+            assert_eq!(k.tcp_keepalive_time().expect("idle"), KEEPALIVE_IDLE);
+            assert_eq!(
+                k.tcp_keepalive_interval().expect("intvl"),
+                KEEPALIVE_INTERVAL
+            );
+            assert_eq!(k.tcp_keepalive_retries().expect("cnt"), KEEPALIVE_PROBES);
+        }
     })
     .await
     .expect("test timed out");

@@ -1,5 +1,7 @@
 //! Cross-host pub-sub: a publisher and a subscriber in two network
-//! namespaces, reachable only through the proxy's addresses in a third.
+//! namespaces, reachable only through the proxy's addresses in a third;
+//! and the links to the proxy cut without a FIN (veth down) and restored:
+//! ZMTP heartbeats make both clients notice and resume.
 //!
 //! The processes in the namespaces are this test binary itself, re-run with
 //! `--exact netns_helper` and a role in the environment (so no other build
@@ -14,7 +16,11 @@ use std::time::Duration;
 
 use hermes_bus::envelope::Data;
 use hermes_bus::transports::zmq::proxy::ProxyConfig;
-use hermes_bus::transports::zmq::{Publisher, Receiver, ReceiverConfig, SlowPolicy};
+use hermes_bus::transports::zmq::{
+    HeartbeatConfig, Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy,
+};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
 
 const ROLE: &str = "HERMES_ZMQ_NETNS_ROLE";
 const COUNT: u64 = 200;
@@ -183,6 +189,147 @@ async fn publisher_and_subscriber_in_separate_namespaces_meet_through_the_proxy(
     drop(guard);
 }
 
+/// The heartbeat settings of the cut-link test's clients (and proxy): a
+/// PING every 200 ms, give up 1 s after one.
+fn test_beats() -> HeartbeatConfig {
+    HeartbeatConfig {
+        interval: Duration::from_millis(200),
+        timeout: Some(Duration::from_secs(1)),
+        ttl: Duration::from_secs(3),
+    }
+}
+
+/// A helper started with tokio, its stdout read line by line.
+struct Helper {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    name: &'static str,
+}
+
+impl Helper {
+    fn spawn(name: &'static str, ns: &str, env: &[(&str, &str)]) -> Helper {
+        let exe = std::env::current_exe().expect("test binary");
+        let mut c = tokio::process::Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(exe).args([
+            "--exact",
+            "netns_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn helper");
+        let out = child.stdout.take().expect("stdout");
+        Helper {
+            child,
+            lines: BufReader::new(out).lines(),
+            name,
+        }
+    }
+
+    /// Waits up to `limit` for a line starting with `word`; returns it.
+    async fn expect(&mut self, word: &str, limit: Duration) -> String {
+        let name = self.name;
+        let found = tokio::time::timeout(limit, async {
+            while let Ok(Some(l)) = self.lines.next_line().await {
+                println!("[{name}] {l}");
+                if let Some(at) = l.find(word) {
+                    return Some(l[at..].to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(l)) => l,
+            Ok(None) => panic!("{name}: output ended before {word}"),
+            Err(_) => panic!("{name}: no {word} within {limit:?}"),
+        }
+    }
+
+    async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// The links from the proxy's namespace to both clients go down (no FIN,
+/// no RST: a dead host or a cut cable, as the clients see it), for longer
+/// than the heartbeat timeout, then come back. The Receiver and the
+/// Publisher (heartbeats 200 ms / 1 s) each count a heartbeat timeout and
+/// dial again; once the links are back they reconnect and envelopes flow
+/// from the publisher to the receiver again.
+#[tokio::test]
+async fn clients_notice_a_cut_link_and_resume_when_it_is_back() {
+    if std::env::var_os(ROLE).is_some() {
+        return;
+    }
+    let tag = format!("{}c", std::process::id() % 10_000);
+    let (guard, [p_ns, x_ns, s_ns]) = match make_topology(&tag) {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(
+                !common::in_ci(),
+                "cannot create network namespaces ({e}); CI runs as root with iproute2"
+            );
+            eprintln!("SKIPPED: cannot create network namespaces ({e}); run as root with iproute2");
+            return;
+        }
+    };
+    let proxy_devs = [format!("hz{tag}pb"), format!("hz{tag}sb")];
+    let links = |state: &str| {
+        for dev in &proxy_devs {
+            ip_ok(&["-n", &x_ns, "link", "set", dev, state]).expect("link state");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let front = "tcp://10.201.1.1:6000";
+        let back = "tcp://10.201.2.1:6001";
+        let proxy = Helper::spawn(
+            "proxy",
+            &x_ns,
+            &[
+                (ROLE, "proxy"),
+                ("FRONT", front),
+                ("BACK", back),
+                ("BEATS", "1"),
+            ],
+        );
+        let mut sub = Helper::spawn("sub", &s_ns, &[(ROLE, "beat-sub"), ("ADDR", back)]);
+        let mut publ = Helper::spawn("pub", &p_ns, &[(ROLE, "beat-pub"), ("ADDR", front)]);
+        sub.expect("FLOWING", Duration::from_secs(60)).await;
+        publ.expect("FLOWING", Duration::from_secs(30)).await;
+        let cut = std::time::Instant::now();
+        links("down");
+        let s = sub.expect("NOTICED", Duration::from_secs(30)).await;
+        let p = publ.expect("NOTICED", Duration::from_secs(30)).await;
+        println!("noticed within {:?} of the cut: {s} / {p}", cut.elapsed());
+        // Stay cut a while longer: the clients keep dialling meanwhile.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let back_at = std::time::Instant::now();
+        links("up");
+        let s = sub.expect("RESUMED", Duration::from_secs(60)).await;
+        let p = publ.expect("RESUMED", Duration::from_secs(60)).await;
+        println!(
+            "resumed within {:?} of the restore: {s} / {p}",
+            back_at.elapsed()
+        );
+        publ.kill().await;
+        sub.kill().await;
+        proxy.kill().await;
+    })
+    .await
+    .expect("test timed out");
+    drop(guard);
+}
+
 /// Entry point of the helper processes; a no-op in a normal test run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_helper() {
@@ -196,6 +343,11 @@ async fn netns_helper() {
             let cfg = ProxyConfig {
                 frontend: get("FRONT"),
                 backend: get("BACK"),
+                heartbeat: if get("BEATS") == "1" {
+                    test_beats()
+                } else {
+                    HeartbeatConfig::OFF
+                },
                 ..ProxyConfig::default()
             };
             let proxy = common::zmq::run_proxy(cfg).await;
@@ -236,6 +388,100 @@ async fn netns_helper() {
             p.stop().await;
             println!("NETNS_RESULT {sent}");
         }
+        "beat-sub" => beat_sub(&get("ADDR")).await,
+        "beat-pub" => beat_pub(&get("ADDR")).await,
         other => panic!("unknown role {other}"),
     }
+}
+
+/// The cut-link test's receiver: says FLOWING once envelopes arrive and
+/// its PINGs are answered, NOTICED once it counted a heartbeat timeout, RESUMED once envelopes
+/// arrive on a new connection. Ends by itself within 120 s.
+async fn beat_sub(addr: &str) {
+    let mut cfg = ReceiverConfig::new(addr, "ns-beat-sub");
+    cfg.topics = vec!["NS/".into()];
+    cfg.slow_policy = SlowPolicy::Warn;
+    cfg.heartbeat = test_beats();
+    let mut r = Receiver::with_config(cfg).expect("receiver");
+    r.start().expect("start");
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut phase, mut since) = (0, 0u64);
+    while tokio::time::Instant::now() < end && phase < 3 {
+        let got = r.recv_timeout(Duration::from_millis(50)).await.is_some();
+        let s = r.stats();
+        let stats = serde_json::to_string(&s).unwrap_or_default();
+        match phase {
+            // Envelopes flow and the proxy answers our PINGs.
+            0 if got || since >= 5 => {
+                since += u64::from(got);
+                if since >= 5 && s.pongs_received >= 3 {
+                    println!("FLOWING {stats}");
+                    phase = 1;
+                }
+            }
+            1 if s.heartbeat_timeouts >= 1 => {
+                println!("NOTICED {stats}");
+                phase = 2;
+                since = 0;
+            }
+            2 if got && s.reconnects >= 1 => {
+                since += 1;
+                if since >= 5 {
+                    println!("RESUMED {stats}");
+                    phase = 3;
+                }
+            }
+            _ => {}
+        }
+    }
+    if phase < 3 {
+        println!(
+            "GAVE_UP {}",
+            serde_json::to_string(&r.stats()).unwrap_or_default()
+        );
+    }
+    r.stop().await;
+}
+
+/// The cut-link test's publisher: publishes an envelope every 20 ms; says
+/// FLOWING once the receiver's subscription reached it and its PINGs are
+/// answered, NOTICED once it
+/// counted a heartbeat timeout, RESUMED once envelopes are accepted on a
+/// new connection (the subscription came back). Ends by itself within
+/// 120 s (or when killed).
+async fn beat_pub(addr: &str) {
+    let mut cfg = PublisherConfig::new(addr, "ns-beat-pub");
+    cfg.heartbeat = test_beats();
+    let mut p = Publisher::with_config(cfg).expect("publisher");
+    p.start().expect("start");
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut phase, mut since, mut i) = (0, 0u64, 0u64);
+    while tokio::time::Instant::now() < end {
+        i += 1;
+        let ok = p
+            .publish_parts("NS/x", "ns-beat-pub", &Data::json(&i).expect("json"))
+            .expect("publish");
+        let s = p.stats();
+        let stats = serde_json::to_string(&s).unwrap_or_default();
+        match phase {
+            0 if ok && s.pongs_received >= 3 => {
+                println!("FLOWING {stats}");
+                phase = 1;
+            }
+            1 if s.heartbeat_timeouts >= 1 => {
+                println!("NOTICED {stats}");
+                phase = 2;
+            }
+            2 if ok && s.reconnects >= 1 => {
+                since += 1;
+                if since >= 5 {
+                    println!("RESUMED {stats}");
+                    phase = 3;
+                }
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.stop().await;
 }

@@ -40,10 +40,11 @@
 //! - `zmq_bus`: ZeroMQ traffic in the router and its hooks, and back out.
 //! - `zmq_cli`: `hermes-bus server --zmq`: Unix sessions and ZeroMQ peers on one router.
 //! - `zmq_faults`: stalled and broken peers, a proxy restart, exact counts.
+//! - `zmq_heartbeat`: ZMTP PING/PONG with libzmq and raw peers; silent peers dropped.
 //! - `zmq_hostile`: one publisher's bytes never corrupt another's stream.
 //! - `zmq_interop`: hermes-zmq 1.3.0 and libzmq (pyzmq) peers with ours.
 //! - `zmq_lossless`: the proxy's lossless mode against a slow pyzmq SUB.
-//! - `zmq_netns`: publisher and subscriber in separate network namespaces.
+//! - `zmq_netns`: publisher and subscriber in separate network namespaces; a cut link.
 //! - `zmq_storm`: subscription storms, limits and idle peers lock out no one.
 //! - `daemon_cli`: `hermes-busd start/status/stop/restart` on a temp root.
 //! - `cli_output`: `--json` outputs, closed pipes, `request`, `pub` / `sub`, completions.
