@@ -264,8 +264,9 @@ impl Helper {
 /// no RST: a dead host or a cut cable, as the clients see it), for longer
 /// than the heartbeat timeout, then come back. The Receiver and the
 /// Publisher (heartbeats 200 ms / 1 s) each count a heartbeat timeout and
-/// dial again; once the links are back they reconnect and envelopes flow
-/// from the publisher to the receiver again.
+/// dial again, and the proxy (heartbeats too) drops its half-open ends;
+/// once the links are back the clients reconnect and envelopes flow from
+/// the publisher to the receiver again.
 #[tokio::test]
 async fn clients_notice_a_cut_link_and_resume_when_it_is_back() {
     if std::env::var_os(ROLE).is_some() {
@@ -292,7 +293,7 @@ async fn clients_notice_a_cut_link_and_resume_when_it_is_back() {
     tokio::time::timeout(Duration::from_secs(150), async {
         let front = "tcp://10.201.1.1:6000";
         let back = "tcp://10.201.2.1:6001";
-        let proxy = Helper::spawn(
+        let mut proxy = Helper::spawn(
             "proxy",
             &x_ns,
             &[
@@ -310,6 +311,9 @@ async fn clients_notice_a_cut_link_and_resume_when_it_is_back() {
         links("down");
         let s = sub.expect("NOTICED", Duration::from_secs(30)).await;
         let p = publ.expect("NOTICED", Duration::from_secs(30)).await;
+        // The proxy (heartbeats on) drops its ends of both connections.
+        let x = proxy.expect("DROPPED", Duration::from_secs(30)).await;
+        println!("proxy: {x}");
         println!("noticed within {:?} of the cut: {s} / {p}", cut.elapsed());
         // Stay cut a while longer: the clients keep dialling meanwhile.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -351,7 +355,22 @@ async fn netns_helper() {
                 ..ProxyConfig::default()
             };
             let proxy = common::zmq::run_proxy(cfg).await;
-            tokio::time::sleep(Duration::from_secs(80)).await;
+            // With heartbeats: says DROPPED once it dropped a silent peer
+            // on each side (the half-open connections of a cut link).
+            let beats = get("BEATS") == "1";
+            let end = tokio::time::Instant::now() + Duration::from_secs(80);
+            while tokio::time::Instant::now() < end {
+                let s = proxy.stats.snapshot();
+                if beats
+                    && s.publishers.heartbeat_timeouts >= 1
+                    && s.subscribers.heartbeat_timeouts >= 1
+                {
+                    println!("DROPPED {}", serde_json::to_string(&s).unwrap_or_default());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep_until(end).await;
             proxy.shutdown().await;
         }
         "sub" => {
