@@ -5,6 +5,7 @@
 //! new transport (TCP, WebSocket, shared memory) needs no change to the
 //! router or the hook engine: everything it needs is on [`Bus`].
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use crate::hooks::{HookEngine, HookEvent, HookEventKind};
 use crate::message::BusMessage;
 use crate::notice::Notice;
 use crate::outbox::{outbox, Bounds, Outbox, OutboxReader};
+use crate::router::interest::InterestChange;
 use crate::router::{Blocked, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
 use crate::stats::RouterStats;
 
@@ -66,9 +68,62 @@ pub trait TransportStatus: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
 }
 
+/// A transport that asks its own sources for only the topics the bus's
+/// sessions want (the ZeroMQ proxy subscribes its publishers upstream to
+/// them): it is told every change of that union ([`Bus::watch_interest`]).
+pub trait InterestSink: Send + Sync + 'static {
+    /// The union of prefixes client sessions want changed: called in
+    /// order, under the router lock, right after the decision that caused
+    /// it (so a `subscribe` is in force before it is acknowledged). Must
+    /// not block or await; it may take locks of its own, never the
+    /// router's.
+    fn changed(&self, changes: &[InterestChange]);
+}
+
+/// The router, locked for one decision (from [`Bus::router`]). When it is
+/// released, the interest changes that decision made are handed to the
+/// watching transports ([`InterestSink`]) first, still under the lock, so
+/// they see every change in order whichever path made it.
+pub struct RouterGuard<'a> {
+    /// The lock held.
+    guard: MutexGuard<'a, Router>,
+    /// Who is told of interest changes.
+    sinks: &'a Mutex<Vec<Arc<dyn InterestSink>>>,
+}
+
+impl Deref for RouterGuard<'_> {
+    type Target = Router;
+
+    fn deref(&self) -> &Router {
+        &self.guard
+    }
+}
+
+impl DerefMut for RouterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Router {
+        &mut self.guard
+    }
+}
+
+impl Drop for RouterGuard<'_> {
+    fn drop(&mut self) {
+        if !self.guard.has_interest_changes() {
+            return;
+        }
+        let mut changes = Vec::new();
+        self.guard.take_interest_changes(&mut changes);
+        for s in self.sinks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            s.changed(&changes);
+        }
+    }
+}
+
 struct Inner {
     /// The routing state; locked only for a routing decision, never across I/O.
     router: Mutex<Router>,
+    /// Transports told of interest changes (locked after the router, never
+    /// before it).
+    interest: Mutex<Vec<Arc<dyn InterestSink>>>,
     /// Runs hooks off the routing path.
     hooks: HookEngine,
     /// When the bus started, for status.
@@ -91,6 +146,7 @@ impl Bus {
         Bus {
             inner: Arc::new(Inner {
                 router: Mutex::new(Router::new(cfg)),
+                interest: Mutex::new(Vec::new()),
                 hooks,
                 started: Instant::now(),
                 statuses: Mutex::new(Vec::new()),
@@ -100,9 +156,50 @@ impl Bus {
     }
 
     /// Locks the router for one decision. Never hold the guard across an
-    /// await (the router is plain state).
-    pub fn router(&self) -> MutexGuard<'_, Router> {
-        self.inner.router.lock().unwrap_or_else(|p| p.into_inner())
+    /// await (the router is plain state). Releasing it hands the
+    /// decision's interest changes to the watching transports.
+    pub fn router(&self) -> RouterGuard<'_> {
+        RouterGuard {
+            guard: self.inner.router.lock().unwrap_or_else(|p| p.into_inner()),
+            sinks: &self.inner.interest,
+        }
+    }
+
+    /// Tells `sink` the topic prefixes client sessions want, now (every
+    /// prefix as [`InterestChange::Added`]) and at every change from now
+    /// on, in order, until [`Bus::unwatch_interest`].
+    pub fn watch_interest(&self, sink: Arc<dyn InterestSink>) {
+        let mut r = self.router();
+        let now: Vec<InterestChange> = r
+            .watch_interest()
+            .into_iter()
+            .map(InterestChange::Added)
+            .collect();
+        if !now.is_empty() {
+            sink.changed(&now);
+        }
+        self.inner
+            .interest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sink);
+        drop(r);
+    }
+
+    /// Stops telling `sink` of interest changes.
+    pub fn unwatch_interest(&self, sink: &Arc<dyn InterestSink>) {
+        let mut r = self.router();
+        let mut sinks = self
+            .inner
+            .interest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        sinks.retain(|s| !Arc::ptr_eq(s, sink));
+        if sinks.is_empty() {
+            r.unwatch_interest();
+        }
+        drop(sinks);
+        drop(r);
     }
 
     /// The hook engine.

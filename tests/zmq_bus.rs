@@ -74,18 +74,20 @@ async fn zmq_traffic_enters_the_router_and_hooks() {
 
         let mut p = Publisher::new(&ep.frontend.to_string(), "feed").expect("publisher");
         p.start().expect("start");
-        // With a router attached, the proxy subscribes upstream to everything.
-        p.wait_for_subscriber("anything", Duration::from_secs(15))
+        // The proxy subscribes upstream to what the session and the hook
+        // want (MD/), and nothing else: NEWS/ is dropped at the source.
+        p.wait_for_subscriber("MD/AAPL", Duration::from_secs(15))
             .await
             .expect("upstream subscription");
         for i in 0..10 {
             assert!(p
                 .publish_parts("MD/AAPL", "feed", &Data::json(&i).expect("json"))
                 .expect("publish"));
-            assert!(p
+            assert!(!p
                 .publish_parts("NEWS/x", "feed", &Data::json(&i).expect("json"))
                 .expect("publish"));
         }
+        assert_eq!(p.stats().filtered, 10);
         let mut got = VecDeque::new();
         let mut topics = Vec::new();
         while topics.len() < 10 {

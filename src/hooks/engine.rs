@@ -176,6 +176,23 @@ impl HookEngine {
                 .any(|h| h.filter().matches(kind, transport, to, topic))
     }
 
+    /// The topic prefixes the hooks need from `transport` (see
+    /// [`super::filter::HookFilter::topic_interest`]): sorted, each once;
+    /// `""` when some hook runs for every topic. Hooks are fixed for the
+    /// engine's life, so this never changes.
+    pub fn topic_interest(&self, transport: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .inner
+            .hooks
+            .iter()
+            .filter_map(|h| h.filter().topic_interest(transport))
+            .map(str::to_owned)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Hands an event to the hooks. Never blocks and never waits for a
     /// hook: when no hook matches it returns at once (counted
     /// `filtered_out`), and when the queue is full the event is dropped

@@ -11,6 +11,13 @@ use super::event::{HookEvent, HookEventKind};
 /// In `hooks.yaml` this is the `filter:` mapping of a hook entry, e.g.
 /// `{kind: topic, topic_prefix: "md.", transport: zmq}`. Unknown keys are
 /// rejected so that a typo cannot silently widen a filter.
+///
+/// What a hook may run for is also what the bus asks its sources for: a
+/// hook that can run for topic events of the ZeroMQ transport (`kind`
+/// unset or `topic`, `transport` unset or `zmq`, no `to`) makes the
+/// bus's proxy subscribe its publishers to `topic_prefix`; **without a
+/// `topic_prefix` it needs every topic**, so every publisher sends the
+/// proxy everything. Give topic hooks a prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookFilter {
@@ -81,6 +88,19 @@ impl HookFilter {
         true
     }
 
+    /// The topic prefix this hook needs from `transport`'s topic events:
+    /// None when it never runs for them, `Some("")` when it runs for
+    /// every topic (no `topic_prefix`).
+    pub fn topic_interest(&self, transport: &str) -> Option<&str> {
+        if self.kind.is_some_and(|k| k != HookEventKind::Topic)
+            || self.transport.as_deref().is_some_and(|t| t != transport)
+            || self.to.is_some()
+        {
+            return None;
+        }
+        Some(self.topic_prefix.as_deref().unwrap_or(""))
+    }
+
     /// Whether `event` passes the filter.
     pub fn matches_event(&self, event: &HookEvent) -> bool {
         self.matches(
@@ -89,5 +109,35 @@ impl HookFilter {
             event.to.as_deref(),
             event.topic.as_deref(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(yaml: &str) -> HookFilter {
+        serde_yaml::from_str(yaml).expect("filter")
+    }
+
+    #[test]
+    fn topic_interest_is_the_prefix_a_hook_can_run_for() {
+        assert_eq!(HookFilter::messages().topic_interest("zmq"), None);
+        assert_eq!(HookFilter::any().topic_interest("zmq"), Some(""));
+        assert_eq!(filter("{kind: topic}").topic_interest("zmq"), Some(""));
+        assert_eq!(
+            filter("{kind: topic, topic_prefix: md/}").topic_interest("zmq"),
+            Some("md/")
+        );
+        assert_eq!(
+            filter("{topic_prefix: md/, transport: zmq}").topic_interest("zmq"),
+            Some("md/")
+        );
+        assert_eq!(
+            filter("{topic_prefix: md/, transport: unix}").topic_interest("zmq"),
+            None
+        );
+        // Topic events have no `to`: such a hook never runs for them.
+        assert_eq!(filter("{to: desk}").topic_interest("zmq"), None);
     }
 }

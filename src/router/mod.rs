@@ -25,12 +25,14 @@ use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
 use crate::seq::{Seq, SeqCounters};
 use crate::stats::{EndpointStats, FlowStats, RouterStats, SeqStats, SessionCounters, Totals};
 use hash::FastHash;
+use interest::InterestChange;
 use monitor::{Content, EventKind, MonitorSpec, MonitorStats, Monitors, Seen};
 use names::{Answer, Hold, HoldLimits, Names, Released, Returned};
 use topics::{TopicIndex, TopicLimits};
 use traffic::{Traffic, TrafficStats};
 
 mod hash;
+pub mod interest;
 pub mod monitor;
 pub mod names;
 pub mod topics;
@@ -755,12 +757,46 @@ impl Router {
     }
 
     /// Subscribes a session to a topic prefix ("" = every topic); refused
-    /// past the session's limits.
+    /// past the session's limits. A client session's prefixes are demand
+    /// (see [`Router::watch_interest`]); a transport's sink only relays
+    /// topics to its own peers, so its prefixes are not.
     pub fn subscribe(&mut self, sid: SessionId, prefix: &str) -> Result<(), ProtocolError> {
-        if self.sessions.contains_key(&sid) {
-            self.topics.subscribe(sid, prefix)?;
+        if let Some(s) = self.sessions.get(&sid) {
+            if s.expires {
+                self.topics.subscribe(sid, prefix)?;
+            } else {
+                self.topics.subscribe_relay(sid, prefix)?;
+            }
         }
         Ok(())
+    }
+
+    /// Starts recording interest changes: the topic prefixes client
+    /// sessions want, as the first session to want one and the last to
+    /// let it go ([`interest`]). Returns every prefix wanted now; changes
+    /// follow from there ([`Router::take_interest_changes`]).
+    pub fn watch_interest(&mut self) -> Vec<Box<str>> {
+        self.topics.watch_interest()
+    }
+
+    /// Stops recording interest changes.
+    pub fn unwatch_interest(&mut self) {
+        self.topics.unwatch_interest();
+    }
+
+    /// Whether interest changes wait to be taken.
+    pub fn has_interest_changes(&self) -> bool {
+        self.topics.has_interest_changes()
+    }
+
+    /// Moves the interest changes recorded so far, in order, into `out`.
+    pub fn take_interest_changes(&mut self, out: &mut Vec<InterestChange>) {
+        self.topics.take_interest_changes(out);
+    }
+
+    /// Distinct topic prefixes some client session wants.
+    pub fn wanted_prefixes(&self) -> usize {
+        self.topics.wanted()
     }
 
     /// Removes a topic prefix; true when the session had it.
@@ -1601,5 +1637,50 @@ mod tests {
         assert_eq!((st.topics, st.forgotten), (2, 2));
         assert!(st.bytes <= st.limit);
         assert_eq!(st.origin, &*a1.origin);
+    }
+
+    /// A client session's prefixes are demand, a transport sink's are
+    /// not; a session's close takes its demand with it.
+    #[test]
+    fn client_subscriptions_are_interest_and_a_sink_relays() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (tx, _sink_rx) = standalone(8, 1 << 20);
+        let sink = r.connect_sink("zmq", tx, t0);
+        assert!(r.watch_interest().is_empty());
+        r.subscribe(sink, "").unwrap();
+        assert!(
+            !r.has_interest_changes(),
+            "a sink's subscription is no demand"
+        );
+        let (a, _ra) = session(&mut r, t0);
+        let (b, _rb) = session(&mut r, t0);
+        r.subscribe(a, "md/").unwrap();
+        r.subscribe(b, "md/").unwrap();
+        r.subscribe(b, "news/").unwrap();
+        let mut out = Vec::new();
+        r.take_interest_changes(&mut out);
+        assert_eq!(
+            out,
+            vec![
+                InterestChange::Added("md/".into()),
+                InterestChange::Added("news/".into())
+            ]
+        );
+        assert_eq!(r.wanted_prefixes(), 2);
+        out.clear();
+        assert!(r.unsubscribe(a, "md/"));
+        assert!(!r.has_interest_changes());
+        r.disconnect(b, t0);
+        r.take_interest_changes(&mut out);
+        out.sort_by(|x, y| x.prefix().cmp(y.prefix()));
+        assert_eq!(
+            out,
+            vec![
+                InterestChange::Removed("md/".into()),
+                InterestChange::Removed("news/".into())
+            ]
+        );
+        assert_eq!(r.wanted_prefixes(), 0);
     }
 }

@@ -8,9 +8,15 @@
 //! topic's length and the number of matching sessions, whatever the total.
 //! Every session's subscriptions are bounded in count and in bytes, and a
 //! prefix in length.
+//!
+//! The index also counts, per prefix, the sessions that *want* it (every
+//! session but a transport's relay, see [`TopicIndex::subscribe_relay`]),
+//! and records the 0→1 and 1→0 transitions as interest changes (see
+//! [`super::interest`]) while someone watches.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::interest::{InterestChange, InterestLog};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::router::SessionId;
 
@@ -46,6 +52,25 @@ struct Owned {
     prefixes: HashSet<Box<str>>,
     /// Their charge in bytes.
     bytes: usize,
+    /// Whether the session relays topics onward (a transport's sink): its
+    /// prefixes are matched like any, but are no demand.
+    relay: bool,
+}
+
+/// The sessions subscribed to exactly one prefix.
+#[derive(Debug, Default)]
+struct Holders {
+    /// Every one of them (what a publish is delivered to).
+    sessions: Vec<SessionId>,
+    /// How many of them are relays (the rest want the prefix).
+    relays: usize,
+}
+
+impl Holders {
+    /// Sessions that want the prefix.
+    fn demand(&self) -> usize {
+        self.sessions.len() - self.relays
+    }
 }
 
 /// Every session's topic subscriptions. See the module docs.
@@ -54,7 +79,7 @@ pub struct TopicIndex {
     /// The limits in force.
     limits: TopicLimits,
     /// Prefix → the sessions subscribed to exactly it.
-    by_prefix: HashMap<Box<str>, Vec<SessionId>>,
+    by_prefix: HashMap<Box<str>, Holders>,
     /// Prefix length → how many distinct prefixes have it (so a publish
     /// probes only lengths in use).
     lengths: BTreeMap<usize, usize>,
@@ -64,6 +89,10 @@ pub struct TopicIndex {
     count: usize,
     /// Their bytes.
     bytes: usize,
+    /// Distinct prefixes some session wants.
+    wanted: usize,
+    /// The changes of what is wanted, while watched.
+    interest: InterestLog,
 }
 
 impl TopicIndex {
@@ -82,6 +111,18 @@ impl TopicIndex {
     /// Subscribes `sid` to `prefix`; true when it is new for the session.
     /// Refused (typed error, nothing changed) past a limit.
     pub fn subscribe(&mut self, sid: SessionId, prefix: &str) -> Result<bool, ProtocolError> {
+        self.insert(sid, prefix, false)
+    }
+
+    /// Subscribes a relay `sid` (a transport's sink, which passes topics
+    /// on to its own peers) to `prefix`: matched like any subscription,
+    /// but no demand (no interest change). A session is a relay or not
+    /// from its first subscription on; later calls keep that.
+    pub fn subscribe_relay(&mut self, sid: SessionId, prefix: &str) -> Result<bool, ProtocolError> {
+        self.insert(sid, prefix, true)
+    }
+
+    fn insert(&mut self, sid: SessionId, prefix: &str, relay: bool) -> Result<bool, ProtocolError> {
         if prefix.len() > self.limits.max_prefix {
             return Err(ProtocolError::new(
                 ErrorCode::TopicTooLong,
@@ -92,7 +133,10 @@ impl TopicIndex {
                 ),
             ));
         }
-        let owned = self.by_session.entry(sid).or_default();
+        let owned = self.by_session.entry(sid).or_insert_with(|| Owned {
+            relay,
+            ..Owned::default()
+        });
         if owned.prefixes.contains(prefix) {
             return Ok(false);
         }
@@ -113,11 +157,18 @@ impl TopicIndex {
         }
         owned.prefixes.insert(prefix.into());
         owned.bytes += charge;
+        let relay = owned.relay;
         let subs = self.by_prefix.entry(prefix.into()).or_default();
-        if subs.is_empty() {
+        if subs.sessions.is_empty() {
             *self.lengths.entry(prefix.len()).or_insert(0) += 1;
         }
-        subs.push(sid);
+        subs.sessions.push(sid);
+        if relay {
+            subs.relays += 1;
+        } else if subs.demand() == 1 {
+            self.wanted += 1;
+            self.interest.push(InterestChange::Added(prefix.into()));
+        }
         self.count += 1;
         self.bytes += charge;
         Ok(true)
@@ -133,10 +184,11 @@ impl TopicIndex {
         }
         let charge = prefix.len() + Self::OVERHEAD;
         owned.bytes -= charge;
+        let relay = owned.relay;
         if owned.prefixes.is_empty() {
             self.by_session.remove(&sid);
         }
-        self.unlink(sid, prefix, charge);
+        self.unlink(sid, prefix, charge, relay);
         true
     }
 
@@ -146,14 +198,20 @@ impl TopicIndex {
             return;
         };
         for p in owned.prefixes {
-            self.unlink(sid, &p, p.len() + Self::OVERHEAD);
+            self.unlink(sid, &p, p.len() + Self::OVERHEAD, owned.relay);
         }
     }
 
-    fn unlink(&mut self, sid: SessionId, prefix: &str, charge: usize) {
+    fn unlink(&mut self, sid: SessionId, prefix: &str, charge: usize, relay: bool) {
         if let Some(subs) = self.by_prefix.get_mut(prefix) {
-            subs.retain(|s| *s != sid);
-            if subs.is_empty() {
+            subs.sessions.retain(|s| *s != sid);
+            if relay {
+                subs.relays -= 1;
+            } else if subs.demand() == 0 {
+                self.wanted -= 1;
+                self.interest.push(InterestChange::Removed(prefix.into()));
+            }
+            if subs.sessions.is_empty() {
                 self.by_prefix.remove(prefix);
                 if let Some(n) = self.lengths.get_mut(&prefix.len()) {
                     *n -= 1;
@@ -180,7 +238,7 @@ impl TopicIndex {
                 continue;
             }
             if let Some(subs) = self.by_prefix.get(&topic[..len]) {
-                out.extend_from_slice(subs);
+                out.extend_from_slice(&subs.sessions);
                 hits += 1;
             }
         }
@@ -208,6 +266,37 @@ impl TopicIndex {
     /// How many prefixes one session holds.
     pub fn count_of(&self, sid: SessionId) -> usize {
         self.by_session.get(&sid).map_or(0, |o| o.prefixes.len())
+    }
+
+    /// Distinct prefixes some (non-relay) session wants.
+    pub fn wanted(&self) -> usize {
+        self.wanted
+    }
+
+    /// Starts recording interest changes; returns every prefix wanted now
+    /// (the watcher's starting point: changes follow from there).
+    pub fn watch_interest(&mut self) -> Vec<Box<str>> {
+        self.interest.watch();
+        self.by_prefix
+            .iter()
+            .filter(|(_, h)| h.demand() > 0)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Stops recording interest changes (pending ones are forgotten).
+    pub fn unwatch_interest(&mut self) {
+        self.interest.unwatch();
+    }
+
+    /// Whether interest changes wait to be taken.
+    pub fn has_interest_changes(&self) -> bool {
+        self.interest.has_pending()
+    }
+
+    /// Moves the interest changes recorded so far, in order, into `out`.
+    pub fn take_interest_changes(&mut self, out: &mut Vec<InterestChange>) {
+        self.interest.take(out);
     }
 }
 
@@ -267,6 +356,59 @@ mod tests {
         assert_eq!(ix.count_of(1), 2);
         ix.subscribe(2, "c").unwrap();
         assert_eq!(matched(&ix, "c"), vec![2]);
+    }
+
+    fn changes(ix: &mut TopicIndex) -> Vec<String> {
+        let mut out = Vec::new();
+        ix.take_interest_changes(&mut out);
+        out.iter()
+            .map(|c| match c {
+                InterestChange::Added(p) => format!("+{p}"),
+                InterestChange::Removed(p) => format!("-{p}"),
+            })
+            .collect()
+    }
+
+    /// Interest is counted per prefix across sessions: only the first
+    /// session to want a prefix and the last to let it go are changes;
+    /// a relay (a transport's sink) is matched but never demand.
+    #[test]
+    fn interest_changes_are_the_first_and_last_holder_of_a_prefix() {
+        let mut ix = TopicIndex::new(TopicLimits::default());
+        // Nothing is recorded before someone watches.
+        ix.subscribe(1, "md/").unwrap();
+        assert!(!ix.has_interest_changes());
+        let mut start = ix.watch_interest();
+        start.sort();
+        assert_eq!(start, vec![Box::<str>::from("md/")]);
+        ix.subscribe(2, "md/").unwrap();
+        ix.subscribe(2, "news/").unwrap();
+        ix.subscribe(2, "news/").unwrap();
+        assert_eq!(changes(&mut ix), vec!["+news/"]);
+        // The relay subscribes to everything: matched, not demand.
+        ix.subscribe_relay(9, "").unwrap();
+        ix.subscribe(9, "x/").unwrap();
+        assert!(!ix.has_interest_changes());
+        assert_eq!(matched(&ix, "x/1"), vec![9]);
+        assert_eq!(ix.wanted(), 2);
+        assert!(ix.unsubscribe(1, "md/"));
+        assert!(changes(&mut ix).is_empty(), "session 2 still wants md/");
+        ix.subscribe(3, "").unwrap();
+        assert_eq!(changes(&mut ix), vec!["+"]);
+        ix.remove_session(2);
+        let mut c = changes(&mut ix);
+        c.sort();
+        assert_eq!(c, vec!["-md/", "-news/"]);
+        ix.remove_session(9);
+        assert!(!ix.has_interest_changes());
+        ix.unsubscribe(3, "");
+        assert_eq!(changes(&mut ix), vec!["-"]);
+        assert_eq!(ix.wanted(), 0);
+        // Unwatched: nothing recorded.
+        ix.unwatch_interest();
+        ix.subscribe(4, "y/").unwrap();
+        assert!(!ix.has_interest_changes());
+        assert_eq!(ix.wanted(), 1);
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! - `zmq_badinput`: malformed, oversized and MessagePack input through the proxy.
 //! - `zmq_bus`: ZeroMQ traffic in the router and its hooks, and back out.
 //! - `zmq_cli`: `hermes-bus server --zmq`: Unix sessions and ZeroMQ peers on one router.
+//! - `zmq_demand`: inside the bus, publishers are sent only what sessions and hooks want.
 //! - `zmq_faults`: stalled and broken peers, a proxy restart, exact counts.
 //! - `zmq_heartbeat`: ZMTP PING/PONG with libzmq and raw peers; silent peers dropped.
 //! - `zmq_hostile`: one publisher's bytes never corrupt another's stream.

@@ -2,10 +2,14 @@
 //!
 //! One sink session, subscribed to every topic, joins the proxy to the
 //! router:
-//! - envelopes from ZeroMQ publishers are queued (bounded, never waiting
-//!   on the proxy's hot path) to a bridge task that decodes them once and
-//!   publishes them into the router, so Unix sessions subscribed to a
-//!   topic and topic hooks see them;
+//! - the proxy subscribes its publishers upstream to what the bus wants
+//!   (`demand.rs`): the topic prefixes of Unix sessions (router interest
+//!   changes, followed as they happen) and of topic hooks, beside its own
+//!   subscribers' prefixes; publishers drop the rest at the source;
+//! - envelopes from ZeroMQ publishers that the bus wants are queued
+//!   (bounded, never waiting on the proxy's hot path) to a bridge task
+//!   that decodes them once and publishes them into the router, so Unix
+//!   sessions subscribed to a topic and topic hooks see them;
 //! - what the router delivers to the sink (topics published by other
 //!   transports) goes out to the proxy's subscribers as envelopes,
 //!   numbered (the bus numbers them as its own origin, see
@@ -28,6 +32,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use super::demand::{BusDemand, DemandLimits};
 use super::proxy::{EnvelopeSink, ProxyConfig, ProxyEndpoints, ProxyHandle, ProxyStats, ZmqProxy};
 use super::queue::{Pushed, WireQueue};
 use super::sequence::{self, SeqFramer};
@@ -35,7 +40,7 @@ use super::zmtp::RawMessage;
 use super::ZmqError;
 use crate::delivery::TopicMessage;
 use crate::seq::Seq;
-use crate::transport::{Bus, Transport, TransportStatus};
+use crate::transport::{Bus, InterestSink, Transport, TransportStatus};
 use crate::transports::zmq::envelope;
 
 /// Transport name in hook filters and status.
@@ -90,12 +95,19 @@ impl TransportStatus for Status {
 struct ToBus {
     /// Wire bytes of envelopes waiting for the bridge task.
     queue: WireQueue,
+    /// Which envelopes the router wants (the others came for proxy
+    /// subscribers only and are not decoded for it).
+    demand: Arc<BusDemand>,
     /// For the drop counter.
     stats: Arc<ProxyStats>,
 }
 
 impl EnvelopeSink for ToBus {
     fn offer(&self, msg: &RawMessage) {
+        if !self.demand.wants(msg.first_frame()) {
+            self.stats.to_bus_unwanted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if self.queue.push(msg.wire.clone()) != Pushed::Ok {
             self.stats.to_bus_dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -157,11 +169,23 @@ impl Transport for ZmqTransport {
         let stats = self.proxy.stats();
         bus.add_status(TRANSPORT_NAME, Arc::new(Status(stats.clone())));
         let (sid, mut outbox) = bus.attach(TRANSPORT_NAME, SINK_OUTBOX);
+        // Relays every topic of other transports to ZeroMQ subscribers (a
+        // sink's subscription is no demand: it asks publishers for nothing).
         if let Err(e) = bus.subscribe(sid, "") {
             tracing::error!("zmq bridge cannot subscribe to the router: {e}");
         }
+        // What the bus wants from publishers: the hooks' fixed prefixes,
+        // then the sessions' as they change.
+        let demand = Arc::new(BusDemand::new(
+            DemandLimits::of(self.proxy.config()),
+            stats.clone(),
+        ));
+        demand.add_fixed(&bus.hooks().topic_interest(TRANSPORT_NAME));
+        let watcher: Arc<dyn InterestSink> = demand.clone();
+        bus.watch_interest(watcher.clone());
         let to_bus = Arc::new(ToBus {
             queue: WireQueue::new(TO_BUS_QUEUE, 256 << 20),
+            demand: demand.clone(),
             stats: stats.clone(),
         });
 
@@ -254,11 +278,13 @@ impl Transport for ZmqTransport {
             .run_with(
                 Some(sink),
                 move |h| {
+                    demand.attach(h.clone());
                     let _ = handle_tx.send(h);
                 },
                 shutdown.clone(),
             )
             .await;
+        bus.unwatch_interest(&watcher);
         to_bus.queue.close(true);
         let _ = inbound.await;
         let _ = outbound.await;

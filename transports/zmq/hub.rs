@@ -269,6 +269,24 @@ impl Hub {
         changed
     }
 
+    /// One holder's references to upstream subscriptions change: one more
+    /// for each of `add`, then one less for each of `remove` (adds first,
+    /// so a prefix moving between them is never absent in between). The
+    /// bus's own demand is such a holder (see `demand.rs`). True when the
+    /// upstream changed.
+    pub(super) fn upstream_apply(&self, add: &[Bytes], remove: &[Bytes]) -> bool {
+        let mut up = self.up();
+        let mut changed = false;
+        for p in add {
+            changed |= up.add(p);
+        }
+        for p in remove {
+            changed |= up.remove(p);
+        }
+        up.publish(&self.stats);
+        changed
+    }
+
     /// A new publisher: its id; its writer replays every current
     /// subscription from the log, then follows.
     pub(super) fn join_publisher(&self) -> u64 {

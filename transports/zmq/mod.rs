@@ -14,7 +14,9 @@
 //!   for all), `publisher_conn` and `subscriber_conn` (the connection
 //!   loops, sharing `conn`), [`queue`] (per-peer queues, on
 //!   [`crate::bounded`]); [`stats`]: its counters.
-//! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router.
+//! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router;
+//!   `demand` (the topics the bus's sessions and hooks want, held
+//!   upstream so publishers filter at the source).
 //! - [`publisher`], [`receiver`], [`node`]: the clients.
 //! - [`sequence`]: numbered envelopes (the fifth, sequence frame), opted
 //!   into through READY; the numbering and gap tracking are
@@ -30,6 +32,7 @@ pub mod bridge;
 pub mod cli;
 mod client_task;
 mod conn;
+mod demand;
 mod dial;
 pub mod endpoint;
 pub mod envelope;

@@ -23,22 +23,36 @@ pub struct PrefixSet {
 impl PrefixSet {
     /// Adds one subscription to `prefix`.
     pub fn subscribe(&mut self, prefix: Bytes) {
-        let len = prefix.len();
-        let n = self.counts.entry(prefix).or_insert(0);
-        if *n == 0 {
-            *self.lengths.entry(len).or_insert(0) += 1;
-        }
-        *n += 1;
+        self.insert(prefix);
     }
 
     /// Removes one subscription to `prefix` (none held: nothing happens).
     pub fn cancel(&mut self, prefix: &[u8]) {
+        self.remove(prefix);
+    }
+
+    /// Adds one subscription to `prefix`; true when it was not held
+    /// before (a new distinct prefix).
+    pub fn insert(&mut self, prefix: Bytes) -> bool {
+        let len = prefix.len();
+        let n = self.counts.entry(prefix).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            *self.lengths.entry(len).or_insert(0) += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Removes one subscription to `prefix`; true when that was its last
+    /// (none held: nothing happens, false).
+    pub fn remove(&mut self, prefix: &[u8]) -> bool {
         let Some(n) = self.counts.get_mut(prefix) else {
-            return;
+            return false;
         };
         *n -= 1;
         if *n > 0 {
-            return;
+            return false;
         }
         self.counts.remove(prefix);
         if let Some(k) = self.lengths.get_mut(&prefix.len()) {
@@ -47,6 +61,12 @@ impl PrefixSet {
                 self.lengths.remove(&prefix.len());
             }
         }
+        true
+    }
+
+    /// The distinct prefixes held, in no particular order.
+    pub fn prefixes(&self) -> impl Iterator<Item = &Bytes> {
+        self.counts.keys()
     }
 
     /// Whether some subscription's prefix starts `topic_frame`.

@@ -262,11 +262,19 @@ impl ZmqProxy {
         self.stats.clone()
     }
 
+    /// Its addresses and limits.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
     /// Serves until `shutdown`. With a `sink`, valid envelopes from
-    /// publishers also go there, and the proxy subscribes publishers to
-    /// everything so the sink sees all traffic. Returns a handle to push
-    /// messages to subscribers from elsewhere (the router bridge) through
-    /// `on_ready` before accepting.
+    /// publishers also go there (those the sink wants: it filters). The
+    /// proxy subscribes publishers to nothing on the sink's behalf: its
+    /// owner holds the upstream prefixes it needs through the handle
+    /// (the bus's bridge holds what Unix sessions and hooks want). Hands
+    /// `on_ready` a handle, before accepting, to push messages to
+    /// subscribers from elsewhere (the router bridge) and hold upstream
+    /// prefixes.
     pub async fn run_with(
         mut self,
         sink: Option<Arc<dyn EnvelopeSink>>,
@@ -277,17 +285,11 @@ impl ZmqProxy {
         let Some((front, back, cap)) = self.listeners.take() else {
             return Err(ZmqError::NotBound);
         };
-        let all_upstream = sink.is_some();
         let shared = Arc::new(Shared {
             hub: Hub::new(self.cfg.clone(), self.stats.clone()),
             sink,
             upstream_changed: tokio::sync::Notify::new(),
         });
-        if all_upstream {
-            // The router wants every topic: keep an everything-subscription
-            // upstream for as long as we run.
-            shared.upstream(shared.hub.upstream_add(&Bytes::new()));
-        }
         on_ready(ProxyHandle {
             shared: shared.clone(),
         });
@@ -366,6 +368,15 @@ impl ProxyHandle {
     /// The proxy's counters.
     pub fn stats(&self) -> &ProxyStats {
         &self.shared.hub.stats
+    }
+
+    /// Changes the upstream references of one holder beside the
+    /// subscribers (the bus's demand): one more for each of `add`, then
+    /// one less for each of `remove`; publishers' writers are woken at
+    /// once when the upstream changed.
+    pub(super) fn hold_upstream(&self, add: &[Bytes], remove: &[Bytes]) {
+        let sh = &self.shared;
+        sh.upstream(sh.hub.upstream_apply(add, remove));
     }
 }
 

@@ -98,8 +98,8 @@ counters! {
         /// Connections closed for staying idle (no subscription, no
         /// message) for `idle_timeout` after their handshake.
         idle_closed,
-        /// Distinct prefixes subscribed upstream (a gauge; the router's
-        /// everything-subscription inside the bus counts).
+        /// Distinct prefixes subscribed upstream (a gauge; inside the bus
+        /// the bus's own prefixes count, see `bus_prefixes`).
         upstream_prefixes,
         /// Bytes of upstream cancels kept for publishers that have not been
         /// sent them yet (a gauge, bounded by `max_upstream_pending_bytes`).
@@ -107,7 +107,26 @@ counters! {
         /// Publishers that fell behind that bound and were resynced.
         upstream_resyncs,
         /// Upstream cancels discarded for that bound.
-        upstream_cancels_dropped;
+        upstream_cancels_dropped,
+        /// Inside the bus: prefixes the bus holds upstream for its Unix
+        /// sessions and topic hooks (a gauge; one, the everything
+        /// subscription, while `bus_everything`).
+        bus_prefixes,
+        /// Inside the bus: bytes of the distinct prefixes the bus wants, in
+        /// their topic-frame form (a gauge, bounded: see `bus_everything`).
+        bus_prefix_bytes,
+        /// Inside the bus: 1 while the bus's prefixes passed the per-peer
+        /// subscription limits (`max_subs_per_peer`,
+        /// `max_sub_bytes_per_peer`) and it holds the everything
+        /// subscription instead (a gauge).
+        bus_everything,
+        /// Inside the bus: times the bus fell back to the everything
+        /// subscription that way.
+        bus_everything_fallbacks,
+        /// Inside the bus: envelopes from publishers that no Unix session
+        /// or hook wanted (a proxy subscriber did): not handed to the
+        /// router.
+        to_bus_unwanted;
         /// Publisher side.
         publishers: SideSnapshot,
         /// Subscriber side.
