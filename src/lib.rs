@@ -89,6 +89,8 @@ let next = node.recv(Some(std::time::Duration::from_secs(1))).await?;
 //!   names, live or held; returns what happened) and [`router::topics`]
 //!   (topic subscriptions, with per-change and per-publish costs
 //!   independent of their number).
+//! - [`last_value`]: the newest value of each topic (bounded in topics
+//!   and bytes), replayed to late joiners by the proxy and the router.
 //! - [`seq`]: sequence numbers per (origin, topic) and gap detection,
 //!   plain state (the numbering counters and the receivers' tracker).
 //! - [`clock`]: wall-clock time and fresh ids, generated in one place.
@@ -124,6 +126,7 @@ pub mod daemon;
 pub mod delivery;
 pub mod error;
 pub mod hooks;
+pub mod last_value;
 pub mod logging;
 pub mod message;
 pub mod metrics;

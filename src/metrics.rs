@@ -132,6 +132,8 @@ const GAUGES: &[&str] = &[
     "bus_prefixes",
     "bus_prefix_bytes",
     "bus_everything",
+    "cached_topics",
+    "cached_bytes",
     "in_flight",
     "queue_len",
     "queue_capacity",

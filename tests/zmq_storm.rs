@@ -113,7 +113,8 @@ async fn storm_with_control_pair(
     {
         let base = stats.snapshot().subscriptions;
         let mut ctl_sub = raw_peer(back, SocketType::Sub).await;
-        ctl_sub.subscribe(b"CTRL").await;
+        // A JSON topic (a bare prefix means its quoted form by default).
+        ctl_sub.subscribe(b"\"CTRL").await;
         assert!(
             eventually(Duration::from_secs(10), || stats.snapshot().subscriptions
                 == base + 1)
@@ -140,7 +141,7 @@ async fn storm_with_control_pair(
                 let mut p = raw_peer(&addr, SocketType::Sub).await;
                 let mut b = BytesMut::new();
                 for i in 0..50_000u32 {
-                    let prefix = format!("storm/{s}/{i:06}/xxxxxx");
+                    let prefix = format!("\"storm/{s}/{i:06}/xxxxxx");
                     zmtp::put_subscription(&mut b, true, prefix.as_bytes());
                 }
                 let n = b.len();
@@ -160,7 +161,7 @@ async fn storm_with_control_pair(
                 let n = sent.to_string();
                 let at = storm_start.elapsed().as_micros().to_string();
                 let mut b = BytesMut::new();
-                zmtp::put_message(&mut b, &[b"CTRL", n.as_bytes(), b"0", at.as_bytes()]);
+                zmtp::put_message(&mut b, &[b"\"CTRL\"", n.as_bytes(), b"0", at.as_bytes()]);
                 w.write_all(&b).await.expect("control publish");
                 sent += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -184,7 +185,7 @@ async fn storm_with_control_pair(
             while let Some(item) = ctl_sub.next_item(Duration::from_secs(5)).await {
                 if let Inbound::Message(m) = item {
                     let f: Vec<&[u8]> = m.frames().collect();
-                    assert_eq!(f[0], b"CTRL");
+                    assert_eq!(f[0], b"\"CTRL\"");
                     got.insert(String::from_utf8_lossy(f[1]).into_owned());
                     let at: u64 = std::str::from_utf8(f[3])
                         .expect("utf8")
@@ -254,6 +255,8 @@ async fn subscriptions_beyond_the_limits_are_counted_not_forwarded() {
         let proxy = start_proxy(|c| {
             c.max_subs_per_peer = 10;
             c.max_sub_bytes_per_peer = 100;
+            // Byte semantics: the sizes below are the bytes as sent.
+            c.strict_subscriptions = true;
         })
         .await;
         let mut publisher = raw_peer(&proxy.front(), SocketType::Pub).await;
@@ -354,7 +357,7 @@ async fn idle_peers_free_the_limit(n: usize, idle_timeout: Duration) {
     let mut refused = 0;
     for _ in 0..600 {
         if let Ok(mut p) = try_raw_peer(&proxy.back(), SocketType::Sub).await {
-            p.subscribe(b"IDLE").await;
+            p.subscribe(b"\"IDLE").await;
             if eventually(Duration::from_secs(2), || {
                 proxy.stats.snapshot().subscriptions == 1
             })
@@ -369,7 +372,7 @@ async fn idle_peers_free_the_limit(n: usize, idle_timeout: Duration) {
     }
     let mut sub = sub.expect("a new subscriber is served");
     let mut publisher = raw_peer(&proxy.front(), SocketType::Pub).await;
-    let frames: [&[u8]; 4] = [b"IDLE/x", b"o", b"1", b"2.0"];
+    let frames: [&[u8]; 4] = [b"\"IDLE/x\"", b"o", b"1", b"2.0"];
     publisher.send(&frames).await;
     let got = loop {
         match sub.next_item(Duration::from_secs(10)).await {

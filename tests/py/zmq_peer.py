@@ -3,8 +3,10 @@
 Usage: zmq_peer.py MODE ARGS...
   node-pub ADDR NAME CHANNEL SECONDS   hermes Node publishing a Message
                                        struct and a list every 20 ms
-  recv ADDR COUNT SECONDS              hermes Receiver; prints each
-                                       envelope as a JSON line
+  recv ADDR COUNT SECONDS [TOPICS]     hermes Receiver (subscribed to the
+                                       bare TOPICS string, as the reference
+                                       passes it; default everything);
+                                       prints each envelope as a JSON line
   libzmq-proxy IN OUT                  zmq.proxy(XSUB IN, XPUB OUT)
   sub ADDR PREFIX COUNT SECONDS        raw SUB with a byte prefix; prints
                                        each message's frames as a JSON list
@@ -41,10 +43,10 @@ def node_pub(addr, name, channel, seconds):
     node.stop()
 
 
-def recv(addr, count, seconds):
+def recv(addr, count, seconds, topics=None):
     from hermes import Receiver
 
-    r = Receiver(addr, "py-recv")
+    r = Receiver(addr, "py-recv", topics=topics)
     r.start()
     out({"ready": True})
     got = 0

@@ -9,12 +9,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::heartbeat::{HeartbeatConfig, MAX_TTL};
 use super::proxy::{
-    ProxyConfig, ZmqProxy, DEFAULT_BACKEND, DEFAULT_CAPTURE, DEFAULT_FRONTEND, DEFAULT_SLOW_TIMEOUT,
+    LastValueReplay, ProxyConfig, ZmqProxy, DEFAULT_BACKEND, DEFAULT_CAPTURE, DEFAULT_FRONTEND,
+    DEFAULT_SLOW_TIMEOUT,
 };
 use super::publisher::{Publisher, PublisherConfig};
 use super::receiver::{Receiver, ReceiverConfig, SlowPolicy};
 use super::{Endpoint, ZmqTransport};
 use crate::codec::Codec;
+use crate::last_value::{LastValueLimits, DEFAULT_MAX_BYTES, DEFAULT_MAX_TOPICS};
 use crate::transport::{Bus, Transport};
 use crate::transports::zmq::envelope::{Data, Registry};
 
@@ -97,6 +99,34 @@ pub struct ZmqProxyArgs {
     /// `proxy` also takes `--heartbeat-ttl`.
     #[arg(id = "zmq_heartbeat_ttl", value_name = "SECS", long = "zmq-heartbeat-ttl", default_value_t = 0.0, value_parser = parse_ttl)]
     pub heartbeat_ttl: f64,
+    /// Keep the newest envelope of each topic and send a subscriber the
+    /// matching ones when it subscribes, before live traffic (`proxy`
+    /// also takes `--last-value`).
+    #[arg(id = "zmq_last_value", long = "zmq-last-value")]
+    pub last_value: bool,
+    /// With the last-value cache: most topics kept (the least recently
+    /// updated go first, counted).
+    #[arg(id = "zmq_last_value_topics", value_name = "N", long = "zmq-last-value-topics", default_value_t = DEFAULT_MAX_TOPICS)]
+    pub last_value_topics: usize,
+    /// With the last-value cache: most bytes kept.
+    #[arg(id = "zmq_last_value_bytes", value_name = "BYTES", long = "zmq-last-value-bytes", default_value_t = DEFAULT_MAX_BYTES)]
+    pub last_value_bytes: usize,
+    /// With the last-value cache: replay to every subscriber that does not
+    /// decline (all), or only to those that ask (opt-in: our Receiver with
+    /// its last-value option). The reference hermes-zmq Receiver stops
+    /// itself on an envelope older than 1 s: use opt-in where it runs.
+    #[arg(
+        id = "zmq_last_value_replay",
+        value_name = "MODE",
+        long = "zmq-last-value-replay",
+        default_value = "all"
+    )]
+    pub last_value_replay: LastValueReplay,
+    /// Match every subscription as raw bytes (libzmq), instead of reading a
+    /// bare one such as `RAW/` as the topic prefix `"RAW/` (`proxy` also
+    /// takes `--strict-subscriptions`).
+    #[arg(id = "zmq_strict_subscriptions", long = "zmq-strict-subscriptions")]
+    pub strict_subscriptions: bool,
 }
 
 impl ZmqProxyArgs {
@@ -119,6 +149,12 @@ impl ZmqProxyArgs {
                 timeout: self.heartbeat_timeout.map(secs),
                 ttl: secs(self.heartbeat_ttl),
             },
+            last_value: self.last_value.then_some(LastValueLimits {
+                max_topics: self.last_value_topics,
+                max_bytes: self.last_value_bytes,
+            }),
+            last_value_replay: self.last_value_replay,
+            strict_subscriptions: self.strict_subscriptions,
             ..ProxyConfig::default()
         }
     }
@@ -162,6 +198,21 @@ pub struct ProxyArgs {
     /// Same as --zmq-heartbeat-ttl.
     #[arg(long, value_name = "SECS", value_parser = parse_ttl)]
     pub heartbeat_ttl: Option<f64>,
+    /// Same as --zmq-last-value.
+    #[arg(long)]
+    pub last_value: bool,
+    /// Same as --zmq-last-value-topics.
+    #[arg(long, value_name = "N")]
+    pub last_value_topics: Option<usize>,
+    /// Same as --zmq-last-value-bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub last_value_bytes: Option<usize>,
+    /// Same as --zmq-last-value-replay.
+    #[arg(long, value_name = "MODE")]
+    pub last_value_replay: Option<LastValueReplay>,
+    /// Same as --zmq-strict-subscriptions.
+    #[arg(long)]
+    pub strict_subscriptions: bool,
     /// Serve the proxy's counters in the Prometheus text format at
     /// http://ADDR/metrics (e.g. 127.0.0.1:9101).
     #[arg(long, value_name = "ADDR")]
@@ -194,6 +245,17 @@ impl ProxyArgs {
         if let Some(t) = self.heartbeat_ttl {
             args.heartbeat_ttl = t;
         }
+        args.last_value |= self.last_value;
+        if let Some(n) = self.last_value_topics {
+            args.last_value_topics = n;
+        }
+        if let Some(n) = self.last_value_bytes {
+            args.last_value_bytes = n;
+        }
+        if let Some(m) = self.last_value_replay {
+            args.last_value_replay = m;
+        }
+        args.strict_subscriptions |= self.strict_subscriptions;
         args.config()
     }
 }
@@ -689,6 +751,59 @@ mod tests {
         .config();
         assert!(long.lossless);
         assert_eq!(long.slow_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn last_value_and_strict_subscriptions_are_opt_in() {
+        let off = Cmd::try_parse_from(["proxy"])
+            .expect("defaults")
+            .proxy
+            .config();
+        assert_eq!(off.last_value, None);
+        assert!(!off.strict_subscriptions);
+        for argv in [
+            &[
+                "proxy",
+                "--last-value",
+                "--last-value-topics",
+                "5",
+                "--last-value-bytes",
+                "9000",
+                "--last-value-replay",
+                "opt-in",
+                "--strict-subscriptions",
+            ][..],
+            &[
+                "proxy",
+                "--zmq-last-value",
+                "--zmq-last-value-topics",
+                "5",
+                "--zmq-last-value-bytes",
+                "9000",
+                "--zmq-last-value-replay",
+                "opt-in",
+                "--zmq-strict-subscriptions",
+            ][..],
+        ] {
+            let on = Cmd::try_parse_from(argv).expect("flags").proxy.config();
+            assert_eq!(
+                on.last_value,
+                Some(LastValueLimits {
+                    max_topics: 5,
+                    max_bytes: 9000
+                }),
+                "{argv:?}"
+            );
+            assert!(on.strict_subscriptions, "{argv:?}");
+            assert_eq!(on.last_value_replay, LastValueReplay::OptIn);
+        }
+        assert!(Cmd::try_parse_from(["proxy", "--last-value-replay", "some"]).is_err());
+        let dflt = Cmd::try_parse_from(["proxy", "--last-value"])
+            .expect("flag")
+            .proxy
+            .config();
+        assert_eq!(dflt.last_value, Some(LastValueLimits::default()));
+        assert_eq!(dflt.last_value_replay, LastValueReplay::All);
     }
 
     #[test]

@@ -30,21 +30,32 @@ pub async fn dial(
     seq: bool,
     max_msg: usize,
 ) -> Result<Dialed, ZmtpError> {
-    let codec_prop = (zmtp::CODEC_PROPERTY, &b"msgpack"[..]);
-    let seq_prop = (zmtp::SEQ_PROPERTY, &b"1"[..]);
-    let all = [codec_prop, seq_prop];
-    let props: &[(&str, &[u8])] = match (codec == Codec::MsgPack, seq) {
-        (true, true) => &all,
-        (true, false) => &all[..1],
-        (false, true) => &all[1..],
-        (false, false) => &[],
-    };
+    dial_with(ep, ours, codec, seq, max_msg, &[]).await
+}
+
+/// [`dial`], with `extra` READY properties after ours.
+pub async fn dial_with(
+    ep: &Endpoint,
+    ours: SocketType,
+    codec: Codec,
+    seq: bool,
+    max_msg: usize,
+    extra: &[(&str, &[u8])],
+) -> Result<Dialed, ZmtpError> {
+    let mut props: Vec<(&str, &[u8])> = Vec::with_capacity(2 + extra.len());
+    if codec == Codec::MsgPack {
+        props.push((zmtp::CODEC_PROPERTY, b"msgpack"));
+    }
+    if seq {
+        props.push((zmtp::SEQ_PROPERTY, b"1"));
+    }
+    props.extend_from_slice(extra);
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, endpoint::connect(ep))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let (mut r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(max_msg);
-    let info = zmtp::handshake(&mut r, &mut w, &mut reader, ours, props, CONNECT_TIMEOUT).await?;
+    let info = zmtp::handshake(&mut r, &mut w, &mut reader, ours, &props, CONNECT_TIMEOUT).await?;
     Ok(Dialed { r, w, reader, info })
 }
 

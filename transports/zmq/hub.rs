@@ -20,6 +20,14 @@
 //!   `sequence.rs`); a full queue drops and counts (ZeroMQ PUB
 //!   semantics), or in lossless mode hands the full peer back to the
 //!   publisher's read loop, which waits for it.
+//! - A subscription is first read as `subscription::normalize` says: a
+//!   bare topic prefix stands for the quoted prefix of its topic frames
+//!   and for its own bytes, both held and matched (only its bytes with
+//!   `strict_subscriptions`).
+//! - With `last_value`, dispatch also keeps the newest envelope of each
+//!   topic frame (a [`LastValues`]), updated *before* the message is
+//!   queued to anyone; a new subscription is then replayed what is kept
+//!   (`replay.rs`).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -32,9 +40,11 @@ use bytes::{Bytes, BytesMut};
 use super::proxy::ProxyConfig;
 use super::queue::{Pushed, WireQueue};
 use super::stats::{ProxyStats, SideCounters};
+use super::subscription;
 use super::upstream::Upstream;
 use super::zmtp::{self, RawMessage, SubChange};
 use crate::codec::MSGPACK_MARKER;
+use crate::last_value::LastValues;
 
 /// Which side a subscriber-like peer is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,12 +202,50 @@ thread_local! {
 pub(super) struct PeerSubs {
     /// Prefix → how many times this peer subscribed to it.
     prefixes: HashMap<Bytes, usize>,
+    /// Prefix length → how many of its distinct prefixes have it (so
+    /// [`PeerSubs::covers_other`] probes only lengths in use).
+    lengths: BTreeMap<usize, usize>,
     /// Subscriptions held (the multiset's size).
     count: usize,
     /// Their bytes.
     bytes: usize,
     /// Whether it ever had a subscription accepted (not idle then).
     pub(super) active: bool,
+}
+
+impl PeerSubs {
+    /// Whether a prefix this peer holds, other than `except`, starts
+    /// `topic` (it then gets that topic live already, so a replay for
+    /// `except` skips it).
+    pub(super) fn covers_other(&self, topic: &[u8], except: &[u8]) -> bool {
+        self.lengths
+            .range(..=topic.len())
+            .any(|(&len, _)| topic[..len] != *except && self.prefixes.contains_key(&topic[..len]))
+    }
+
+    fn add_len(&mut self, len: usize) {
+        *self.lengths.entry(len).or_insert(0) += 1;
+    }
+
+    fn remove_len(&mut self, len: usize) {
+        if let Some(n) = self.lengths.get_mut(&len) {
+            *n -= 1;
+            if *n == 0 {
+                self.lengths.remove(&len);
+            }
+        }
+    }
+}
+
+/// What one subscription change did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(super) struct Applied {
+    /// The publishers' upstream changed (their writers have work).
+    pub(super) upstream: bool,
+    /// A subscribe made this peer hold a prefix it did not hold: that
+    /// prefix, as matched (after `subscription::normalize`). A replay of
+    /// the last values is for these only.
+    pub(super) added: Option<Bytes>,
 }
 
 /// State shared by all connection tasks of one proxy: the index the hot
@@ -218,6 +266,9 @@ pub(super) struct Hub {
     up: Mutex<Upstream>,
     /// Last publisher id given.
     last_id: AtomicU64,
+    /// The newest envelope of each topic frame (with `last_value`); its
+    /// lock is taken per message for the update, and per replay chunk.
+    cache: Option<Mutex<LastValues<Kept>>>,
 }
 
 impl Hub {
@@ -225,11 +276,20 @@ impl Hub {
     pub(super) fn new(cfg: ProxyConfig, stats: Arc<ProxyStats>) -> Hub {
         Hub {
             up: Mutex::new(Upstream::new(cfg.max_upstream_pending_bytes)),
-            cfg,
             stats,
             index: RwLock::new(SubIndex::default()),
             last_id: AtomicU64::new(0),
+            cache: cfg.last_value.map(|l| Mutex::new(LastValues::new(l))),
+            cfg,
         }
+    }
+
+    /// The last-value cache, locked (None without `last_value`). Held for
+    /// one update or one replay chunk, never across an await.
+    pub(super) fn cache(&self) -> Option<MutexGuard<'_, LastValues<Kept>>> {
+        self.cache
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn up(&self) -> MutexGuard<'_, Upstream> {
@@ -308,61 +368,100 @@ impl Hub {
         self.up().take(id, out, max_bytes)
     }
 
-    /// Applies one subscription change of `peer`, within its limits.
-    /// Takes the index lock (and the upstream lock for an upstream change)
-    /// for this one change only. Returns whether the upstream changed.
+    /// Applies one subscription change of `peer`, within its limits. A
+    /// bare prefix (see `subscription::normalize`) stands for two: its
+    /// quoted form (the JSON topic frames it means) and its own bytes (what
+    /// libzmq would match), each held, counted against the limits and sent
+    /// upstream as a subscription of its own; with `strict_subscriptions`
+    /// only its bytes. Takes the index lock (and the upstream lock for an
+    /// upstream change) for one prefix at a time.
     pub(super) fn apply_sub_change(
         &self,
         peer: &Arc<SubPeer>,
         subs: &mut PeerSubs,
         change: SubChange,
-    ) -> bool {
+    ) -> Applied {
+        let (subscribe, raw) = match &change {
+            SubChange::Subscribe(p) => (true, p),
+            SubChange::Cancel(p) => (false, p),
+        };
+        let (quoted, bare) = subscription::normalize(raw, self.cfg.strict_subscriptions);
+        let mut done = Applied::default();
+        if bare {
+            if subscribe {
+                self.stats
+                    .bare_subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            done = self.apply_prefix(peer, subs, subscribe, &quoted);
+        }
+        let own = self.apply_prefix(peer, subs, subscribe, raw);
+        Applied {
+            upstream: done.upstream || own.upstream,
+            // A bare prefix's own bytes never start a topic frame: only
+            // its quoted form has last values to replay.
+            added: done.added.or(if bare { None } else { own.added }),
+        }
+    }
+
+    /// Subscribes (or cancels one reference of) one prefix of `peer`.
+    fn apply_prefix(
+        &self,
+        peer: &Arc<SubPeer>,
+        subs: &mut PeerSubs,
+        subscribe: bool,
+        p: &[u8],
+    ) -> Applied {
         let st = &self.stats;
-        match change {
-            SubChange::Subscribe(p) => {
-                if p.len() > self.cfg.max_prefix_len {
-                    st.subs_too_long.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                if subs.count >= self.cfg.max_subs_per_peer {
-                    st.subs_over_count.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                if subs.bytes.saturating_add(p.len()) > self.cfg.max_sub_bytes_per_peer {
-                    st.subs_over_bytes.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                subs.count += 1;
-                subs.bytes += p.len();
-                subs.active = true;
-                st.subscriptions.fetch_add(1, Ordering::Relaxed);
-                if let Some(n) = subs.prefixes.get_mut(&p[..]) {
-                    *n += 1;
-                    return false;
-                }
-                // Our own copy: a slice would pin the whole read buffer.
-                let p = Bytes::copy_from_slice(&p);
-                subs.prefixes.insert(p.clone(), 1);
-                self.index_mut().add(p.clone(), peer);
-                peer.side == Side::Backend && self.upstream_add(&p)
+        if subscribe {
+            if p.len() > self.cfg.max_prefix_len {
+                st.subs_too_long.fetch_add(1, Ordering::Relaxed);
+                return Applied::default();
             }
-            SubChange::Cancel(p) => {
-                let Some(n) = subs.prefixes.get_mut(&p[..]) else {
-                    return false;
-                };
-                *n -= 1;
-                subs.count -= 1;
-                subs.bytes -= p.len();
-                st.subscriptions.fetch_sub(1, Ordering::Relaxed);
-                if *n > 0 {
-                    return false;
-                }
-                let Some((k, _)) = subs.prefixes.remove_entry(&p[..]) else {
-                    return false;
-                };
-                self.index_mut().remove(&k, peer);
-                peer.side == Side::Backend && self.upstream_remove([&k])
+            if subs.count >= self.cfg.max_subs_per_peer {
+                st.subs_over_count.fetch_add(1, Ordering::Relaxed);
+                return Applied::default();
             }
+            if subs.bytes.saturating_add(p.len()) > self.cfg.max_sub_bytes_per_peer {
+                st.subs_over_bytes.fetch_add(1, Ordering::Relaxed);
+                return Applied::default();
+            }
+            subs.count += 1;
+            subs.bytes += p.len();
+            subs.active = true;
+            st.subscriptions.fetch_add(1, Ordering::Relaxed);
+            if let Some(n) = subs.prefixes.get_mut(p) {
+                *n += 1;
+                return Applied::default();
+            }
+            // Our own copy: a slice would pin the whole read buffer.
+            let p = Bytes::copy_from_slice(p);
+            subs.prefixes.insert(p.clone(), 1);
+            subs.add_len(p.len());
+            self.index_mut().add(p.clone(), peer);
+            return Applied {
+                upstream: peer.side == Side::Backend && self.upstream_add(&p),
+                added: Some(p),
+            };
+        }
+        let Some(n) = subs.prefixes.get_mut(p) else {
+            return Applied::default();
+        };
+        *n -= 1;
+        subs.count -= 1;
+        subs.bytes -= p.len();
+        st.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if *n > 0 {
+            return Applied::default();
+        }
+        let Some((k, _)) = subs.prefixes.remove_entry(p) else {
+            return Applied::default();
+        };
+        subs.remove_len(k.len());
+        self.index_mut().remove(&k, peer);
+        Applied {
+            upstream: peer.side == Side::Backend && self.upstream_remove([&k]),
+            added: None,
         }
     }
 
@@ -421,6 +520,9 @@ impl Hub {
         mut waiting: Option<&mut Vec<Waiting>>,
         numbered: bool,
     ) {
+        // Before anyone is queued the message: a replay that reads the
+        // cache after this point finds this value or a newer one.
+        self.remember(msg, numbered);
         let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut forms = Forms::new(msg, numbered);
         let mut topic_key: Option<Bytes> = None;
@@ -457,13 +559,63 @@ impl Hub {
     }
 }
 
+/// One topic's newest envelope in the last-value cache.
+#[derive(Debug, Clone)]
+pub(super) struct Kept {
+    /// Its wire bytes (our own copy).
+    pub(super) wire: Bytes,
+    /// Its frame count (5 for a numbered envelope).
+    pub(super) frames: usize,
+    /// It came from a numbering publisher (its fifth frame is a sequence
+    /// number), as `dispatch` was told.
+    pub(super) numbered: bool,
+}
+
+impl Hub {
+    /// Keeps `msg` as the newest value of its topic frame, when the cache
+    /// is on and `msg` has an envelope's shape (4 frames, or 5 from a
+    /// numbering publisher; a JSON string first). Its bytes are copied:
+    /// the message shares its read buffer, which a long-lived slice would
+    /// keep whole.
+    fn remember(&self, msg: &RawMessage, numbered: bool) {
+        let Some(mut cache) = self.cache() else {
+            return;
+        };
+        let topic = msg.first_frame();
+        let shape = msg.frames == 4 || (numbered && msg.frames == 5);
+        if !shape || topic.first() != Some(&b'"') {
+            return;
+        }
+        let wire = Bytes::copy_from_slice(&msg.wire);
+        let weight = wire.len();
+        let kept = Kept {
+            wire,
+            frames: msg.frames,
+            numbered,
+        };
+        cache.put(topic, kept, weight);
+        self.publish_cache_gauges(&cache);
+    }
+
+    /// Copies the cache's sizes and evictions into the counters.
+    pub(super) fn publish_cache_gauges(&self, cache: &LastValues<Kept>) {
+        let st = &self.stats;
+        st.cached_topics
+            .store(cache.len() as u64, Ordering::Relaxed);
+        st.cached_bytes
+            .store(cache.bytes() as u64, Ordering::Relaxed);
+        st.cache_evictions
+            .store(cache.evictions(), Ordering::Relaxed);
+    }
+}
+
 /// The wire forms of one message being dispatched: as received, and the
 /// others made lazily, once each, for the peers that need them: data as
 /// JSON (peers without the MessagePack opt-in), without the sequence frame
 /// (peers that did not ask for numbers: byte-identical to the envelope of
 /// an unnumbered publisher), or both. A form that cannot be made (data
 /// that does not transcode) is not sent to those peers.
-struct Forms<'a> {
+pub(super) struct Forms<'a> {
     /// The message as received.
     msg: &'a RawMessage,
     /// A 4- or 5-frame envelope whose data frame is MessagePack.
@@ -478,7 +630,7 @@ struct Forms<'a> {
 impl<'a> Forms<'a> {
     /// Looks at frame headers only (no decoding): frame count, the data
     /// frame's first byte, where the frames start.
-    fn new(msg: &'a RawMessage, numbered: bool) -> Forms<'a> {
+    pub(super) fn new(msg: &'a RawMessage, numbered: bool) -> Forms<'a> {
         let seq = if numbered && msg.frames == 5 {
             zmtp::frame_offsets::<5>(&msg.wire).map(|(at, _)| at)
         } else {
@@ -495,7 +647,7 @@ impl<'a> Forms<'a> {
     }
 
     /// The form `peer` takes; None when it cannot be made.
-    fn for_peer(&mut self, peer: &SubPeer, stats: &ProxyStats) -> Option<Bytes> {
+    pub(super) fn for_peer(&mut self, peer: &SubPeer, stats: &ProxyStats) -> Option<Bytes> {
         let json = self.msgpack && !peer.msgpack;
         let strip = self.seq.is_some() && !peer.seq;
         let slot = match (json, strip) {
@@ -556,8 +708,16 @@ mod tests {
 
     use super::*;
 
+    /// A hub with `cfg`, byte-prefix subscriptions (these tests use
+    /// plain topics; the bare-prefix reading has its own tests).
     fn hub(cfg: ProxyConfig) -> Hub {
-        Hub::new(cfg, Arc::new(ProxyStats::default()))
+        Hub::new(
+            ProxyConfig {
+                strict_subscriptions: true,
+                ..cfg
+            },
+            Arc::new(ProxyStats::default()),
+        )
     }
 
     fn peer(items: usize, side: Side) -> Arc<SubPeer> {
@@ -644,19 +804,22 @@ mod tests {
             peer(10, Side::Capture),
         );
         let (mut sa, mut sb, mut sc) = Default::default();
-        assert!(h.apply_sub_change(&a, &mut sa, sub("t")));
+        assert!(h.apply_sub_change(&a, &mut sa, sub("t")).upstream);
         assert!(
-            !h.apply_sub_change(&a, &mut sa, sub("t")),
+            !h.apply_sub_change(&a, &mut sa, sub("t")).upstream,
             "same peer again"
         );
-        assert!(!h.apply_sub_change(&b, &mut sb, sub("t")), "another peer");
         assert!(
-            !h.apply_sub_change(&cap, &mut sc, sub("c")),
+            !h.apply_sub_change(&b, &mut sb, sub("t")).upstream,
+            "another peer"
+        );
+        assert!(
+            !h.apply_sub_change(&cap, &mut sc, sub("c")).upstream,
             "capture stays local"
         );
         assert_eq!(upstream(&h, id), subscription(true, "t"));
-        assert!(!h.apply_sub_change(&a, &mut sa, cancel("t")));
-        assert!(!h.apply_sub_change(&a, &mut sa, cancel("t")));
+        assert!(!h.apply_sub_change(&a, &mut sa, cancel("t")).upstream);
+        assert!(!h.apply_sub_change(&a, &mut sa, cancel("t")).upstream);
         // `a` is gone from "t"; `b` still holds it: nothing upstream.
         assert!(upstream(&h, id).is_empty());
         // The last holder leaves: one cancel upstream.
@@ -680,17 +843,20 @@ mod tests {
         let id = h.join_publisher();
         let a = peer(10, Side::Backend);
         let mut s = PeerSubs::default();
-        assert!(!h.apply_sub_change(&a, &mut s, sub("toolong")));
+        assert!(!h.apply_sub_change(&a, &mut s, sub("toolong")).upstream);
         assert!(!s.active, "an ignored subscription does not make it active");
-        assert!(h.apply_sub_change(&a, &mut s, sub("abc")));
+        assert!(h.apply_sub_change(&a, &mut s, sub("abc")).upstream);
         assert!(
-            !h.apply_sub_change(&a, &mut s, sub("xyz")),
+            !h.apply_sub_change(&a, &mut s, sub("xyz")).upstream,
             "bytes: 3 + 3 > 5"
         );
-        assert!(h.apply_sub_change(&a, &mut s, sub("q")));
-        assert!(!h.apply_sub_change(&a, &mut s, sub("r")), "count: 2 held");
+        assert!(h.apply_sub_change(&a, &mut s, sub("q")).upstream);
+        assert!(
+            !h.apply_sub_change(&a, &mut s, sub("r")).upstream,
+            "count: 2 held"
+        );
         // A cancel of what it never held changes nothing.
-        assert!(!h.apply_sub_change(&a, &mut s, cancel("zz")));
+        assert!(!h.apply_sub_change(&a, &mut s, cancel("zz")).upstream);
         let st = h.stats.snapshot();
         assert_eq!(
             (st.subs_too_long, st.subs_over_bytes, st.subs_over_count),
@@ -700,6 +866,53 @@ mod tests {
         let mut want = subscription(true, "abc");
         want.extend(subscription(true, "q"));
         assert_eq!(upstream(&h, id), want);
+    }
+
+    #[test]
+    fn a_bare_subscription_matches_and_goes_upstream_as_its_quoted_form() {
+        let h = Hub::new(ProxyConfig::default(), Arc::new(ProxyStats::default()));
+        let id = h.join_publisher();
+        let (a, b) = (peer(10, Side::Backend), peer(10, Side::Backend));
+        let (mut sa, mut sb) = (PeerSubs::default(), PeerSubs::default());
+        assert!(h.apply_sub_change(&a, &mut sa, sub("RAW/")).upstream);
+        // The quoted form is the same prefix: one upstream reference.
+        assert!(!h.apply_sub_change(&b, &mut sb, sub("\"RAW/")).upstream);
+        let mut want = subscription(true, "\"RAW/");
+        want.extend(subscription(true, "RAW/"));
+        assert_eq!(
+            upstream(&h, id),
+            want,
+            "the quoted form, and the bytes as sent"
+        );
+        let now = Instant::now();
+        let m = msg(&[b"\"RAW/x\"", b"\"o\"", b"1", b"1.0"]);
+        let raw = msg(&[b"RAW/x", b"o"]);
+        h.dispatch(&m, now, None, false);
+        h.dispatch(&raw, now, None, false);
+        // The bare subscriber gets both (what libzmq matched, and the
+        // JSON topic its text means); the quoted one only the envelope.
+        assert_eq!(drain(&a), vec![m.wire.clone(), raw.wire.clone()]);
+        assert_eq!(drain(&b), vec![m.wire.clone()]);
+        let st = h.stats.snapshot();
+        assert_eq!((st.bare_subscriptions, st.subscriptions), (1, 3));
+        // A bare cancel removes both forms.
+        h.apply_sub_change(&a, &mut sa, cancel("RAW/"));
+        h.dispatch(&m, now, None, false);
+        h.dispatch(&raw, now, None, false);
+        assert!(drain(&a).is_empty());
+        assert_eq!(h.stats.snapshot().subscriptions, 1);
+        // b still holds the quoted form: only the bytes are cancelled.
+        assert_eq!(upstream(&h, id), subscription(false, "RAW/"));
+        // Strict: raw bytes, as libzmq.
+        let strict = hub(ProxyConfig::default());
+        let c = peer(10, Side::Backend);
+        let mut sc = PeerSubs::default();
+        strict.apply_sub_change(&c, &mut sc, sub("RAW/"));
+        strict.dispatch(&m, now, None, false);
+        assert!(drain(&c).is_empty());
+        strict.dispatch(&msg(&[b"RAW/x", b"o"]), now, None, false);
+        assert_eq!(drain(&c).len(), 1);
+        assert_eq!(strict.stats.snapshot().bare_subscriptions, 0);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //!   public API); its parts: `hub` (subscriptions and fan-out, plain
 //!   state), `upstream` (the subscriptions publishers are sent, one log
 //!   for all), `publisher_conn` and `subscriber_conn` (the connection
-//!   loops, sharing `conn`), [`queue`] (per-peer queues, on
-//!   [`crate::bounded`]); [`stats`]: its counters.
+//!   loops, sharing `conn`), `subscription` (what a subscription's bytes
+//!   mean: bare topic prefixes), `replay` (last values to a late joiner,
+//!   from a [`crate::last_value::LastValues`]), [`queue`] (per-peer
+//!   queues, on [`crate::bounded`]); [`stats`]: its counters.
 //! - [`bridge`]: the proxy as the bus's `Transport`, wired to the router;
 //!   `demand` (the topics the bus's sessions and hooks want, held
 //!   upstream so publishers filter at the source).
@@ -46,9 +48,11 @@ pub mod publisher;
 mod publisher_conn;
 pub mod queue;
 pub mod receiver;
+mod replay;
 pub mod sequence;
 pub mod stats;
 mod subscriber_conn;
+mod subscription;
 mod upstream;
 pub mod zmtp;
 
@@ -56,7 +60,9 @@ pub use bridge::ZmqTransport;
 pub use endpoint::Endpoint;
 pub use heartbeat::HeartbeatConfig;
 pub use node::Node;
-pub use proxy::{ProxyConfig, ProxyEndpoints, ProxySnapshot, ProxyStats, ZmqProxy};
+pub use proxy::{
+    LastValueReplay, ProxyConfig, ProxyEndpoints, ProxySnapshot, ProxyStats, ZmqProxy,
+};
 pub use publisher::{Publisher, PublisherConfig};
 pub use receiver::{OnGap, Receiver, ReceiverConfig, SlowPolicy};
 

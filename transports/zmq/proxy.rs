@@ -36,6 +36,12 @@
 //!   count; each peer's own multiset belongs to its connection task.
 //!   Per-peer limits (count, bytes, prefix length) ignore and count
 //!   what breaks them, which then never goes upstream.
+//! - A subscription that is a bare topic prefix (`RAW/`, as the reference
+//!   `Receiver` sends) means the quoted prefix of its topic frames
+//!   (`"RAW/`), unless `strict_subscriptions` (see `subscription.rs`).
+//! - With `last_value`, the newest envelope of each topic is kept (bounded
+//!   in topics and bytes) and replayed to a subscriber when it subscribes,
+//!   before its live traffic (see `replay.rs`).
 //! - A connection that neither subscribes nor publishes within the idle
 //!   timeout after its handshake is closed, so idle peers cannot hold the
 //!   connection limit.
@@ -60,6 +66,7 @@ use super::publisher_conn::publisher_conn;
 use super::subscriber_conn::subscriber_conn;
 use super::zmtp::{self, RawMessage};
 use super::ZmqError;
+use crate::last_value::LastValueLimits;
 
 /// Default address facing publishers (the reference's `XSUB_ADDR`).
 pub const DEFAULT_FRONTEND: &str = "tcp://127.0.0.1:6000";
@@ -154,6 +161,23 @@ pub struct ProxyConfig {
     /// A subscriber that reads nothing for the timeout (stuck, or too
     /// slow to reach our PING) is dropped too, as libzmq does.
     pub heartbeat: HeartbeatConfig,
+    /// Last-value cache (`--last-value`): keep the newest envelope of each
+    /// topic, within these bounds, and replay the matching ones to a
+    /// subscriber of the XPUB side when it subscribes (before its live
+    /// traffic, to it alone; see [`LastValueReplay`] for which ones). The
+    /// proxy then subscribes its publishers to everything, so the cache
+    /// sees every topic (no filtering at the source). None: no cache, no
+    /// replay.
+    pub last_value: Option<LastValueLimits>,
+    /// With `last_value`: which subscribers get the replay.
+    pub last_value_replay: LastValueReplay,
+    /// Keep libzmq's raw byte-prefix meaning for every subscription. Off
+    /// by default: a subscription that is not empty and does not start with
+    /// `"` is read as a prefix of the topic's text (the reference
+    /// `Receiver` subscribes with `RAW/`, which matches no JSON topic
+    /// frame) and matched, counted and forwarded upstream as its quoted
+    /// form (`"RAW/`).
+    pub strict_subscriptions: bool,
 }
 
 impl Default for ProxyConfig {
@@ -176,6 +200,35 @@ impl Default for ProxyConfig {
             max_upstream_pending_bytes: DEFAULT_MAX_UPSTREAM_PENDING_BYTES,
             slow_policy: crate::router::SlowPolicy::Queue,
             heartbeat: HeartbeatConfig::OFF,
+            last_value: None,
+            last_value_replay: LastValueReplay::All,
+            strict_subscriptions: false,
+        }
+    }
+}
+
+/// Which subscribers a last-value cache replays to when they subscribe.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LastValueReplay {
+    /// Every subscriber but those that declined in their READY
+    /// (`X-Hermes-Last-Value: 0`): a plain libzmq SUB gets it unmodified.
+    /// Note that the reference `hermes-zmq` `Receiver` stops itself on an
+    /// envelope more than 1 s old, which a replayed value usually is.
+    #[default]
+    All,
+    /// Only subscribers that asked in their READY (`X-Hermes-Last-Value:
+    /// 1`, our `Receiver` with `last_value: Some(true)`): every other peer
+    /// sees what it would see without a cache.
+    OptIn,
+}
+
+impl std::str::FromStr for LastValueReplay {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(LastValueReplay::All),
+            "opt-in" => Ok(LastValueReplay::OptIn),
+            other => Err(format!("unknown replay mode {other:?} (all, opt-in)")),
         }
     }
 }
@@ -285,11 +338,18 @@ impl ZmqProxy {
         let Some((front, back, cap)) = self.listeners.take() else {
             return Err(ZmqError::NotBound);
         };
+        // A last-value cache wants every topic from the publishers.
+        let all_upstream = self.cfg.last_value.is_some();
         let shared = Arc::new(Shared {
             hub: Hub::new(self.cfg.clone(), self.stats.clone()),
             sink,
             upstream_changed: tokio::sync::Notify::new(),
         });
+        if all_upstream {
+            // Keep an everything-subscription upstream for as long as we
+            // run.
+            shared.upstream(shared.hub.upstream_add(&Bytes::new()));
+        }
         on_ready(ProxyHandle {
             shared: shared.clone(),
         });

@@ -127,6 +127,13 @@ pub struct ReceiverConfig {
     /// [`HeartbeatConfig::CLIENT_DEFAULT`], which says why;
     /// [`HeartbeatConfig::OFF`] for none).
     pub heartbeat: HeartbeatConfig,
+    /// The last values of a proxy that keeps them (`--last-value`): when
+    /// it subscribes, such a proxy first sends it the newest envelope of
+    /// every matching topic, then live traffic. `Some(true)` asks for
+    /// that, `Some(false)` declines it, None (the default) leaves it to
+    /// the proxy, which replays. Told in READY (`X-Hermes-Last-Value`), on
+    /// every (re)connection; a proxy without a cache ignores it.
+    pub last_value: Option<bool>,
 }
 
 impl ReceiverConfig {
@@ -150,6 +157,7 @@ impl ReceiverConfig {
             seq_bytes: DEFAULT_SEQ_BYTES,
             on_gap: None,
             heartbeat: HeartbeatConfig::CLIENT_DEFAULT,
+            last_value: None,
         }
     }
 }
@@ -462,12 +470,18 @@ impl Link for Shared {
     const DRAINS_ON_STOP: bool = false;
 
     async fn dial(&self, ep: &Endpoint) -> Result<Dialed, ZmtpError> {
-        let mut conn = dial::dial(
+        let lv: &[(&str, &[u8])] = match self.cfg.last_value {
+            Some(true) => &[(zmtp::LAST_VALUE_PROPERTY, b"1")],
+            Some(false) => &[(zmtp::LAST_VALUE_PROPERTY, b"0")],
+            None => &[],
+        };
+        let mut conn = dial::dial_with(
             ep,
             SocketType::Sub,
             self.cfg.codec,
             self.cfg.seq,
             self.cfg.max_msg_size,
+            lv,
         )
         .await?;
         conn.w.write_all(&self.subscriptions).await?;

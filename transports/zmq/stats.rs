@@ -126,7 +126,26 @@ counters! {
         /// Inside the bus: envelopes from publishers that no Unix session
         /// or hook wanted (a proxy subscriber did): not handed to the
         /// router.
-        to_bus_unwanted;
+        to_bus_unwanted,
+        /// Subscriptions read as a bare topic prefix (the reference
+        /// `Receiver`'s `RAW/`) and matched as its quoted form (`"RAW/`);
+        /// none with `strict_subscriptions`.
+        bare_subscriptions,
+        /// With `last_value`: topics whose newest envelope is kept (a
+        /// gauge, bounded by the cache's topic bound).
+        cached_topics,
+        /// With `last_value`: bytes the kept envelopes are charged (a
+        /// gauge, bounded by the cache's byte bound).
+        cached_bytes,
+        /// With `last_value`: envelopes evicted from the cache (or never
+        /// kept) for its bounds.
+        cache_evictions,
+        /// With `last_value`: kept envelopes replayed to subscribers that
+        /// subscribed after they were published.
+        replayed,
+        /// With `last_value`: replayed envelopes dropped because the
+        /// subscriber's queue stayed full while it made no progress.
+        replay_dropped;
         /// Publisher side.
         publishers: SideSnapshot,
         /// Subscriber side.

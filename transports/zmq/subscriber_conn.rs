@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
@@ -18,7 +18,9 @@ use super::conn::{beat_counters, note_end, read_more, Shared, PROXY_PROPS};
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
 use super::heartbeat_task::{control_queue, Beat};
 use super::hub::{PeerSubs, Side, SubPeer};
+use super::proxy::LastValueReplay;
 use super::queue::WireQueue;
+use super::replay::Step;
 use super::stats::ProxyStats;
 use super::zmtp::{self, FrameReader, Inbound, SocketType, SubChange, ZmtpError};
 
@@ -89,6 +91,14 @@ pub(super) async fn subscriber_conn(
     // backlog never delays a PONG or our PING.
     let control = control_queue();
     let beat = Beat::new(&hub.cfg.heartbeat, true, control.clone());
+    // Last values go to XPUB subscribers (the capture side is a copy of
+    // the traffic, not of its state) that asked, or did not decline them
+    // when the proxy replays to all.
+    let replay = side == Side::Backend
+        && hub.cfg.last_value.is_some()
+        && info
+            .last_value()
+            .unwrap_or(hub.cfg.last_value_replay == LastValueReplay::All);
     let conn_done = shutdown.child_token();
     let writer = tokio::spawn(writer_task(
         w,
@@ -99,7 +109,7 @@ pub(super) async fn subscriber_conn(
     ));
     let mut subs = PeerSubs::default();
     let res = tokio::select! {
-        r = subscriber_read_loop(&sh, &mut subs, &mut r, &mut reader, &peer, &beat, &conn_done) => r,
+        r = subscriber_read_loop(&sh, &mut subs, &mut r, &mut reader, &peer, &beat, replay, &conn_done) => r,
         why = beat.run(beat_counters(c)) => Err(ZmtpError::HeartbeatExpired(why)),
     };
     if let Err(e) = res {
@@ -130,6 +140,7 @@ async fn subscriber_read_loop(
     reader: &mut FrameReader,
     peer: &Arc<SubPeer>,
     beat: &Beat,
+    replay: bool,
     done: &CancellationToken,
 ) -> Result<(), ZmtpError> {
     let hub = &sh.hub;
@@ -138,7 +149,11 @@ async fn subscriber_read_loop(
     loop {
         while let Some(item) = reader.next_item()? {
             if let Some(change) = SubChange::from_inbound(&item) {
-                sh.upstream(hub.apply_sub_change(peer, subs, change));
+                let applied = hub.apply_sub_change(peer, subs, change);
+                sh.upstream(applied.upstream);
+                if let (true, Some(prefix)) = (replay, applied.added) {
+                    replay_last_values(sh, peer, subs, prefix, done).await;
+                }
                 // A storm of changes shares the runtime with everyone.
                 tokio::task::consume_budget().await;
                 continue;
@@ -157,6 +172,38 @@ async fn subscriber_read_loop(
             return Ok(());
         }
         beat.received();
+    }
+}
+
+/// Replays the cached last values matching `prefix` (newly held by
+/// `peer`) to `peer`, a chunk per cache lock, yielding between chunks;
+/// waits for room while its queue is full and it makes progress (drops
+/// and counts once it is stuck). Ends early when the connection does.
+async fn replay_last_values(
+    sh: &Shared,
+    peer: &Arc<SubPeer>,
+    subs: &PeerSubs,
+    prefix: bytes::Bytes,
+    done: &CancellationToken,
+) {
+    let hub = &sh.hub;
+    let Some(mut r) = hub.replay_start(prefix) else {
+        return;
+    };
+    loop {
+        match hub.replay_chunk(peer, subs, &mut r, Instant::now()) {
+            Step::Done => return,
+            Step::More => tokio::task::yield_now().await,
+            Step::Full => match hub.patience_left(peer, Instant::now()) {
+                None => r.drop_when_full = true,
+                Some(left) => {
+                    tokio::select! {
+                        _ = done.cancelled() => return,
+                        _ = tokio::time::timeout(left, peer.queue.wait_room(1)) => {}
+                    }
+                }
+            },
+        }
     }
 }
 

@@ -29,6 +29,11 @@ pub const CODEC_PROPERTY: &str = "X-Hermes-Codec";
 /// them. Reference and libzmq peers never send it, and never get one.
 pub const SEQ_PROPERTY: &str = "X-Hermes-Seq";
 
+/// Property our `Receiver` may put in READY to ask for (`1`) or decline
+/// (`0`) the replay of the proxy's last values when it subscribes; without
+/// it the proxy's default applies (replay when it keeps last values).
+pub const LAST_VALUE_PROPERTY: &str = "X-Hermes-Last-Value";
+
 /// Why a ZMTP conversation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ZmtpError {
@@ -235,6 +240,17 @@ impl PeerInfo {
     /// Whether the peer speaks numbered envelopes ([`SEQ_PROPERTY`]).
     pub fn wants_seq(&self) -> bool {
         self.property(SEQ_PROPERTY) == Some(b"1")
+    }
+
+    /// What the peer said about last-value replay: Some(true) asks for
+    /// it, Some(false) declines it, None (absent or another value) leaves
+    /// it to the proxy.
+    pub fn last_value(&self) -> Option<bool> {
+        match self.property(LAST_VALUE_PROPERTY) {
+            Some(b"1") => Some(true),
+            Some(b"0") => Some(false),
+            _ => None,
+        }
     }
 }
 

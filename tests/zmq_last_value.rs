@@ -1,0 +1,280 @@
+//! The last-value cache (`--last-value`): a subscriber that joins late
+//! first gets the newest envelope of every matching topic, then live
+//! traffic; a libzmq SUB (pyzmq) unmodified, our `Receiver` (which may
+//! decline, or ask in opt-in mode), and a Unix session subscribing with
+//! `"snapshot": true` on `server --zmq --last-value`. The cache's bounds
+//! evict and count.
+#![cfg(feature = "zmq")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::zmq::{receiver, start_proxy, TestProxy};
+use common::{eventually, PyPeer, TEST_LIMIT};
+use hermes_bus::envelope::Data;
+use hermes_bus::last_value::LastValueLimits;
+use hermes_bus::transports::zmq::{LastValueReplay, Publisher, Receiver};
+
+/// Topics of the big replay.
+const TOPICS: u64 = 1000;
+
+fn topic(i: u64) -> String {
+    format!("LV/{i:04}")
+}
+
+/// A publisher to `proxy` once the proxy's everything-subscription (kept
+/// for its cache) reached it.
+async fn publisher(proxy: &TestProxy) -> Publisher {
+    let mut p = Publisher::new(&proxy.front(), "lv-pub").expect("publisher");
+    p.start().expect("start");
+    p.wait_for_subscriber("anything", Duration::from_secs(15))
+        .await
+        .expect("the cache's upstream subscription");
+    p
+}
+
+fn publish(p: &Publisher, topic: &str, n: i64) {
+    assert!(p
+        .publish_parts(topic, "lv-pub", &Data::json(&n).expect("json"))
+        .expect("publish"));
+}
+
+/// Publishes `TOPICS` topics twice (the cache must keep the second value)
+/// and one topic outside `LV/`; waits until the proxy read them all.
+async fn fill(proxy: &TestProxy, p: &Publisher) {
+    let before = proxy.stats.snapshot().publishers.messages;
+    for round in 0..2 {
+        for i in 0..TOPICS {
+            publish(p, &topic(i), (round * 10_000 + i) as i64);
+        }
+    }
+    publish(p, "OTHER/x", -1);
+    p.flush(Duration::from_secs(10)).await.expect("flushed");
+    let want = before + 2 * TOPICS + 1;
+    assert!(
+        eventually(Duration::from_secs(20), || proxy
+            .stats
+            .snapshot()
+            .publishers
+            .messages
+            == want)
+        .await,
+        "{:?}",
+        proxy.stats.snapshot()
+    );
+}
+
+/// Waits until the proxy replayed `n` envelopes in all.
+async fn replayed(proxy: &TestProxy, n: u64) {
+    assert!(
+        eventually(Duration::from_secs(30), || proxy.stats.snapshot().replayed
+            >= n)
+        .await,
+        "replayed {n}: {:?}",
+        proxy.stats.snapshot()
+    );
+}
+
+/// The next `n` envelopes of `r` as (topic, data).
+async fn take(r: &Receiver, n: u64) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let e = r
+            .recv_timeout(Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("envelope {} of {n}", out.len()));
+        let v: i64 = serde_json::to_value(&e.data)
+            .expect("json")
+            .as_i64()
+            .expect("a number");
+        out.push((e.topic, v));
+    }
+    out
+}
+
+fn want_replay() -> Vec<(String, i64)> {
+    (0..TOPICS)
+        .map(|i| (topic(i), (10_000 + i) as i64))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_pyzmq_sub_and_late_receiver_get_every_last_value_before_live() {
+    let Some(py) = common::python("py07") else {
+        return;
+    };
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| c.last_value = Some(LastValueLimits::default())).await;
+        let mut p = publisher(&proxy).await;
+        fill(&proxy, &p).await;
+        assert_eq!(proxy.stats.snapshot().cached_topics, TOPICS + 1);
+
+        // A plain libzmq SUB, unmodified, subscribing to the topic frames'
+        // prefix (a libzmq SUB filters what it receives by its own
+        // subscriptions, so it must name the JSON form).
+        let started = Instant::now();
+        let mut sub = PyPeer::spawn_ready(
+            &py,
+            "zmq_peer.py",
+            &["sub", &proxy.back(), "\"LV/", &(TOPICS + 1).to_string(), "60"],
+        )
+        .await;
+        replayed(&proxy, TOPICS).await;
+        let sub_replayed_in = started.elapsed();
+        // Our Receiver (the proxy's default: replay), and one that declines.
+        let ours = receiver(&proxy.back(), |c| c.topics = vec!["LV/".into()]);
+        replayed(&proxy, 2 * TOPICS).await;
+        let declines = receiver(&proxy.back(), |c| {
+            c.topics = vec!["LV/".into()];
+            c.last_value = Some(false);
+        });
+        assert!(
+            eventually(Duration::from_secs(15), || proxy
+                .stats
+                .snapshot()
+                .subscriptions
+                == 3)
+            .await
+        );
+        // Live traffic, after every replay was queued.
+        publish(&p, &topic(500), 99_999);
+
+        let mut lines = Vec::new();
+        for _ in 0..=TOPICS {
+            let l = sub
+                .next_json(Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|| panic!("pyzmq line {}", lines.len()));
+            lines.push(l);
+        }
+        let got: Vec<(String, i64)> = lines
+            .iter()
+            .map(|f| {
+                let t: String = serde_json::from_str(f[0].as_str().expect("topic")).expect("json");
+                let d: i64 = f[2].as_str().expect("data").parse().expect("number");
+                (t, d)
+            })
+            .collect();
+        let mut want = want_replay();
+        want.push((topic(500), 99_999));
+        assert_eq!(got, want, "pyzmq: the last values in key order, then live");
+
+        assert_eq!(take(&ours, TOPICS + 1).await, want, "our Receiver");
+        assert_eq!(take(&declines, 1).await, [(topic(500), 99_999)]);
+        assert_eq!(declines.stats().received, 1, "no replay when declined");
+        let st = proxy.stats.snapshot();
+        assert_eq!(st.replayed, 2 * TOPICS);
+        assert_eq!(st.replay_dropped, 0);
+        println!(
+            "1,000 last values replayed to a late pyzmq SUB within {sub_replayed_in:?} of its start; proxy: replayed {}, cached {} topics / {} bytes",
+            st.replayed, st.cached_topics, st.cached_bytes
+        );
+        p.stop().await;
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn opt_in_mode_replays_only_to_receivers_that_ask() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| {
+            c.last_value = Some(LastValueLimits::default());
+            c.last_value_replay = LastValueReplay::OptIn;
+        })
+        .await;
+        let mut p = publisher(&proxy).await;
+        fill(&proxy, &p).await;
+        let plain = receiver(&proxy.back(), |c| c.topics = vec!["LV/".into()]);
+        assert!(
+            eventually(Duration::from_secs(15), || proxy
+                .stats
+                .snapshot()
+                .subscriptions
+                == 1)
+            .await
+        );
+        let asks = receiver(&proxy.back(), |c| {
+            c.topics = vec!["LV/".into()];
+            c.last_value = Some(true);
+        });
+        replayed(&proxy, TOPICS).await;
+        publish(&p, &topic(7), 77);
+        let mut want = want_replay();
+        want.push((topic(7), 77));
+        assert_eq!(take(&asks, TOPICS + 1).await, want);
+        assert_eq!(take(&plain, 1).await, [(topic(7), 77)]);
+        assert_eq!(plain.stats().received, 1);
+        assert_eq!(proxy.stats.snapshot().replayed, TOPICS);
+        p.stop().await;
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_small_byte_bound_evicts_counts_and_stays_within_it() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let max_bytes = 32 * 1024;
+        let proxy = start_proxy(|c| {
+            c.last_value = Some(LastValueLimits {
+                max_topics: 1_000_000,
+                max_bytes,
+            })
+        })
+        .await;
+        let mut p = publisher(&proxy).await;
+        let pad = "x".repeat(100);
+        for i in 0..TOPICS {
+            assert!(p
+                .publish_parts(
+                    &topic(i),
+                    "lv-pub",
+                    &Data::json(&format!("{i:04}{pad}")).expect("json")
+                )
+                .expect("publish"));
+        }
+        p.flush(Duration::from_secs(10)).await.expect("flushed");
+        assert!(
+            eventually(Duration::from_secs(20), || proxy
+                .stats
+                .snapshot()
+                .publishers
+                .messages
+                == TOPICS)
+            .await
+        );
+        let st = proxy.stats.snapshot();
+        println!(
+            "byte bound {max_bytes}: cached {} topics / {} bytes, {} evictions",
+            st.cached_topics, st.cached_bytes, st.cache_evictions
+        );
+        assert!(st.cached_bytes <= max_bytes as u64, "{st:?}");
+        assert!(st.cached_topics > 0 && st.cache_evictions > 0, "{st:?}");
+        assert_eq!(st.cached_topics + st.cache_evictions, TOPICS);
+        // A late subscriber gets exactly what is kept: the newest topics.
+        let late = receiver(&proxy.back(), |_| {});
+        let mut got = Vec::new();
+        for _ in 0..st.cached_topics {
+            let e = late
+                .recv_timeout(Duration::from_secs(15))
+                .await
+                .expect("replayed");
+            got.push(e.topic);
+        }
+        let first_kept = TOPICS - st.cached_topics;
+        let want: Vec<String> = (first_kept..TOPICS).map(topic).collect();
+        assert_eq!(got, want);
+        assert!(late
+            .recv_timeout(Duration::from_millis(300))
+            .await
+            .is_none());
+        p.stop().await;
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
