@@ -87,6 +87,18 @@ pub struct ServeArgs {
     /// their topics start again at 1.
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     pub max_seq_bytes: usize,
+    /// Keep the newest value of each topic, so a session that subscribes
+    /// with `"snapshot": true` gets them first (with --zmq, the proxy's
+    /// cache too: its subscribers get them when they subscribe).
+    #[arg(long)]
+    pub last_value: bool,
+    /// With --last-value: most topics kept (the least recently updated go
+    /// first, counted).
+    #[arg(long, value_name = "N", default_value_t = crate::last_value::DEFAULT_MAX_TOPICS)]
+    pub last_value_topics: usize,
+    /// With --last-value: most bytes kept (K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    pub last_value_bytes: usize,
     /// Most connections open at once.
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
@@ -191,6 +203,12 @@ impl ServeArgs {
                 max_prefix: self.max_topic_len,
             },
             seq_bytes: self.max_seq_bytes,
+            last_value: self
+                .last_value
+                .then_some(crate::last_value::LastValueLimits {
+                    max_topics: self.last_value_topics,
+                    max_bytes: self.last_value_bytes,
+                }),
         }
     }
 

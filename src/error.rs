@@ -62,6 +62,9 @@ pub enum ErrorCode {
     /// A message the sender asked a receipt for (`"ack": true`) was not
     /// written: its receiver went away for good before reading it.
     NotDelivered,
+    /// A `subscribe` with `"snapshot": true` on a bus that keeps no last
+    /// values (started without `--last-value`); nothing was subscribed.
+    NoLastValue,
 }
 
 impl ErrorCode {
@@ -91,6 +94,7 @@ impl ErrorCode {
             ErrorCode::TooDeep => "too_deep",
             ErrorCode::FrameTimeout => "frame_timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::NoLastValue => "no_last_value",
         }
     }
 }

@@ -134,6 +134,7 @@ const GAUGES: &[&str] = &[
     "bus_everything",
     "cached_topics",
     "cached_bytes",
+    "enabled",
     "in_flight",
     "queue_len",
     "queue_capacity",
@@ -163,6 +164,12 @@ pub fn render(status: &Value) -> String {
             }
         }
         m.object(P, &router["totals"], GAUGES, &[]);
+        m.object(
+            &format!("{P}_last_value"),
+            &router["last_value"],
+            GAUGES,
+            &[],
+        );
         if let Some(flow) = router["flow"].as_object() {
             for (k, v) in flow {
                 if let Some(n) = number(v) {

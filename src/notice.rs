@@ -51,6 +51,9 @@ pub enum Notice {
         topic: String,
         /// Subscribed (true) or unsubscribed.
         subscribed: bool,
+        /// For a subscribe with `"snapshot": true`: how many kept values
+        /// were sent before this answer (`"snapshot": N`).
+        snapshot: Option<u64>,
     },
     /// `{"type":"endpoints_list","endpoints":{name: session_id}}`.
     Endpoints(Vec<(String, String)>),
@@ -101,7 +104,7 @@ impl Notice {
                 Notice::Error { error, id: i } => error.detail.len() + 48 + id(i),
                 Notice::Ack { id: i } => id(i),
                 Notice::Pong { .. } => 20,
-                Notice::Subscription { topic, .. } => topic.len() + 16,
+                Notice::Subscription { topic, .. } => topic.len() + 40,
                 Notice::Endpoints(list) => list.iter().map(|(n, s)| n.len() + s.len() + 6).sum(),
                 // Not known without encoding it: a delivery of a stats
                 // notice is charged its encoding instead (delivery.rs).
@@ -181,7 +184,14 @@ impl Serialize for Notice {
                     m.serialize_entry("keepalive", &true)?;
                 }
             }
-            Notice::Subscription { topic, .. } => m.serialize_entry("topic", topic)?,
+            Notice::Subscription {
+                topic, snapshot, ..
+            } => {
+                m.serialize_entry("topic", topic)?;
+                if let Some(n) = snapshot {
+                    m.serialize_entry("snapshot", n)?;
+                }
+            }
             Notice::Endpoints(list) => m.serialize_entry("endpoints", &Endpoints(list))?,
             Notice::Stats(v) => m.serialize_entry("stats", v)?,
             Notice::Monitoring(spec) => {
@@ -256,7 +266,16 @@ mod tests {
             (
                 Notice::Subscription {
                     topic: "md/".into(),
+                    subscribed: true,
+                    snapshot: Some(3),
+                },
+                r#"{"type":"subscribed","topic":"md/","snapshot":3}"#,
+            ),
+            (
+                Notice::Subscription {
+                    topic: "md/".into(),
                     subscribed: false,
+                    snapshot: None,
                 },
                 r#"{"type":"unsubscribed","topic":"md/"}"#,
             ),

@@ -56,7 +56,10 @@ pub async fn run(paths: Paths, args: ServeArgs, stop: CancellationToken) -> anyh
     let mut transports: Vec<Box<dyn Transport>> = vec![Box::new(unix)];
     #[cfg(feature = "zmq")]
     if args.zmq {
-        transports.push(args.zmq_proxy.transport()?);
+        // `--last-value` turns on the proxy's cache too.
+        let mut zmq = args.zmq_proxy.clone();
+        zmq.last_value |= args.last_value;
+        transports.push(zmq.transport()?);
     }
     let mut running = tokio::task::JoinSet::new();
     for t in transports {

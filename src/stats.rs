@@ -105,6 +105,26 @@ pub struct HeldStats {
     pub gone_ms: u64,
 }
 
+/// The router's last-value cache (`--last-value`): what it keeps and what
+/// snapshots sent.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct LastValueStats {
+    /// Whether the bus keeps last values.
+    pub enabled: bool,
+    /// Topics whose newest value is kept (a gauge).
+    pub cached_topics: u64,
+    /// Bytes they are charged (a gauge, bounded by `--last-value-bytes`).
+    pub cached_bytes: u64,
+    /// Values evicted (or never kept) for the bounds.
+    pub cache_evictions: u64,
+    /// Kept values sent to sessions that subscribed with a snapshot.
+    pub replayed: u64,
+    /// Kept values a snapshot could not queue (its session was stuck or
+    /// closing).
+    pub replay_dropped: u64,
+}
+
 /// Everything `status` shows about the router.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RouterStats {
@@ -128,6 +148,9 @@ pub struct RouterStats {
     /// The bus's own topic numbering (see [`crate::seq`]).
     #[serde(default)]
     pub seq: SeqStats,
+    /// The last-value cache.
+    #[serde(default)]
+    pub last_value: LastValueStats,
 }
 
 /// The bus's numbering of the topic messages that arrive without a number.

@@ -458,6 +458,26 @@ impl Bus {
         self.router().subscribe(sid, prefix)
     }
 
+    /// Subscribes a session to a topic prefix and starts its snapshot of
+    /// the kept values (None: it held the prefix already); refused when
+    /// the bus keeps none (`no_last_value`) or past its limits.
+    pub fn subscribe_snapshot(
+        &self,
+        sid: SessionId,
+        prefix: &str,
+    ) -> Result<Option<crate::router::snapshot::Snapshot>, ProtocolError> {
+        self.router().subscribe_snapshot(sid, prefix)
+    }
+
+    /// Queues the next chunk of a snapshot (one router lock).
+    pub fn snapshot_chunk(
+        &self,
+        sid: SessionId,
+        snap: &mut crate::router::snapshot::Snapshot,
+    ) -> crate::router::snapshot::SnapshotStep {
+        self.router().snapshot_chunk(sid, snap)
+    }
+
     /// Starts (or changes) traffic monitoring for a session (see
     /// [`crate::router::monitor`]); returns the filter and bound in force.
     pub fn monitor(

@@ -11,10 +11,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::zmq::{receiver, start_proxy, TestProxy};
-use common::{eventually, PyPeer, TEST_LIMIT};
+use common::{eventually, free_tcp_addr, PyPeer, Raw, ServerProcess, TEST_LIMIT};
 use hermes_bus::envelope::Data;
 use hermes_bus::last_value::LastValueLimits;
 use hermes_bus::transports::zmq::{LastValueReplay, Publisher, Receiver};
+use serde_json::json;
 
 /// Topics of the big replay.
 const TOPICS: u64 = 1000;
@@ -274,6 +275,118 @@ async fn a_small_byte_bound_evicts_counts_and_stays_within_it() {
             .is_none());
         p.stop().await;
         proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `hermes-bus server --zmq --last-value`: the router keeps the newest
+/// value of every topic it routes (ZeroMQ envelopes bridged in, Unix
+/// publishes), and a Unix session that subscribes with `"snapshot": true`
+/// gets the matching ones, then the answer with their count, then live
+/// traffic; the proxy's cache (on with the same flag) serves a late
+/// ZeroMQ Receiver the same topics.
+#[cfg(feature = "unix")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_snapshot_on_server_zmq_last_value_gets_the_last_values_then_live() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (front, back) = (free_tcp_addr(), free_tcp_addr());
+        let server = ServerProcess::start(&[
+            "--zmq",
+            "--last-value",
+            "--zmq-in",
+            &front,
+            "--zmq-out",
+            &back,
+        ])
+        .await;
+        let socket = server.socket.clone();
+        let mut p = Publisher::new(&front, "lv-pub").expect("publisher");
+        p.start().expect("start");
+        p.wait_for_subscriber("LV/0", Duration::from_secs(15))
+            .await
+            .expect("the bus subscribes to everything");
+        for round in 0..2 {
+            for i in 0..TOPICS {
+                publish(&p, &topic(i), (round * 10_000 + i) as i64);
+            }
+        }
+        publish(&p, "OTHER/x", -1);
+        p.flush(Duration::from_secs(10)).await.expect("flushed");
+        // A Unix publish is kept too.
+        let mut unix_pub = Raw::register(&socket, "unix-pub").await;
+        unix_pub
+            .send(&json!({"type": "publish", "topic": "LV/unix", "data": 7}))
+            .await;
+        let cached = |v: &serde_json::Value| v["stats"]["router"]["last_value"]["cached_topics"].as_u64();
+        let mut stats = serde_json::Value::Null;
+        for _ in 0..200 {
+            stats = Raw::stats(&socket).await;
+            if cached(&stats) == Some(TOPICS + 2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(cached(&stats), Some(TOPICS + 2), "{stats}");
+
+        let mut late = Raw::register(&socket, "late").await;
+        let started = Instant::now();
+        late.send(&json!({"type": "subscribe", "topic": "LV/", "snapshot": true}))
+            .await;
+        let mut got = Vec::new();
+        let answer = loop {
+            let v = late
+                .recv_within(Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| panic!("frame after {} values", got.len()));
+            if v["type"] == "publish" {
+                got.push((
+                    v["topic"].as_str().expect("topic").to_owned(),
+                    v["data"].as_i64().expect("data"),
+                ));
+            } else {
+                break v;
+            }
+        };
+        let took = started.elapsed();
+        assert_eq!(answer["type"], "subscribed", "{answer}");
+        assert_eq!(answer["snapshot"], json!(TOPICS + 1));
+        let mut want = want_replay();
+        want.push(("LV/unix".to_owned(), 7));
+        assert_eq!(got, want, "the last values in topic order, OTHER/ not among them");
+        // Live traffic after the snapshot.
+        publish(&p, &topic(500), 99_999);
+        let v = late.recv_within(Duration::from_secs(10)).await.expect("live");
+        assert_eq!((v["topic"].as_str(), v["data"].as_i64()), (Some("LV/0500"), Some(99_999)));
+        // A session without a snapshot just subscribes.
+        let mut plain = Raw::register(&socket, "plain").await;
+        plain
+            .send(&json!({"type": "subscribe", "topic": "LV/"}))
+            .await;
+        let v = plain.recv().await.expect("answer");
+        assert_eq!(v["type"], "subscribed");
+        assert!(v.get("snapshot").is_none(), "{v}");
+
+        // The proxy's own cache (turned on by the same flag).
+        let r = receiver(&back, |c| c.topics = vec!["LV/".into()]);
+        let mut z = take(&r, TOPICS + 1).await;
+        let unix = z.pop().expect("LV/unix");
+        assert_eq!(unix, ("LV/unix".to_owned(), 7));
+        assert_eq!(z.len() as u64, TOPICS);
+        assert_eq!(z[500], (topic(500), 99_999));
+
+        let stats = Raw::stats(&socket).await;
+        let lv = &stats["stats"]["router"]["last_value"];
+        assert_eq!(lv["replayed"], json!(TOPICS + 1), "{lv}");
+        let zmq = &stats["stats"]["transports"]["zmq"];
+        assert!(zmq["replayed"].as_u64() >= Some(TOPICS + 1), "{zmq}");
+        println!(
+            "Unix snapshot of {} values took {took:?}; router cache: {lv}; proxy: cached {} topics / {} bytes",
+            TOPICS + 1,
+            zmq["cached_topics"],
+            zmq["cached_bytes"]
+        );
+        p.stop().await;
     })
     .await
     .expect("test timed out");

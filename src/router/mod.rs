@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::delivery::{Ack, Delivery, TopicMessage};
 use crate::error::{ErrorCode, ProtocolError};
+use crate::last_value::{LastValueLimits, LastValues};
 use crate::message::{BusMessage, RawJson};
 use crate::notice::Notice;
 use crate::outbox::{outbox, Bounds, Budget, Outbox, OutboxReader, PushError};
@@ -35,6 +36,7 @@ mod hash;
 pub mod interest;
 pub mod monitor;
 pub mod names;
+pub mod snapshot;
 pub mod topics;
 pub mod traffic;
 
@@ -133,6 +135,10 @@ pub struct RouterConfig {
     /// 64 bytes each); past it the least recently used are forgotten and
     /// counted.
     pub seq_bytes: usize,
+    /// Keep the newest value of each topic within these bounds, for
+    /// subscribers that ask for a snapshot (`--last-value`); None: none
+    /// kept, and such a subscribe is refused (`no_last_value`).
+    pub last_value: Option<LastValueLimits>,
 }
 
 impl Default for RouterConfig {
@@ -150,6 +156,7 @@ impl Default for RouterConfig {
             topic_policy: SlowPolicy::Queue,
             topics: TopicLimits::default(),
             seq_bytes: crate::seq::DEFAULT_SEQ_BYTES,
+            last_value: None,
         }
     }
 }
@@ -262,6 +269,12 @@ pub struct Router {
     numbers: SeqCounters,
     /// The bus's numbering origin (`hermes-bus#epoch`).
     seq_origin: Arc<str>,
+    /// The newest topic delivery of each topic (with `last_value`).
+    last_values: Option<LastValues<Delivery>>,
+    /// Kept values sent to sessions in snapshots.
+    replayed: u64,
+    /// Kept values a snapshot could not queue (stuck or closed session).
+    replay_dropped: u64,
 }
 
 use crate::clock::Stamps;
@@ -296,6 +309,7 @@ impl Router {
         let budget = Budget::new(cfg.memory_budget);
         let topics = TopicIndex::new(cfg.topics);
         let cfg_seq_bytes = cfg.seq_bytes;
+        let last_values = cfg.last_value.map(LastValues::new);
         let holds = HoldLimits {
             grace: cfg.hold_grace,
             count: cfg.hold_limit,
@@ -316,6 +330,9 @@ impl Router {
             stamps: Stamps::default(),
             numbers: SeqCounters::new(cfg_seq_bytes),
             seq_origin: crate::seq::new_origin("hermes-bus").into(),
+            last_values,
+            replayed: 0,
+            replay_dropped: 0,
         }
     }
 
@@ -841,6 +858,7 @@ impl Router {
         wait: bool,
     ) -> (usize, Option<Blocked>) {
         self.totals.routed += 1;
+        self.remember(d);
         let topic = d.topic_message().map(|m| m.topic.as_str()).unwrap_or("");
         let mut n = 0;
         let mut waits = Vec::new();
@@ -1092,6 +1110,7 @@ impl Router {
                 limit: self.cfg.seq_bytes,
                 forgotten: self.numbers.forgotten(),
             },
+            last_value: self.last_value_stats(),
             flow: FlowStats {
                 blocked_now: self.blocked_now,
                 budget_used: self.budget.used(),

@@ -248,6 +248,24 @@ impl TopicIndex {
         }
     }
 
+    /// Whether session `sid` holds a prefix of `topic` other than
+    /// `except` (it then gets that topic live already). Costs one lookup
+    /// per prefix length in use.
+    pub fn covers_other(&self, sid: SessionId, topic: &[u8], except: &str) -> bool {
+        let (Some(owned), Ok(topic)) = (self.by_session.get(&sid), std::str::from_utf8(topic))
+        else {
+            return false;
+        };
+        self.lengths
+            .keys()
+            .take_while(|&&len| len <= topic.len())
+            .any(|&len| {
+                topic.is_char_boundary(len)
+                    && &topic[..len] != except
+                    && owned.prefixes.contains(&topic[..len])
+            })
+    }
+
     /// True when nobody subscribed to anything.
     pub fn is_empty(&self) -> bool {
         self.count == 0
@@ -409,6 +427,18 @@ mod tests {
         ix.subscribe(4, "y/").unwrap();
         assert!(!ix.has_interest_changes());
         assert_eq!(ix.wanted(), 1);
+    }
+
+    #[test]
+    fn covers_other_names_the_sessions_other_prefixes_only() {
+        let mut ix = TopicIndex::new(TopicLimits::default());
+        ix.subscribe(1, "md/").unwrap();
+        ix.subscribe(1, "md/BTC").unwrap();
+        ix.subscribe(2, "news/").unwrap();
+        assert!(ix.covers_other(1, b"md/BTC/x", "md/BTC"));
+        assert!(!ix.covers_other(1, b"md/ETH", "md/"));
+        assert!(!ix.covers_other(1, b"news/a", "md/"), "another session's");
+        assert!(!ix.covers_other(3, b"md/x", ""));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::error::{ErrorCode, ProtocolError};
 use crate::message::BusMessage;
 use crate::notice::Notice;
 use crate::router::monitor::MonitorSpec;
+use crate::router::snapshot::Snapshot;
 use crate::router::SessionId;
 use crate::transport::{Bus, Inbound, Publish};
 
@@ -57,6 +58,10 @@ pub enum Request {
         /// deliveries carry their number (`seq`, `seq_origin`), or stop
         /// to (false). Absent: as before.
         seq: Option<bool>,
+        /// `"snapshot": true`: first the kept value of every matching topic
+        /// (a bus with `--last-value`), then live traffic; the answer comes
+        /// after them, with their count.
+        snapshot: bool,
     },
     /// `unsubscribe` (ours).
     Unsubscribe {
@@ -96,7 +101,15 @@ impl Command {
             "stats" => Ok(Command::Request(Request::Stats, None)),
             "subscribe" => topic(&msg).and_then(|topic| {
                 let seq = flag(&msg, "seq")?;
-                Ok(Command::Request(Request::Subscribe { topic, seq }, None))
+                let snapshot = flag(&msg, "snapshot")?.unwrap_or(false);
+                Ok(Command::Request(
+                    Request::Subscribe {
+                        topic,
+                        seq,
+                        snapshot,
+                    },
+                    None,
+                ))
             }),
             "unsubscribe" => {
                 topic(&msg).map(|topic| Command::Request(Request::Unsubscribe { topic }, None))
@@ -120,8 +133,15 @@ impl Request {
     /// Carries the request out for session `sid` and queues its answer.
     /// `codec` is the session's wire form, which a `register` may switch:
     /// the switch is queued in order, ahead of the `registered` reply, so
-    /// that reply and everything after it are in the new form.
-    pub fn apply(self, bus: &Bus, sid: SessionId, codec: &mut Codec) -> Result<(), ProtocolError> {
+    /// that reply and everything after it are in the new form. A subscribe
+    /// with a snapshot to send returns it: the session sends it a chunk at
+    /// a time ([`Bus::snapshot_chunk`]), then answers.
+    pub fn apply(
+        self,
+        bus: &Bus,
+        sid: SessionId,
+        codec: &mut Codec,
+    ) -> Result<Option<Snapshot>, ProtocolError> {
         let reply = |n: Notice| bus.reply(sid, Delivery::notice(n), false);
         match self {
             Request::Ping => reply(Notice::Pong { keepalive: false }),
@@ -145,7 +165,11 @@ impl Request {
             // large) reply is encoded by the writer, outside it.
             Request::ListEndpoints => reply(Notice::Endpoints(bus.endpoints())),
             Request::Stats => reply(Notice::Stats(bus.status())),
-            Request::Subscribe { topic, seq } => {
+            Request::Subscribe {
+                topic,
+                seq,
+                snapshot: false,
+            } => {
                 bus.subscribe(sid, &topic)?;
                 // In order, ahead of the reply: what is queued after the
                 // reply is in the new form.
@@ -155,13 +179,39 @@ impl Request {
                 reply(Notice::Subscription {
                     topic,
                     subscribed: true,
+                    snapshot: None,
                 });
             }
+            Request::Subscribe {
+                topic,
+                seq,
+                snapshot: true,
+            } => match bus.subscribe_snapshot(sid, &topic)? {
+                Some(snap) => {
+                    // Ahead of the kept values, so they are in the new form.
+                    if let Some(on) = seq {
+                        bus.reply(sid, Delivery::seq_switch(on), false);
+                    }
+                    return Ok(Some(snap));
+                }
+                // Held already: it gets these topics live.
+                None => {
+                    if let Some(on) = seq {
+                        bus.reply(sid, Delivery::seq_switch(on), false);
+                    }
+                    reply(Notice::Subscription {
+                        topic,
+                        subscribed: true,
+                        snapshot: Some(0),
+                    });
+                }
+            },
             Request::Unsubscribe { topic } => {
                 bus.unsubscribe(sid, &topic);
                 reply(Notice::Subscription {
                     topic,
                     subscribed: false,
+                    snapshot: None,
                 });
             }
             Request::Monitor(spec) => {
@@ -169,7 +219,7 @@ impl Request {
                 reply(Notice::Monitoring(Box::new(spec)));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// True for a request whose answer is costly to build: the session
@@ -322,15 +372,29 @@ mod tests {
             request(r#"{"type":"subscribe","topic":"md/"}"#),
             Request::Subscribe {
                 topic: "md/".into(),
-                seq: None
+                seq: None,
+                snapshot: false
             }
         );
         assert_eq!(
             request(r#"{"type":"subscribe","topic":"md/","seq":true}"#),
             Request::Subscribe {
                 topic: "md/".into(),
-                seq: Some(true)
+                seq: Some(true),
+                snapshot: false
             }
+        );
+        assert_eq!(
+            request(r#"{"type":"subscribe","topic":"md/","snapshot":true}"#),
+            Request::Subscribe {
+                topic: "md/".into(),
+                seq: None,
+                snapshot: true
+            }
+        );
+        assert_eq!(
+            refused(r#"{"type":"subscribe","topic":"md/","snapshot":"yes","id":3}"#),
+            (ErrorCode::BadField, Some("3".to_owned()))
         );
         assert_eq!(
             refused(r#"{"type":"subscribe","topic":"md/","seq":"yes","id":2}"#),

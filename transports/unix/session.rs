@@ -21,6 +21,7 @@ use crate::error::{ErrorCode, ProtocolError};
 use crate::message::BusMessage;
 use crate::notice::Notice;
 use crate::outbox::Outbox;
+use crate::router::snapshot::{Snapshot, SnapshotStep};
 use crate::router::SessionId;
 use crate::transport::{Bus, Inbound};
 
@@ -153,8 +154,10 @@ impl FrameHandler for Session<'_> {
                 self.flush().await?;
                 self.bus.touch(self.sid);
                 let costly = request.is_costly();
-                if let Err(error) = request.apply(self.bus, self.sid, &mut self.codec) {
-                    self.refuse(Refused { error, id });
+                match request.apply(self.bus, self.sid, &mut self.codec) {
+                    Ok(None) => {}
+                    Ok(Some(snap)) => self.snapshot(snap).await?,
+                    Err(error) => self.refuse(Refused { error, id }),
                 }
                 if costly {
                     // Let the worker serve others before the next one.
@@ -197,6 +200,33 @@ impl Session<'_> {
                 return Err(Closing);
             }
         }
+        Ok(())
+    }
+
+    /// Sends a snapshot of kept values a chunk at a time (one router lock
+    /// each, yielding between them, waiting while this session's outbox is
+    /// full), then answers the subscribe with how many were sent.
+    async fn snapshot(&mut self, mut snap: Snapshot) -> Result<(), Closing> {
+        loop {
+            match self.bus.snapshot_chunk(self.sid, &mut snap) {
+                SnapshotStep::Done => break,
+                SnapshotStep::More => tokio::task::yield_now().await,
+                SnapshotStep::Full if self.own.over_bound() => self.wait_own_room().await?,
+                // Full for the shared byte budget: look again shortly.
+                SnapshotStep::Full => {
+                    if self.writer_done.is_cancelled() {
+                        return Err(Closing);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        let notice = Notice::Subscription {
+            topic: snap.prefix().to_owned(),
+            subscribed: true,
+            snapshot: Some(snap.sent),
+        };
+        self.bus.reply(self.sid, Delivery::notice(notice), false);
         Ok(())
     }
 
