@@ -122,9 +122,9 @@ pub struct ZmqProxyArgs {
         default_value = "all"
     )]
     pub last_value_replay: LastValueReplay,
-    /// Match every subscription as raw bytes (libzmq), instead of reading a
-    /// bare one such as `RAW/` as the topic prefix `"RAW/` (`proxy` also
-    /// takes `--strict-subscriptions`).
+    /// Match every subscription as raw bytes only (libzmq), instead of
+    /// also reading a bare one such as `RAW/` as the topic prefix `"RAW/`
+    /// (`proxy` also takes `--strict-subscriptions`).
     #[arg(id = "zmq_strict_subscriptions", long = "zmq-strict-subscriptions")]
     pub strict_subscriptions: bool,
 }

@@ -37,7 +37,7 @@
 //!   Per-peer limits (count, bytes, prefix length) ignore and count
 //!   what breaks them, which then never goes upstream.
 //! - A subscription that is a bare topic prefix (`RAW/`, as the reference
-//!   `Receiver` sends) means the quoted prefix of its topic frames
+//!   `Receiver` sends) also means the quoted prefix of its topic frames
 //!   (`"RAW/`), unless `strict_subscriptions` (see `subscription.rs`).
 //! - With `last_value`, the newest envelope of each topic is kept (bounded
 //!   in topics and bytes) and replayed to a subscriber when it subscribes,
@@ -171,12 +171,12 @@ pub struct ProxyConfig {
     pub last_value: Option<LastValueLimits>,
     /// With `last_value`: which subscribers get the replay.
     pub last_value_replay: LastValueReplay,
-    /// Keep libzmq's raw byte-prefix meaning for every subscription. Off
-    /// by default: a subscription that is not empty and does not start with
-    /// `"` is read as a prefix of the topic's text (the reference
-    /// `Receiver` subscribes with `RAW/`, which matches no JSON topic
-    /// frame) and matched, counted and forwarded upstream as its quoted
-    /// form (`"RAW/`).
+    /// Keep only libzmq's raw byte-prefix meaning for every subscription.
+    /// Off by default: a subscription that is not empty and does not start
+    /// with `"` is also read as a prefix of the topic's text (the
+    /// reference `Receiver` subscribes with `RAW/`, which matches no JSON
+    /// topic frame): its quoted form (`"RAW/`) is held beside the bytes as
+    /// sent, and both are matched, counted and forwarded upstream.
     pub strict_subscriptions: bool,
 }
 
