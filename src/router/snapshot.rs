@@ -22,7 +22,8 @@ use crate::last_value::{LastValues, Scan, Taken};
 use crate::outbox::PushError;
 use crate::stats::LastValueStats;
 
-use super::{Router, SessionId};
+use super::{Router, SessionId, SlowPolicy};
+use bytes::Bytes;
 
 /// Most cached topics one snapshot chunk visits under the router lock.
 pub const SNAPSHOT_CHUNK: usize = 256;
@@ -104,12 +105,22 @@ impl Router {
         };
         let topics = &self.topics;
         let prefix = snap.prefix.as_str();
-        let (mut sent, mut dropped, mut full) = (0u64, 0u64, false);
+        // Under conflation a session's topic values are keyed by topic, as
+        // live ones are: a newer live value then takes this one's place.
+        let conflate = self.cfg.topic_policy == SlowPolicy::Conflate;
+        let (mut sent, mut dropped, mut conflated, mut full) = (0u64, 0u64, 0u64, false);
         lv.next_chunk(&mut snap.scan, SNAPSHOT_CHUNK, |topic, d| {
             if topics.covers_other(sid, topic, prefix) {
                 return Taken::Yes;
             }
-            match s.outbox.push(d.clone()) {
+            let pushed = if conflate {
+                s.outbox
+                    .push_keyed(d.clone(), Bytes::copy_from_slice(topic))
+                    .map(|old| conflated += u64::from(old.is_some()))
+            } else {
+                s.outbox.push(d.clone())
+            };
+            match pushed {
                 Ok(()) => {
                     sent += 1;
                     Taken::Yes
@@ -128,6 +139,7 @@ impl Router {
         s.counters.dropped += dropped;
         self.totals.delivered += sent;
         self.totals.dropped_slow += dropped;
+        self.totals.conflated += conflated;
         self.replayed += sent;
         self.replay_dropped += dropped;
         snap.sent += sent;
