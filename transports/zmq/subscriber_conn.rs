@@ -133,6 +133,8 @@ async fn drop_subs(sh: &Shared, peer: &Arc<SubPeer>, subs: PeerSubs) {
     }
 }
 
+// The connection's parts, each borrowed as the loop needs it.
+#[allow(clippy::too_many_arguments)]
 async fn subscriber_read_loop(
     sh: &Shared,
     subs: &mut PeerSubs,
