@@ -181,6 +181,11 @@ impl Transport for ZmqTransport {
             stats.clone(),
         ));
         demand.add_fixed(&bus.hooks().topic_interest(TRANSPORT_NAME));
+        // A router that keeps last values (`--last-value`) wants every
+        // topic, whoever subscribed: a later snapshot may ask for any.
+        if bus.router().config().last_value.is_some() {
+            demand.add_fixed(&[String::new()]);
+        }
         let watcher: Arc<dyn InterestSink> = demand.clone();
         bus.watch_interest(watcher.clone());
         let to_bus = Arc::new(ToBus {
