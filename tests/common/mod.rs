@@ -46,6 +46,8 @@
 //! - `zmq_interop`: hermes-zmq 1.3.0 and libzmq (pyzmq) peers with ours.
 //! - `zmq_lossless`: the proxy's lossless mode against a slow pyzmq SUB.
 //! - `zmq_netns`: publisher and subscriber in separate network namespaces; a cut link.
+//! - `zmq_last_value`: late joiners get the last values first (pyzmq, Receiver, Unix snapshot); bounds.
+//! - `zmq_subscriptions`: bare subscriptions (`RAW/`), strict mode, and a libzmq SUB's own filter.
 //! - `zmq_storm`: subscription storms, limits and idle peers lock out no one.
 //! - `daemon_cli`: `hermes-busd start/status/stop/restart` on a temp root.
 //! - `cli_output`: `--json` outputs, closed pipes, `request`, `pub` / `sub`, completions.
