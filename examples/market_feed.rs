@@ -18,16 +18,29 @@
 //! `disconnected` and `dropped` (queue full). `--seq` makes the receivers
 //! ask for sequence numbers and count gaps; `--no-numbering` turns the
 //! publisher's numbering off.
+//!
+//! Market-data features on show:
+//! - Sequence numbers: the publisher numbers every envelope per topic
+//!   (`PublisherConfig::seq`, on by default); one more receiver, `seq`,
+//!   opts in (`ReceiverConfig::seq`) and reports every gap through
+//!   `on_gap` (a small `--pub-queue` with a high `--rate` makes the
+//!   publisher drop, and each drop shows up as a gap).
+//! - Conflation: a slow receiver (`ReceiverConfig::conflate`) reads one
+//!   quote per `--slow-ms`; while it lags, its queue keeps only the newest
+//!   quote of each symbol. At the end it reports how many were conflated
+//!   and checks that what it saw last of each symbol is the newest quote
+//!   published.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hermes_bus::envelope::{unix_now, Data, Quote, Trade};
 use hermes_bus::transports::zmq::proxy::{ProxyConfig, ZmqProxy};
 use hermes_bus::transports::zmq::{
-    Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy,
+    OnGap, Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +66,14 @@ struct Args {
     /// it the example runs its own proxy in-process.
     #[arg(long = "zmq-in", visible_alias = "addr", value_name = "ADDR")]
     zmq_in: Option<String>,
+    /// The publisher's queue limit in envelopes (small values with a high
+    /// rate make it drop; the sequence receiver reports those as gaps).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub_queue: usize,
+    /// The slow, conflating receiver reads one envelope per this many
+    /// milliseconds.
+    #[arg(long, default_value_t = 2)]
+    slow_ms: u64,
     /// The external proxy's XPUB address (subscribers connect here).
     #[arg(
         long = "zmq-out",
@@ -155,8 +176,82 @@ async fn main() -> anyhow::Result<()> {
         receivers.push((prefix.clone(), r, tally));
     }
 
+    // Sequence numbers: a receiver of everything that opted in, printing
+    // each gap (the first few; all are counted in its stats).
+    let mut scfg = ReceiverConfig::new(back.clone(), "seq");
+    scfg.seq = true;
+    scfg.slow_policy = SlowPolicy::Warn;
+    let printed = Arc::new(AtomicU64::new(0));
+    let p2 = printed.clone();
+    scfg.on_gap = Some(OnGap::new(move |g| {
+        if p2.fetch_add(1, Ordering::Relaxed) < 5 {
+            println!(
+                "seq: gap on {} from {}: expected {}, got {} ({} missing)",
+                g.topic,
+                g.origin,
+                g.expected,
+                g.got,
+                g.missing()
+            );
+        }
+    }));
+    let mut seq_rx = Receiver::with_config(scfg)?;
+    seq_rx.start()?;
+    seq_rx.wait_connected(Duration::from_secs(5)).await?;
+    let seq_rx = Arc::new(seq_rx);
+    {
+        let (r, done) = (seq_rx.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    e = r.recv() => if e.is_none() { break },
+                }
+            }
+        });
+    }
+
+    // Conflation: a slow reader of every quote; its queue keeps the newest
+    // quote per symbol while it lags. It remembers the last quote time it
+    // saw per symbol, to compare with the newest published.
+    let mut ccfg = ReceiverConfig::new(back.clone(), "slow");
+    ccfg.topics = vec!["quotes/".into()];
+    ccfg.conflate = true;
+    ccfg.slow_policy = SlowPolicy::Warn;
+    let mut slow_rx = Receiver::with_config(ccfg)?;
+    slow_rx.start()?;
+    slow_rx.wait_connected(Duration::from_secs(5)).await?;
+    let slow_rx = Arc::new(slow_rx);
+    let slow_seen: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
+    let slow_count = Arc::new(AtomicU64::new(0));
+    let slow_task = {
+        let (r, seen, n, done) = (
+            slow_rx.clone(),
+            slow_seen.clone(),
+            slow_count.clone(),
+            stop.clone(),
+        );
+        let pause = Duration::from_millis(args.slow_ms);
+        tokio::spawn(async move {
+            loop {
+                let env = tokio::select! {
+                    _ = done.cancelled() => break,
+                    e = r.recv() => e,
+                };
+                let Some(env) = env else { break };
+                if let Some(q) = env.data.downcast_ref::<Quote>() {
+                    seen.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(q.symbol.clone(), q.ts);
+                }
+                n.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+            }
+        })
+    };
+
     let mut pcfg = PublisherConfig::new(front.clone(), "feed");
-    pcfg.queue = 1_000_000;
+    pcfg.queue = args.pub_queue;
     pcfg.seq = !args.no_numbering;
     let mut publisher = Publisher::with_config(pcfg)?;
     publisher.start()?;
@@ -183,6 +278,8 @@ async fn main() -> anyhow::Result<()> {
     let mut last_ps = publisher.stats();
     let mut last_counts = vec![0u64; receivers.len()];
     let mut seq = 0u64;
+    // The newest quote time published per symbol (for the conflation check).
+    let mut newest: HashMap<String, f64> = HashMap::new();
     while Instant::now() < end {
         tick.tick().await;
         let due = (start.elapsed().as_secs_f64() * args.rate as f64) as u64;
@@ -207,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
                     ask: px + 0.01,
                     ask_size: 200.0,
                 };
+                newest.insert(sym.clone(), q.ts);
                 (format!("quotes/{sym}"), Data::typed(q))
             };
             publisher.publish_parts(&topic, "feed", &data)?;
@@ -245,6 +343,15 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 last_counts[i] = n;
             }
+            let ss = seq_rx.stats();
+            let cs = slow_rx.stats();
+            line.push_str(&format!(
+                " | seq: numbered {} gaps {} | slow: read {} conflated {}",
+                ss.numbered,
+                ss.gaps,
+                slow_count.load(Ordering::Relaxed),
+                cs.conflated
+            ));
             println!("{line}");
             last_print = Instant::now();
             last_pub = published;
@@ -272,8 +379,41 @@ async fn main() -> anyhow::Result<()> {
     if let Some((stats, _)) = &proxy {
         println!("proxy: {}", serde_json::to_string(&stats.snapshot())?);
     }
+
+    // Sequence numbers: what the numbered receiver saw.
+    let ss = seq_rx.stats();
+    println!(
+        "sequence numbers: {} numbered envelopes checked, {} gaps, {} missing (publisher dropped {}: each is a gap for whoever wanted its topic)",
+        ss.numbered, ss.gaps, ss.missing, ps.dropped
+    );
+
+    // Conflation: let the slow reader drain its queue (at most one quote
+    // per symbol), then compare what it saw last with the newest quotes.
+    let drain_end = Instant::now() + Duration::from_secs(5);
+    while slow_rx.pending() > 0 && Instant::now() < drain_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2 * args.slow_ms + 10)).await;
+    let cs = slow_rx.stats();
+    let (current, stale) = {
+        let seen = slow_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let current = newest
+            .iter()
+            .filter(|(sym, ts)| seen.get(*sym) == Some(*ts))
+            .count();
+        (current, newest.len() - current)
+    };
+    println!(
+        "conflation: the slow receiver (one read per {} ms) read {} quotes, {} conflated (replaced by a newer quote of the same symbol while it lagged), dropped {}; its last quote is the newest published for {current} of {} symbols ({stale} not)",
+        args.slow_ms,
+        slow_count.load(Ordering::Relaxed),
+        cs.conflated,
+        cs.dropped,
+        newest.len()
+    );
     publisher.stop().await;
     stop.cancel();
+    let _ = slow_task.await;
     if let Some((_, task)) = proxy {
         let _ = task.await;
     }

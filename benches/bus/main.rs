@@ -18,6 +18,7 @@ mod parse;
 mod redis;
 mod unix;
 mod util;
+mod zmq;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -915,6 +916,111 @@ fn main() {
             theirs: p,
             target: Some(Target::BelowBytes(8192.0)),
         });
+    }
+
+    // ZeroMQ market data: paced one-way latency, ours against libzmq.
+    let hermes = PathBuf::from(env!("CARGO_BIN_EXE_hermes-bus"));
+    let zanchor = std::env::var_os("HERMES_BENCH_ZMQ_ANCHOR")
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            "HERMES_BENCH_ZMQ_ANCHOR not set (bench/run builds bench/zmq-anchor)".to_string()
+        });
+    for (rate, rname, secs) in [(10_000u64, "10k/s", 3.0), (100_000, "100k/s", 2.0)] {
+        let case = format!("zmq market-data latency 100 B @ {rname}");
+        if !want(&case) {
+            continue;
+        }
+        eprintln!("{case}");
+        let secs = if args.quick { secs / 4.0 } else { secs };
+        let count = (rate as f64 * secs) as u64;
+        let h = hermes.clone();
+        let za = zanchor.clone();
+        let za2 = zanchor.clone();
+        let h2 = hermes.clone();
+        let out = interleave(
+            runs,
+            4,
+            vec![
+                (
+                    "ours",
+                    Ok(
+                        Box::new(move || zmq::ours_latency(&h, rate, count, 100)?.checked("ours"))
+                            as RunFn<'_>,
+                    ),
+                ),
+                (
+                    "libzmq",
+                    za.map(|a| -> RunFn<'_> {
+                        Box::new(move || {
+                            zmq::anchor_latency(&a, None, rate, count, 100)?.checked("libzmq")
+                        })
+                    }),
+                ),
+                (
+                    "libzmq peers, our proxy",
+                    za2.map(|a| -> RunFn<'_> {
+                        Box::new(move || {
+                            zmq::anchor_latency(&a, Some(&h2), rate, count, 100)?
+                                .checked("libzmq peers, our proxy")
+                        })
+                    }),
+                ),
+            ],
+        );
+        let anchor = "libzmq PUB → zmq_proxy(XSUB, XPUB) → libzmq SUB";
+        for (m, p) in ["p50", "p99", "p99.9", "max"].iter().enumerate() {
+            let t = (m < 3).then_some(Target::Ratio(1.0));
+            rows.push(Row {
+                case: format!("{case} {p}, our Publisher → hermes-bus proxy → our Receiver"),
+                unit: Unit::Micros,
+                ours: out[0][m].clone(),
+                anchor: anchor.into(),
+                theirs: out[1][m].clone(),
+                target: t,
+            });
+            rows.push(Row {
+                case: format!("{case} {p}, libzmq PUB → hermes-bus proxy → libzmq SUB"),
+                unit: Unit::Micros,
+                ours: out[2][m].clone(),
+                anchor: anchor.into(),
+                theirs: out[1][m].clone(),
+                target: t,
+            });
+        }
+    }
+
+    // ZeroMQ market data: what each feature costs against plain
+    // forwarding, measured alternately in the same run.
+    let case = "zmq market-data cost 100 B blast".to_string();
+    if want(&case) {
+        eprintln!("{case}");
+        let (count, t) = if args.quick {
+            (100_000, Duration::from_secs(1))
+        } else {
+            (300_000, Duration::from_secs(3))
+        };
+        let run = |f: zmq::Feature| -> Result<RunFn<'static>, String> {
+            Ok(Box::new(move || zmq::cost_throughput(f, count, 100, t)))
+        };
+        let features = [
+            (zmq::Feature::Conflate, "conflation on (proxy slow-policy conflate, Receiver conflate; a topic per envelope, so nothing is replaced: the bookkeeping alone)"),
+            (zmq::Feature::Seq, "sequence numbers on (Publisher and Receiver opted in)"),
+        ];
+        let mut subjects = vec![("plain", run(zmq::Feature::Plain))];
+        for (f, _) in features {
+            subjects.push(("feature", run(f)));
+        }
+        let out = interleave(runs, 1, subjects);
+        for (k, (_, name)) in features.iter().enumerate() {
+            rows.push(Row {
+                case: format!("{case}, Publisher → proxy (lossless) → Receiver, {name}"),
+                unit: Unit::Rate,
+                ours: out[k + 1][0].clone(),
+                anchor: "ours, plain forwarding, runs alternating".into(),
+                theirs: out[0][0].clone(),
+                target: Some(Target::Ratio(0.9)),
+            });
+        }
     }
 
     // ZeroMQ: from the separate zmq-anchor package (links libzmq).

@@ -12,6 +12,16 @@
 //!
 //! `zmq-anchor --hermes-bus PATH [--runs N] [--quick]`;
 //! `zmq-anchor --libzmq-proxy FRONT BACK` is the anchor proxy itself.
+//!
+//! Market-data latency (one run, called by benches/bus once per run so
+//! that its runs alternate with ours):
+//! `zmq-anchor --latency RATE COUNT SIZE [--hermes-bus PATH]`: a libzmq
+//! PUB sends COUNT envelopes of SIZE bytes of data at RATE per second
+//! (an absolute schedule), each carrying its send time; a libzmq SUB in
+//! the same process (one monotonic clock) records the one-way latency.
+//! Through libzmq's proxy, or with `--hermes-bus` through ours. Prints
+//! `LAT<TAB>p50<TAB>p99<TAB>p99.9<TAB>max<TAB>sent<TAB>received<TAB>late`
+//! (µs; `late`: the most the sender fell behind its schedule, µs).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -395,6 +405,127 @@ fn row(case: &str, unit: &str, target: &str, ours: &Fig, theirs: &Fig) {
     );
 }
 
+/// The data frame of a latency probe: exactly `size` bytes (at least the
+/// skeleton), `{"t":"<16 digits>","pad":"x.."}` with `t` the send time in
+/// ns since the run's base instant (a string: fixed width, so writing it
+/// in place keeps the size; the same layout benches/bus uses for ours).
+fn stamped(size: usize) -> Vec<u8> {
+    let skeleton = r#"{"t":"0000000000000000","pad":""}"#.len();
+    format!(
+        r#"{{"t":"0000000000000000","pad":"{}"}}"#,
+        "x".repeat(size.saturating_sub(skeleton))
+    )
+    .into_bytes()
+}
+
+/// Writes `ns` into the 16 digits of a `stamped` frame.
+fn stamp(frame: &mut [u8], ns: u64) {
+    let digits = &mut frame[6..22];
+    let mut v = ns;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// Reads the stamp back (None if the frame is not a probe).
+fn read_stamp(frame: &[u8]) -> Option<u64> {
+    let d = frame.get(6..22)?;
+    d.iter().try_fold(0u64, |acc, c| {
+        c.is_ascii_digit().then(|| acc * 10 + (c - b'0') as u64)
+    })
+}
+
+/// One paced run; (p50, p99, p99.9, max, sent, received, late) in µs.
+fn latency(
+    p: &ProxyProc,
+    rate: u64,
+    count: u64,
+    size: usize,
+) -> Result<(f64, f64, f64, f64, u64, u64, f64), String> {
+    let ctx = zmq::Context::new();
+    let (publ, sub) = warm_up(&ctx, p, "LAT")?;
+    let base = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (s2, d2) = (sent.clone(), done.clone());
+    // Time bound: the schedule plus 5 s to drain.
+    let limit = Duration::from_secs_f64(count as f64 / rate as f64) + Duration::from_secs(5);
+    let rx = thread::spawn(move || -> Vec<u64> {
+        let mut lat = Vec::with_capacity(count as usize);
+        let mut m = zmq::Message::new();
+        let mut first = Vec::new();
+        loop {
+            if sub.recv(&mut m, 0).is_ok() {
+                first.clear();
+                first.extend_from_slice(&m);
+                let mut k = 0;
+                let mut t = None;
+                while sub.get_rcvmore().unwrap_or(false) {
+                    if sub.recv(&mut m, 0).is_err() {
+                        break;
+                    }
+                    k += 1;
+                    if k == 2 {
+                        t = read_stamp(&m);
+                    }
+                }
+                let now = base.elapsed().as_nanos() as u64;
+                if first.starts_with(b"\"LAT/bench") {
+                    if let Some(t) = t {
+                        lat.push(now.saturating_sub(t));
+                    }
+                }
+            }
+            let got = lat.len() as u64;
+            if got >= count
+                || (d2.load(Ordering::Acquire) && got >= s2.load(Ordering::Acquire))
+                || base.elapsed() > limit
+            {
+                break;
+            }
+        }
+        lat
+    });
+    let mut frames = envelope("LAT/bench", &stamped(size));
+    let period = 1e9 / rate as f64;
+    let t0 = Instant::now();
+    let mut late = 0u64;
+    let mut n = 0u64;
+    while n < count {
+        let due = t0 + Duration::from_nanos((n as f64 * period) as u64);
+        let now = Instant::now();
+        if now < due {
+            thread::sleep(due - now);
+        } else {
+            late = late.max((now - due).as_nanos() as u64);
+        }
+        if t0.elapsed() > limit {
+            break;
+        }
+        stamp(&mut frames[2], base.elapsed().as_nanos() as u64);
+        send_msg(&publ, &frames).map_err(|e| e.to_string())?;
+        n += 1;
+        sent.store(n, Ordering::Release);
+    }
+    done.store(true, Ordering::Release);
+    let mut lat = rx.join().map_err(|_| "subscriber panicked")?;
+    lat.sort_unstable();
+    if lat.is_empty() {
+        return Err("nothing received".into());
+    }
+    let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+    Ok((
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        *lat.last().unwrap_or(&0) as f64 / 1e3,
+        n,
+        lat.len() as u64,
+        late as f64 / 1e3,
+    ))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() == 4 && args[1] == "--libzmq-proxy" {
@@ -421,6 +552,27 @@ fn main() {
     } else {
         Duration::from_millis(1200)
     };
+    if let Some(i) = args.iter().position(|a| a == "--latency") {
+        let num = |k: usize| args.get(i + k).and_then(|v| v.parse::<u64>().ok());
+        let (Some(rate), Some(count), Some(size)) = (num(1), num(2), num(3)) else {
+            eprintln!("usage: zmq-anchor --latency RATE COUNT SIZE [--hermes-bus PATH]");
+            std::process::exit(2);
+        };
+        let proxy = match hermes.as_deref() {
+            Some(exe) => start_proxy(Some(exe)),
+            None => start_proxy(None),
+        };
+        match proxy.and_then(|p| latency(&p, rate.max(1), count, size as usize)) {
+            Ok((a, b, c, d, sent, got, late)) => {
+                println!("LAT\t{a:.3}\t{b:.3}\t{c:.3}\t{d:.3}\t{sent}\t{got}\t{late:.3}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("latency run: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let (major, minor, patch) = zmq::version();
     eprintln!("  libzmq {major}.{minor}.{patch}");
 
