@@ -25,11 +25,17 @@ use crate::util::Proc;
 
 /// One latency run's figures in µs, and its counts.
 pub struct Latency {
+    /// Median one-way latency (µs).
     pub p50: f64,
+    /// 99th percentile (µs).
     pub p99: f64,
+    /// 99.9th percentile (µs).
     pub p999: f64,
+    /// Largest sample (µs).
     pub max: f64,
+    /// Envelopes sent: the loss check compares it with `received`.
     pub sent: u64,
+    /// Probes received (each gave one sample).
     pub received: u64,
     /// The most the sender fell behind its schedule (µs).
     pub late: f64,
@@ -308,16 +314,20 @@ pub enum Feature {
 /// window, no pacing: as fast as `publish_parts` queues, the queue sized
 /// for the run), the proxy in lossless mode (a full subscriber queue
 /// pushes back instead of dropping), the receiver read as fast as it
-/// delivers. Every envelope has a topic of its own (`quotes/S<n>`), so
-/// conflation never finds an older envelope to replace: the subscriber
-/// "keeps up" as far as conflation can tell, and every push still pays
-/// the keyed bookkeeping (the same topics in every case; the sequence
-/// counters and trackers get room for all of them). Rate: envelopes
-/// delivered per second, from the first send to the last delivery; a
-/// loss, a gap or a replaced envelope fails the run.
+/// delivers. Topics `quotes/S<n>` cycle through `topics` symbols: with
+/// 1,000 (a market) a blasting publisher outruns the receiver, so
+/// conflation would replace envelopes; with a topic per envelope
+/// (`topics` = `count`) conflation never finds an older envelope to
+/// replace: the subscriber "keeps up" as far as conflation can tell, and
+/// every push still pays the keyed bookkeeping (compare it with plain
+/// forwarding of the same topics). The sequence counters and trackers get
+/// room for every topic. Rate: envelopes delivered per second, from the
+/// first send to the last delivery; a loss, a gap or a replaced envelope
+/// fails the run.
 pub fn cost_throughput(
     feature: Feature,
     count: u64,
+    topics: u64,
     size: usize,
     max_time: Duration,
 ) -> Result<(Vec<f64>, Option<String>), String> {
@@ -375,7 +385,9 @@ pub fn cost_throughput(
                 .await
         })
         .map_err(|e| e.to_string())?;
-        let topics: Vec<String> = (0..count).map(|i| format!("quotes/S{i:07}")).collect();
+        let topics: Vec<String> = (0..topics.clamp(1, count.max(1)))
+            .map(|i| format!("quotes/S{i:07}"))
+            .collect();
         let body = stamped(size, 0);
         let datas: Vec<Data> = (0..16)
             .map(|_| Data::Json(RawValue::from_string(body.clone()).expect("valid JSON")))
