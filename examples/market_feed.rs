@@ -30,6 +30,12 @@
 //!   quote of each symbol. At the end it reports how many were conflated
 //!   and checks that what it saw last of each symbol is the newest quote
 //!   published.
+//! - Last values: the in-process proxy keeps the newest envelope of each
+//!   topic (`ProxyConfig::last_value`, `hermes-bus proxy --last-value`);
+//!   after the feed, a late receiver (`ReceiverConfig::last_value`)
+//!   subscribes to `quotes/` and gets the newest quote of every symbol at
+//!   once, checked against what was published. (With `--zmq-in` the
+//!   external proxy needs `--last-value` for this.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hermes_bus::envelope::{unix_now, Data, Quote, Trade};
+use hermes_bus::last_value::LastValueLimits;
 use hermes_bus::transports::zmq::proxy::{ProxyConfig, ZmqProxy};
 use hermes_bus::transports::zmq::{
     OnGap, Publisher, PublisherConfig, Receiver, ReceiverConfig, SlowPolicy,
@@ -113,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
             let proxy = ZmqProxy::bind(ProxyConfig {
                 frontend: "tcp://127.0.0.1:0".into(),
                 backend: "tcp://127.0.0.1:0".into(),
+                last_value: Some(LastValueLimits::default()),
                 ..ProxyConfig::default()
             })
             .await?;
@@ -411,6 +419,40 @@ async fn main() -> anyhow::Result<()> {
         cs.dropped,
         newest.len()
     );
+    // Last values: a receiver that joins now gets the newest quote of
+    // every symbol from the proxy's cache, before any live traffic (the
+    // feed has stopped, so all it gets is the replay).
+    let mut lcfg = ReceiverConfig::new(back.clone(), "late");
+    lcfg.topics = vec!["quotes/".into()];
+    lcfg.last_value = Some(true);
+    // Replayed values are old by design: no lag policy for them.
+    lcfg.slow_policy = SlowPolicy::Warn;
+    lcfg.lag_threshold = Duration::from_secs(3600);
+    let mut late = Receiver::with_config(lcfg)?;
+    late.start()?;
+    late.wait_connected(Duration::from_secs(5)).await?;
+    let mut replayed: HashMap<String, f64> = HashMap::new();
+    while let Some(env) = late.recv_timeout(Duration::from_millis(500)).await {
+        if let Some(q) = env.data.downcast_ref::<Quote>() {
+            replayed.insert(q.symbol.clone(), q.ts);
+        }
+    }
+    let newest_ok = newest
+        .iter()
+        .filter(|(sym, ts)| replayed.get(*sym) == Some(*ts))
+        .count();
+    println!(
+        "last values: a receiver joining after the feed got {} quotes at once, the newest of {newest_ok} of {} symbols{}",
+        replayed.len(),
+        newest.len(),
+        if proxy.is_none() && replayed.is_empty() {
+            " (the external proxy keeps last values only with --last-value)"
+        } else {
+            ""
+        }
+    );
+    late.stop().await;
+
     publisher.stop().await;
     stop.cancel();
     let _ = slow_task.await;

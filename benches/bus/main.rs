@@ -1004,7 +1004,8 @@ fn main() {
                 zmq::cost_throughput(f, count, topics, 100, t)
             }))
         };
-        // Sequence numbers against plain forwarding over 1,000 topics;
+        // Sequence numbers and the last-value cache against plain
+        // forwarding over 1,000 topics;
         // conflation against plain forwarding with a topic per envelope
         // (so nothing is replaced and every envelope must arrive).
         let out = interleave(
@@ -1015,12 +1016,21 @@ fn main() {
                 ("seq", run(zmq::Feature::Seq, 1000)),
                 ("plain, a topic each", run(zmq::Feature::Plain, count)),
                 ("conflate", run(zmq::Feature::Conflate, count)),
+                ("last value", run(zmq::Feature::LastValue, 1000)),
             ],
         );
         rows.push(Row {
             case: format!("{case}, Publisher → proxy (lossless) → Receiver, 1,000 topics, sequence numbers on (Publisher and Receiver opted in)"),
             unit: Unit::Rate,
             ours: out[1][0].clone(),
+            anchor: "ours, plain forwarding, same topics, runs alternating".into(),
+            theirs: out[0][0].clone(),
+            target: Some(Target::Ratio(0.9)),
+        });
+        rows.push(Row {
+            case: format!("{case}, Publisher → proxy (lossless) → Receiver, 1,000 topics, last-value cache on (proxy last_value, default bounds)"),
+            unit: Unit::Rate,
+            ours: out[4][0].clone(),
             anchor: "ours, plain forwarding, same topics, runs alternating".into(),
             theirs: out[0][0].clone(),
             target: Some(Target::Ratio(0.9)),

@@ -306,6 +306,8 @@ pub enum Feature {
     Conflate,
     /// Publisher and Receiver opted in to sequence numbers.
     Seq,
+    /// The proxy's last-value cache (`--last-value`, default bounds).
+    LastValue,
 }
 
 /// Throughput of our Publisher → our proxy (in this process, on its own
@@ -340,6 +342,8 @@ pub fn cost_throughput(
         frontend: "tcp://127.0.0.1:0".into(),
         backend: "tcp://127.0.0.1:0".into(),
         lossless: true,
+        last_value: (feature == Feature::LastValue)
+            .then(hermes_bus::last_value::LastValueLimits::default),
         slow_policy: if feature == Feature::Conflate {
             hermes_bus::router::SlowPolicy::Conflate
         } else {
