@@ -27,12 +27,11 @@
 //!   consumer from a stuck one. Callers that keep the clock out of their
 //!   state pass the time in (`*_at`).
 //!
-//! The Unix sessions' outbox ([`crate::outbox`]) is this queue plus what
-//! only it needs on top: a byte budget shared across queues
-//! ([`Bounded::push_unless`]), a "stuck" verdict
-//! ([`Bounded::wait_room_unless`], [`Bounded::wake_producers`]), replies
-//! kept when routed traffic is taken out ([`Bounded::take_where`]) and a
-//! last frame queued as it closes ([`Bounded::close_with`]).
+//! Keyed pushes ([`Bounded::push_keyed`], a queue made with
+//! [`Bounded::conflating`]) conflate: the newest value of a key replaces
+//! the queued one in its place. The Unix sessions' outbox
+//! ([`crate::outbox`]) keeps its own queue for now: a port onto this type
+//! stalled senders under a 10→1 blast and was reverted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

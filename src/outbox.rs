@@ -1,10 +1,7 @@
 //! The bounded queue between the router and one session's writer, and the
 //! byte budget all queues share.
 //!
-//! A queue is the crate's one bounded queue, [`Bounded`], over
-//! deliveries, plus what only sessions need: the shared [`Budget`], the
-//! stuck verdict, and replies kept when routed traffic is taken out.
-//! It is bounded in bytes and in deliveries. What counts is every
+//! A queue is bounded in bytes and in deliveries. What counts is every
 //! delivery pushed and not yet written to the socket: the ones waiting
 //! here and the small batch the writer has taken. The router pushes
 //! without ever waiting: a push into a full queue fails with
@@ -22,14 +19,13 @@
 //! held back like any other sender.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::bounded::{Bounded, Pushed, Weigh};
 use crate::delivery::Delivery;
 
 /// Why a push did not enqueue.
@@ -45,6 +41,13 @@ pub enum PushError {
     /// The session is closing; nothing more is accepted.
     #[error("outbox closed")]
     Closed,
+}
+
+/// Milliseconds on a process-wide monotonic clock (the progress stamps).
+pub fn clock_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // +1 so that 0 never means "now" for a stamp taken at start.
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// The byte budget shared by every outbox and held mailbox of a bus: a
@@ -152,7 +155,7 @@ pub struct Bounds {
     /// [`Delivery::OVERHEAD`]).
     pub bytes: usize,
     /// Whether keyed pushes ([`Outbox::push_keyed`]) replace a queued
-    /// delivery of the same key (conflation).
+    /// topic delivery of the same topic (conflation).
     pub conflate: bool,
 }
 
@@ -166,7 +169,7 @@ impl Bounds {
         }
     }
 
-    /// The same bounds for a conflating queue.
+    /// The same bounds, conflating when `on`.
     pub fn conflating(self, on: bool) -> Bounds {
         Bounds {
             conflate: on,
@@ -175,48 +178,91 @@ impl Bounds {
     }
 }
 
-/// What both ends of one session's queue share.
+struct State {
+    /// Deliveries waiting for the writer, oldest first.
+    queue: VecDeque<Delivery>,
+    /// Set once the session is closing: the writer drains what is queued,
+    /// then ends the connection.
+    closed: bool,
+}
+
 struct Shared {
-    /// The deliveries: bounded in items and bytes, outstanding until the
-    /// writer reports them written, with the progress clock the
-    /// slow-consumer verdict reads.
-    queue: Bounded<Delivery>,
-    /// The budget every outbox of the bus shares: charged at push, given
-    /// back at write.
-    budget: Arc<Budget>,
-    /// Declared by a sender that waited past the slow-consumer timeout;
-    /// cleared by the next write.
-    stuck: AtomicBool,
-    /// Wakes senders waiting on the shared budget alone when a verdict
-    /// comes (stuck or closed).
-    verdict: Notify,
+    /// Queue and closed flag; held only to push or take, never across
+    /// I/O, and no delivery is dropped while it is held (dropping one may
+    /// send an ack into another, or this same, outbox).
+    state: Mutex<State>,
+    /// Wakes the writer when something was pushed or the outbox closed.
+    notify: Notify,
+    /// Wakes senders waiting for room (or for the stuck verdict).
+    room: Notify,
     /// Wakes whoever waits for the queue to close (the writer, to bound
     /// how long it may still take).
     closing: Notify,
-}
-
-impl Weigh for Delivery {
-    fn weigh(&self) -> usize {
-        self.charge()
-    }
+    /// Senders waiting on `room` now (so the writer notifies only then).
+    waiters: AtomicUsize,
+    /// Deliveries pushed and not yet written or discarded.
+    items: AtomicUsize,
+    /// Their bytes (charge of each, see [`Delivery::charge`]).
+    bytes: AtomicUsize,
+    /// The bounds in force.
+    bounds: Bounds,
+    /// The budget every outbox of the bus shares.
+    budget: Arc<Budget>,
+    /// [`clock_ms`] of the last write to the socket, or of the moment the
+    /// queue last went from empty to non-empty (a receiver cannot be slow
+    /// before it has something to read).
+    progress_ms: AtomicU64,
+    /// Declared by a sender that waited past the slow-consumer timeout;
+    /// cleared by the next write.
+    stuck: AtomicBool,
 }
 
 impl Shared {
-    /// Gives back the budget of deliveries that stopped counting.
-    fn release<'a>(&self, gone: impl IntoIterator<Item = &'a Delivery>) {
-        let bytes: usize = gone.into_iter().map(Delivery::charge).sum();
-        self.budget.release(bytes);
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue invalid
+        // (every critical section is a push or a take), so poison is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pushed(&self, r: Pushed, charge: usize) -> Result<(), PushError> {
-        match r {
-            Pushed::Ok => {
-                self.budget.charge(charge);
-                Ok(())
-            }
-            Pushed::Full => Err(PushError::Full),
-            Pushed::Closed => Err(PushError::Closed),
+    fn charge(&self, d: &Delivery) {
+        let n = d.charge();
+        if self.items.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.progress_ms.store(clock_ms(), Ordering::Relaxed);
         }
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.budget.charge(n);
+    }
+
+    fn release(&self, items: usize, bytes: usize) {
+        if items == 0 && bytes == 0 {
+            return;
+        }
+        self.items.fetch_sub(items, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.release(bytes);
+        if self.waiters.load(Ordering::Relaxed) > 0 && self.below_low_water() {
+            self.room.notify_waiters();
+        }
+    }
+
+    fn over_bound(&self) -> bool {
+        let items = self.items.load(Ordering::Relaxed);
+        items > 0
+            && (items >= self.bounds.items
+                || self.bytes.load(Ordering::Relaxed) >= self.bounds.bytes
+                || self.budget.full())
+    }
+
+    fn below_low_water(&self) -> bool {
+        self.items.load(Ordering::Relaxed) < self.bounds.items - self.bounds.items / 4
+            && self.bytes.load(Ordering::Relaxed) < self.bounds.bytes - self.bounds.bytes / 4
+    }
+
+    fn push_locked(&self, st: &mut State, d: Delivery) -> bool {
+        self.charge(&d);
+        let was_empty = st.queue.is_empty();
+        st.queue.push_back(d);
+        was_empty
     }
 }
 
@@ -243,15 +289,20 @@ pub struct OutboxReader {
 /// Makes a queue with the given bounds, charging `budget`.
 pub fn outbox(bounds: Bounds, budget: Arc<Budget>) -> (Outbox, OutboxReader) {
     let shared = Arc::new(Shared {
-        queue: if bounds.conflate {
-            Bounded::conflating(bounds.items, bounds.bytes)
-        } else {
-            Bounded::new(bounds.items, bounds.bytes)
-        },
-        budget,
-        stuck: AtomicBool::new(false),
-        verdict: Notify::new(),
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            closed: false,
+        }),
+        notify: Notify::new(),
+        room: Notify::new(),
         closing: Notify::new(),
+        waiters: AtomicUsize::new(0),
+        items: AtomicUsize::new(0),
+        bytes: AtomicUsize::new(0),
+        bounds,
+        budget,
+        progress_ms: AtomicU64::new(clock_ms()),
+        stuck: AtomicBool::new(false),
     });
     (
         Outbox {
@@ -275,49 +326,84 @@ impl Outbox {
         if sh.stuck.load(Ordering::Relaxed) {
             return Err(PushError::Stuck);
         }
-        let charge = d.charge();
-        sh.pushed(sh.queue.push_unless(d, sh.budget.full()), charge)
+        if sh.over_bound() {
+            return Err(PushError::Full);
+        }
+        self.push_forced(d)
     }
 
-    /// [`Outbox::push`] under `key` (a topic): in a conflating outbox a
-    /// delivery of the same key still queued is replaced in its place,
-    /// whatever the bounds, and returned (the caller counts it). A plain
-    /// outbox ignores the key.
+    /// [`Outbox::push`] of a topic delivery under its topic `key`: in a
+    /// conflating outbox a queued delivery of the same topic (not yet
+    /// taken by the writer) is replaced in its place, whatever the bounds,
+    /// and returned for the caller to count (and drop outside the lock).
+    /// The search walks the queue from its newest end; a conflating queue
+    /// of a subscriber that lags holds at most one delivery per topic.
     pub fn push_keyed(&self, d: Delivery, key: Bytes) -> Result<Option<Delivery>, PushError> {
         let sh = &*self.shared;
+        if !sh.bounds.conflate {
+            return self.push(d).map(|()| None);
+        }
         if sh.stuck.load(Ordering::Relaxed) {
             return Err(PushError::Stuck);
         }
-        let charge = d.charge();
-        let (pushed, old) = sh.queue.push_keyed(d, key, sh.budget.full());
-        sh.pushed(pushed, charge)?;
-        if let Some(old) = &old {
-            sh.budget.release(old.charge());
+        let mut st = sh.lock();
+        if st.closed {
+            drop(st);
+            return Err(PushError::Closed);
         }
-        Ok(old)
+        let at = st.queue.iter().rposition(|q| {
+            q.topic_message()
+                .is_some_and(|m| m.topic.as_bytes() == &key[..])
+        });
+        if let Some(i) = at {
+            let (new, old) = (d.charge(), st.queue[i].charge());
+            let old_d = std::mem::replace(&mut st.queue[i], d);
+            drop(st);
+            sh.bytes.fetch_add(new, Ordering::Relaxed);
+            sh.budget.charge(new);
+            sh.release(0, old);
+            return Ok(Some(old_d));
+        }
+        drop(st);
+        self.push(d).map(|()| None)
     }
 
     /// Enqueues past the bounds, still counted: replies and acks (which
     /// are never dropped), held messages replayed at re-register, and a
     /// message its sender already waited for.
     pub fn push_forced(&self, d: Delivery) -> Result<(), PushError> {
-        let sh = &*self.shared;
-        let charge = d.charge();
-        sh.pushed(sh.queue.push_forced(d), charge)
+        let mut st = self.shared.lock();
+        if st.closed {
+            drop(st);
+            drop(d);
+            return Err(PushError::Closed);
+        }
+        let wake = self.shared.push_locked(&mut st, d);
+        drop(st);
+        // The writer drains the queue whenever it wakes, so only the push
+        // that makes the queue non-empty needs to wake it.
+        if wake {
+            self.shared.notify.notify_one();
+        }
+        Ok(())
     }
 
     /// Closes the queue: `last` (a reason frame) is queued after what is
     /// already there, the writer drains it all and ends the connection.
     pub fn close(&self, last: Option<Delivery>) {
-        let sh = &*self.shared;
-        let charge = last.as_ref().map_or(0, Delivery::charge);
-        match sh.queue.close_with(last) {
-            // Already closed: `last` is dropped here, outside the lock.
-            Some(_) => return,
-            None => sh.budget.charge(charge),
+        let mut st = self.shared.lock();
+        if st.closed {
+            drop(st);
+            return;
         }
-        sh.verdict.notify_waiters();
-        sh.closing.notify_waiters();
+        if let Some(d) = last {
+            self.shared.push_locked(&mut st, d);
+        }
+        st.closed = true;
+        drop(st);
+        self.shared.notify.notify_one();
+        self.shared.room.notify_waiters();
+        self.shared.closing.notify_waiters();
     }
 
     /// Takes out the routed traffic queued that the writer has not taken
@@ -333,17 +419,37 @@ impl Outbox {
     /// slow consumer being disconnected gets only `last`). Returns what
     /// was taken out.
     pub fn abort(&self, last: Option<Delivery>) -> Vec<Delivery> {
-        let taken = self.shared.queue.take_where(|_| true);
-        self.shared.release(&taken);
+        let taken: Vec<Delivery> = {
+            let mut st = self.shared.lock();
+            st.queue.drain(..).collect()
+        };
+        let bytes = taken.iter().map(Delivery::charge).sum();
+        self.shared.release(taken.len(), bytes);
         self.close(last);
-        taken.into()
+        taken
     }
 
     /// Moves the routed traffic queued into `out` (the session is going
     /// away and its name is held); replies stay for the writer to send.
     pub fn take_routed(&self, out: &mut VecDeque<Delivery>) {
-        let moved = self.shared.queue.take_where(|d| !d.is_reply());
-        self.shared.release(&moved);
+        let mut moved = VecDeque::new();
+        {
+            let mut st = self.shared.lock();
+            if st.queue.iter().all(|d| d.is_reply()) {
+                return;
+            }
+            let mut keep = VecDeque::new();
+            for d in st.queue.drain(..) {
+                if d.is_reply() {
+                    keep.push_back(d);
+                } else {
+                    moved.push_back(d);
+                }
+            }
+            st.queue = keep;
+        }
+        let bytes = moved.iter().map(Delivery::charge).sum();
+        self.shared.release(moved.len(), bytes);
         out.extend(moved);
     }
 
@@ -351,10 +457,8 @@ impl Outbox {
     /// timeout): pushes fail with `Stuck` until it writes again, and every
     /// waiting sender is woken to see it.
     pub fn mark_stuck(&self) {
-        let sh = &*self.shared;
-        sh.stuck.store(true, Ordering::Relaxed);
-        sh.queue.wake_producers();
-        sh.verdict.notify_waiters();
+        self.shared.stuck.store(true, Ordering::Relaxed);
+        self.shared.room.notify_waiters();
     }
 
     /// True while declared stuck.
@@ -363,68 +467,63 @@ impl Outbox {
     }
 
     /// True when a sender blocked on this queue may go on: below the
-    /// low-water mark (3/4 of each bound) with the shared budget below
-    /// its own, or empty.
+    /// low-water mark (3/4 of each bound), or empty.
     pub fn has_room(&self) -> bool {
         let sh = &*self.shared;
-        let (items, _) = sh.queue.outstanding();
-        items == 0 || (sh.queue.has_room() && sh.budget.has_room())
+        sh.items.load(Ordering::Relaxed) == 0 || (sh.below_low_water() && sh.budget.has_room())
     }
 
     /// True when at or past a bound (its own session should stop reading
     /// requests until its replies drain).
     pub fn over_bound(&self) -> bool {
-        let sh = &*self.shared;
-        sh.queue.is_full() || (sh.budget.full() && !sh.queue.is_idle())
+        self.shared.over_bound()
     }
 
     /// Waits until the writer drained some, the queue closed or was
     /// declared stuck, or the budget freed up; the caller re-checks.
     pub async fn room(&self) {
         let sh = &*self.shared;
-        let stuck = || sh.stuck.load(Ordering::Relaxed);
-        if !sh.queue.has_room() {
-            // Woken below the low-water mark, at close, or by a verdict.
-            sh.queue.wait_room_unless(0, stuck).await;
+        let notified = sh.room.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        sh.waiters.fetch_add(1, Ordering::Relaxed);
+        let _guard = Decrement(&sh.waiters);
+        if self.has_room() || self.is_closed() || self.is_stuck() {
             return;
         }
-        // Only the shared budget is short (or nothing is).
-        let verdict = sh.verdict.notified();
-        tokio::pin!(verdict);
-        verdict.as_mut().enable();
-        if stuck() || sh.budget.has_room() || sh.queue.is_closed() {
-            return;
-        }
-        tokio::select! {
-            _ = verdict => {}
-            _ = sh.budget.room() => {}
+        if !sh.budget.has_room() {
+            tokio::select! {
+                _ = notified => {}
+                _ = sh.budget.room() => {}
+            }
+        } else {
+            notified.await;
         }
     }
 
-    /// How long the receiver has made no progress (nothing written since
-    /// work arrived at its idle queue or since its last write).
-    pub fn stalled_for(&self) -> Duration {
-        self.shared.queue.stalled_for()
+    /// [`clock_ms`] of the receiver's last progress.
+    pub fn progress_ms(&self) -> u64 {
+        self.shared.progress_ms.load(Ordering::Relaxed)
     }
 
     /// Deliveries outstanding now (queued or being written).
     pub fn len(&self) -> usize {
-        self.shared.queue.outstanding().0
+        self.shared.items.load(Ordering::Relaxed)
     }
 
     /// Bytes outstanding now.
     pub fn bytes(&self) -> usize {
-        self.shared.queue.outstanding().1
+        self.shared.bytes.load(Ordering::Relaxed)
     }
 
     /// True when nothing is outstanding.
     pub fn is_empty(&self) -> bool {
-        self.shared.queue.is_idle()
+        self.len() == 0
     }
 
     /// True once closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.queue.is_closed()
+        self.shared.lock().closed
     }
 
     /// True when both handles are the same queue.
@@ -444,32 +543,36 @@ impl OutboxReader {
     /// connection.
     pub async fn recv_batch(&mut self, batch: &mut VecDeque<Delivery>) -> bool {
         loop {
-            if !self.shared.queue.wait().await {
-                return false;
+            let notified = self.shared.notify.notified();
+            {
+                let mut st = self.shared.lock();
+                if !st.queue.is_empty() {
+                    take(&mut st.queue, batch);
+                    return true;
+                }
+                if st.closed {
+                    return false;
+                }
             }
-            if self.try_recv_batch(batch) > 0 {
-                return true;
-            }
+            notified.await;
         }
     }
 
     /// Takes up to [`WRITER_BATCH`] deliveries now without waiting.
     pub fn try_recv_batch(&mut self, batch: &mut VecDeque<Delivery>) -> usize {
-        self.shared
-            .queue
-            .take_batch(batch, WRITER_BATCH, usize::MAX)
-            .0
+        let mut st = self.shared.lock();
+        take(&mut st.queue, batch)
     }
 
     /// Reports deliveries written to the socket (or given up by the
     /// writer): their bytes are given back, the receiver made progress.
     pub fn written(&self, items: usize, bytes: usize) {
         let sh = &*self.shared;
-        sh.queue.note_progress();
+        sh.progress_ms.store(clock_ms(), Ordering::Relaxed);
         if sh.stuck.load(Ordering::Relaxed) {
             sh.stuck.store(false, Ordering::Relaxed);
         }
-        self.forget(items, bytes);
+        sh.release(items, bytes);
     }
 
     /// Waits until the queue is closed.
@@ -477,7 +580,7 @@ impl OutboxReader {
         let notified = self.shared.closing.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if self.shared.queue.is_closed() {
+        if self.shared.lock().closed {
             return;
         }
         notified.await;
@@ -486,11 +589,7 @@ impl OutboxReader {
     /// Gives back the bytes of deliveries the writer took and will not
     /// write (its connection ended); not progress.
     pub fn forget(&self, items: usize, bytes: usize) {
-        if items == 0 && bytes == 0 {
-            return;
-        }
-        self.shared.queue.written(items, bytes);
-        self.shared.budget.release(bytes);
+        self.shared.release(items, bytes);
     }
 
     /// A handle for pushing into this same queue (e.g. the session's own
@@ -500,6 +599,20 @@ impl OutboxReader {
             shared: self.shared.clone(),
         }
     }
+}
+
+fn take(queue: &mut VecDeque<Delivery>, batch: &mut VecDeque<Delivery>) -> usize {
+    let n = queue.len().min(WRITER_BATCH);
+    if n == queue.len() && batch.is_empty() {
+        std::mem::swap(queue, batch);
+    } else {
+        batch.extend(queue.drain(..n));
+        if queue.is_empty() && queue.capacity() > 1024 {
+            // A burst is over: an idle queue keeps no big allocation.
+            *queue = VecDeque::new();
+        }
+    }
+    n
 }
 
 #[cfg(test)]
