@@ -342,12 +342,18 @@ async fn a_libzmq_publisher_filters_at_the_source_too() {
         };
         let z = settled.expect("the PUB stopped sending MD/ after unsubscribe");
         println!("pyzmq PUB after unsubscribe: proxy {z}");
-        // Every envelope that crossed was one the bus wanted: NEWS/ never
-        // left the PUB.
+        // Every envelope that crossed is accounted for: wanted (to the
+        // bus) or, for MD/ still in flight when the unsubscribe went out,
+        // unwanted. NEWS/ never left the PUB: nothing crossed before the
+        // subscribe, and the count settled above while NEWS/ kept being
+        // sent.
         let crossed = num(&z, &["publishers", "messages"]);
         assert!(crossed >= 20, "{z}");
-        assert_eq!(crossed, num(&z, &["to_bus"]), "{z}");
-        assert_eq!(num(&z, &["to_bus_unwanted"]), 0, "{z}");
+        assert_eq!(
+            crossed,
+            num(&z, &["to_bus"]) + num(&z, &["to_bus_unwanted"]),
+            "{z}"
+        );
         let _ = pubr.child.kill().await;
     })
     .await
