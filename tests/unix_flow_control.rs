@@ -17,6 +17,20 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+/// These tests run one at a time: each loads the 2-core CI machine on its
+/// own (a million-message blast, a gigabyte burst, ten Python senders),
+/// and the reference 0.7.0 client loses a message it was told was sent
+/// when the bus holds it back for more than its 1 s socket timeout, which
+/// a starved Python reader next to another blast can cause.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes [`SERIAL`], waiting (bounded) for the other tests of this file.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    tokio::time::timeout(Duration::from_secs(900), SERIAL.lock())
+        .await
+        .expect("the other flow-control tests finished in time")
+}
+
 /// Bound of one step of a Python peer (the tests bound the whole).
 const PEER_LIMIT: Duration = Duration::from_secs(200);
 
@@ -72,6 +86,7 @@ async fn python_fan_in(which: &str, senders: usize, per_sender: usize) {
 
 #[tokio::test]
 async fn ten_070_clients_blast_one_polling_070_client_and_lose_nothing() {
+    let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(200), async {
         python_fan_in("py07", 10, 5_000).await;
         python_fan_in("py07", 10, 20_000).await;
@@ -82,6 +97,7 @@ async fn ten_070_clients_blast_one_polling_070_client_and_lose_nothing() {
 
 #[tokio::test]
 async fn ten_030_clients_blast_one_polling_030_client_and_lose_nothing() {
+    let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(200), async {
         python_fan_in("py03", 10, 5_000).await;
     })
@@ -146,6 +162,7 @@ async fn count_in_order(s: &mut UnixStream, senders: usize, total: u64) -> Vec<u
 
 #[tokio::test]
 async fn ten_raw_blasters_to_one_reader_lose_nothing() {
+    let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(300), async {
         const SENDERS: usize = 10;
         const EACH: u64 = 100_000;
@@ -185,6 +202,7 @@ async fn next_message(r: &mut Raw) -> Value {
 
 #[tokio::test]
 async fn a_stalled_receiver_holds_back_only_its_own_senders_and_only_until_the_timeout() {
+    let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(200), async {
         let cfg = RouterConfig {
             outbox_capacity: 64,
@@ -291,6 +309,7 @@ async fn a_stalled_receiver_holds_back_only_its_own_senders_and_only_until_the_t
 
 #[tokio::test]
 async fn acks_follow_deliveries_and_every_unknown_name_is_answered() {
+    let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(200), async {
         const N: u64 = 100_000;
         let bus = TestBus::start().await;
@@ -393,6 +412,7 @@ async fn acks_follow_deliveries_and_every_unknown_name_is_answered() {
 
 #[tokio::test]
 async fn a_gigabyte_at_a_reader_that_never_reads_stays_within_the_budget() {
+    let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(300), async {
         let server = common::ServerProcess::start(&[
             "--memory-budget",
