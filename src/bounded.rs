@@ -29,17 +29,18 @@
 //!
 //! Keyed pushes ([`Bounded::push_keyed`], a queue made with
 //! [`Bounded::conflating`]) conflate: the newest value of a key replaces
-//! the queued one in its place. The Unix sessions' outbox
-//! ([`crate::outbox`]) keeps its own queue for now: a port onto this type
-//! stalled senders under a 10→1 blast and was reverted.
+//! the queued one in its place (the index is [`crate::conflation`], which
+//! the Unix sessions' outbox uses beside its own queue).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+
+use crate::conflation::ConflationIndex;
 
 /// What an item costs against a queue's byte bound.
 pub trait Weigh {
@@ -86,50 +87,7 @@ struct Inner<T> {
     closed: bool,
     /// For a conflating queue: which queued item holds each key's newest
     /// value. None for a plain queue (it then costs nothing).
-    keys: Option<Keys>,
-}
-
-/// The conflation index of a queue: key → position of the one queued item
-/// holding that key, so a newer value replaces it in place. Positions are
-/// absolute (counted from the queue's first push), so taking items from
-/// the front moves no entry.
-#[derive(Debug, Default)]
-struct Keys {
-    /// Key → absolute position of its queued item.
-    slot: HashMap<Bytes, u64>,
-    /// The key of each queued item, in queue order (None: pushed without
-    /// one, never replaced).
-    of_item: VecDeque<Option<Bytes>>,
-    /// Absolute position of the first queued item.
-    head: u64,
-}
-
-impl Keys {
-    /// Forgets the first `n` queued items' keys (they left the queue).
-    fn front_gone(&mut self, n: usize) {
-        for (i, key) in self.of_item.drain(..n).enumerate() {
-            if let Some(key) = key {
-                if self.slot.get(&key) == Some(&(self.head + i as u64)) {
-                    self.slot.remove(&key);
-                }
-            }
-        }
-        self.head += n as u64;
-    }
-
-    /// Rebuilds the index after items were taken from the middle; `kept`
-    /// tells, per former item, whether it stayed.
-    fn retain(&mut self, kept: &[bool]) {
-        let old = std::mem::take(&mut self.of_item);
-        self.slot.clear();
-        for (key, _) in old.into_iter().zip(kept).filter(|(_, k)| **k) {
-            if let Some(key) = &key {
-                self.slot
-                    .insert(key.clone(), self.head + self.of_item.len() as u64);
-            }
-            self.of_item.push_back(key);
-        }
-    }
+    keys: Option<ConflationIndex>,
 }
 
 impl<T> Inner<T> {
@@ -213,18 +171,13 @@ impl<T: Weigh> Bounded<T> {
     /// bounds as [`Bounded::new`].
     pub fn conflating(max_items: usize, max_bytes: usize) -> Bounded<T> {
         let q = Bounded::new(max_items, max_bytes);
-        q.lock().keys = Some(Keys::default());
+        q.lock().keys = Some(ConflationIndex::default());
         q
     }
 
     /// The bounds: most items and bytes outstanding.
     pub fn bounds(&self) -> (usize, usize) {
         (self.max_items, self.max_bytes)
-    }
-
-    /// Whether this queue conflates by key.
-    pub fn is_conflating(&self) -> bool {
-        self.lock().keys.is_some()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<T>> {
@@ -239,54 +192,35 @@ impl<T: Weigh> Bounded<T> {
     /// Queues `item` unless full or closed. Never waits. Reads the clock
     /// only when work arrives at an idle queue.
     pub fn push(&self, item: T) -> Pushed {
-        self.push_with(item, false, false, Instant::now)
+        self.push_with(item, false, Instant::now)
     }
 
     /// [`Bounded::push`] at a known time `now` (reads no clock).
     pub fn push_at(&self, item: T, now: Instant) -> Pushed {
-        self.push_with(item, false, false, || now)
+        self.push_with(item, false, || now)
     }
 
     /// Queues `item` whatever the bounds (it still counts against them,
     /// so later bounded pushes see it); fails only when closed.
     pub fn push_forced(&self, item: T) -> Pushed {
-        self.push_with(item, true, false, Instant::now)
+        self.push_with(item, true, Instant::now)
     }
 
-    /// [`Bounded::push`], also refused (unless nothing is outstanding)
-    /// when `also_full`: a bound the caller keeps outside the queue, such
-    /// as a byte budget several queues share.
-    pub fn push_unless(&self, item: T, also_full: bool) -> Pushed {
-        self.push_with(item, false, also_full, Instant::now)
-    }
-
-    fn push_with(
-        &self,
-        item: T,
-        forced: bool,
-        also_full: bool,
-        now: impl FnOnce() -> Instant,
-    ) -> Pushed {
-        self.push_keyed_with(item, None, forced, also_full, now)
-            .map_or(Pushed::Ok, |r| r)
+    fn push_with(&self, item: T, forced: bool, now: impl FnOnce() -> Instant) -> Pushed {
+        self.push_keyed_with(item, None, forced, now)
+            .unwrap_or(Pushed::Ok)
     }
 
     /// Queues `item` under `key` in a conflating queue: if an item with
     /// the same key is still queued (the consumer lags), `item` takes its
     /// place in the queue, whatever the bounds, and the superseded item is
     /// returned (for the caller to count and drop outside the lock).
-    /// Otherwise as [`Bounded::push_unless`]. A plain queue ignores the key.
-    pub fn push_keyed(&self, item: T, key: Bytes, also_full: bool) -> (Pushed, Option<T>) {
-        let mut replaced = None;
-        let r = self.push_keyed_with(item, Some(key), false, also_full, Instant::now);
-        let pushed = match r {
-            Err(old) => {
-                replaced = Some(old);
-                Pushed::Ok
-            }
-            Ok(p) => p,
-        };
-        (pushed, replaced)
+    /// Otherwise as [`Bounded::push`]. A plain queue ignores the key.
+    pub fn push_keyed(&self, item: T, key: Bytes) -> (Pushed, Option<T>) {
+        match self.push_keyed_with(item, Some(key), false, Instant::now) {
+            Ok(pushed) => (pushed, None),
+            Err(old) => (Pushed::Ok, Some(old)),
+        }
     }
 
     /// The one push: Ok(outcome), or Err(the superseded item) when `item`
@@ -296,7 +230,6 @@ impl<T: Weigh> Bounded<T> {
         item: T,
         key: Option<Bytes>,
         forced: bool,
-        also_full: bool,
         now: impl FnOnce() -> Instant,
     ) -> Result<Pushed, T> {
         let len = item.weigh();
@@ -305,24 +238,16 @@ impl<T: Weigh> Bounded<T> {
             if g.closed {
                 return Ok(Pushed::Closed);
             }
-            let key = match (&g.keys, key) {
-                (Some(_), k) => k,
-                (None, _) => None,
-            };
-            if let (Some(k), Some(key)) = (&g.keys, &key) {
-                if let Some(&at) = k.slot.get(key) {
-                    let i = (at - k.head) as usize;
-                    let old = std::mem::replace(&mut g.items[i], item);
-                    g.bytes = (g.bytes + len).saturating_sub(old.weigh());
-                    return Err(old);
-                }
+            let key = key.filter(|_| g.keys.is_some());
+            if let Some(i) = key.as_deref().and_then(|k| g.keys.as_ref()?.find(k)) {
+                let old = std::mem::replace(&mut g.items[i], item);
+                g.bytes = (g.bytes + len).saturating_sub(old.weigh());
+                return Err(old);
             }
             let out = g.out_items();
             if !forced
                 && out != 0
-                && (also_full
-                    || out >= self.max_items
-                    || g.out_bytes().saturating_add(len) > self.max_bytes)
+                && (out >= self.max_items || g.out_bytes().saturating_add(len) > self.max_bytes)
             {
                 return Ok(Pushed::Full);
             }
@@ -335,11 +260,7 @@ impl<T: Weigh> Bounded<T> {
             g.bytes += len;
             g.items.push_back(item);
             if let Some(k) = &mut g.keys {
-                k.of_item.push_back(key.clone());
-                if let Some(key) = key {
-                    let at = k.head + k.of_item.len() as u64 - 1;
-                    k.slot.insert(key, at);
-                }
+                k.pushed(key);
             }
             (was_empty, g.blocked > 0)
         };
@@ -430,77 +351,6 @@ impl<T: Weigh> Bounded<T> {
         }
     }
 
-    /// Takes out the queued items (not a writer's batch) for which `pick`
-    /// is true, keeping the others in order; what is taken stops counting
-    /// at once, and producers waiting for room are woken if that made
-    /// room. The items are returned so the caller drops them (or moves
-    /// them elsewhere) outside the lock.
-    pub fn take_where(&self, mut pick: impl FnMut(&T) -> bool) -> VecDeque<T> {
-        let mut taken = VecDeque::new();
-        let wake = {
-            let mut g = self.lock();
-            if !g.items.iter().any(&mut pick) {
-                return taken;
-            }
-            let mut keep = VecDeque::with_capacity(g.items.len());
-            let mut kept = Vec::new();
-            let mut bytes = 0usize;
-            for item in g.items.drain(..) {
-                let take = pick(&item);
-                kept.push(!take);
-                if take {
-                    bytes += item.weigh();
-                    taken.push_back(item);
-                } else {
-                    keep.push_back(item);
-                }
-            }
-            g.items = keep;
-            if let Some(k) = &mut g.keys {
-                k.retain(&kept);
-            }
-            g.bytes = g.bytes.saturating_sub(bytes);
-            g.room_waiters > 0 && self.below_low(&g)
-        };
-        if wake {
-            self.room.notify_waiters();
-        }
-        taken
-    }
-
-    /// Whether nothing is outstanding (queued or in a writer's batch).
-    pub fn is_idle(&self) -> bool {
-        self.lock().out_items() == 0
-    }
-
-    /// Items and bytes outstanding: queued plus a writer's batch not yet
-    /// reported written.
-    pub fn outstanding(&self) -> (usize, usize) {
-        let g = self.lock();
-        (g.out_items(), g.out_bytes())
-    }
-
-    /// Whether a bounded push must wait: something is outstanding and a
-    /// bound is reached.
-    pub fn is_full(&self) -> bool {
-        let g = self.lock();
-        let out = g.out_items();
-        out != 0 && (out >= self.max_items || g.out_bytes() >= self.max_bytes)
-    }
-
-    /// Whether a producer waiting for room may go on: nothing outstanding,
-    /// or outstanding work at or below the low-water mark.
-    pub fn has_room(&self) -> bool {
-        let g = self.lock();
-        g.out_items() == 0 || self.below_low(&g)
-    }
-
-    /// Wakes every producer waiting in [`Bounded::wait_room`] (for a
-    /// verdict kept outside the queue; each re-checks).
-    pub fn wake_producers(&self) {
-        self.room.notify_waiters();
-    }
-
     /// Whether outstanding work is at or below the low-water mark.
     fn below_low(&self, g: &Inner<T>) -> bool {
         g.out_items() <= self.low_items && g.out_bytes() <= self.low_bytes
@@ -534,14 +384,6 @@ impl<T: Weigh> Bounded<T> {
     /// the caller pushes next (and waits again if another producer took
     /// the room first). Cancel-safe.
     pub async fn wait_room(&self, len: usize) {
-        self.wait_room_unless(len, || false).await
-    }
-
-    /// [`Bounded::wait_room`] that also returns at once when `stop` is
-    /// true (a verdict kept outside the queue, checked after the wait is
-    /// registered so a [`Bounded::wake_producers`] after it is not missed;
-    /// `stop` must not touch this queue).
-    pub async fn wait_room_unless(&self, len: usize, stop: impl Fn() -> bool) {
         let notified = self.room.notified();
         tokio::pin!(notified);
         // Registered before the check, so a `written` between the check
@@ -552,7 +394,7 @@ impl<T: Weigh> Bounded<T> {
             let out = g.out_items();
             let fits = out == 0
                 || (out < self.max_items && g.out_bytes().saturating_add(len) <= self.max_bytes);
-            if g.closed || stop() || (fits && self.below_low(&g)) {
+            if g.closed || (fits && self.below_low(&g)) {
                 return;
             }
             g.room_waiters += 1;
@@ -665,40 +507,6 @@ impl<T: Weigh> Bounded<T> {
         self.ready_blocking.notify_all();
         self.room.notify_waiters();
         n
-    }
-
-    /// Closes the queue after queueing `last` (counted, whatever the
-    /// bounds) behind what is there, in one step, so nothing can come
-    /// between them. Gives `last` back when the queue was already closed.
-    pub fn close_with(&self, last: Option<T>) -> Option<T> {
-        {
-            let mut g = self.lock();
-            if g.closed {
-                drop(g);
-                return last;
-            }
-            if let Some(item) = last {
-                if g.out_items() == 0 {
-                    self.note_progress();
-                }
-                g.bytes += item.weigh();
-                g.items.push_back(item);
-                if let Some(k) = &mut g.keys {
-                    k.of_item.push_back(None);
-                }
-            }
-            g.closed = true;
-        }
-        self.ready.notify_waiters();
-        self.ready.notify_one();
-        self.ready_blocking.notify_all();
-        self.room.notify_waiters();
-        None
-    }
-
-    /// Whether the queue is closed.
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
     }
 
     /// Opens a closed queue again (a client started anew); what it holds
@@ -914,48 +722,33 @@ mod tests {
     #[test]
     fn a_conflating_queue_keeps_the_newest_per_key_in_its_place() {
         let q = Bounded::conflating(3, 1 << 20);
-        assert_eq!(q.push_keyed(b(1), key("a"), false), (Pushed::Ok, None));
-        assert_eq!(q.push_keyed(b(2), key("b"), false), (Pushed::Ok, None));
+        assert_eq!(q.push_keyed(b(1), key("a")), (Pushed::Ok, None));
+        assert_eq!(q.push_keyed(b(2), key("b")), (Pushed::Ok, None));
         q.push(b(3));
         // Full in items, yet a newer "a" replaces the queued one in place.
-        let (p, old) = q.push_keyed(b(10), key("a"), false);
+        let (p, old) = q.push_keyed(b(10), key("a"));
         assert_eq!((p, old.map(|x| x.len())), (Pushed::Ok, Some(1)));
-        assert_eq!(q.push_keyed(b(4), key("c"), false).0, Pushed::Full);
+        assert_eq!(q.push_keyed(b(4), key("c")).0, Pushed::Full);
         let mut batch = VecDeque::new();
         q.take_batch(&mut batch, 1, 1 << 20);
         assert_eq!(batch[0].len(), 10, "the newest a, first in line");
         // "a" left the queue: a new one is a new item, at the back.
         q.written(1, 10);
-        assert_eq!(q.push_keyed(b(11), key("a"), false), (Pushed::Ok, None));
+        assert_eq!(q.push_keyed(b(11), key("a")), (Pushed::Ok, None));
         let lens: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|x| x.len()).collect();
         assert_eq!(lens, vec![2, 3, 11]);
         // Bytes follow the replacement.
-        q.push_keyed(b(5), key("z"), false);
-        q.push_keyed(b(7), key("z"), false);
-        assert_eq!(q.outstanding(), (1, 7));
+        q.push_keyed(b(5), key("z"));
+        q.push_keyed(b(7), key("z"));
+        let mut batch = VecDeque::new();
+        assert_eq!(q.take_batch(&mut batch, 10, 1 << 20), (1, 7));
     }
 
     #[test]
-    fn conflation_survives_taking_from_the_middle_and_plain_queues_ignore_keys() {
-        let q = Bounded::conflating(10, 1 << 20);
-        q.push_keyed(b(1), key("a"), false);
-        q.push(b(2));
-        q.push_keyed(b(3), key("c"), false);
-        let taken = q.take_where(|x| x.len() == 2);
-        assert_eq!(taken.len(), 1);
-        assert_eq!(
-            q.push_keyed(b(30), key("c"), false).1.map(|x| x.len()),
-            Some(3)
-        );
-        assert_eq!(
-            q.push_keyed(b(10), key("a"), false).1.map(|x| x.len()),
-            Some(1)
-        );
-        let lens: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|x| x.len()).collect();
-        assert_eq!(lens, vec![10, 30]);
+    fn a_plain_queue_ignores_keys() {
         let plain = Bounded::new(10, 1 << 20);
-        plain.push_keyed(b(1), key("a"), false);
-        assert_eq!(plain.push_keyed(b(2), key("a"), false).1, None);
-        assert_eq!(plain.outstanding().0, 2);
+        plain.push_keyed(b(1), key("a"));
+        assert_eq!(plain.push_keyed(b(2), key("a")).1, None);
+        assert_eq!(plain.len(), 2);
     }
 }

@@ -120,6 +120,7 @@ pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub(crate) mod conflation;
 mod counters;
 #[cfg(feature = "unix")]
 pub mod daemon;

@@ -26,6 +26,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::conflation::ConflationIndex;
 use crate::delivery::Delivery;
 
 /// Why a push did not enqueue.
@@ -184,6 +185,20 @@ struct State {
     /// Set once the session is closing: the writer drains what is queued,
     /// then ends the connection.
     closed: bool,
+    /// For a conflating outbox: which queued topic delivery holds each
+    /// topic's newest value. None otherwise (it then costs nothing).
+    keys: Option<ConflationIndex>,
+}
+
+impl State {
+    /// Moves up to [`WRITER_BATCH`] deliveries into the writer's `batch`.
+    fn take(&mut self, batch: &mut VecDeque<Delivery>) -> usize {
+        let n = take(&mut self.queue, batch);
+        if let Some(k) = &mut self.keys {
+            k.front_gone(n);
+        }
+        n
+    }
 }
 
 struct Shared {
@@ -258,10 +273,13 @@ impl Shared {
             && self.bytes.load(Ordering::Relaxed) < self.bounds.bytes - self.bounds.bytes / 4
     }
 
-    fn push_locked(&self, st: &mut State, d: Delivery) -> bool {
+    fn push_locked(&self, st: &mut State, d: Delivery, key: Option<Bytes>) -> bool {
         self.charge(&d);
         let was_empty = st.queue.is_empty();
         st.queue.push_back(d);
+        if let Some(k) = &mut st.keys {
+            k.pushed(key);
+        }
         was_empty
     }
 }
@@ -292,6 +310,7 @@ pub fn outbox(bounds: Bounds, budget: Arc<Budget>) -> (Outbox, OutboxReader) {
         state: Mutex::new(State {
             queue: VecDeque::new(),
             closed: false,
+            keys: bounds.conflate.then(ConflationIndex::default),
         }),
         notify: Notify::new(),
         room: Notify::new(),
@@ -336,8 +355,6 @@ impl Outbox {
     /// conflating outbox a queued delivery of the same topic (not yet
     /// taken by the writer) is replaced in its place, whatever the bounds,
     /// and returned for the caller to count (and drop outside the lock).
-    /// The search walks the queue from its newest end; a conflating queue
-    /// of a subscriber that lags holds at most one delivery per topic.
     pub fn push_keyed(&self, d: Delivery, key: Bytes) -> Result<Option<Delivery>, PushError> {
         let sh = &*self.shared;
         if !sh.bounds.conflate {
@@ -351,11 +368,7 @@ impl Outbox {
             drop(st);
             return Err(PushError::Closed);
         }
-        let at = st.queue.iter().rposition(|q| {
-            q.topic_message()
-                .is_some_and(|m| m.topic.as_bytes() == &key[..])
-        });
-        if let Some(i) = at {
+        if let Some(i) = st.keys.as_ref().and_then(|k| k.find(&key)) {
             let (new, old) = (d.charge(), st.queue[i].charge());
             let old_d = std::mem::replace(&mut st.queue[i], d);
             drop(st);
@@ -364,8 +377,16 @@ impl Outbox {
             sh.release(0, old);
             return Ok(Some(old_d));
         }
+        if sh.over_bound() {
+            drop(st);
+            return Err(PushError::Full);
+        }
+        let wake = sh.push_locked(&mut st, d, Some(key));
         drop(st);
-        self.push(d).map(|()| None)
+        if wake {
+            sh.notify.notify_one();
+        }
+        Ok(None)
     }
 
     /// Enqueues past the bounds, still counted: replies and acks (which
@@ -378,7 +399,7 @@ impl Outbox {
             drop(d);
             return Err(PushError::Closed);
         }
-        let wake = self.shared.push_locked(&mut st, d);
+        let wake = self.shared.push_locked(&mut st, d, None);
         drop(st);
         // The writer drains the queue whenever it wakes, so only the push
         // that makes the queue non-empty needs to wake it.
@@ -397,7 +418,7 @@ impl Outbox {
             return;
         }
         if let Some(d) = last {
-            self.shared.push_locked(&mut st, d);
+            self.shared.push_locked(&mut st, d, None);
         }
         st.closed = true;
         drop(st);
@@ -421,6 +442,10 @@ impl Outbox {
     pub fn abort(&self, last: Option<Delivery>) -> Vec<Delivery> {
         let taken: Vec<Delivery> = {
             let mut st = self.shared.lock();
+            let n = st.queue.len();
+            if let Some(k) = &mut st.keys {
+                k.front_gone(n);
+            }
             st.queue.drain(..).collect()
         };
         let bytes = taken.iter().map(Delivery::charge).sum();
@@ -437,6 +462,10 @@ impl Outbox {
             let mut st = self.shared.lock();
             if st.queue.iter().all(|d| d.is_reply()) {
                 return;
+            }
+            let State { queue, keys, .. } = &mut *st;
+            if let Some(k) = keys {
+                k.retain(|i| queue[i].is_reply());
             }
             let mut keep = VecDeque::new();
             for d in st.queue.drain(..) {
@@ -547,7 +576,7 @@ impl OutboxReader {
             {
                 let mut st = self.shared.lock();
                 if !st.queue.is_empty() {
-                    take(&mut st.queue, batch);
+                    st.take(batch);
                     return true;
                 }
                 if st.closed {
@@ -560,8 +589,7 @@ impl OutboxReader {
 
     /// Takes up to [`WRITER_BATCH`] deliveries now without waiting.
     pub fn try_recv_batch(&mut self, batch: &mut VecDeque<Delivery>) -> usize {
-        let mut st = self.shared.lock();
-        take(&mut st.queue, batch)
+        self.shared.lock().take(batch)
     }
 
     /// Reports deliveries written to the socket (or given up by the
@@ -704,6 +732,58 @@ mod tests {
         assert_eq!(tx.discard().len(), 4);
         rx.written(0, 0);
         assert!(!tx.is_stuck(), "progress clears the verdict");
+    }
+
+    fn topic(t: &str, v: u64) -> Delivery {
+        Delivery::topic(crate::TopicMessage {
+            topic: t.into(),
+            origin: "o".into(),
+            data: serde_json::value::to_raw_value(&v).unwrap(),
+            ts: 0.0,
+            seq: None,
+        })
+    }
+
+    fn key(t: &str) -> Bytes {
+        Bytes::copy_from_slice(t.as_bytes())
+    }
+
+    #[test]
+    fn a_conflating_outbox_replaces_a_queued_topic_in_its_place() {
+        let (tx, mut rx) = outbox(
+            Bounds::new(2, 1 << 20).conflating(true),
+            Budget::new(1 << 30),
+        );
+        assert!(tx.push_keyed(topic("a", 1), key("a")).unwrap().is_none());
+        assert!(tx.push_keyed(topic("b", 1), key("b")).unwrap().is_none());
+        // Full at two, yet a newer "a" takes the queued one's place.
+        assert!(tx.push_keyed(topic("a", 2), key("a")).unwrap().is_some());
+        assert_eq!(
+            tx.push_keyed(topic("c", 1), key("c")).err(),
+            Some(PushError::Full)
+        );
+        let mut b = VecDeque::new();
+        assert_eq!(rx.try_recv_batch(&mut b), 2);
+        let topics: Vec<_> = b
+            .iter()
+            .map(|d| d.topic_message().unwrap().topic.clone())
+            .collect();
+        assert_eq!(topics, ["a", "b"]);
+        let newest = b[0].topic_message().unwrap().data.get().to_owned();
+        assert_eq!(newest, "2", "the newest a");
+        // Taken by the writer: a new "a" is a new item.
+        let bytes = b.iter().map(Delivery::charge).sum();
+        rx.written(2, bytes);
+        assert!(tx.push_keyed(topic("a", 3), key("a")).unwrap().is_none());
+        tx.push_forced(Delivery::notice(crate::notice::Notice::Pong {
+            keepalive: true,
+        }))
+        .unwrap();
+        // Routed traffic taken out; the reply stays and the index follows.
+        assert_eq!(tx.discard().len(), 1);
+        assert!(tx.push_keyed(topic("a", 4), key("a")).unwrap().is_none());
+        assert!(tx.push_keyed(topic("a", 5), key("a")).unwrap().is_some());
+        assert_eq!(tx.len(), 2);
     }
 
     #[test]

@@ -534,7 +534,7 @@ impl Hub {
                 let key = topic_key
                     .get_or_insert_with(|| msg.wire.slice_ref(msg.first_frame()))
                     .clone();
-                let (pushed, old) = peer.queue.push_keyed(wire.clone(), key, false);
+                let (pushed, old) = peer.queue.push_keyed(wire.clone(), key);
                 if old.is_some() {
                     self.stats.conflated.fetch_add(1, Ordering::Relaxed);
                 }

@@ -626,7 +626,7 @@ impl Shared {
         // (Numbered envelopes were checked above.)
         let pushed = if self.cfg.conflate {
             let key = bytes::Bytes::copy_from_slice(env.topic.as_bytes());
-            let (pushed, old) = self.queue.push_keyed(env, key, false);
+            let (pushed, old) = self.queue.push_keyed(env, key);
             if old.is_some() {
                 c.conflated.fetch_add(1, Ordering::Relaxed);
             }
