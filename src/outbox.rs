@@ -29,6 +29,18 @@ use tokio::sync::Notify;
 use crate::conflation::ConflationIndex;
 use crate::delivery::Delivery;
 
+/// The low-water mark of a bound: a sender blocked on a full queue goes on
+/// once the queue is below it. It sits 1/128 of the bound under the
+/// bound, not far below it: a waiting sender stops reading its socket,
+/// and some clients give up a write the bus holds back for long (the
+/// reference 0.7.0 client drops, silently, a message whose write took
+/// 1 s). So a wait lasts while the receiver reads 1/128 of its queue (128
+/// deliveries by default), not a quarter of it; the gap still spares a
+/// wake-up per written delivery.
+fn low_water(bound: usize) -> usize {
+    bound - (bound / 128).max(1).min(bound)
+}
+
 /// Why a push did not enqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
@@ -269,8 +281,8 @@ impl Shared {
     }
 
     fn below_low_water(&self) -> bool {
-        self.items.load(Ordering::Relaxed) < self.bounds.items - self.bounds.items / 4
-            && self.bytes.load(Ordering::Relaxed) < self.bounds.bytes - self.bounds.bytes / 4
+        self.items.load(Ordering::Relaxed) < low_water(self.bounds.items)
+            && self.bytes.load(Ordering::Relaxed) < low_water(self.bounds.bytes)
     }
 
     fn push_locked(&self, st: &mut State, d: Delivery, key: Option<Bytes>) -> bool {
@@ -496,7 +508,7 @@ impl Outbox {
     }
 
     /// True when a sender blocked on this queue may go on: below the
-    /// low-water mark (3/4 of each bound), or empty.
+    /// low-water mark of each bound (see [`low_water`]), or empty.
     pub fn has_room(&self) -> bool {
         let sh = &*self.shared;
         sh.items.load(Ordering::Relaxed) == 0 || (sh.below_low_water() && sh.budget.has_room())

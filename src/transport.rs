@@ -20,7 +20,7 @@ use crate::message::BusMessage;
 use crate::notice::Notice;
 use crate::outbox::{clock_ms, outbox, Bounds, Outbox, OutboxReader};
 use crate::router::interest::InterestChange;
-use crate::router::{Blocked, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
+use crate::router::{Blocked, Full, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
 use crate::stats::RouterStats;
 
 /// A way into the bus (Unix socket, ZeroMQ proxy, ...).
@@ -285,6 +285,12 @@ impl Bus {
         self.router().disconnect(sid, Instant::now())
     }
 
+    /// Closes a session whose writer ended already, with what it could
+    /// not write (see [`Router::disconnect_with`]).
+    pub fn detach_with(&self, sid: SessionId, unsent: std::collections::VecDeque<Delivery>) {
+        self.router().disconnect_with(sid, unsent, Instant::now());
+    }
+
     /// Gives back what a closed session's writer could not write: held
     /// for its name (returned by [`Bus::detach`]), or counted as lost.
     pub fn give_back(&self, name: Option<&str>, unsent: std::collections::VecDeque<Delivery>) {
@@ -359,7 +365,7 @@ impl Bus {
         let (n, d) = {
             let mut r = self.router();
             let d = r.topic_delivery(msg);
-            (r.publish_delivery(from, &d, false).0, d)
+            (r.publish_delivery(from, &d, Full::Drop).0, d)
         };
         if wanted {
             if let Some(m) = d.topic_message() {
@@ -375,13 +381,15 @@ impl Bus {
     /// answered with an error; a publish goes to every other subscribed
     /// session. Stops after an item that found a target full and returns
     /// that decision: the session waits it out ([`Bus::settle`]), then
-    /// submits the rest. The routed items are offered to the hooks
-    /// outside the lock.
+    /// submits the rest, with `full` [`Full::Force`] for what it had
+    /// already read (see [`Full`]). The routed items are offered to the
+    /// hooks outside the lock.
     pub fn submit(
         &self,
         transport: &'static str,
         sid: SessionId,
         batch: &mut Vec<Inbound>,
+        full: Full,
     ) -> Option<Blocked> {
         if batch.is_empty() {
             return None;
@@ -397,7 +405,7 @@ impl Bus {
             for item in batch.iter_mut() {
                 done += 1;
                 let b = match item {
-                    Inbound::Message(msg) => match r.route(sid, msg, now) {
+                    Inbound::Message(msg) => match r.route_with(sid, msg, now, full) {
                         Ok(mut routed) => {
                             events.extend(self.message_hook_event(transport, &routed));
                             routed.blocked.take()
@@ -423,7 +431,7 @@ impl Bus {
                             ts: p.ts.unwrap_or(unix_now),
                             seq: None,
                         });
-                        let (_, b) = r.publish_delivery(sid, &d, true);
+                        let (_, b) = r.publish_delivery(sid, &d, full);
                         if let Some(m) = d.topic_message() {
                             if hooks.wants(HookEventKind::Topic, transport, None, Some(&m.topic)) {
                                 events.push(HookEvent::topic(
@@ -603,7 +611,19 @@ async fn wait_session(
             return Some(Verdict::Stuck);
         }
         tokio::select! {
-            _ = outbox.room() => {}
+            // Room came (or the queue closed, or was declared stuck):
+            // every sender waiting at that moment goes on, even if one
+            // woken before it filled the queue again; each pushes what it
+            // had read, a bounded overrun (see `Full::Force`).
+            _ = outbox.room() => {
+                if outbox.is_closed() {
+                    return Some(Verdict::Gone);
+                }
+                if outbox.is_stuck() {
+                    return Some(Verdict::Stuck);
+                }
+                return Some(Verdict::Room);
+            }
             _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
             _ = cancel.cancelled() => return None,
         }

@@ -105,6 +105,150 @@ async fn ten_030_clients_blast_one_polling_030_client_and_lose_nothing() {
     .expect("test timed out");
 }
 
+/// Ten reference 0.7.0 clients blast a receiver that keeps reading, but
+/// far slower than they write (2 KiB at most a millisecond), so the
+/// bus holds them back all along. The 0.7.0 client drops, silently and
+/// with `send()` still true, a message whose write the bus held back for
+/// its 1 s socket timeout: every wait must stay short and every waiting
+/// sender must get its turn. The reader paces itself (a load shape, not a
+/// timing check): nothing is lost, each sender's order is kept.
+#[tokio::test]
+async fn ten_070_clients_held_back_by_a_slow_reader_lose_nothing() {
+    let _serial = one_at_a_time().await;
+    tokio::time::timeout(Duration::from_secs(200), async {
+        let Some(py) = common::python("py07") else {
+            return;
+        };
+        const SENDERS: usize = 10;
+        const EACH: usize = 3_000;
+        let bus = TestBus::start().await;
+        let mut reader = Raw::register(&bus.socket, "sink").await;
+        let sock = bus.socket.to_string_lossy().into_owned();
+        let env = [("SOCK", sock.as_str())];
+        let mut sources = Vec::new();
+        for i in 0..SENDERS {
+            let args = ["source", &format!("src{i}"), "sink", &EACH.to_string()];
+            sources.push(PyPeer::spawn(&py, "flow_peer.py", &args, &env));
+        }
+        let total = SENDERS * EACH;
+        let mut next: HashMap<String, u64> = HashMap::new();
+        let mut got = 0;
+        let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+        let mut chunk = vec![0u8; 2048];
+        let mut quiet_since = tokio::time::Instant::now();
+        while got < total {
+            match frame::decode(&mut buf, frame::MAX_FRAME).expect("in sync") {
+                Some(p) => {
+                    let v: Value = serde_json::from_slice(&p).expect("json");
+                    if v["type"] != "message" {
+                        continue;
+                    }
+                    let src = v["body"]["src"].as_str().expect("src").to_owned();
+                    let n = v["body"]["n"].as_u64().expect("n");
+                    let want = next.entry(src.clone()).or_insert(0);
+                    assert_eq!(
+                        n,
+                        *want,
+                        "{src} lost or reordered after {got} of {total}: {:?}",
+                        bus.totals()
+                    );
+                    *want += 1;
+                    got += 1;
+                }
+                None => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let r =
+                        tokio::time::timeout(Duration::from_millis(100), reader.s.read(&mut chunk))
+                            .await;
+                    match r {
+                        Ok(Ok(n)) if n > 0 => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            quiet_since = tokio::time::Instant::now();
+                        }
+                        Ok(other) => panic!("stream ended after {got} of {total}: {other:?}"),
+                        Err(_) => assert!(
+                            quiet_since.elapsed() < Duration::from_secs(30),
+                            "nothing for 30 s after {got} of {total}: {:?}",
+                            bus.totals()
+                        ),
+                    }
+                }
+            }
+        }
+        for (i, source) in sources.into_iter().enumerate() {
+            let line = source.finish(PEER_LIMIT).await.join("\n");
+            let v: Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| panic!("{line}"));
+            assert_eq!(v["true"].as_u64(), Some(EACH as u64), "src{i}: {v}");
+        }
+        let totals = bus.totals();
+        assert!(totals.blocked > 0, "the senders were held back: {totals:?}");
+        assert_eq!(totals.dropped_slow, 0, "{totals:?}");
+        assert_eq!(totals.delivered, total as u64, "{totals:?}");
+        bus.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A sender writes until the bus holds it back (its receiver is not
+/// reading yet), then closes at once. The bus finds it gone (the
+/// keepalive it writes to it fails), yet every frame it wrote whole
+/// before closing is still routed, in order, once the receiver reads.
+#[tokio::test]
+async fn a_sender_that_closes_while_held_back_has_everything_routed() {
+    let _serial = one_at_a_time().await;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let cfg = RouterConfig {
+            outbox_capacity: 1_000,
+            ..RouterConfig::default()
+        };
+        let bus = TestBus::start_with(cfg, HookEngine::disabled()).await;
+        let mut reader = Raw::register(&bus.socket, "reader").await;
+        let sender = Raw::register(&bus.socket, "burst").await;
+        let s = sender.s;
+        // Frame by frame, until the socket takes nothing for a second (or
+        // a bound): counts the frames written whole.
+        let mut sent = 0u64;
+        let mut frame = Vec::new();
+        let mut off = 0;
+        while sent < 1_000_000 {
+            if off == frame.len() {
+                frame.clear();
+                msg_frame(&mut frame, "reader", 0, sent, "");
+                off = 0;
+            }
+            match tokio::time::timeout(Duration::from_secs(1), s.writable()).await {
+                Err(_) => break,
+                Ok(r) => r.expect("writable"),
+            }
+            match s.try_write(&frame[off..]) {
+                Ok(n) => {
+                    off += n;
+                    if off == frame.len() {
+                        sent += 1;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        drop(s);
+        let totals = bus.totals();
+        assert!(totals.blocked > 0, "the sender was held back: {totals:?}");
+        // The bus writes a keepalive to the closed sender after 500 ms of
+        // quiet, and finds it gone.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let counts = count_in_order(&mut reader.s, 1, sent).await;
+        assert_eq!(counts, vec![sent]);
+        let totals = bus.totals();
+        assert_eq!(totals.dropped_slow, 0, "{totals:?}");
+        assert_eq!(totals.delivered, sent, "{totals:?}");
+        bus.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// One frame of a message to `to` carrying `{"s": src, "n": n}`.
 fn msg_frame(out: &mut Vec<u8>, to: &str, src: usize, n: u64, extra: &str) {
     let json = format!(r#"{{"type":"message","to":"{to}","body":{{"s":{src},"n":{n}}}{extra}}}"#);

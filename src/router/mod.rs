@@ -511,6 +511,18 @@ impl Router {
         msg: &mut BusMessage,
         now: Instant,
     ) -> Result<Routed, ProtocolError> {
+        self.route_with(sid, msg, now, Full::Wait)
+    }
+
+    /// [`Router::route`], with what a full live target means (`Wait`, or
+    /// `Force` for a sender that has just waited its turn).
+    pub fn route_with(
+        &mut self,
+        sid: SessionId,
+        msg: &mut BusMessage,
+        now: Instant,
+        full: Full,
+    ) -> Result<Routed, ProtocolError> {
         let sender = self.sessions.get_mut(&sid).map(|s| {
             s.last_seen = now;
             s.counters.received += 1;
@@ -555,7 +567,7 @@ impl Router {
         match &to {
             Some(target) => {
                 let live = matches!(self.names.answer(target), Some(Answer::Live(_)));
-                match self.offer_name(target, &d, Full::Wait, Full::Wait, now) {
+                match self.offer_name(target, &d, full, Full::Wait, now) {
                     Offered::Queued if live => delivered += 1,
                     Offered::Queued => held += 1,
                     Offered::Wait(w) => waits.push(w),
@@ -570,7 +582,7 @@ impl Router {
                 targets.extend(self.names.live().map(|(_, id)| id));
                 for id in &targets {
                     if let Some(s) = self.sessions.get_mut(id) {
-                        match offer(&self.cfg, &mut self.totals, *id, s, &d, true, None) {
+                        match offer(&self.cfg, &mut self.totals, *id, s, &d, full, None) {
                             Offered::Queued => delivered += 1,
                             Offered::Wait(w) => waits.push(w),
                             Offered::Dropped => {}
@@ -627,28 +639,7 @@ impl Router {
     ) -> Offered {
         match self.names.answer(name) {
             Some(Answer::Live(id)) => match self.sessions.get_mut(&id) {
-                Some(s) if live == Full::Force => match s.outbox.push_forced(d.clone()) {
-                    Ok(()) => {
-                        s.counters.delivered += 1;
-                        self.totals.delivered += 1;
-                        Offered::Queued
-                    }
-                    Err(_) => {
-                        s.counters.dropped += 1;
-                        self.totals.dropped_slow += 1;
-                        d.fail(gone_error);
-                        Offered::Dropped
-                    }
-                },
-                Some(s) => offer(
-                    &self.cfg,
-                    &mut self.totals,
-                    id,
-                    s,
-                    d,
-                    live == Full::Wait,
-                    None,
-                ),
+                Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live, None),
                 None => Offered::Dropped,
             },
             Some(Answer::Held) => self.hold(name, d, held, now),
@@ -827,7 +818,7 @@ impl Router {
     /// was queued to.
     pub fn publish(&mut self, from: SessionId, msg: TopicMessage) -> usize {
         let d = self.topic_delivery(msg);
-        self.publish_delivery(from, &d, false).0
+        self.publish_delivery(from, &d, Full::Drop).0
     }
 
     /// The delivery of a topic message about to be published, numbered
@@ -855,7 +846,7 @@ impl Router {
         &mut self,
         from: SessionId,
         d: &Delivery,
-        wait: bool,
+        full: Full,
     ) -> (usize, Option<Blocked>) {
         self.totals.routed += 1;
         self.remember(d);
@@ -872,7 +863,7 @@ impl Router {
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(id) {
-                match offer(&self.cfg, &mut self.totals, *id, s, d, wait, key.as_ref()) {
+                match offer(&self.cfg, &mut self.totals, *id, s, d, full, key.as_ref()) {
                     Offered::Queued => n += 1,
                     Offered::Wait(w) => waits.push(w),
                     Offered::Dropped => {}
@@ -973,9 +964,25 @@ impl Router {
     /// its outbox still held is kept for the name too. Returns the held
     /// name, for [`Router::restore`].
     pub fn disconnect(&mut self, sid: SessionId, now: Instant) -> Option<String> {
-        let s = self.sessions.remove(&sid)?;
+        self.disconnect_with(sid, VecDeque::new(), now)
+    }
+
+    /// [`Router::disconnect`] for a session whose writer ended already:
+    /// `unsent`, what it could not write, goes before what is still
+    /// queued, and all of it is held for the name in the same step (a
+    /// new session of the name, registering meanwhile, gets it replayed
+    /// in order).
+    pub fn disconnect_with(
+        &mut self,
+        sid: SessionId,
+        mut unsent: VecDeque<Delivery>,
+        now: Instant,
+    ) -> Option<String> {
+        let Some(s) = self.sessions.remove(&sid) else {
+            self.count_lost(&unsent);
+            return None;
+        };
         self.monitors.stop(sid);
-        let mut unsent = VecDeque::new();
         s.outbox.take_routed(&mut unsent);
         s.outbox.close(None);
         self.topics.remove_session(sid);
@@ -1136,14 +1143,17 @@ impl Router {
     }
 }
 
-/// What a full target means for one offer.
+/// What a full live target means for one offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Full {
-    /// The sender waits for it.
+pub enum Full {
+    /// The sender waits for it (a client session).
     Wait,
-    /// The copy is dropped and counted.
+    /// The copy is dropped and counted (a sender that cannot wait).
     Drop,
-    /// Queued past the bound (the sender has waited already).
+    /// Queued past the bound: the sender has just waited its turn and
+    /// routes the rest of what it had read (a few KiB at most, see the
+    /// Unix reader's held pace), so every waiting sender gets through
+    /// each time room comes, not only the first ones woken.
     Force,
 }
 
@@ -1168,10 +1178,10 @@ fn offer(
     sid: SessionId,
     s: &mut Session,
     d: &Delivery,
-    wait: bool,
+    full: Full,
     key: Option<&Bytes>,
 ) -> Offered {
-    let pushed = match key {
+    let mut pushed = match key {
         None => s.outbox.push(d.clone()),
         Some(key) => s.outbox.push_keyed(d.clone(), key.clone()).map(|old| {
             if old.is_some() {
@@ -1179,6 +1189,10 @@ fn offer(
             }
         }),
     };
+    if full == Full::Force && pushed == Err(PushError::Full) {
+        pushed = s.outbox.push_forced(d.clone());
+    }
+    let wait = full == Full::Wait;
     match pushed {
         Ok(()) => {
             s.counters.delivered += 1;

@@ -199,7 +199,7 @@ mod tests {
             ts: 1.0,
             seq: None,
         });
-        r.publish_delivery(from, &d, false);
+        r.publish_delivery(from, &d, crate::router::Full::Drop);
     }
 
     /// (topic, n) of what the session's writer would take now (written).

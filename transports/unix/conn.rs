@@ -130,6 +130,24 @@ pub enum Frame<'a> {
 #[derive(Debug)]
 pub struct Closing;
 
+/// How the reader reads on after a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Nothing waited: read as much as the socket has (up to the grown
+    /// read size).
+    Free,
+    /// The session waited for room somewhere (a full receiver, or its
+    /// own outbox): the sender outpaces what it sends to, and its
+    /// process is blocked in a write. The reader reads in steps of
+    /// [`HELD_READ`] meanwhile: after each wait the session routes the
+    /// rest of its read past the bound (so every waiting sender gets
+    /// through each time room comes, see `Full::Force`) and reads again,
+    /// so the sender's socket gets room at every turn (a client that
+    /// gives up a write held for a second loses that message) and the
+    /// overrun stays within one step per waiting sender.
+    Held,
+}
+
 /// What the reader hands frames to. Every method may wait (the session
 /// waits out a full receiver there); meanwhile nothing more is read.
 pub trait FrameHandler {
@@ -137,7 +155,7 @@ pub trait FrameHandler {
     async fn frame(&mut self, frame: Frame<'_>) -> Result<(), Closing>;
     /// Every complete frame read so far was handed over: finish what was
     /// batched, and wait if the session must not read more yet.
-    async fn caught_up(&mut self) -> Result<(), Closing>;
+    async fn caught_up(&mut self) -> Result<Pace, Closing>;
     /// The connection is closing for `code`: tell the peer why.
     fn farewell(&mut self, code: ErrorCode, detail: String);
 }
@@ -159,12 +177,17 @@ pub enum ReadEnd {
     FrameTimeout,
     /// The bound on bytes of incomplete frames was reached.
     Overloaded,
+    /// The peer takes no more writes and everything it had sent was read.
+    PeerGone,
 }
 
 /// Read buffer sizes: a session starts small and grows while its reads
 /// fill the buffer, up to the largest; an idle session keeps none.
 const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
+/// The read size after a wait (see [`Pace::Held`]): what a held sender
+/// may route past a full receiver's bound each time room comes.
+const HELD_READ: usize = 16 * 1024;
 /// Frames at least this large are read into (or copied into) a pooled
 /// buffer of their own and kept there (see [`frame::pool_take`]);
 /// smaller ones are borrowed from the read buffer.
@@ -175,14 +198,21 @@ const SPECULATE_MIN: usize = 32 * 1024;
 /// How long a session must be quiet before its read buffer is released.
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
-/// Reads frames until the peer closes, the stream fails, or `writer_done`
-/// fires, handing each to `handler`.
+/// Reads frames until the peer closes, the stream fails, or the writer
+/// ended `closing`, handing each to `handler`. Once it ended `peer_gone` (the peer
+/// takes no more writes) it reads on only while the socket holds what
+/// the peer sent before: a peer that wrote and closed at once (a burst
+/// then `close()`, while the bus held it back) still has all of it
+/// routed.
 pub async fn read_loop(
     rd: OwnedReadHalf,
     limits: &ReadLimits,
     handler: &mut impl FrameHandler,
-    writer_done: &CancellationToken,
+    writer: &WriterEnd,
 ) -> ReadEnd {
+    let WriterEnd {
+        closing, peer_gone, ..
+    } = writer;
     let mut buf = BytesMut::new();
     let mut want = READ_MIN;
     // Whether the last read took less than it could (the socket was
@@ -280,8 +310,10 @@ pub async fn read_loop(
             }
         }
         buf.advance(used);
-        if handler.caught_up().await.is_err() {
-            return ReadEnd::WriterDone;
+        match handler.caught_up().await {
+            Err(Closing) => return ReadEnd::WriterDone,
+            Ok(Pace::Held) => want = HELD_READ,
+            Ok(Pace::Free) => {}
         }
         // An incomplete large frame is read on into a buffer of its own.
         if large.is_none() {
@@ -325,9 +357,12 @@ pub async fn read_loop(
             }
         };
         let frame_deadline = partial_since.map(|t| t + limits.frame_timeout);
+        let gone = peer_gone.is_cancelled();
         tokio::select! {
             r = rd.readable() => if let Err(e) = r { return ReadEnd::Io(e) },
-            _ = writer_done.cancelled() => return ReadEnd::WriterDone,
+            _ = closing.cancelled() => return ReadEnd::WriterDone,
+            // The peer went: read what is left (below), then end.
+            _ = peer_gone.cancelled(), if !gone => {}
             _ = until(frame_deadline) => {
                 handler.farewell(ErrorCode::FrameTimeout, format!(
                     "a frame stayed incomplete for {} s; closing the connection",
@@ -362,6 +397,9 @@ pub async fn read_loop(
                 Ok(0) => return ReadEnd::Eof,
                 Ok(n) => drained = n < asked,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if peer_gone.is_cancelled() {
+                        return ReadEnd::PeerGone;
+                    }
                     if l.is_empty() {
                         if let Some(l) = large.take() {
                             frame::pool_give(l);
@@ -389,8 +427,10 @@ pub async fn read_loop(
             handler.farewell(ErrorCode::Overloaded, overloaded(limits));
             return ReadEnd::Overloaded;
         }
-        let before = buf.capacity() - buf.len();
-        match rd.try_read_buf(&mut buf) {
+        // At most `room`: a grown buffer keeps its capacity, and a held
+        // session reads small steps (see [`Pace::Held`]).
+        let before = (buf.capacity() - buf.len()).min(room);
+        match rd.try_read_buf(&mut (&mut buf).limit(before)) {
             Ok(0) => return ReadEnd::Eof,
             Ok(n) => {
                 drained = n < before;
@@ -400,7 +440,11 @@ pub async fn read_loop(
                     want = (want / 2).max(READ_MIN);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if peer_gone.is_cancelled() {
+                    return ReadEnd::PeerGone;
+                }
+            }
             Err(e) => return ReadEnd::Io(e),
         }
     }
@@ -468,15 +512,31 @@ impl WireState {
     }
 }
 
+/// How a session's writer tells the rest of the session that it ended.
+#[derive(Debug, Clone, Default)]
+pub struct WriterEnd {
+    /// Fires when the writer ended, however it ended.
+    pub done: CancellationToken,
+    /// Fires when it ended because its outbox closed (replaced, evicted,
+    /// disconnected as slow, shutdown) or it was told to stop: the reader
+    /// stops too, and every wait of the session ends.
+    pub closing: CancellationToken,
+    /// Fires when it ended because the socket failed (the peer closed, or
+    /// stopped reading for good): the reader still routes what the peer
+    /// sent before it went (see [`read_loop`]), waits included.
+    pub peer_gone: CancellationToken,
+}
+
 /// The writer: drains the outbox with vectored writes until it is closed
-/// and empty, the socket fails, or `stop` fires. Returns what it could not
-/// write (in its shared form, to be held for the session's name).
+/// and empty, the socket fails, or `stop` fires; says which through `end`.
+/// Returns what it could not write (in its shared form, to be held for
+/// the session's name).
 pub async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut outbox: OutboxReader,
     keepalive: Duration,
     stop: CancellationToken,
-    done: CancellationToken,
+    end: WriterEnd,
 ) -> VecDeque<Delivery> {
     let mut state = WireState {
         codec: Codec::Json,
@@ -488,6 +548,8 @@ pub async fn write_loop(
     let mut offset = 0usize;
     // Set once the outbox closed: the writer ends by then.
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Whether the socket failed.
+    let mut failed = false;
     loop {
         if pending.is_empty() {
             offset = 0;
@@ -541,7 +603,10 @@ pub async fn write_loop(
             }
         };
         match written {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => {
+                failed = true;
+                break;
+            }
             Ok(mut n) => {
                 let (mut items, mut bytes) = (0, 0);
                 // Pops what was written whole.
@@ -578,7 +643,12 @@ pub async fn write_loop(
     while outbox.try_recv_batch(&mut pending) > 0 {}
     let bytes = pending.iter().map(Delivery::charge).sum();
     outbox.forget(pending.len(), bytes);
-    done.cancel();
+    if failed {
+        end.peer_gone.cancel();
+    } else {
+        end.closing.cancel();
+    }
+    end.done.cancel();
     // Given back in their shared form, to be held for the name.
     pending.into_iter().map(Delivery::into_original).collect()
 }

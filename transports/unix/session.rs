@@ -22,11 +22,11 @@ use crate::message::BusMessage;
 use crate::notice::Notice;
 use crate::outbox::Outbox;
 use crate::router::snapshot::{Snapshot, SnapshotStep};
-use crate::router::SessionId;
+use crate::router::{Full, SessionId};
 use crate::transport::{Bus, Inbound};
 
 use super::command::{Command, Refused};
-use super::conn::{self, Closing, Frame, FrameHandler, ReadLimits};
+use super::conn::{self, Closing, Frame, FrameHandler, Pace, ReadLimits, WriterEnd};
 
 pub use super::conn::PartialBudget;
 
@@ -60,37 +60,46 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
     let own = outbox.outbox();
     let (rd, wr) = stream.into_split();
     let writer_stop = CancellationToken::new();
-    let writer_done = CancellationToken::new();
+    let writer_end = WriterEnd::default();
     let writer = tokio::spawn(conn::write_loop(
         wr,
         outbox,
         limits.keepalive,
         writer_stop.clone(),
-        writer_done.clone(),
+        writer_end.clone(),
     ));
 
     let mut session = Session {
         bus: &bus,
         sid,
         own: &own,
-        writer_done: &writer_done,
+        writer: &writer_end,
         codec: Codec::Json,
         batch: Vec::new(),
         max_depth: limits.max_depth,
+        waited: false,
     };
     let read_limits = ReadLimits {
         max_frame: limits.max_frame,
         frame_timeout: limits.frame_timeout,
         partial: limits.partial.clone(),
     };
-    let end = conn::read_loop(rd, &read_limits, &mut session, &writer_done).await;
+    let end = conn::read_loop(rd, &read_limits, &mut session, &writer_end).await;
     tracing::debug!(sid, ?end, "session reader ended");
+
+    if writer_end.peer_gone.is_cancelled() {
+        // The writer failed and ended with what it could not write: it
+        // goes back with the session's queue, in one step.
+        let unsent = writer.await.unwrap_or_default();
+        bus.detach_with(sid, unsent);
+        return;
+    }
 
     // Anything still routed to this session's name now waits in the
     // router for the name to come back; replies already queued still go
     // out if the peer is listening (e.g. it only half-closed).
     let held_name = bus.detach(sid);
-    if tokio::time::timeout(limits.drain_timeout, writer_done.cancelled())
+    if tokio::time::timeout(limits.drain_timeout, writer_end.done.cancelled())
         .await
         .is_err()
     {
@@ -114,9 +123,12 @@ struct Session<'a> {
     /// does not read what it is sent, replies included) the reader stops
     /// reading requests until it drains.
     own: &'a Outbox,
-    /// Fires when the writer ended (the session is closing): every wait
-    /// ends with it.
-    writer_done: &'a CancellationToken,
+    /// How the writer ended, once it did: `closing` (the session is
+    /// closing) ends every wait; `peer_gone` (the peer takes no more
+    /// writes) ends only a wait for the session's own outbox to drain (its
+    /// replies cannot go out), while what the peer sent before still
+    /// routes.
+    writer: &'a WriterEnd,
     /// The session's wire form, as its `register` asked (the writer learns
     /// it in order, through the outbox).
     codec: Codec,
@@ -124,6 +136,10 @@ struct Session<'a> {
     batch: Vec<Inbound>,
     /// Deepest nesting accepted.
     max_depth: usize,
+    /// Whether this session waited (on a full target, or on its own
+    /// outbox) since the reader last caught up: the reader then reads in
+    /// small steps, see [`Pace`].
+    waited: bool,
 }
 
 impl FrameHandler for Session<'_> {
@@ -174,14 +190,18 @@ impl FrameHandler for Session<'_> {
         }
     }
 
-    async fn caught_up(&mut self) -> Result<(), Closing> {
+    async fn caught_up(&mut self) -> Result<Pace, Closing> {
         self.flush().await?;
         // A peer that does not read what it is sent (its replies
         // included) is not read from either, until its outbox drains.
         if self.own.over_bound() {
             self.wait_own_room().await?;
         }
-        Ok(())
+        Ok(if std::mem::take(&mut self.waited) {
+            Pace::Held
+        } else {
+            Pace::Free
+        })
     }
 
     fn farewell(&mut self, code: ErrorCode, detail: String) {
@@ -195,8 +215,15 @@ impl FrameHandler for Session<'_> {
 impl Session<'_> {
     /// Routes what the batch holds, waiting out every full target in order.
     async fn flush(&mut self) -> Result<(), Closing> {
-        while let Some(blocked) = self.bus.submit(TRANSPORT, self.sid, &mut self.batch) {
-            if !self.bus.settle(blocked, self.writer_done).await {
+        // Once this session waited its turn, the rest of what it read goes
+        // through without waiting again (see `Full::Force`).
+        loop {
+            let full = if self.waited { Full::Force } else { Full::Wait };
+            let Some(blocked) = self.bus.submit(TRANSPORT, self.sid, &mut self.batch, full) else {
+                break;
+            };
+            self.waited = true;
+            if !self.bus.settle(blocked, &self.writer.closing).await {
                 return Err(Closing);
             }
         }
@@ -214,7 +241,7 @@ impl Session<'_> {
                 SnapshotStep::Full if self.own.over_bound() => self.wait_own_room().await?,
                 // Full for the shared byte budget: look again shortly.
                 SnapshotStep::Full => {
-                    if self.writer_done.is_cancelled() {
+                    if self.writer.done.is_cancelled() {
                         return Err(Closing);
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -242,7 +269,7 @@ impl Session<'_> {
     /// from either, until its outbox drains. Requests also take a share of
     /// the task budget, so a peer sending many costly ones yields its
     /// worker to others between them.
-    async fn own_room(&self) -> Result<(), Closing> {
+    async fn own_room(&mut self) -> Result<(), Closing> {
         tokio::task::consume_budget().await;
         if self.own.over_bound() {
             self.wait_own_room().await
@@ -253,7 +280,8 @@ impl Session<'_> {
 
     /// Waits until this session's own outbox drained below its low-water
     /// mark (or the session closes).
-    async fn wait_own_room(&self) -> Result<(), Closing> {
+    async fn wait_own_room(&mut self) -> Result<(), Closing> {
+        self.waited = true;
         let started = Instant::now();
         self.bus.begin_own_wait();
         let result = loop {
@@ -265,7 +293,7 @@ impl Session<'_> {
             }
             tokio::select! {
                 _ = self.own.room() => {}
-                _ = self.writer_done.cancelled() => break Err(Closing),
+                _ = self.writer.done.cancelled() => break Err(Closing),
             }
         };
         self.bus.end_wait(started.elapsed());
