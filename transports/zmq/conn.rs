@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::endpoint::ReadHalf;
 
-use super::heartbeat_task::BeatCounters;
+use super::heartbeat_task::{beat_counters_of, BeatCounters};
 use super::hub::Hub;
 use super::proxy::EnvelopeSink;
 use super::stats::SideCounters;
@@ -57,13 +57,7 @@ pub(super) fn note_end(counters: &SideCounters, err: &ZmtpError) {
 
 /// Where a connection of a side counts its heartbeats.
 pub(super) fn beat_counters(c: &SideCounters) -> BeatCounters<'_> {
-    BeatCounters {
-        pings_sent: &c.pings_sent,
-        pings_received: &c.pings_received,
-        pongs_received: &c.pongs_received,
-        timeouts: &c.heartbeat_timeouts,
-        pongs_dropped: &c.pongs_dropped,
-    }
+    beat_counters_of!(c)
 }
 
 /// Waits until `deadline`, or forever without one.

@@ -44,6 +44,24 @@ pub(crate) struct BeatCounters<'a> {
     pub(crate) pongs_dropped: &'a AtomicU64,
 }
 
+/// The [`BeatCounters`] of a counters struct declaring the five heartbeat
+/// fields (`pings_sent`, `pings_received`, `pongs_received`,
+/// `heartbeat_timeouts`, `pongs_dropped`): the publisher's, the
+/// receiver's, and each proxy side's.
+macro_rules! beat_counters_of {
+    ($c:expr) => {{
+        let c = $c;
+        $crate::transports::zmq::heartbeat_task::BeatCounters {
+            pings_sent: &c.pings_sent,
+            pings_received: &c.pings_received,
+            pongs_received: &c.pongs_received,
+            timeouts: &c.heartbeat_timeouts,
+            pongs_dropped: &c.pongs_dropped,
+        }
+    }};
+}
+pub(crate) use beat_counters_of;
+
 /// The heartbeat of one connection.
 #[derive(Debug)]
 pub(crate) struct Beat {

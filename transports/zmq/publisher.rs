@@ -31,7 +31,7 @@ use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::Endpoint;
 use super::heartbeat::HeartbeatConfig;
-use super::heartbeat_task::{control_queue, Beat, BeatCounters};
+use super::heartbeat_task::{beat_counters_of, control_queue, Beat, BeatCounters};
 use super::prefix_set::PrefixSet;
 use super::queue::{Pushed, WireQueue};
 use super::sequence::SeqFramer;
@@ -179,14 +179,7 @@ impl Shared {
     }
 
     fn beats(&self) -> BeatCounters<'_> {
-        let c = &self.counters;
-        BeatCounters {
-            pings_sent: &c.pings_sent,
-            pings_received: &c.pings_received,
-            pongs_received: &c.pongs_received,
-            timeouts: &c.heartbeat_timeouts,
-            pongs_dropped: &c.pongs_dropped,
-        }
+        beat_counters_of!(&self.counters)
     }
 }
 

@@ -28,7 +28,7 @@ use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::{Endpoint, WriteHalf};
 use super::heartbeat::HeartbeatConfig;
-use super::heartbeat_task::{control_queue, Beat, BeatCounters};
+use super::heartbeat_task::{beat_counters_of, control_queue, Beat, BeatCounters};
 use super::queue::WireQueue;
 use super::sequence::parse_seq_frame;
 use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
@@ -268,14 +268,7 @@ impl Shared {
     }
 
     fn beats(&self) -> BeatCounters<'_> {
-        let c = &self.counters;
-        BeatCounters {
-            pings_sent: &c.pings_sent,
-            pings_received: &c.pings_received,
-            pongs_received: &c.pongs_received,
-            timeouts: &c.heartbeat_timeouts,
-            pongs_dropped: &c.pongs_dropped,
-        }
+        beat_counters_of!(&self.counters)
     }
 }
 
