@@ -487,6 +487,11 @@ impl<T: Weigh> Bounded<T> {
         self.lock().items.len()
     }
 
+    /// Bytes of the queued items (not counting a batch being written).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Closes the queue: later pushes fail, consumers drain what is left
     /// and stop, producers waiting for room wake up. Returns how many
     /// items were still queued (when `discard`, dropped).

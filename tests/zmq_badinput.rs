@@ -239,3 +239,42 @@ async fn blocking_recv_like_the_reference() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn a_receiver_that_does_not_read_holds_at_most_its_queue_bytes() {
+    // A peer sends 200 envelopes of about 16 KiB to a receiver whose
+    // application does not call recv: the queue stops at its byte bound
+    // (64 KiB), the rest is dropped and counted, and what it holds shows.
+    tokio::time::timeout(TEST_LIMIT, async {
+        const BOUND: usize = 64 * 1024;
+        let xpub = FakeXpub::bind().await;
+        let r = common::zmq::receiver(&xpub.addr, |c| c.queue_bytes = BOUND);
+        let mut peer = xpub.accept().await;
+        let data = serde_json::to_vec(&"x".repeat(16 * 1024)).expect("json");
+        let ts = format!("{}", hermes_bus::envelope::unix_now());
+        for _ in 0..200 {
+            peer.send(&[TOPIC, ORIGIN, &data, ts.as_bytes()]).await;
+        }
+        assert!(
+            eventually(Duration::from_secs(20), || r.stats().received == 200).await,
+            "{:?}",
+            r.stats()
+        );
+        let s = r.stats();
+        assert!(s.queued_bytes as usize <= BOUND, "{s:?}");
+        assert!(s.queued_bytes > 0, "{s:?}");
+        assert!(s.dropped > 0, "{s:?}");
+        assert_eq!(s.delivered + s.dropped, 200, "{s:?}");
+        assert_eq!(r.pending() as u64, s.delivered, "{s:?}");
+        // What it holds is what recv gives, whole.
+        let mut got = 0;
+        while let Some(e) = r.try_recv() {
+            assert_eq!(e.origin, "raw");
+            got += 1;
+        }
+        assert_eq!(got, s.delivered);
+        assert_eq!(r.stats().queued_bytes, 0);
+    })
+    .await
+    .expect("test timed out");
+}

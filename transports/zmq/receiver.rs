@@ -98,6 +98,10 @@ pub struct ReceiverConfig {
     pub lag_threshold: Duration,
     /// Queue limit (envelopes) between the socket and `recv`.
     pub queue: usize,
+    /// Queue limit in bytes (each envelope weighs the bytes it arrived
+    /// as): past it, as past `queue`, an arriving envelope is dropped and
+    /// counted in `dropped`. 64 MiB by default.
+    pub queue_bytes: usize,
     /// Conflate the queue: while the application lags, at most one
     /// envelope per topic waits; a newer one takes the place of the queued
     /// one (counted as `conflated`), so `recv` catches up with the latest
@@ -148,6 +152,7 @@ impl ReceiverConfig {
             slow_policy: SlowPolicy::Stop,
             lag_threshold: Duration::from_secs(1),
             queue: 100_000,
+            queue_bytes: 64 << 20,
             conflate: false,
             codec: Codec::Json,
             registry: Registry::shared(),
@@ -217,15 +222,26 @@ crate::counters::counters! {
         seq_forgotten: u64,
         /// Bytes the tracker holds now (bounded by `seq_bytes`).
         seq_bytes: u64,
+        /// Bytes of the envelopes waiting for `recv` now (bounded by
+        /// `queue_bytes`).
+        queued_bytes: u64,
     }
 }
 
-/// The receiver's queue is bounded in envelopes only
-/// ([`ReceiverConfig::queue`]): an envelope weighs nothing against its
-/// (unlimited) byte bound.
-impl Weigh for Envelope {
+/// An envelope in the receiver's queue, with the bytes it arrived as:
+/// the queue is bounded in envelopes ([`ReceiverConfig::queue`]) and in
+/// those bytes ([`ReceiverConfig::queue_bytes`]).
+#[derive(Debug)]
+struct Queued {
+    /// The envelope, as `recv` returns it.
+    env: Envelope,
+    /// Its frames' bytes on the wire.
+    wire: usize,
+}
+
+impl Weigh for Queued {
     fn weigh(&self) -> usize {
-        0
+        self.wire
     }
 }
 
@@ -239,7 +255,7 @@ struct Shared {
     subscriptions: BytesMut,
     /// Decoded envelopes waiting for `recv` (closed when the receiver
     /// stopped: `recv` returns None once it is empty).
-    queue: Bounded<Envelope>,
+    queue: Bounded<Queued>,
     /// Lagging envelopes warned about (the warning is rate-limited).
     lag_warned: AtomicU64,
     /// Gap tracking (with `seq`).
@@ -299,9 +315,9 @@ impl Receiver {
     pub fn with_config(cfg: ReceiverConfig) -> Result<Receiver, ZmqError> {
         let endpoint = cfg.addr.parse()?;
         let queue = if cfg.conflate {
-            Bounded::conflating(cfg.queue, usize::MAX)
+            Bounded::conflating(cfg.queue, cfg.queue_bytes)
         } else {
-            Bounded::new(cfg.queue, usize::MAX)
+            Bounded::new(cfg.queue, cfg.queue_bytes)
         };
         let seq_bytes = cfg.seq_bytes;
         let mut subscriptions = BytesMut::new();
@@ -371,7 +387,7 @@ impl Receiver {
 
     /// The next envelope if one is queued (never waits).
     pub fn try_recv(&self) -> Option<Envelope> {
-        self.shared().queue.pop()
+        self.shared().queue.pop().map(|q| q.env)
     }
 
     /// Waits for the next envelope; None once stopped and drained (or,
@@ -380,7 +396,7 @@ impl Receiver {
         if !self.task.is_started() {
             return self.try_recv();
         }
-        self.shared().queue.recv().await
+        self.shared().queue.recv().await.map(|q| q.env)
     }
 
     /// Waits up to `limit` for the next envelope.
@@ -398,9 +414,9 @@ impl Receiver {
     pub fn recv_blocking(&self, block: bool, timeout: Option<Duration>) -> Option<Envelope> {
         let queue = &self.shared().queue;
         if !block {
-            return queue.pop();
+            return queue.pop().map(|q| q.env);
         }
-        queue.recv_blocking(timeout)
+        queue.recv_blocking(timeout).map(|q| q.env)
     }
 
     /// Number of envelopes waiting.
@@ -420,6 +436,7 @@ impl Receiver {
         st.seq_stale = t.stale;
         st.seq_forgotten = t.forgotten;
         st.seq_bytes = t.bytes;
+        st.queued_bytes = sh.queue.bytes() as u64;
         st
     }
 
@@ -617,15 +634,17 @@ impl Shared {
         }
         // The push wakes a waiting `recv` (async or blocking).
         // (Numbered envelopes were checked above.)
+        let wire = frames.iter().map(|f| f.len()).sum();
+        let queued = Queued { env, wire };
         let pushed = if self.cfg.conflate {
-            let key = bytes::Bytes::copy_from_slice(env.topic.as_bytes());
-            let (pushed, old) = self.queue.push_keyed(env, key);
+            let key = bytes::Bytes::copy_from_slice(queued.env.topic.as_bytes());
+            let (pushed, old) = self.queue.push_keyed(queued, key);
             if old.is_some() {
                 c.conflated.fetch_add(1, Ordering::Relaxed);
             }
             pushed
         } else {
-            self.queue.push(env)
+            self.queue.push(queued)
         };
         if pushed == Pushed::Ok {
             c.delivered.fetch_add(1, Ordering::Relaxed);
