@@ -29,7 +29,7 @@
 //!
 //! Keyed pushes ([`Bounded::push_keyed`], a queue made with
 //! [`Bounded::conflating`]) conflate: the newest value of a key replaces
-//! the queued one in its place (the index is [`crate::conflation`], which
+//! the queued one in its place (the index is `conflation.rs`, which
 //! the Unix sessions' outbox uses beside its own queue).
 
 use std::collections::VecDeque;

@@ -508,7 +508,7 @@ impl Outbox {
     }
 
     /// True when a sender blocked on this queue may go on: below the
-    /// low-water mark of each bound (see [`low_water`]), or empty.
+    /// low-water mark of each bound (see `low_water`), or empty.
     pub fn has_room(&self) -> bool {
         let sh = &*self.shared;
         sh.items.load(Ordering::Relaxed) == 0 || (sh.below_low_water() && sh.budget.has_room())
