@@ -2,7 +2,12 @@
 //! endpoint, then the ZMTP NULL handshake, each bounded by
 //! [`CONNECT_TIMEOUT`](super::CONNECT_TIMEOUT).
 
+use std::sync::Arc;
+
 use super::endpoint::{self, Endpoint, ReadHalf, WriteHalf};
+use super::heartbeat::HeartbeatConfig;
+use super::heartbeat_task::{control_queue, Beat};
+use super::queue::WireQueue;
 use super::zmtp::{self, FrameReader, PeerInfo, SocketType, ZmtpError};
 use super::CONNECT_TIMEOUT;
 use crate::codec::Codec;
@@ -18,6 +23,20 @@ pub struct Dialed {
     pub reader: FrameReader,
     /// The peer's READY.
     pub info: PeerInfo,
+}
+
+impl Dialed {
+    /// Splits the connection for serving: its halves and parser, and a
+    /// fresh control queue with the heartbeat that feeds it (`cfg`; PINGs
+    /// only to a peer that takes them).
+    pub(crate) fn serve_parts(
+        self,
+        cfg: &HeartbeatConfig,
+    ) -> (ReadHalf, WriteHalf, FrameReader, Arc<WireQueue>, Beat) {
+        let control = control_queue();
+        let beat = Beat::new(cfg, self.info.takes_pings(), control.clone());
+        (self.r, self.w, self.reader, control, beat)
+    }
 }
 
 /// Connects to `ep` as a `ours` socket, accepting messages up to `max_msg`

@@ -31,7 +31,7 @@ use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::Endpoint;
 use super::heartbeat::HeartbeatConfig;
-use super::heartbeat_task::{beat_counters_of, control_queue, Beat, BeatCounters};
+use super::heartbeat_task::beat_counters_of;
 use super::prefix_set::PrefixSet;
 use super::queue::{Pushed, WireQueue};
 use super::sequence::SeqFramer;
@@ -176,10 +176,6 @@ impl Shared {
 
     fn numbers(&self) -> std::sync::MutexGuard<'_, SeqCounters> {
         self.numbers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn beats(&self) -> BeatCounters<'_> {
-        beat_counters_of!(&self.counters)
     }
 }
 
@@ -397,14 +393,7 @@ impl Link for Shared {
 /// written, otherwise with why the connection was lost (a proxy silent
 /// past the heartbeat timeout included).
 async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
-    let Dialed {
-        mut r,
-        w,
-        mut reader,
-        info,
-    } = conn;
-    let control = control_queue();
-    let beat = Beat::new(&shared.heartbeat, info.takes_pings(), control.clone());
+    let (mut r, w, mut reader, control, beat) = conn.serve_parts(&shared.heartbeat);
     let read = async {
         loop {
             while let Some(item) = reader.next_item()? {
@@ -415,9 +404,9 @@ async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
                     }
                     ctl.status.notify();
                 } else if let Inbound::Ping(p) = &item {
-                    beat.on_ping(p, shared.beats());
+                    beat.on_ping(p, beat_counters_of!(&shared.counters));
                 } else if let Inbound::Pong(_) = item {
-                    beat.on_pong(shared.beats());
+                    beat.on_pong(beat_counters_of!(&shared.counters));
                 }
             }
             if !reader.fill(&mut r).await? {
@@ -463,6 +452,6 @@ async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
     tokio::select! {
         r = read => r.err().map_or(Disconnect::PeerClosed, Disconnect::from),
         w = write => w.err().map_or(Disconnect::Closed, Disconnect::from),
-        why = beat.run(shared.beats()) => ZmtpError::HeartbeatExpired(why).into(),
+        why = beat.run(beat_counters_of!(&shared.counters)) => ZmtpError::HeartbeatExpired(why).into(),
     }
 }

@@ -28,7 +28,7 @@ use super::client_task::{ClientTask, Control, Link};
 use super::dial::{self, Dialed};
 use super::endpoint::{Endpoint, WriteHalf};
 use super::heartbeat::HeartbeatConfig;
-use super::heartbeat_task::{beat_counters_of, control_queue, Beat, BeatCounters};
+use super::heartbeat_task::{beat_counters_of, Beat};
 use super::queue::WireQueue;
 use super::sequence::parse_seq_frame;
 use super::zmtp::{self, Inbound, PeerInfo, RawMessage, SocketType, ZmtpError};
@@ -282,10 +282,6 @@ impl Shared {
     fn seq_state(&self) -> std::sync::MutexGuard<'_, SeqState> {
         self.seq.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn beats(&self) -> BeatCounters<'_> {
-        beat_counters_of!(&self.counters)
-    }
 }
 
 /// A hermes receiver (ZeroMQ SUB connected to the proxy's XPUB side).
@@ -506,18 +502,11 @@ impl Link for Shared {
     }
 
     async fn serve(&self, conn: Dialed, _: &Control) -> Disconnect {
-        let Dialed {
-            mut r,
-            w,
-            mut reader,
-            info,
-        } = conn;
-        let control = control_queue();
-        let beat = Beat::new(&self.cfg.heartbeat, info.takes_pings(), control.clone());
+        let (mut r, w, mut reader, control, beat) = conn.serve_parts(&self.cfg.heartbeat);
         let res = tokio::select! {
             r = self.read_loop(&mut r, &mut reader, &beat) => r,
             r = write_control(w, &control) => r.map_err(ZmtpError::from),
-            why = beat.run(self.beats()) => Err(ZmtpError::HeartbeatExpired(why)),
+            why = beat.run(beat_counters_of!(&self.counters)) => Err(ZmtpError::HeartbeatExpired(why)),
         };
         match res {
             Ok(()) => Disconnect::GaveUp("lagging behind the publisher"),
@@ -548,8 +537,8 @@ impl Shared {
                             return Ok(());
                         }
                     }
-                    Inbound::Ping(p) => beat.on_ping(&p, self.beats()),
-                    Inbound::Pong(_) => beat.on_pong(self.beats()),
+                    Inbound::Ping(p) => beat.on_ping(&p, beat_counters_of!(&self.counters)),
+                    Inbound::Pong(_) => beat.on_pong(beat_counters_of!(&self.counters)),
                     Inbound::Command(..) => {}
                     Inbound::Oversized(_) => {
                         self.counters.oversized.fetch_add(1, Ordering::Relaxed);
