@@ -45,8 +45,9 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// Starts the slow pyzmq subscriber; `idle_ms` ends it after that long
-/// without a message once one arrived.
-async fn slow_sub(py: &std::path::Path, back: &str, idle_ms: u64) -> PyPeer {
+/// without a message once one arrived; `hold_ms` stalls it once, after
+/// its first message.
+async fn slow_sub(py: &std::path::Path, back: &str, idle_ms: u64, hold_ms: u64) -> PyPeer {
     PyPeer::spawn_ready(
         py,
         "zmq_lossless_peer.py",
@@ -58,6 +59,7 @@ async fn slow_sub(py: &std::path::Path, back: &str, idle_ms: u64) -> PyPeer {
             EVERY,
             PAUSE_MS,
             &idle_ms.to_string(),
+            &hold_ms.to_string(),
         ],
     )
     .await
@@ -117,7 +119,7 @@ async fn lossless_slow_subscriber_gets_the_whole_burst_in_order() {
             c.sub_queue = SUB_QUEUE;
         })
         .await;
-        let mut sub = slow_sub(&py, &proxy.back(), 10_000).await;
+        let mut sub = slow_sub(&py, &proxy.back(), 10_000, 0).await;
         let p = burst_publisher(&proxy.front()).await;
         publish_burst(&p).await;
         let s = summary(&mut sub).await;
@@ -156,7 +158,9 @@ async fn default_mode_drops_for_a_slow_subscriber_and_counts_every_drop() {
             c.sub_queue = SUB_QUEUE;
         })
         .await;
-        let mut sub = slow_sub(&py, &proxy.back(), 3_000).await;
+        // It also stalls for 3 s after its first message: whatever the
+        // machine's load, the burst then overflows its queue.
+        let mut sub = slow_sub(&py, &proxy.back(), 3_000, 3_000).await;
         let p = burst_publisher(&proxy.front()).await;
         publish_burst(&p).await;
         // The proxy has handled the whole burst once every message was
@@ -202,7 +206,7 @@ async fn lossless_drops_only_for_a_stuck_subscriber() {
         // Completes the handshake, subscribes to everything, never reads.
         let mut stuck = raw_peer(&proxy.back(), SocketType::Sub).await;
         stuck.subscribe(b"").await;
-        let mut sub = slow_sub(&py, &proxy.back(), 10_000).await;
+        let mut sub = slow_sub(&py, &proxy.back(), 10_000, 0).await;
         let both = eventually(Duration::from_secs(20), || {
             proxy.stats.snapshot().subscriptions >= 2
         })

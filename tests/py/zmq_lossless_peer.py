@@ -1,9 +1,10 @@
 """A slow pyzmq SUB for the lossless-proxy tests.
 
-Usage: zmq_lossless_peer.py slow-sub ADDR COUNT SECONDS EVERY PAUSE_MS IDLE_MS
+Usage: zmq_lossless_peer.py slow-sub ADDR COUNT SECONDS EVERY PAUSE_MS IDLE_MS [HOLD_MS]
   Subscribes to everything, prints {"ready": true}, then receives hermes
   envelopes whose data frame is [seq, ...], sleeping PAUSE_MS after every
-  EVERY messages (a slow reader that still makes progress). Stops after
+  EVERY messages (a slow reader that still makes progress), and HOLD_MS
+  once after the first message (a reader that stalls a while). Stops after
   COUNT messages, after SECONDS in all, or IDLE_MS without a message once
   one arrived; then prints one summary line:
   {"got": n, "first": seq, "last": seq, "gaps": n, "disorder": n, "bad": n,
@@ -28,8 +29,9 @@ def seq_of(data):
     return int(data[1 : data.index(b",")])
 
 
-def slow_sub(addr, count, seconds, every, pause_ms, idle_ms):
+def slow_sub(addr, count, seconds, every, pause_ms, idle_ms, hold_ms="0"):
     count, every = int(count), max(1, int(every))
+    hold = float(hold_ms) / 1000.0
     pause, idle_ms = float(pause_ms) / 1000.0, int(idle_ms)
     ctx = zmq.Context()
     s = ctx.socket(zmq.SUB)
@@ -71,6 +73,9 @@ def slow_sub(addr, count, seconds, every, pause_ms, idle_ms):
                 disorder += 1
         last = seq
         got += 1
+        if got == 1 and hold:
+            time.sleep(hold)
+            prev = time.time()
         if got % every == 0:
             time.sleep(pause)
     out({"got": got, "first": first, "last": last, "gaps": gaps,
