@@ -1018,9 +1018,19 @@ impl Router {
         match self.names.give_back(name, items, now) {
             Returned::Held => {}
             Returned::Live(id, items) => {
+                // The name is back already: straight to its session, but a
+                // copy first held longer ago than the grace expires here as
+                // it would in the mailbox (a client that re-registers and
+                // drops every time never reads it).
+                let grace = self.cfg.hold_grace;
                 if let Some(s) = self.sessions.get_mut(&id) {
                     for d in items {
-                        let _ = s.outbox.push_forced(d);
+                        if d.held_at().is_some_and(|t| now.duration_since(t) >= grace) {
+                            self.totals.dropped_held += 1;
+                            d.fail(gone_error);
+                        } else {
+                            let _ = s.outbox.push_forced(d);
+                        }
                     }
                 }
             }
@@ -1422,6 +1432,37 @@ mod tests {
             .route(a, &mut msg("b", 10), t0 + Duration::from_secs(9))
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::EndpointNotFound);
+    }
+
+    #[test]
+    fn a_copy_given_back_to_a_name_live_again_still_expires_after_its_grace() {
+        let t0 = Instant::now();
+        let mut r = Router::new(RouterConfig::default());
+        let (a, _ra) = session(&mut r, t0);
+        let (b, _rb) = session(&mut r, t0);
+        r.register(a, "a", t0).unwrap();
+        r.register(b, "b", t0).unwrap();
+        r.disconnect(b, t0);
+        assert_eq!(r.route(a, &mut msg("b", 1), t0).unwrap().held, 1);
+        // A new session of the name gets it replayed, but goes away before
+        // writing it: its writer gives it back...
+        let (b2, mut rb2) = session(&mut r, t0);
+        r.register(b2, "b", t0 + Duration::from_secs(1)).unwrap();
+        let mut unsent = VecDeque::new();
+        rb2.try_recv_batch(&mut unsent);
+        assert_eq!(
+            r.disconnect(b2, t0 + Duration::from_secs(2)).as_deref(),
+            Some("b")
+        );
+        // ...after yet another session took the name, past the copy's
+        // grace (first held at t0): it expires, counted, not delivered.
+        let (b3, mut rb3) = session(&mut r, t0);
+        r.register(b3, "b", t0 + Duration::from_secs(6)).unwrap();
+        r.restore("b", unsent, t0 + Duration::from_secs(6));
+        assert_eq!(r.totals().dropped_held, 1);
+        let got = frames(&mut rb3);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "registered");
     }
 
     #[test]
