@@ -119,7 +119,10 @@ async fn lossless_slow_subscriber_gets_the_whole_burst_in_order() {
             c.sub_queue = SUB_QUEUE;
         })
         .await;
-        let mut sub = slow_sub(&py, &proxy.back(), 10_000, 0).await;
+        // It also stalls for 3 s after its first message (well under the
+        // proxy's no-progress timeout): whatever the machine's load, its
+        // queue fills and pushes back on the publisher.
+        let mut sub = slow_sub(&py, &proxy.back(), 10_000, 3_000).await;
         let p = burst_publisher(&proxy.front()).await;
         publish_burst(&p).await;
         let s = summary(&mut sub).await;
