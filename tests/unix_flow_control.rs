@@ -105,13 +105,15 @@ async fn ten_030_clients_blast_one_polling_030_client_and_lose_nothing() {
     .expect("test timed out");
 }
 
-/// Ten reference 0.7.0 clients blast a receiver that keeps reading, but
-/// far slower than they write (2 KiB at most a millisecond), so the
-/// bus holds them back all along. The 0.7.0 client drops, silently and
-/// with `send()` still true, a message whose write the bus held back for
-/// its 1 s socket timeout: every wait must stay short and every waiting
-/// sender must get its turn. The reader paces itself (a load shape, not a
-/// timing check): nothing is lost, each sender's order is kept.
+/// Ten reference 0.7.0 clients blast a receiver that starts reading only
+/// once the bus holds them back (its outbox, 2,000 deliveries, is full),
+/// then reads far slower than they write (2 KiB at most a millisecond),
+/// so the bus holds them back all along. The 0.7.0 client drops, silently
+/// and with `send()` still true, a message whose write the bus held back
+/// for its 1 s socket timeout: every wait must stay short and every
+/// waiting sender must get its turn. The reader paces itself (a load
+/// shape, not a timing check): nothing is lost, each sender's order is
+/// kept.
 #[tokio::test]
 async fn ten_070_clients_held_back_by_a_slow_reader_lose_nothing() {
     let _serial = one_at_a_time().await;
@@ -121,7 +123,11 @@ async fn ten_070_clients_held_back_by_a_slow_reader_lose_nothing() {
         };
         const SENDERS: usize = 10;
         const EACH: usize = 3_000;
-        let bus = TestBus::start().await;
+        let cfg = RouterConfig {
+            outbox_capacity: 2_000,
+            ..RouterConfig::default()
+        };
+        let bus = TestBus::start_with(cfg, HookEngine::disabled()).await;
         let mut reader = Raw::register(&bus.socket, "sink").await;
         let sock = bus.socket.to_string_lossy().into_owned();
         let env = [("SOCK", sock.as_str())];
@@ -130,6 +136,8 @@ async fn ten_070_clients_held_back_by_a_slow_reader_lose_nothing() {
             let args = ["source", &format!("src{i}"), "sink", &EACH.to_string()];
             sources.push(PyPeer::spawn(&py, "flow_peer.py", &args, &env));
         }
+        let held = common::eventually(Duration::from_secs(60), || bus.totals().blocked > 0).await;
+        assert!(held, "the senders were held back: {:?}", bus.totals());
         let total = SENDERS * EACH;
         let mut next: HashMap<String, u64> = HashMap::new();
         let mut got = 0;
@@ -181,7 +189,6 @@ async fn ten_070_clients_held_back_by_a_slow_reader_lose_nothing() {
             assert_eq!(v["true"].as_u64(), Some(EACH as u64), "src{i}: {v}");
         }
         let totals = bus.totals();
-        assert!(totals.blocked > 0, "the senders were held back: {totals:?}");
         assert_eq!(totals.dropped_slow, 0, "{totals:?}");
         assert_eq!(totals.delivered, total as u64, "{totals:?}");
         bus.stop().await;
