@@ -1,7 +1,9 @@
 //! One bounded queue, [`Bounded`], between producers that must never wait
 //! inside a push and the consumer(s) that drain it: the ZeroMQ proxy's
 //! per-subscriber queues and the clients' send queues (wire bytes), the
-//! router bridge's queue, and the ZeroMQ `Receiver`'s envelope queue.
+//! router bridge's queue, the ZeroMQ `Receiver`'s envelope queue, and the
+//! Unix sessions' outboxes (deliveries; `outbox.rs` adds the shared byte
+//! budget and the slow-consumer verdict around it).
 //!
 //! - **Bounded in items and in bytes.** What an item costs is its
 //!   [`Weigh::weigh`]. Producers never wait inside [`Bounded::push`]: a
