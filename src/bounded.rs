@@ -920,10 +920,11 @@ mod tests {
         assert_eq!(q.push(b(1)), Pushed::Ok);
     }
 
-    #[tokio::test]
-    async fn wait_room_wakes_below_the_low_water_mark_and_on_close() {
-        let q = Arc::new(Bounded::new(8, 1 << 20));
-        for _ in 0..8 {
+    /// Fills `q` to its item bound (8) with one-byte items unless full
+    /// already, has a writer take them all (still outstanding), and starts
+    /// a producer waiting for room.
+    async fn fill_take_and_wait(q: &Arc<Bounded<Bytes>>) -> tokio::task::JoinHandle<()> {
+        while !q.is_full() {
             q.push(b(1));
         }
         let mut batch = VecDeque::new();
@@ -933,6 +934,13 @@ mod tests {
             tokio::spawn(async move { q.wait_room(1).await })
         };
         tokio::task::yield_now().await;
+        waiter
+    }
+
+    #[tokio::test]
+    async fn wait_room_wakes_below_the_low_water_mark_and_on_close() {
+        let q = Arc::new(Bounded::new(8, 1 << 20));
+        let waiter = fill_take_and_wait(&q).await;
         // 7 outstanding: above the mark (6), the waiter keeps waiting.
         q.written(1, 1);
         tokio::task::yield_now().await;
@@ -1088,13 +1096,7 @@ mod tests {
             q.push(b(1));
         }
         assert!(q.is_full() && !q.has_room());
-        let mut batch = VecDeque::new();
-        q.take_batch(&mut batch, 8, 1 << 20);
-        let waiter = {
-            let q = q.clone();
-            tokio::spawn(async move { q.wait_room(1).await })
-        };
-        tokio::task::yield_now().await;
+        let waiter = fill_take_and_wait(&q).await;
         q.written(1, 1);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await

@@ -64,14 +64,26 @@ pub enum SlowConsumerPolicy {
 impl std::str::FromStr for SlowConsumerPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "drop" => Ok(SlowConsumerPolicy::Drop),
-            "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
-            other => Err(format!(
-                "unknown slow-consumer policy '{other}' (drop|disconnect)"
-            )),
-        }
+        use SlowConsumerPolicy::*;
+        parse_choice(
+            s,
+            "slow-consumer policy",
+            &[("drop", Drop), ("disconnect", Disconnect)],
+        )
     }
+}
+
+/// Parses `s` as one of `choices` (name, value); the error names what was
+/// expected.
+fn parse_choice<T: Copy>(s: &str, what: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == s)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            format!("unknown {what} '{s}' ({})", names.join("|"))
+        })
 }
 
 /// What a lagging topic subscriber's queue does with a topic's values
@@ -93,11 +105,12 @@ pub enum SlowPolicy {
 impl std::str::FromStr for SlowPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "queue" => Ok(SlowPolicy::Queue),
-            "conflate" => Ok(SlowPolicy::Conflate),
-            other => Err(format!("unknown slow policy '{other}' (queue|conflate)")),
-        }
+        use SlowPolicy::*;
+        parse_choice(
+            s,
+            "slow policy",
+            &[("queue", Queue), ("conflate", Conflate)],
+        )
     }
 }
 
