@@ -1,9 +1,8 @@
 //! The conflation index of a queue: which queued item holds each key's
 //! newest value, so a newer value of the same key replaces it in place
-//! (`--slow-policy conflate`). Used by [`crate::bounded::Bounded`] beside
-//! its `VecDeque`, so by every queue built on it: the proxy's subscriber
-//! queues, the `Receiver`'s queue and the Unix sessions'
-//! [`crate::outbox`].
+//! (`--slow-policy conflate`). Used by [`crate::bounded::Bounded`] (the
+//! proxy's subscriber queues, the `Receiver`'s queue) and by the Unix
+//! sessions' [`crate::outbox`], each beside its own `VecDeque`.
 //!
 //! Positions are absolute (counted from the queue's first push), so taking
 //! items from the front moves no entry; a lookup and a push cost one hash

@@ -18,7 +18,7 @@ use crate::error::ProtocolError;
 use crate::hooks::{HookEngine, HookEvent, HookEventKind};
 use crate::message::BusMessage;
 use crate::notice::Notice;
-use crate::outbox::{outbox, Bounds, Outbox, OutboxReader};
+use crate::outbox::{clock_ms, outbox, Bounds, Outbox, OutboxReader};
 use crate::router::interest::InterestChange;
 use crate::router::{Blocked, Full, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
 use crate::stats::RouterStats;
@@ -593,6 +593,7 @@ async fn wait_session(
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Option<Verdict> {
+    let timeout_ms = timeout.as_millis() as u64;
     loop {
         if outbox.is_closed() {
             return Some(Verdict::Gone);
@@ -603,8 +604,9 @@ async fn wait_session(
         if outbox.has_room() {
             return Some(Verdict::Room);
         }
-        let stalled = outbox.stalled_for();
-        if stalled >= timeout {
+        let now = clock_ms();
+        let deadline = outbox.progress_ms().saturating_add(timeout_ms);
+        if now >= deadline {
             outbox.mark_stuck();
             return Some(Verdict::Stuck);
         }
@@ -622,7 +624,7 @@ async fn wait_session(
                 }
                 return Some(Verdict::Room);
             }
-            _ = tokio::time::sleep(timeout - stalled) => {}
+            _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
             _ = cancel.cancelled() => return None,
         }
     }
