@@ -78,6 +78,7 @@ pub async fn run(bus: Bus, stream: UnixStream, limits: Arc<SessionLimits>) {
         batch: Vec::new(),
         max_depth: limits.max_depth,
         waited: false,
+        had_turn: false,
     };
     let read_limits = ReadLimits {
         max_frame: limits.max_frame,
@@ -140,6 +141,10 @@ struct Session<'a> {
     /// outbox) since the reader last caught up: the reader then reads in
     /// small steps, see [`Pace`].
     waited: bool,
+    /// Whether it waited its turn on a full target since the reader last
+    /// caught up: the rest of that read then goes past full targets
+    /// (`Full::Force`). A wait for its own outbox earns no such turn.
+    had_turn: bool,
 }
 
 impl FrameHandler for Session<'_> {
@@ -197,6 +202,7 @@ impl FrameHandler for Session<'_> {
         if self.own.over_bound() {
             self.wait_own_room().await?;
         }
+        self.had_turn = false;
         Ok(if std::mem::take(&mut self.waited) {
             Pace::Held
         } else {
@@ -218,11 +224,16 @@ impl Session<'_> {
         // Once this session waited its turn, the rest of what it read goes
         // through without waiting again (see `Full::Force`).
         loop {
-            let full = if self.waited { Full::Force } else { Full::Wait };
+            let full = if self.had_turn {
+                Full::Force
+            } else {
+                Full::Wait
+            };
             let Some(blocked) = self.bus.submit(TRANSPORT, self.sid, &mut self.batch, full) else {
                 break;
             };
             self.waited = true;
+            self.had_turn = true;
             if !self.bus.settle(blocked, &self.writer.closing).await {
                 return Err(Closing);
             }
