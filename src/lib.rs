@@ -115,6 +115,7 @@ let next = node.recv(Some(std::time::Duration::from_secs(1))).await?;
 #![warn(missing_docs)]
 
 pub mod bounded;
+mod choice;
 #[cfg(all(feature = "unix", feature = "cli"))]
 pub mod cli;
 pub mod clock;

@@ -525,27 +525,21 @@ mod tests {
 
     #[test]
     fn classifies_bad_input() {
-        assert_eq!(
-            BusMessage::parse(b"\xff\xfe").unwrap_err().code,
-            ErrorCode::BadUtf8
-        );
-        assert_eq!(
-            BusMessage::parse(b"{nope").unwrap_err().code,
-            ErrorCode::BadJson
-        );
-        assert_eq!(
-            BusMessage::parse(b"[1,2]").unwrap_err().code,
-            ErrorCode::NotObject
-        );
-        assert_eq!(
-            BusMessage::parse(b"  42").unwrap_err().code,
-            ErrorCode::NotObject
-        );
-        assert_eq!(BusMessage::parse(b"").unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(
-            BusMessage::parse(br#"{"a":1} x"#).unwrap_err().code,
-            ErrorCode::BadJson
-        );
+        let cases: [(&[u8], ErrorCode); 6] = [
+            (b"\xff\xfe", ErrorCode::BadUtf8),
+            (b"{nope", ErrorCode::BadJson),
+            (b"[1,2]", ErrorCode::NotObject),
+            (b"  42", ErrorCode::NotObject),
+            (b"", ErrorCode::BadJson),
+            (br#"{"a":1} x"#, ErrorCode::BadJson),
+        ];
+        for (input, code) in cases {
+            assert_eq!(
+                BusMessage::parse(input).unwrap_err().code,
+                code,
+                "{input:?}"
+            );
+        }
         let m = BusMessage::parse(br#"{"to": 5}"#).unwrap();
         assert_eq!(m.str_field("to").unwrap_err().code, ErrorCode::BadField);
         assert_eq!(m.kind().unwrap_err().code, ErrorCode::MissingField);

@@ -237,30 +237,22 @@ fn value(
     too_deep: &mut bool,
 ) -> Option<usize> {
     loop {
-        // One value (or the opening of a container, at depth 2 + what is
-        // open: the top-level object is depth 1).
         let c = *s.get(i)?;
-        if (c == b'{' || c == b'[') && stack.depth + 2 > max_depth {
-            *too_deep = true;
-            return None;
-        }
         match c {
-            b'{' => {
-                i = ws(s, i + 1);
-                if s.get(i) == Some(&b'}') {
-                    i += 1;
-                } else {
-                    stack.push(b'{');
-                    i = member_key(s, i)?;
-                    continue;
+            b'{' | b'[' => {
+                // A container opens at depth 2 + what is open (the
+                // top-level object is depth 1).
+                if stack.depth + 2 > max_depth {
+                    *too_deep = true;
+                    return None;
                 }
-            }
-            b'[' => {
+                let close = if c == b'{' { b'}' } else { b']' };
                 i = ws(s, i + 1);
-                if s.get(i) == Some(&b']') {
+                if s.get(i) == Some(&close) {
                     i += 1;
                 } else {
-                    stack.push(b'[');
+                    stack.push(c);
+                    i = element(s, i, c)?;
                     continue;
                 }
             }
@@ -280,10 +272,7 @@ fn value(
             i = ws(s, i);
             match (open, *s.get(i)?) {
                 (_, b',') => {
-                    i = ws(s, i + 1);
-                    if open == b'{' {
-                        i = member_key(s, i)?;
-                    }
+                    i = element(s, ws(s, i + 1), open)?;
                     break;
                 }
                 (b'[', b']') | (b'{', b'}') => {
@@ -293,6 +282,17 @@ fn value(
                 _ => return None,
             }
         }
+    }
+}
+
+/// Where the next element of a container opened by `open` starts at `i`:
+/// the value itself in an array, after its key in an object.
+#[inline]
+fn element(s: &[u8], i: usize, open: u8) -> Option<usize> {
+    if open == b'{' {
+        member_key(s, i)
+    } else {
+        Some(i)
     }
 }
 
@@ -863,30 +863,13 @@ mod differential {
             2 => out.push_str(r.pick(&["true", "false", "null"])),
             3 => gen_string(r, out),
             4 | 5 => gen_object(r, out, depth - 1),
-            _ => {
-                out.push('[');
-                gen_ws(r, out);
-                for i in 0..r.below(4) {
-                    if i > 0 {
-                        out.push(',');
-                        gen_ws(r, out);
-                    }
-                    gen_value(r, out, depth - 1);
-                    gen_ws(r, out);
-                }
-                out.push(']');
-            }
+            _ => gen_list(r, out, ('[', ']'), 4, |r, out| gen_value(r, out, depth - 1)),
         }
     }
 
+    /// An object whose values are at most `depth` levels deep.
     fn gen_object(r: &mut Rng, out: &mut String, depth: usize) {
-        out.push('{');
-        gen_ws(r, out);
-        for i in 0..r.below(6) {
-            if i > 0 {
-                out.push(',');
-                gen_ws(r, out);
-            }
+        gen_list(r, out, ('{', '}'), 6, |r, out| {
             match r.below(6) {
                 // Keys that repeat, known keys, escaped keys.
                 0 => out.push_str(r.pick(&[
@@ -903,9 +886,29 @@ mod differential {
             out.push(':');
             gen_ws(r, out);
             gen_value(r, out, depth);
+        });
+    }
+
+    /// `open`, fewer than `max` elements written by `element` (commas and
+    /// whitespace around them), `close`.
+    fn gen_list(
+        r: &mut Rng,
+        out: &mut String,
+        (open, close): (char, char),
+        max: usize,
+        element: impl Fn(&mut Rng, &mut String),
+    ) {
+        out.push(open);
+        gen_ws(r, out);
+        for i in 0..r.below(max) {
+            if i > 0 {
+                out.push(',');
+                gen_ws(r, out);
+            }
+            element(r, out);
             gen_ws(r, out);
         }
-        out.push('}');
+        out.push(close);
     }
 
     /// A payload: mostly a valid object, sometimes another value.

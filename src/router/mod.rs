@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::delivery::{Ack, Delivery, TopicMessage};
 use crate::error::{ErrorCode, ProtocolError};
@@ -48,69 +47,32 @@ pub const MAX_NAME: usize = 255;
 /// gets the UUID `session_id`).
 pub type SessionId = u64;
 
-/// What happens to deliveries for a receiver that made no progress (wrote
-/// nothing to its socket) for the slow-consumer timeout.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlowConsumerPolicy {
-    /// Drop what is queued for it and what comes while it stays stuck,
-    /// and count it; it gets traffic again once it reads.
-    #[default]
-    Drop,
-    /// Disconnect the session, telling it why (`slow_consumer`).
-    Disconnect,
-}
-
-impl std::str::FromStr for SlowConsumerPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        use SlowConsumerPolicy::*;
-        parse_choice(
-            s,
-            "slow-consumer policy",
-            &[("drop", Drop), ("disconnect", Disconnect)],
-        )
+crate::choice::choice! {
+    /// What happens to deliveries for a receiver that made no progress (wrote
+    /// nothing to its socket) for the slow-consumer timeout.
+    pub enum SlowConsumerPolicy("slow-consumer policy") {
+        /// Drop what is queued for it and what comes while it stays stuck,
+        /// and count it; it gets traffic again once it reads.
+        #[default]
+        Drop = "drop",
+        /// Disconnect the session, telling it why (`slow_consumer`).
+        Disconnect = "disconnect",
     }
 }
 
-/// Parses `s` as one of `choices` (name, value); the error names what was
-/// expected.
-fn parse_choice<T: Copy>(s: &str, what: &str, choices: &[(&str, T)]) -> Result<T, String> {
-    choices
-        .iter()
-        .find(|(name, _)| *name == s)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            format!("unknown {what} '{s}' ({})", names.join("|"))
-        })
-}
-
-/// What a lagging topic subscriber's queue does with a topic's values
-/// (`--slow-policy`; the proxy's subscribers take the same choice).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlowPolicy {
-    /// Keep every value in order (Unix sessions: the senders wait; the
-    /// proxy: drop and count past the bound, or wait with `--lossless`).
-    #[default]
-    Queue,
-    /// Keep at most one queued value per topic: a newer value replaces
-    /// the queued one in its place (counted as `conflated`), so a lagging
-    /// subscriber catches up with the latest value of every topic instead
-    /// of a stale backlog. For prices and other state-like feeds.
-    Conflate,
-}
-
-impl std::str::FromStr for SlowPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        use SlowPolicy::*;
-        parse_choice(
-            s,
-            "slow policy",
-            &[("queue", Queue), ("conflate", Conflate)],
-        )
+crate::choice::choice! {
+    /// What a lagging topic subscriber's queue does with a topic's values
+    /// (`--slow-policy`; the proxy's subscribers take the same choice).
+    pub enum SlowPolicy("slow policy") {
+        /// Keep every value in order (Unix sessions: the senders wait; the
+        /// proxy: drop and count past the bound, or wait with `--lossless`).
+        #[default]
+        Queue = "queue",
+        /// Keep at most one queued value per topic: a newer value replaces
+        /// the queued one in its place (counted as `conflated`), so a lagging
+        /// subscriber catches up with the latest value of every topic instead
+        /// of a stale backlog. For prices and other state-like feeds.
+        Conflate = "conflate",
     }
 }
 
@@ -802,17 +764,17 @@ impl Router {
 
     /// Stops recording interest changes.
     pub fn unwatch_interest(&mut self) {
-        self.topics.unwatch_interest();
+        self.topics.interest.unwatch();
     }
 
     /// Whether interest changes wait to be taken.
     pub fn has_interest_changes(&self) -> bool {
-        self.topics.has_interest_changes()
+        self.topics.interest.has_pending()
     }
 
     /// Moves the interest changes recorded so far, in order, into `out`.
     pub fn take_interest_changes(&mut self, out: &mut Vec<InterestChange>) {
-        self.topics.take_interest_changes(out);
+        self.topics.interest.take(out);
     }
 
     /// Distinct topic prefixes some client session wants.
@@ -1305,9 +1267,21 @@ mod tests {
         .unwrap()
     }
 
+    /// A router with the default configuration, and the time it starts at.
+    fn router() -> (Router, Instant) {
+        (Router::new(RouterConfig::default()), Instant::now())
+    }
+
     fn session(r: &mut Router, now: Instant) -> (SessionId, OutboxReader) {
         let (tx, rx) = standalone(8, 1 << 20);
         (r.connect("unix", tx, now), rx)
+    }
+
+    /// A session registered as `name`.
+    fn registered(r: &mut Router, name: &str, now: Instant) -> (SessionId, OutboxReader) {
+        let (id, rx) = session(r, now);
+        r.register(id, name, now).unwrap();
+        (id, rx)
     }
 
     #[test]
@@ -1344,13 +1318,10 @@ mod tests {
 
     #[test]
     fn routes_point_to_point_and_broadcast_and_sets_from() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
-        let (a, mut ra) = session(&mut r, t0);
-        let (b, mut rb) = session(&mut r, t0);
+        let (mut r, t0) = router();
+        let (a, mut ra) = registered(&mut r, "a", t0);
+        let (_, mut rb) = registered(&mut r, "b", t0);
         let (anon, mut rn) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
         assert_eq!(frames(&mut ra)[0]["type"], "registered");
         frames(&mut rb);
         let out = r.route(a, &mut msg("b", 1), t0).unwrap();
@@ -1383,10 +1354,8 @@ mod tests {
             ..RouterConfig::default()
         };
         let mut r = Router::new(cfg);
-        let (a, _ra) = session(&mut r, t0);
-        let (b, _rb) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
+        let (a, _ra) = registered(&mut r, "a", t0);
+        let (b, _rb) = registered(&mut r, "b", t0);
         assert_eq!(r.disconnect(b, t0).as_deref(), Some("b"));
         let mut blocked = None;
         for n in 0..3 {
@@ -1449,12 +1418,9 @@ mod tests {
 
     #[test]
     fn a_copy_given_back_to_a_name_live_again_still_expires_after_its_grace() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
-        let (a, _ra) = session(&mut r, t0);
-        let (b, _rb) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
+        let (mut r, t0) = router();
+        let (a, _ra) = registered(&mut r, "a", t0);
+        let (b, _rb) = registered(&mut r, "b", t0);
         r.disconnect(b, t0);
         assert_eq!(r.route(a, &mut msg("b", 1), t0).unwrap().held, 1);
         // A new session of the name gets it replayed, but goes away before
@@ -1486,11 +1452,9 @@ mod tests {
             ..RouterConfig::default()
         };
         let mut r = Router::new(cfg);
-        let (a, _ra) = session(&mut r, t0);
-        let (b, _rb) = session(&mut r, t0);
+        let (a, _ra) = registered(&mut r, "a", t0);
+        let (b, _rb) = registered(&mut r, "b", t0);
         let (c, mut rc) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
         r.register(c, "c", t0).unwrap();
         r.disconnect(b, t0);
         frames(&mut rc);
@@ -1508,12 +1472,9 @@ mod tests {
 
     #[test]
     fn register_kicks_the_old_holder_and_refuses_a_second_name() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
-        let (old, mut ro) = session(&mut r, t0);
-        let (new, _rn) = session(&mut r, t0);
-        r.register(old, "svc", t0).unwrap();
-        r.register(new, "svc", t0).unwrap();
+        let (mut r, t0) = router();
+        let (old, mut ro) = registered(&mut r, "svc", t0);
+        let (new, _rn) = registered(&mut r, "svc", t0);
         let got = frames(&mut ro);
         assert_eq!(got.last().unwrap()["code"], "replaced");
         assert_eq!(r.totals().replaced, 1);
@@ -1536,12 +1497,9 @@ mod tests {
 
     #[test]
     fn full_outbox_blocks_the_sender_then_room_delivers_in_order() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
-        let (a, _ra) = session(&mut r, t0);
-        let (b, mut rb) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
+        let (mut r, t0) = router();
+        let (a, _ra) = registered(&mut r, "a", t0);
+        let (_, mut rb) = registered(&mut r, "b", t0);
         // Capacity 8, one slot taken by `registered`.
         let mut blocked = None;
         let mut n = 0;
@@ -1574,12 +1532,9 @@ mod tests {
 
     #[test]
     fn stuck_receiver_gets_the_policy_and_its_senders_go_on() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
-        let (a, _ra) = session(&mut r, t0);
-        let (b, _rb) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
+        let (mut r, t0) = router();
+        let (a, _ra) = registered(&mut r, "a", t0);
+        let (_, _rb) = registered(&mut r, "b", t0);
         let mut blocked = None;
         let mut n = 0;
         while blocked.is_none() {
@@ -1608,12 +1563,9 @@ mod tests {
 
     #[test]
     fn acks_come_when_written_and_errors_when_dropped() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
-        let (a, mut ra) = session(&mut r, t0);
-        let (b, mut rb) = session(&mut r, t0);
-        r.register(a, "a", t0).unwrap();
-        r.register(b, "b", t0).unwrap();
+        let (mut r, t0) = router();
+        let (a, mut ra) = registered(&mut r, "a", t0);
+        let (_, mut rb) = registered(&mut r, "b", t0);
         frames(&mut ra);
         let mut m =
             BusMessage::parse(br#"{"type":"message","to":"b","id":"m1","ack":true,"body":{}}"#)
@@ -1658,8 +1610,7 @@ mod tests {
 
     #[test]
     fn topics_go_to_matching_prefixes_once_and_not_back_to_the_sender() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
+        let (mut r, t0) = router();
         let (p, mut rp) = session(&mut r, t0);
         let (s1, mut r1) = session(&mut r, t0);
         let (s2, mut r2) = session(&mut r, t0);
@@ -1730,8 +1681,7 @@ mod tests {
     /// not; a session's close takes its demand with it.
     #[test]
     fn client_subscriptions_are_interest_and_a_sink_relays() {
-        let t0 = Instant::now();
-        let mut r = Router::new(RouterConfig::default());
+        let (mut r, t0) = router();
         let (tx, _sink_rx) = standalone(8, 1 << 20);
         let sink = r.connect_sink("zmq", tx, t0);
         assert!(r.watch_interest().is_empty());
@@ -1745,15 +1695,13 @@ mod tests {
         r.subscribe(a, "md/").unwrap();
         r.subscribe(b, "md/").unwrap();
         r.subscribe(b, "news/").unwrap();
+        // Both prefixes, as `change`s.
+        let both = |change: fn(Box<str>) -> InterestChange| {
+            vec![change("md/".into()), change("news/".into())]
+        };
         let mut out = Vec::new();
         r.take_interest_changes(&mut out);
-        assert_eq!(
-            out,
-            vec![
-                InterestChange::Added("md/".into()),
-                InterestChange::Added("news/".into())
-            ]
-        );
+        assert_eq!(out, both(InterestChange::Added));
         assert_eq!(r.wanted_prefixes(), 2);
         out.clear();
         assert!(r.unsubscribe(a, "md/"));
@@ -1761,13 +1709,7 @@ mod tests {
         r.disconnect(b, t0);
         r.take_interest_changes(&mut out);
         out.sort_by(|x, y| x.prefix().cmp(y.prefix()));
-        assert_eq!(
-            out,
-            vec![
-                InterestChange::Removed("md/".into()),
-                InterestChange::Removed("news/".into())
-            ]
-        );
+        assert_eq!(out, both(InterestChange::Removed));
         assert_eq!(r.wanted_prefixes(), 0);
     }
 }

@@ -356,6 +356,12 @@ mod tests {
         Names::new(limits, Budget::new(budget))
     }
 
+    /// A session `sid` claims `name` and goes away at `t`.
+    fn came_and_went(n: &mut Names, name: &str, sid: SessionId, t: Instant) -> Released {
+        n.claim(name, sid, t);
+        n.release(name, sid, t)
+    }
+
     fn copy(n: u8) -> Delivery {
         Delivery::frame(Bytes::from(vec![n; 36]))
     }
@@ -382,8 +388,7 @@ mod tests {
     fn a_released_name_is_held_then_replayed_in_order_to_its_next_claimant() {
         let mut n = names(10, 1 << 20, 1 << 20);
         let t = Instant::now();
-        n.claim("a", 1, t);
-        assert_eq!(n.release("a", 1, t), Released::Held);
+        assert_eq!(came_and_went(&mut n, "a", 1, t), Released::Held);
         assert!(n.is_open("a", t + Duration::from_secs(1)));
         for i in 0..3 {
             assert_eq!(n.hold("a", &copy(i), false, t), Hold::Queued);
@@ -404,16 +409,14 @@ mod tests {
     fn a_mailbox_is_bounded_in_count_and_bytes_unless_forced() {
         let mut n = names(2, 1 << 20, 1 << 20);
         let t = Instant::now();
-        n.claim("a", 1, t);
-        n.release("a", 1, t);
+        came_and_went(&mut n, "a", 1, t);
         assert_eq!(n.hold("a", &copy(0), false, t), Hold::Queued);
         assert_eq!(n.hold("a", &copy(1), false, t), Hold::Queued);
         assert_eq!(n.hold("a", &copy(2), false, t), Hold::Full);
         assert_eq!(n.hold("a", &copy(2), true, t), Hold::Queued);
 
         let mut n = names(100, 150, 1 << 20);
-        n.claim("b", 1, t);
-        n.release("b", 1, t);
+        came_and_went(&mut n, "b", 1, t);
         // The first copy always fits; then the byte bound refuses.
         assert_eq!(n.hold("b", &copy(0), false, t), Hold::Queued);
         assert_eq!(n.hold("b", &copy(1), false, t), Hold::Full);
@@ -424,8 +427,7 @@ mod tests {
     fn the_grace_ends_the_hold_and_rereleasing_does_not_extend_a_copy() {
         let mut n = names(10, 1 << 20, 1 << 20);
         let t = Instant::now();
-        n.claim("a", 1, t);
-        n.release("a", 1, t);
+        came_and_went(&mut n, "a", 1, t);
         n.hold("a", &copy(0), false, t);
         // Claimed and released again 4 s later without reading: the copy
         // comes back with its first hold's clock.
@@ -457,8 +459,7 @@ mod tests {
         };
         let mut n = Names::new(limits, Budget::new(1 << 20));
         let t = Instant::now();
-        n.claim("a", 1, t);
-        assert_eq!(n.release("a", 1, t), Released::Gone);
+        assert_eq!(came_and_went(&mut n, "a", 1, t), Released::Gone);
         assert!(matches!(
             n.give_back("a", VecDeque::from(vec![copy(0)]), t),
             Returned::Unknown(q) if q.len() == 1
@@ -470,8 +471,7 @@ mod tests {
         let mut n = names(10, 1 << 20, 1 << 20);
         let t = Instant::now();
         n.claim("a", 1, t);
-        n.claim("b", 2, t);
-        n.release("b", 2, t);
+        came_and_went(&mut n, "b", 2, t);
         let live: Vec<_> = n.live().collect();
         assert_eq!(live, vec![("a", 1)]);
         assert_eq!(n.held(), vec!["b".to_owned()]);

@@ -91,8 +91,9 @@ pub struct TopicIndex {
     bytes: usize,
     /// Distinct prefixes some session wants.
     wanted: usize,
-    /// The changes of what is wanted, while watched.
-    interest: InterestLog,
+    /// The changes of what is wanted, while watched (the router takes
+    /// them; [`TopicIndex::watch_interest`] starts the watch).
+    pub(super) interest: InterestLog,
 }
 
 impl TopicIndex {
@@ -301,21 +302,6 @@ impl TopicIndex {
             .map(|(p, _)| p.clone())
             .collect()
     }
-
-    /// Stops recording interest changes (pending ones are forgotten).
-    pub fn unwatch_interest(&mut self) {
-        self.interest.unwatch();
-    }
-
-    /// Whether interest changes wait to be taken.
-    pub fn has_interest_changes(&self) -> bool {
-        self.interest.has_pending()
-    }
-
-    /// Moves the interest changes recorded so far, in order, into `out`.
-    pub fn take_interest_changes(&mut self, out: &mut Vec<InterestChange>) {
-        self.interest.take(out);
-    }
 }
 
 #[cfg(test)]
@@ -378,7 +364,7 @@ mod tests {
 
     fn changes(ix: &mut TopicIndex) -> Vec<String> {
         let mut out = Vec::new();
-        ix.take_interest_changes(&mut out);
+        ix.interest.take(&mut out);
         out.iter()
             .map(|c| match c {
                 InterestChange::Added(p) => format!("+{p}"),
@@ -395,7 +381,7 @@ mod tests {
         let mut ix = TopicIndex::new(TopicLimits::default());
         // Nothing is recorded before someone watches.
         ix.subscribe(1, "md/").unwrap();
-        assert!(!ix.has_interest_changes());
+        assert!(!ix.interest.has_pending());
         let mut start = ix.watch_interest();
         start.sort();
         assert_eq!(start, vec![Box::<str>::from("md/")]);
@@ -406,7 +392,7 @@ mod tests {
         // The relay subscribes to everything: matched, not demand.
         ix.subscribe_relay(9, "").unwrap();
         ix.subscribe(9, "x/").unwrap();
-        assert!(!ix.has_interest_changes());
+        assert!(!ix.interest.has_pending());
         assert_eq!(matched(&ix, "x/1"), vec![9]);
         assert_eq!(ix.wanted(), 2);
         assert!(ix.unsubscribe(1, "md/"));
@@ -418,14 +404,14 @@ mod tests {
         c.sort();
         assert_eq!(c, vec!["-md/", "-news/"]);
         ix.remove_session(9);
-        assert!(!ix.has_interest_changes());
+        assert!(!ix.interest.has_pending());
         ix.unsubscribe(3, "");
         assert_eq!(changes(&mut ix), vec!["-"]);
         assert_eq!(ix.wanted(), 0);
         // Unwatched: nothing recorded.
-        ix.unwatch_interest();
+        ix.interest.unwatch();
         ix.subscribe(4, "y/").unwrap();
-        assert!(!ix.has_interest_changes());
+        assert!(!ix.interest.has_pending());
         assert_eq!(ix.wanted(), 1);
     }
 

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::endpoint::ReadHalf;
+use super::dial::Dialed;
+use super::endpoint::{ReadHalf, Stream};
 
 use super::heartbeat_task::{beat_counters_of, BeatCounters};
 use super::hub::Hub;
 use super::proxy::EnvelopeSink;
 use super::stats::SideCounters;
-use super::zmtp::{self, FrameReader, ZmtpError};
+use super::zmtp::{self, FrameReader, SocketType, ZmtpError};
 
 /// State shared by all connection tasks of one proxy.
 pub(super) struct Shared {
@@ -38,10 +39,33 @@ impl Shared {
 
 /// Properties our proxy sides announce in READY: we accept MessagePack,
 /// and we take and pass numbered envelopes (`sequence.rs`).
-pub(super) const PROXY_PROPS: &[(&str, &[u8])] = &[
+const PROXY_PROPS: &[(&str, &[u8])] = &[
     (zmtp::CODEC_PROPERTY, b"msgpack"),
     (zmtp::SEQ_PROPERTY, b"1"),
 ];
+
+/// The proxy's side of the ZMTP handshake of an accepted `stream`, as
+/// `ours`, with our READY properties and the handshake time limit, reading
+/// messages up to `max_msg` bytes. A failure is counted ([`note_end`]) and
+/// ends the connection (None).
+pub(super) async fn accept(
+    hub: &Hub,
+    counters: &SideCounters,
+    stream: Stream,
+    ours: SocketType,
+    max_msg: usize,
+) -> Option<Dialed> {
+    let (mut r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(max_msg);
+    let limit = hub.cfg.handshake_timeout;
+    match zmtp::handshake(&mut r, &mut w, &mut reader, ours, PROXY_PROPS, limit).await {
+        Ok(info) => Some(Dialed { r, w, reader, info }),
+        Err(e) => {
+            note_end(counters, &e);
+            None
+        }
+    }
+}
 
 /// Counts a connection's end by its cause.
 pub(super) fn note_end(counters: &SideCounters, err: &ZmtpError) {

@@ -363,13 +363,6 @@ mod tests {
         InterestChange::Removed(p.into())
     }
 
-    /// Applies interest changes as the bridge does, straight into a hub.
-    fn apply(d: &mut Demand, hub: &Hub, changes: &[InterestChange]) {
-        let mut ops = Ops::default();
-        d.apply(changes, &mut ops);
-        hub.upstream_apply(&ops.add, &ops.remove);
-    }
-
     #[test]
     fn unix_prefixes_go_upstream_in_their_topic_frame_form() {
         let d = Demand::new(limits());
@@ -385,56 +378,84 @@ mod tests {
         assert!(!d.wants(&envelope::topic_frame("caf")));
     }
 
+    /// The bus's demand feeding a hub that one publisher joined.
+    struct Rig {
+        hub: Hub,
+        id: u64,
+        publ: Pub,
+        d: Demand,
+    }
+
+    impl Rig {
+        fn new(limits: DemandLimits) -> Rig {
+            let hub = hub();
+            let id = hub.join_publisher();
+            Rig {
+                hub,
+                id,
+                publ: Pub::default(),
+                d: Demand::new(limits),
+            }
+        }
+
+        /// Applies interest changes as the bridge does, straight into the
+        /// hub, then lets the publisher read what the hub sends it.
+        fn apply(&mut self, changes: &[InterestChange]) {
+            let mut ops = Ops::default();
+            self.d.apply(changes, &mut ops);
+            self.hub.upstream_apply(&ops.add, &ops.remove);
+            self.sync();
+        }
+
+        /// Lets the publisher read what the hub sends it.
+        fn sync(&mut self) {
+            self.publ.sync(&self.hub, self.id);
+        }
+    }
+
     /// The union: the bus's prefixes and a subscriber's coalesce in one
     /// upstream log; each publisher holds exactly the union, as it
     /// changes, and filters everything else at the source.
     #[test]
     fn the_union_of_bus_and_subscribers_is_what_publishers_hold() {
-        let hub = hub();
-        let id = hub.join_publisher();
-        let mut publ = Pub::default();
-        let mut d = Demand::new(limits());
+        let mut rig = Rig::new(limits());
         // Hooks want "hook/" (fixed), the router's sessions "md/".
-        apply(&mut d, &hub, &[added("hook/"), added("md/")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"hook/", "\"md/"]);
-        assert!(publ.sends("md/x") && publ.sends("hook/1") && !publ.sends("news/1"));
+        rig.apply(&[added("hook/"), added("md/")]);
+        assert_eq!(rig.publ.holds(), vec!["\"hook/", "\"md/"]);
+        assert!(rig.publ.sends("md/x") && rig.publ.sends("hook/1") && !rig.publ.sends("news/1"));
         // A ZeroMQ receiver subscribes to "md/" too: no second upstream
         // subscription; and to "news/".
         let peer = Arc::new(SubPeer::new(10, 1 << 20, false, false, Side::Backend));
         let mut subs = PeerSubs::default();
         let sub = |p: &str| SubChange::Subscribe(Bytes::copy_from_slice(p.as_bytes()));
         let cancel = |p: &str| SubChange::Cancel(Bytes::copy_from_slice(p.as_bytes()));
-        hub.apply_sub_change(&peer, &mut subs, sub("\"md/"));
-        hub.apply_sub_change(&peer, &mut subs, sub("\"news/"));
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"hook/", "\"md/", "\"news/"]);
-        assert_eq!(publ.subscribes, 3, "md/ was not sent twice");
-        assert_eq!(hub.stats.snapshot().upstream_prefixes, 3);
+        rig.hub.apply_sub_change(&peer, &mut subs, sub("\"md/"));
+        rig.hub.apply_sub_change(&peer, &mut subs, sub("\"news/"));
+        rig.sync();
+        assert_eq!(rig.publ.holds(), vec!["\"hook/", "\"md/", "\"news/"]);
+        assert_eq!(rig.publ.subscribes, 3, "md/ was not sent twice");
+        assert_eq!(rig.hub.stats.snapshot().upstream_prefixes, 3);
         // The last Unix session on md/ leaves: the receiver still holds it.
-        apply(&mut d, &hub, &[removed("md/")]);
-        publ.sync(&hub, id);
-        assert!(publ.sends("md/x"));
+        rig.apply(&[removed("md/")]);
+        assert!(rig.publ.sends("md/x"));
         assert!(
-            !d.wants(&envelope::topic_frame("md/x")),
+            !rig.d.wants(&envelope::topic_frame("md/x")),
             "not for the router"
         );
         // The receiver leaves md/ too: publishers filter it again.
-        hub.apply_sub_change(&peer, &mut subs, cancel("\"md/"));
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"hook/", "\"news/"]);
-        assert!(!publ.sends("md/x"));
+        rig.hub.apply_sub_change(&peer, &mut subs, cancel("\"md/"));
+        rig.sync();
+        assert_eq!(rig.publ.holds(), vec!["\"hook/", "\"news/"]);
+        assert!(!rig.publ.sends("md/x"));
         // A session wants everything: the empty subscription.
-        apply(&mut d, &hub, &[added("")]);
-        publ.sync(&hub, id);
-        assert!(publ.sends("anything/at/all"));
-        apply(&mut d, &hub, &[removed(""), removed("hook/")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"news/"]);
+        rig.apply(&[added("")]);
+        assert!(rig.publ.sends("anything/at/all"));
+        rig.apply(&[removed(""), removed("hook/")]);
+        assert_eq!(rig.publ.holds(), vec!["\"news/"]);
         // A publisher joining now is sent the union as it is.
-        let late = hub.join_publisher();
+        let late = rig.hub.join_publisher();
         let mut p2 = Pub::default();
-        p2.sync(&hub, late);
+        p2.sync(&rig.hub, late);
         assert_eq!(p2.holds(), vec!["\"news/"]);
     }
 
@@ -443,38 +464,31 @@ mod tests {
     /// well below them; a too-long prefix is held cut.
     #[test]
     fn past_its_bounds_the_bus_holds_everything_then_comes_back() {
-        let hub = hub();
-        let id = hub.join_publisher();
-        let mut publ = Pub::default();
-        let mut d = Demand::new(DemandLimits {
+        let mut rig = Rig::new(DemandLimits {
             max_prefix_len: 8,
             max_prefixes: 8,
             max_bytes: 1 << 20,
         });
-        apply(&mut d, &hub, &[added("a-very-long-prefix/")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"a-very-"], "cut to 8 bytes");
-        assert!(publ.sends("a-very-long-prefix/x"));
+        rig.apply(&[added("a-very-long-prefix/")]);
+        assert_eq!(rig.publ.holds(), vec!["\"a-very-"], "cut to 8 bytes");
+        assert!(rig.publ.sends("a-very-long-prefix/x"));
         let many: Vec<InterestChange> = (0..8).map(|i| added(&format!("t{i}/"))).collect();
-        apply(&mut d, &hub, &many);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec![""], "9 > 8 distinct: everything");
-        assert!(d.wants(&envelope::topic_frame("zzz")));
-        let st = hub.stats.snapshot();
+        rig.apply(&many);
+        assert_eq!(rig.publ.holds(), vec![""], "9 > 8 distinct: everything");
+        assert!(rig.d.wants(&envelope::topic_frame("zzz")));
+        let st = rig.hub.stats.snapshot();
         assert_eq!(st.upstream_prefixes, 1);
-        d.publish(&hub.stats);
-        let st = hub.stats.snapshot();
+        rig.d.publish(&rig.hub.stats);
+        let st = rig.hub.stats.snapshot();
         assert_eq!((st.bus_everything, st.bus_everything_fallbacks), (1, 1));
         // Down to 7: still everything; to 6 (3/4 of 8): exact again.
-        apply(&mut d, &hub, &[removed("t0/"), removed("t1/")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec![""]);
-        apply(&mut d, &hub, &[removed("t2/")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds().len(), 6);
-        assert!(!publ.sends("zzz") && publ.sends("t7/x"));
-        d.publish(&hub.stats);
-        let st = hub.stats.snapshot();
+        rig.apply(&[removed("t0/"), removed("t1/")]);
+        assert_eq!(rig.publ.holds(), vec![""]);
+        rig.apply(&[removed("t2/")]);
+        assert_eq!(rig.publ.holds().len(), 6);
+        assert!(!rig.publ.sends("zzz") && rig.publ.sends("t7/x"));
+        rig.d.publish(&rig.hub.stats);
+        let st = rig.hub.stats.snapshot();
         assert_eq!((st.bus_everything, st.bus_prefixes), (0, 6));
         assert_eq!(st.upstream_prefixes, 6);
         // Everything let go: publishers hold nothing, no cancel is kept
@@ -483,33 +497,26 @@ mod tests {
             .iter()
             .map(|p| removed(p))
             .collect();
-        apply(&mut d, &hub, &rest);
-        publ.sync(&hub, id);
-        assert!(publ.holds().is_empty());
+        rig.apply(&rest);
+        assert!(rig.publ.holds().is_empty());
         // (The gauges are refreshed at the next change.)
-        hub.upstream_apply(&[], &[]);
-        assert_eq!(hub.stats.snapshot().upstream_pending_bytes, 0);
+        rig.hub.upstream_apply(&[], &[]);
+        assert_eq!(rig.hub.stats.snapshot().upstream_pending_bytes, 0);
     }
 
     /// Several Unix prefixes cut to the same bytes are one upstream
     /// prefix, held until the last of them goes.
     #[test]
     fn prefixes_cut_to_the_same_bytes_are_counted() {
-        let hub = hub();
-        let id = hub.join_publisher();
-        let mut publ = Pub::default();
-        let mut d = Demand::new(DemandLimits {
+        let mut rig = Rig::new(DemandLimits {
             max_prefix_len: 4,
             ..limits()
         });
-        apply(&mut d, &hub, &[added("abcd1"), added("abcd2")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"abc"]);
-        apply(&mut d, &hub, &[removed("abcd1")]);
-        publ.sync(&hub, id);
-        assert_eq!(publ.holds(), vec!["\"abc"]);
-        apply(&mut d, &hub, &[removed("abcd2")]);
-        publ.sync(&hub, id);
-        assert!(publ.holds().is_empty());
+        rig.apply(&[added("abcd1"), added("abcd2")]);
+        assert_eq!(rig.publ.holds(), vec!["\"abc"]);
+        rig.apply(&[removed("abcd1")]);
+        assert_eq!(rig.publ.holds(), vec!["\"abc"]);
+        rig.apply(&[removed("abcd2")]);
+        assert!(rig.publ.holds().is_empty());
     }
 }

@@ -220,6 +220,13 @@ mod tests {
         }
     }
 
+    /// Asserts that `hb` expires for `why` at `at`, not a millisecond
+    /// before.
+    fn expires_at(hb: &Heartbeat, at: Instant, why: Expired) {
+        assert_eq!(hb.expired(at - ms(1)), None);
+        assert_eq!(hb.expired(at), Some(why));
+    }
+
     #[test]
     fn pings_fall_due_every_interval_and_traffic_answers_them() {
         let t0 = Instant::now();
@@ -238,8 +245,7 @@ mod tests {
         hb.received(t0 + ms(250));
         assert_eq!(hb.expired(t0 + ms(1000)), None);
         hb.ping_sent(t0 + ms(300));
-        assert_eq!(hb.expired(t0 + ms(599)), None);
-        assert_eq!(hb.expired(t0 + ms(600)), Some(Expired::Timeout));
+        expires_at(&hb, t0 + ms(600), Expired::Timeout);
     }
 
     #[test]
@@ -247,8 +253,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hb = Heartbeat::new(&cfg(100, None), true, t0);
         hb.ping_sent(t0 + ms(100));
-        assert_eq!(hb.expired(t0 + ms(199)), None);
-        assert_eq!(hb.expired(t0 + ms(200)), Some(Expired::Timeout));
+        expires_at(&hb, t0 + ms(200), Expired::Timeout);
     }
 
     #[test]
@@ -274,8 +279,7 @@ mod tests {
         assert!(hb.active());
         hb.received(t0 + ms(100));
         assert_eq!(hb.next_deadline(), Some(t0 + ms(600)));
-        assert_eq!(hb.expired(t0 + ms(599)), None);
-        assert_eq!(hb.expired(t0 + ms(600)), Some(Expired::PeerTtl));
+        expires_at(&hb, t0 + ms(600), Expired::PeerTtl);
         // A later PING without TTL lifts it.
         assert!(hb.peer_ttl(None));
         assert_eq!(hb.expired(t0 + ms(5000)), None);

@@ -222,6 +222,21 @@ mod tests {
         std::iter::from_fn(|| r.next_item().expect("valid")).collect()
     }
 
+    /// A beat that sends no PINGs of its own (heartbeats off here), its
+    /// control queue and its counters.
+    fn idle_beat() -> (Arc<WireQueue>, Beat, Tally) {
+        let q = control_queue();
+        let beat = Beat::new(&HeartbeatConfig::OFF, true, q.clone());
+        (q, beat, Tally::default())
+    }
+
+    fn ping(ttl_ds: u16, context: &'static [u8]) -> Ping {
+        Ping {
+            ttl_ds,
+            context: bytes::Bytes::from_static(context),
+        }
+    }
+
     #[tokio::test]
     async fn pings_go_to_the_control_queue_then_silence_ends_it() {
         let q = control_queue();
@@ -248,13 +263,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_pong_echoes_the_context_and_a_peer_ttl_arms_an_idle_beat() {
-        let q = control_queue();
-        let beat = Beat::new(&HeartbeatConfig::OFF, true, q.clone());
-        let t = Tally::default();
-        let ping = Ping {
-            ttl_ds: 1,
-            context: bytes::Bytes::from_static(b"abc"),
-        };
+        let (q, beat, t) = idle_beat();
+        let ping = ping(1, b"abc");
         let run = beat.run(t.counters());
         tokio::pin!(run);
         // Nothing can expire yet: the run pends.
@@ -276,13 +286,8 @@ mod tests {
 
     #[tokio::test]
     async fn pongs_past_the_control_bound_are_counted() {
-        let q = control_queue();
-        let beat = Beat::new(&HeartbeatConfig::OFF, true, q.clone());
-        let t = Tally::default();
-        let ping = Ping {
-            ttl_ds: 0,
-            context: bytes::Bytes::new(),
-        };
+        let (q, beat, t) = idle_beat();
+        let ping = ping(0, b"");
         for _ in 0..CONTROL_QUEUE_ITEMS + 5 {
             beat.on_ping(&ping, t.counters());
         }

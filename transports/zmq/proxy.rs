@@ -207,29 +207,19 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Which subscribers a last-value cache replays to when they subscribe.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LastValueReplay {
-    /// Every subscriber but those that declined in their READY
-    /// (`X-Hermes-Last-Value: 0`): a plain libzmq SUB gets it unmodified.
-    /// Note that the reference `hermes-zmq` `Receiver` stops itself on an
-    /// envelope more than 1 s old, which a replayed value usually is.
-    #[default]
-    All,
-    /// Only subscribers that asked in their READY (`X-Hermes-Last-Value:
-    /// 1`, our `Receiver` with `last_value: Some(true)`): every other peer
-    /// sees what it would see without a cache.
-    OptIn,
-}
-
-impl std::str::FromStr for LastValueReplay {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "all" => Ok(LastValueReplay::All),
-            "opt-in" => Ok(LastValueReplay::OptIn),
-            other => Err(format!("unknown replay mode {other:?} (all, opt-in)")),
-        }
+crate::choice::choice! {
+    /// Which subscribers a last-value cache replays to when they subscribe.
+    pub enum LastValueReplay("replay mode", parse_listed) {
+        /// Every subscriber but those that declined in their READY
+        /// (`X-Hermes-Last-Value: 0`): a plain libzmq SUB gets it unmodified.
+        /// Note that the reference `hermes-zmq` `Receiver` stops itself on an
+        /// envelope more than 1 s old, which a replayed value usually is.
+        #[default]
+        All = "all",
+        /// Only subscribers that asked in their READY (`X-Hermes-Last-Value:
+        /// 1`, our `Receiver` with `last_value: Some(true)`): every other peer
+        /// sees what it would see without a cache.
+        OptIn = "opt-in",
     }
 }
 

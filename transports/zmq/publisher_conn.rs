@@ -14,14 +14,15 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{beat_counters, note_end, read_more, Shared, PROXY_PROPS};
+use super::conn::{accept, beat_counters, note_end, read_more, Shared};
+use super::dial::Dialed;
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
 use super::heartbeat_task::{control_queue, Beat};
 use super::hub::{SubPeer, Waiting};
 use super::queue::{Pushed, WireQueue};
 use super::sequence;
 use super::upstream::UPSTREAM_BATCH_BYTES;
-use super::zmtp::{self, FrameReader, Inbound, RawMessage, SocketType, ZmtpError};
+use super::zmtp::{FrameReader, Inbound, RawMessage, SocketType, ZmtpError};
 use crate::transports::zmq::envelope;
 
 /// Outcome of waiting for room at one subscriber.
@@ -37,23 +38,15 @@ enum Waited {
 pub(super) async fn publisher_conn(sh: Arc<Shared>, stream: Stream, shutdown: CancellationToken) {
     let hub = &sh.hub;
     let c = &hub.stats.publishers;
-    let (mut r, mut w) = stream.into_split();
-    let mut reader = FrameReader::new(hub.cfg.max_msg_size);
-    let info = match zmtp::handshake(
-        &mut r,
-        &mut w,
-        &mut reader,
-        SocketType::XSub,
-        PROXY_PROPS,
-        hub.cfg.handshake_timeout,
-    )
-    .await
-    {
-        Ok(info) => info,
-        Err(e) => {
-            note_end(c, &e);
-            return;
-        }
+    let max_msg = hub.cfg.max_msg_size;
+    let Some(Dialed {
+        mut r,
+        w,
+        mut reader,
+        info,
+    }) = accept(hub, c, stream, SocketType::XSub, max_msg).await
+    else {
+        return;
     };
     // Only a publisher that announced sequence frames has its fifth
     // frames read as numbers; anyone else's messages go out as they came.

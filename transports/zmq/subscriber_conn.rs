@@ -14,7 +14,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{beat_counters, note_end, read_more, Shared, PROXY_PROPS};
+use super::conn::{accept, beat_counters, note_end, read_more, Shared};
+use super::dial::Dialed;
 use super::endpoint::{ReadHalf, Stream, WriteHalf};
 use super::heartbeat_task::{control_queue, Beat};
 use super::hub::{PeerSubs, Side, SubPeer};
@@ -22,7 +23,7 @@ use super::proxy::LastValueReplay;
 use super::queue::WireQueue;
 use super::replay::Step;
 use super::stats::ProxyStats;
-use super::zmtp::{self, FrameReader, Inbound, SocketType, SubChange, ZmtpError};
+use super::zmtp::{FrameReader, Inbound, SocketType, SubChange, ZmtpError};
 
 /// Most items a subscriber's writer takes per batch (the batch counts as
 /// outstanding until written, so it must be small next to the queue).
@@ -49,28 +50,20 @@ pub(super) async fn subscriber_conn(
     if hub.cfg.lossless && side == Side::Backend {
         limit_unsent(&stream);
     }
-    let (mut r, mut w) = stream.into_split();
-    // Subscribers send only subscriptions: a small limit is plenty.
-    let mut reader = FrameReader::new(hub.cfg.max_msg_size.min(1 << 20));
     let ours = match side {
         Side::Backend => SocketType::XPub,
         Side::Capture => SocketType::Pub,
     };
-    let info = match zmtp::handshake(
-        &mut r,
-        &mut w,
-        &mut reader,
-        ours,
-        PROXY_PROPS,
-        hub.cfg.handshake_timeout,
-    )
-    .await
-    {
-        Ok(i) => i,
-        Err(e) => {
-            note_end(c, &e);
-            return;
-        }
+    // Subscribers send only subscriptions: a small limit is plenty.
+    let max_msg = hub.cfg.max_msg_size.min(1 << 20);
+    let Some(Dialed {
+        mut r,
+        w,
+        mut reader,
+        info,
+    }) = accept(hub, c, stream, ours, max_msg).await
+    else {
+        return;
     };
     let peer = SubPeer::new(
         hub.cfg.sub_queue,

@@ -38,6 +38,24 @@ struct UpEntry {
     fresh_at: u64,
 }
 
+impl UpEntry {
+    /// Its change moves it to the head of the log: it takes the next
+    /// sequence number from `next_seq`. Returns the old and the new one
+    /// (the caller moves its log entry).
+    fn renumber(&mut self, next_seq: &mut u64) -> (u64, u64) {
+        let old = self.seq;
+        self.seq = take_seq(next_seq);
+        (old, self.seq)
+    }
+}
+
+/// Takes the next sequence number of the log.
+fn take_seq(next_seq: &mut u64) -> u64 {
+    let s = *next_seq;
+    *next_seq += 1;
+    s
+}
+
 /// One publisher's place in the upstream log.
 #[derive(Debug, Clone, Copy)]
 struct PubCursor {
@@ -133,9 +151,7 @@ impl Upstream {
     }
 
     fn seq(&mut self) -> u64 {
-        let s = self.next_seq;
-        self.next_seq += 1;
-        s
+        take_seq(&mut self.next_seq)
     }
 
     /// Adds one reference to `prefix`; true when it became live (the
@@ -147,10 +163,7 @@ impl Upstream {
                 return false;
             }
             // Reborn from a tombstone: some publisher may hold it still.
-            let old = e.seq;
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            e.seq = seq;
+            let (old, seq) = e.renumber(&mut self.next_seq);
             e.fresh_at = 0;
             let k = self.log.remove(&old).unwrap_or_else(|| prefix.clone());
             self.tombs.remove(&old);
@@ -185,10 +198,7 @@ impl Upstream {
         if e.refs > 0 {
             return false;
         }
-        let old = e.seq;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        e.seq = seq;
+        let (old, seq) = e.renumber(&mut self.next_seq);
         self.live -= 1;
         let Some(k) = self.log.remove(&old) else {
             return false;
