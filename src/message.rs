@@ -668,13 +668,7 @@ mod tests {
             40_000,
             good.len() - 1,
         ] {
-            for bad in [
-                &b"\xff"[..],
-                b"\xc3",
-                b"\xe2\x82",
-                b"\xed\xa0\x80",
-                b"\xc0\xaf",
-            ] {
+            for bad in scan::BAD_UTF8 {
                 let mut v = good.as_bytes().to_vec();
                 v.splice(pos..pos, bad.iter().copied());
                 let want = std::str::from_utf8(&v).unwrap_err();

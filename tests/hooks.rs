@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hermes_bus::hooks::{
-    Hook, HookConfig, HookEngine, HookError, HookEvent, HookEventKind, HookFilter, HookSpec,
-    HookStats,
+    EventProps, Hook, HookConfig, HookEngine, HookError, HookEvent, HookEventKind, HookFilter,
+    HookSpec, HookStats,
 };
 use tempfile::TempDir;
 
@@ -684,12 +684,18 @@ fn filter_conditions_all_must_hold() {
         topic_prefix: None,
         transport: Some("unix".into()),
     };
-    assert!(f.matches(HookEventKind::Message, "unix", Some("alice"), None));
-    assert!(!f.matches(HookEventKind::Message, "unix", Some("bob"), None));
-    assert!(!f.matches(HookEventKind::Message, "unix", None, None));
-    assert!(!f.matches(HookEventKind::Message, "zmq", Some("alice"), None));
-    assert!(!f.matches(HookEventKind::Topic, "unix", Some("alice"), None));
-    assert!(HookFilter::any().matches(HookEventKind::Topic, "zmq", None, None));
+    let props = |kind, transport, to, topic| EventProps {
+        kind,
+        transport,
+        to,
+        topic,
+    };
+    assert!(f.matches(&props(HookEventKind::Message, "unix", Some("alice"), None)));
+    assert!(!f.matches(&props(HookEventKind::Message, "unix", Some("bob"), None)));
+    assert!(!f.matches(&props(HookEventKind::Message, "unix", None, None)));
+    assert!(!f.matches(&props(HookEventKind::Message, "zmq", Some("alice"), None)));
+    assert!(!f.matches(&props(HookEventKind::Topic, "unix", Some("alice"), None)));
+    assert!(HookFilter::any().matches(&props(HookEventKind::Topic, "zmq", None, None)));
 }
 
 /// An in-process hook that never finishes, or panics.

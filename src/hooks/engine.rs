@@ -12,7 +12,7 @@ use tokio::task::{JoinError, JoinHandle, JoinSet};
 use super::command::{launch_for, CommandHook};
 use super::config::HookConfig;
 use super::error::HookError;
-use super::event::{HookEvent, HookEventKind};
+use super::event::{EventProps, HookEvent, HookEventKind};
 use super::hook::Hook;
 use super::stats::{bump, Counters, HookStats};
 
@@ -168,12 +168,14 @@ impl HookEngine {
         to: Option<&str>,
         topic: Option<&str>,
     ) -> bool {
+        let props = EventProps {
+            kind,
+            transport,
+            to,
+            topic,
+        };
         !self.inner.closed.load(Ordering::Relaxed)
-            && self
-                .inner
-                .hooks
-                .iter()
-                .any(|h| h.filter().matches(kind, transport, to, topic))
+            && self.inner.hooks.iter().any(|h| h.filter().matches(&props))
     }
 
     /// The topic prefixes the hooks need from `transport` (see

@@ -25,6 +25,21 @@ impl HookEventKind {
     }
 }
 
+/// What a hook filter looks at in an event, borrowed: known before the
+/// event is built, so the routing path can ask whether any hook wants it
+/// without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventProps<'a> {
+    /// Whether this is a routed message or a topic envelope.
+    pub kind: HookEventKind,
+    /// Which transport carried the traffic ("unix", "zmq").
+    pub transport: &'a str,
+    /// Target endpoint of a routed message (None for broadcast / topics).
+    pub to: Option<&'a str>,
+    /// Topic of a pub-sub envelope.
+    pub topic: Option<&'a str>,
+}
+
 /// One piece of routed traffic offered to the hooks.
 #[derive(Debug, Clone)]
 pub struct HookEvent {
@@ -41,6 +56,16 @@ pub struct HookEvent {
 }
 
 impl HookEvent {
+    /// What a hook filter looks at in this event.
+    pub fn props(&self) -> EventProps<'_> {
+        EventProps {
+            kind: self.kind,
+            transport: self.transport,
+            to: self.to.as_deref(),
+            topic: self.topic.as_deref(),
+        }
+    }
+
     /// A routed `message` event; `to` is `None` for a broadcast.
     pub fn message(transport: &'static str, to: Option<String>, json: Bytes) -> HookEvent {
         HookEvent {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::event::{HookEvent, HookEventKind};
+use super::event::{EventProps, HookEvent, HookEventKind};
 
 /// Conditions an event must meet for a hook to run; every condition that is
 /// set must hold, an unset one matches anything.
@@ -56,31 +56,25 @@ impl HookFilter {
     }
 
     /// Whether an event with these properties passes the filter. Borrowed
-    /// arguments only, so callers can ask before building an event.
-    pub fn matches(
-        &self,
-        kind: HookEventKind,
-        transport: &str,
-        to: Option<&str>,
-        topic: Option<&str>,
-    ) -> bool {
+    /// properties only, so callers can ask before building an event.
+    pub fn matches(&self, event: &EventProps<'_>) -> bool {
         if let Some(want) = self.kind {
-            if want != kind {
+            if want != event.kind {
                 return false;
             }
         }
         if let Some(want) = self.transport.as_deref() {
-            if want != transport {
+            if want != event.transport {
                 return false;
             }
         }
         if let Some(want) = self.to.as_deref() {
-            if to != Some(want) {
+            if event.to != Some(want) {
                 return false;
             }
         }
         if let Some(prefix) = self.topic_prefix.as_deref() {
-            match topic {
+            match event.topic {
                 Some(t) if t.starts_with(prefix) => {}
                 _ => return false,
             }
@@ -103,12 +97,7 @@ impl HookFilter {
 
     /// Whether `event` passes the filter.
     pub fn matches_event(&self, event: &HookEvent) -> bool {
-        self.matches(
-            event.kind,
-            event.transport,
-            event.to.as_deref(),
-            event.topic.as_deref(),
-        )
+        self.matches(&event.props())
     }
 }
 

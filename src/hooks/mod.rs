@@ -42,7 +42,7 @@ pub use command::CommandHook;
 pub use config::{HookConfig, HookSource, HookSpec};
 pub use engine::HookEngine;
 pub use error::HookError;
-pub use event::{HookEvent, HookEventKind};
+pub use event::{EventProps, HookEvent, HookEventKind};
 pub use filter::HookFilter;
 pub use hook::Hook;
 pub use stats::HookStats;

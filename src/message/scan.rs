@@ -729,6 +729,21 @@ mod tests {
 /// and for accepted payloads the same top-level fields (decoded key, raw
 /// value text, last value of a repeated key in the place of its first)
 /// and the same "a key repeated" flag.
+/// Byte sequences that are not UTF-8 anywhere they stand: a byte never
+/// used, sequences cut short (2, 3, 4 bytes), a surrogate, an overlong
+/// form, a code point past U+10FFFF, a lone continuation byte.
+#[cfg(test)]
+pub(super) const BAD_UTF8: [&[u8]; 8] = [
+    b"\xff",
+    b"\xc3",
+    b"\xe2\x82",
+    b"\xed\xa0\x80",
+    b"\xc0\xaf",
+    b"\xf4\x90\x80\x80",
+    b"\x80",
+    b"\xf0\x9f\x98",
+];
+
 #[cfg(test)]
 mod differential {
     use super::super::fallback::{serde_spans, Spans};
@@ -1088,22 +1103,12 @@ mod differential {
     #[test]
     fn invalid_utf8_is_refused_where_serde_json_would_be_asked() {
         let mut r = Rng(11);
-        let bad: [&[u8]; 8] = [
-            b"\xff",
-            b"\xc3",
-            b"\xe2\x82",
-            b"\xed\xa0\x80",
-            b"\xc0\xaf",
-            b"\xf4\x90\x80\x80",
-            b"\x80",
-            b"\xf0\x9f\x98",
-        ];
         for _ in 0..3000 {
             let text = payload(&mut r);
             let mut v = text.into_bytes();
             let at = r.below(v.len() + 1);
             if r.below(2) == 0 {
-                v.splice(at..at, r.pick(&bad).iter().copied());
+                v.splice(at..at, r.pick(&BAD_UTF8).iter().copied());
             } else if at < v.len() {
                 v[at] = r.pick(&[0x80u8, 0xbf, 0xc2, 0xe0, 0xed, 0xf0, 0xf5, 0xff]);
             }
