@@ -18,20 +18,23 @@ use super::event::{EventProps, HookEvent, HookEventKind};
 /// bus's proxy subscribe its publishers to `topic_prefix`; **without a
 /// `topic_prefix` it needs every topic**, so every publisher sends the
 /// proxy everything. Give topic hooks a prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// The default filter ([`HookFilter::any`]) sets no condition; a key left
+/// out of the mapping is a condition not set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HookFilter {
     /// Only events of this kind (`message` or `topic`).
-    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<HookEventKind>,
     /// Only routed messages whose target endpoint is exactly this name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
     /// Only events whose topic starts with this prefix.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub topic_prefix: Option<String>,
     /// Only traffic carried by this transport (`unix`, `zmq`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
 }
 
@@ -45,14 +48,9 @@ impl HookFilter {
         }
     }
 
-    /// A filter that matches every event.
+    /// A filter that matches every event: no condition set.
     pub fn any() -> HookFilter {
-        HookFilter {
-            kind: None,
-            to: None,
-            topic_prefix: None,
-            transport: None,
-        }
+        HookFilter::default()
     }
 
     /// Whether an event with these properties passes the filter. Borrowed
