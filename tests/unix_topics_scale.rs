@@ -86,7 +86,14 @@ async fn round_trip_median(a: &mut Raw, b: &mut Raw, n: usize) -> Duration {
 #[tokio::test]
 async fn a_million_subscriptions_in_one_session_keep_everything_fast() {
     tokio::time::timeout(Duration::from_secs(600), async {
-        let bus = TestBus::start().await;
+        // The control sessions stay silent while the million
+        // subscriptions go in, which takes minutes on a loaded machine:
+        // no heartbeat eviction in the middle of the measurement.
+        let cfg = hermes_bus::RouterConfig {
+            heartbeat_timeout: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let bus = TestBus::start_with(cfg, hermes_bus::hooks::HookEngine::disabled()).await;
         let mut a = Raw::register(&bus.socket, "ctl-a").await;
         let mut b = Raw::register(&bus.socket, "ctl-b").await;
         let mut publisher = UnixStream::connect(&bus.socket).await.expect("connect");
