@@ -136,6 +136,9 @@ pub struct Bounded<T> {
     /// the moment work arrived at an idle queue. Atomic so the consumer
     /// records it without the lock.
     progress_ms: AtomicU64,
+    /// For a queue made with [`Bounded::conflating_by`]: an item's key,
+    /// read from the item itself (so no copy of it is kept).
+    key_of: Option<fn(&T) -> &[u8]>,
 }
 
 impl<T: Weigh> Bounded<T> {
@@ -164,6 +167,7 @@ impl<T: Weigh> Bounded<T> {
             low_bytes: max_bytes / 4 * 3,
             epoch: Instant::now(),
             progress_ms: AtomicU64::new(0),
+            key_of: None,
         }
     }
 
@@ -172,6 +176,19 @@ impl<T: Weigh> Bounded<T> {
     pub fn conflating(max_items: usize, max_bytes: usize) -> Bounded<T> {
         let q = Bounded::new(max_items, max_bytes);
         q.lock().keys = Some(ConflationIndex::default());
+        q
+    }
+
+    /// A conflating queue whose items carry their key: `key_of` reads it,
+    /// [`Bounded::push_by_key`] pushes under it (nothing is copied or kept
+    /// for the key but its hash).
+    pub fn conflating_by(
+        max_items: usize,
+        max_bytes: usize,
+        key_of: fn(&T) -> &[u8],
+    ) -> Bounded<T> {
+        let mut q = Bounded::conflating(max_items, max_bytes);
+        q.key_of = Some(key_of);
         q
     }
 
@@ -207,7 +224,7 @@ impl<T: Weigh> Bounded<T> {
     }
 
     fn push_with(&self, item: T, forced: bool, now: impl FnOnce() -> Instant) -> Pushed {
-        self.push_keyed_with(item, None, forced, now)
+        self.push_keyed_with(item, Key::None, forced, now)
             .unwrap_or(Pushed::Ok)
     }
 
@@ -217,7 +234,17 @@ impl<T: Weigh> Bounded<T> {
     /// returned (for the caller to count and drop outside the lock).
     /// Otherwise as [`Bounded::push`]. A plain queue ignores the key.
     pub fn push_keyed(&self, item: T, key: Bytes) -> (Pushed, Option<T>) {
-        match self.push_keyed_with(item, Some(key), false, Instant::now) {
+        match self.push_keyed_with(item, Key::Given(key), false, Instant::now) {
+            Ok(pushed) => (pushed, None),
+            Err(old) => (Pushed::Ok, Some(old)),
+        }
+    }
+
+    /// [`Bounded::push_keyed`] under the item's own key, in a queue made
+    /// with [`Bounded::conflating_by`] (any other queue pushes it as
+    /// [`Bounded::push`] does).
+    pub fn push_by_key(&self, item: T) -> (Pushed, Option<T>) {
+        match self.push_keyed_with(item, Key::OfItem, false, Instant::now) {
             Ok(pushed) => (pushed, None),
             Err(old) => (Pushed::Ok, Some(old)),
         }
@@ -228,7 +255,7 @@ impl<T: Weigh> Bounded<T> {
     fn push_keyed_with(
         &self,
         item: T,
-        key: Option<Bytes>,
+        key: Key,
         forced: bool,
         now: impl FnOnce() -> Instant,
     ) -> Result<Pushed, T> {
@@ -238,11 +265,30 @@ impl<T: Weigh> Bounded<T> {
             if g.closed {
                 return Ok(Pushed::Closed);
             }
-            let key = key.filter(|_| g.keys.is_some());
-            if let Some(i) = key.as_deref().and_then(|k| g.keys.as_ref()?.find(k)) {
-                let old = std::mem::replace(&mut g.items[i], item);
-                g.bytes = (g.bytes + len).saturating_sub(old.weigh());
-                return Err(old);
+            // The key's hash, made once for the lookup and the record, and
+            // the key itself when it is not read from the item.
+            let key = match (key, &g.keys, self.key_of) {
+                (Key::Given(k), Some(ix), _) => Some((ix.hash(&k), Some(k))),
+                (Key::OfItem, Some(ix), Some(f)) => Some((ix.hash(f(&item)), None)),
+                _ => None,
+            };
+            if let Some((h, k)) = &key {
+                let found = g.keys.as_ref().and_then(|ix| ix.candidate(*h));
+                if let Some((i, queued)) = found {
+                    // The queued item's key and ours: the same key, not
+                    // only the same hash.
+                    let same = match (queued, k) {
+                        (Some(q), Some(k)) => q == k,
+                        (Some(q), None) => q[..] == *self.item_key(&item),
+                        (None, Some(k)) => *self.item_key(&g.items[i]) == k[..],
+                        (None, None) => self.item_key(&g.items[i]) == self.item_key(&item),
+                    };
+                    if same {
+                        let old = std::mem::replace(&mut g.items[i], item);
+                        g.bytes = (g.bytes + len).saturating_sub(old.weigh());
+                        return Err(old);
+                    }
+                }
             }
             let out = g.out_items();
             if !forced
@@ -260,7 +306,7 @@ impl<T: Weigh> Bounded<T> {
             g.bytes += len;
             g.items.push_back(item);
             if let Some(k) = &mut g.keys {
-                k.pushed(key);
+                k.pushed_hashed(key);
             }
             (was_empty, g.blocked > 0)
         };
@@ -271,6 +317,11 @@ impl<T: Weigh> Bounded<T> {
             self.ready_blocking.notify_one();
         }
         Ok(Pushed::Ok)
+    }
+
+    /// An item's key as `key_of` reads it (empty without one).
+    fn item_key<'a>(&self, item: &'a T) -> &'a [u8] {
+        self.key_of.map_or(&[][..], |f| f(item))
     }
 
     /// Takes the first item, which stops counting at once (for consumers
@@ -521,6 +572,16 @@ impl<T: Weigh> Bounded<T> {
     }
 }
 
+/// Where a push's conflation key comes from.
+enum Key {
+    /// Unkeyed: never replaced, replaces nothing.
+    None,
+    /// This key (kept beside the item).
+    Given(Bytes),
+    /// The item's own, read with the queue's `key_of`.
+    OfItem,
+}
+
 /// Counts one producer in `wait_room` until it stops waiting, however it
 /// stops (woken, timed out, cancelled).
 struct RoomWaiter<'a, T>(&'a Bounded<T>);
@@ -747,6 +808,25 @@ mod tests {
         q.push_keyed(b(7), key("z"));
         let mut batch = VecDeque::new();
         assert_eq!(q.take_batch(&mut batch, 10, 1 << 20), (1, 7));
+    }
+
+    #[test]
+    fn a_queue_reading_keys_from_its_items_conflates_the_same() {
+        // Items are (key, payload) byte strings: the key is the first byte.
+        let q: Bounded<Bytes> = Bounded::conflating_by(3, 1 << 20, |b: &Bytes| &b[..1]);
+        let item = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert_eq!(q.push_by_key(item("a1")), (Pushed::Ok, None));
+        assert_eq!(q.push_by_key(item("b1")), (Pushed::Ok, None));
+        let (p, old) = q.push_by_key(item("a2"));
+        assert_eq!((p, old), (Pushed::Ok, Some(item("a1"))));
+        q.push(item("c1"));
+        // Full: a new key is refused, a queued one still replaced.
+        assert_eq!(q.push_by_key(item("d1")).0, Pushed::Full);
+        assert_eq!(q.push_by_key(item("b2")).1, Some(item("b1")));
+        let all: Vec<Bytes> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(all, vec![item("a2"), item("b2"), item("c1")]);
+        // Gone from the queue: a new item at the back.
+        assert_eq!(q.push_by_key(item("a3")), (Pushed::Ok, None));
     }
 
     #[test]

@@ -311,7 +311,9 @@ impl Receiver {
     pub fn with_config(cfg: ReceiverConfig) -> Result<Receiver, ZmqError> {
         let endpoint = cfg.addr.parse()?;
         let queue = if cfg.conflate {
-            Bounded::conflating(cfg.queue, cfg.queue_bytes)
+            Bounded::conflating_by(cfg.queue, cfg.queue_bytes, |q: &Queued| {
+                q.env.topic.as_bytes()
+            })
         } else {
             Bounded::new(cfg.queue, cfg.queue_bytes)
         };
@@ -626,8 +628,8 @@ impl Shared {
         let wire = frames.iter().map(|f| f.len()).sum();
         let queued = Queued { env, wire };
         let pushed = if self.cfg.conflate {
-            let key = bytes::Bytes::copy_from_slice(queued.env.topic.as_bytes());
-            let (pushed, old) = self.queue.push_keyed(queued, key);
+            // Keyed by its topic, read from the envelope (nothing copied).
+            let (pushed, old) = self.queue.push_by_key(queued);
             if old.is_some() {
                 c.conflated.fetch_add(1, Ordering::Relaxed);
             }
