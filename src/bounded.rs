@@ -32,7 +32,9 @@
 //! the queued one in its place (the index is `conflation.rs`, which
 //! the Unix sessions' outbox uses beside its own queue).
 
+use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -139,6 +141,9 @@ pub struct Bounded<T> {
     /// For a queue made with [`Bounded::conflating_by`]: an item's key,
     /// read from the item itself (so no copy of it is kept).
     key_of: Option<fn(&T) -> &[u8]>,
+    /// For a conflating queue: hashes keys (randomly keyed), outside the
+    /// lock, for its index.
+    key_hasher: Option<RandomState>,
 }
 
 impl<T: Weigh> Bounded<T> {
@@ -168,14 +173,16 @@ impl<T: Weigh> Bounded<T> {
             epoch: Instant::now(),
             progress_ms: AtomicU64::new(0),
             key_of: None,
+            key_hasher: None,
         }
     }
 
     /// A conflating queue (see [`Bounded::push_keyed`]) with the same
     /// bounds as [`Bounded::new`].
     pub fn conflating(max_items: usize, max_bytes: usize) -> Bounded<T> {
-        let q = Bounded::new(max_items, max_bytes);
+        let mut q = Bounded::new(max_items, max_bytes);
         q.lock().keys = Some(ConflationIndex::default());
+        q.key_hasher = Some(RandomState::new());
         q
     }
 
@@ -260,18 +267,18 @@ impl<T: Weigh> Bounded<T> {
         now: impl FnOnce() -> Instant,
     ) -> Result<Pushed, T> {
         let len = item.weigh();
+        // The key's hash, made once (before the lock) for the lookup and
+        // the record, and the key itself when it is not read from the item.
+        let key = match (key, &self.key_hasher, self.key_of) {
+            (Key::Given(k), Some(hs), _) => Some((hs.hash_one(&k[..]), Some(k))),
+            (Key::OfItem, Some(hs), Some(f)) => Some((hs.hash_one(f(&item)), None)),
+            _ => None,
+        };
         let (was_empty, blocked) = {
             let mut g = self.lock();
             if g.closed {
                 return Ok(Pushed::Closed);
             }
-            // The key's hash, made once for the lookup and the record, and
-            // the key itself when it is not read from the item.
-            let key = match (key, &g.keys, self.key_of) {
-                (Key::Given(k), Some(ix), _) => Some((ix.hash(&k), Some(k))),
-                (Key::OfItem, Some(ix), Some(f)) => Some((ix.hash(f(&item)), None)),
-                _ => None,
-            };
             if let Some((h, k)) = &key {
                 let found = g.keys.as_ref().and_then(|ix| ix.candidate(*h));
                 if let Some((i, queued)) = found {

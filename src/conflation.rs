@@ -6,7 +6,8 @@
 //!
 //! Positions are absolute (counted from the queue's first push), so taking
 //! items from the front moves no entry. A key is hashed once per push
-//! (with a randomly keyed hasher, so nobody can choose colliding topics);
+//! (with a randomly keyed hasher, so nobody can choose colliding topics;
+//! [`crate::bounded::Bounded`] hashes with its own, before taking its lock);
 //! the table maps that hash to a position, and each queued item keeps its
 //! hash (and its key, unless the queue reads keys from its items) beside
 //! it, so a lookup compares the key with the one item the hash points at,

@@ -91,7 +91,39 @@ pub fn looks_like_seq_frame(frame: &[u8]) -> bool {
 /// Reads a sequence frame: the origin id and the number; None when it is
 /// not `["<string>", <unsigned integer>]`.
 pub fn parse_seq_frame(frame: &[u8]) -> Option<(Cow<'_, str>, u64)> {
+    if let Some((origin, n)) = parse_plain_seq_frame(frame) {
+        return Some((Cow::Borrowed(origin), n));
+    }
     let (origin, n): (Cow<'_, str>, u64) = serde_json::from_slice(frame).ok()?;
+    Some((origin, n))
+}
+
+/// The form [`SeqFramer`] writes, `["<origin without escapes>",<digits>]`,
+/// read without a JSON parser (the receiver's hot path); None for
+/// anything else (escapes, spaces, ...), which the full parser then reads
+/// or refuses. It accepts only what that parser accepts, with the same
+/// result.
+fn parse_plain_seq_frame(frame: &[u8]) -> Option<(&str, u64)> {
+    let rest = frame.strip_prefix(b"[\"")?;
+    let end = rest
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    let origin = std::str::from_utf8(&rest[..end]).ok()?;
+    let digits = rest[end + 1..].strip_prefix(b",")?.strip_suffix(b"]")?;
+    // JSON numbers have no leading zero (but 0 itself).
+    if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let mut n = 0u64;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
     Some((origin, n))
 }
 
@@ -133,6 +165,28 @@ mod tests {
         let mut stripped = m.wire[..at[4]].to_vec();
         zmtp::clear_more(&mut stripped, at[3]);
         assert_eq!(stripped, four.to_vec());
+        // Other spellings the full parser reads, the same way; what it
+        // refuses stays refused.
+        for (frame, want) in [
+            (&br#"[ "o" , 7 ]"#[..], Some(("o", 7))),
+            (br#"["o\u00e9",7]"#, Some(("o\u{e9}", 7))),
+            (
+                "[\"\u{e9}\",18446744073709551615]".as_bytes(),
+                Some(("\u{e9}", u64::MAX)),
+            ),
+            (br#"["o",18446744073709551616]"#, None),
+            (br#"["o",07]"#, None),
+            (br#"["o",0]"#, Some(("o", 0))),
+            (b"[\"o\x01\",7]", None),
+            (br#"["o",7]x"#, None),
+        ] {
+            let got = parse_seq_frame(frame);
+            assert_eq!(
+                got.as_ref().map(|(o, n)| (o.as_ref(), *n)),
+                want,
+                "{frame:?}"
+            );
+        }
         // Not sequence frames.
         for bad in [
             &b"[1,2]"[..],
