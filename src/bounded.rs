@@ -1,7 +1,9 @@
 //! One bounded queue, [`Bounded`], between producers that must never wait
 //! inside a push and the consumer(s) that drain it: the ZeroMQ proxy's
 //! per-subscriber queues and the clients' send queues (wire bytes), the
-//! router bridge's queue, and the ZeroMQ `Receiver`'s envelope queue.
+//! router bridge's queue, the ZeroMQ `Receiver`'s envelope queue, and the
+//! Unix sessions' outboxes (deliveries; `outbox.rs` adds the shared byte
+//! budget and the slow-consumer verdict around it).
 //!
 //! - **Bounded in items and in bytes.** What an item costs is its
 //!   [`Weigh::weigh`]. Producers never wait inside [`Bounded::push`]: a
@@ -16,8 +18,13 @@
 //!   [`Bounded::pop`] are for consumers that do not report: what they take
 //!   is forgotten at once.
 //! - **Waiting, outside the push.** A producer that wants no loss waits in
-//!   its own task with [`Bounded::wait_room`] (woken below a low-water mark,
-//!   3/4 of the bounds, so it is not woken per item). Consumers wait for
+//!   its own task with [`Bounded::wait_room`] (woken once outstanding work
+//!   drained to a low-water mark, 3/4 of the bounds unless [`Limits`] say
+//!   otherwise, so it is not woken per item); one that also waits on
+//!   something kept outside the queue registers with
+//!   [`Bounded::room_wait`] before it checks. Every path that gives room
+//!   back (a write reported, a pop, a take, a replacement in place) wakes
+//!   the waiting producers once at or below the mark. Consumers wait for
 //!   items asynchronously ([`Bounded::wait`], [`Bounded::recv`]) or block a
 //!   thread ([`Bounded::recv_blocking`]); several consumers may wait at
 //!   once, each item goes to one.
@@ -26,20 +33,36 @@
 //!   restarts the clock; [`Bounded::stalled_for`] then tells a slow
 //!   consumer from a stuck one. Callers that keep the clock out of their
 //!   state pass the time in (`*_at`).
+//! - **Closing.** [`Bounded::close`] (optionally discarding what is
+//!   queued) or [`Bounded::close_with`] (a last item queued behind
+//!   everything, in the same step); [`Bounded::closed`] waits for it.
 //!
 //! Keyed pushes ([`Bounded::push_keyed`], a queue made with
 //! [`Bounded::conflating`]) conflate: the newest value of a key replaces
-//! the queued one in its place (the index is `conflation.rs`, which
-//! the Unix sessions' outbox uses beside its own queue).
+//! the queued one in its place (the index is `conflation.rs`).
+//!
+//! The Unix sessions' outbox (`outbox.rs`) is this queue over deliveries
+//! plus what only it needs on top: a byte budget several queues share
+//! (passed to [`Bounded::push_within`] as an extra "full"), the stuck
+//! verdict ([`Bounded::wake_room`]), replies kept when routed traffic is
+//! taken out ([`Bounded::take_where`]), and its own [`Limits`] (low-water
+//! marks 1/128 under the bounds; the byte bound reached, not passed).
+//!
+//! No item is dropped while the lock is held: what a push refuses or
+//! replaces, and what a take removes, is dropped (or handed back) after
+//! the lock is released, since dropping an item may push into a queue
+//! (a delivery's receipt), this one included.
 
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::conflation::ConflationIndex;
@@ -65,6 +88,81 @@ pub enum Pushed {
     Full,
     /// Dropped: the queue is closed (its consumer has stopped).
     Closed,
+}
+
+/// The bounds of a [`Bounded`] queue and its low-water marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most items outstanding (at least 1).
+    pub max_items: usize,
+    /// Most bytes outstanding.
+    pub max_bytes: usize,
+    /// Outstanding items at or below which producers waiting for room go
+    /// on (3/4 of `max_items` by default).
+    pub low_items: usize,
+    /// Outstanding bytes at or below which producers waiting for room go
+    /// on (3/4 of `max_bytes` by default).
+    pub low_bytes: usize,
+    /// How the byte bound refuses. false (the default): an item that would
+    /// pass it is refused. true: a push is refused only once the bound is
+    /// reached, so the last item accepted may pass it by its own weight
+    /// (the Unix sessions' outbox counts that way).
+    pub fill_to_bound: bool,
+}
+
+impl Limits {
+    /// At most `max_items` items and `max_bytes` bytes outstanding;
+    /// waiting producers go on at 3/4 of each.
+    pub fn new(max_items: usize, max_bytes: usize) -> Limits {
+        let max_items = max_items.max(1);
+        Limits {
+            max_items,
+            max_bytes,
+            low_items: max_items / 4 * 3,
+            low_bytes: max_bytes / 4 * 3,
+            fill_to_bound: false,
+        }
+    }
+
+    /// The same bounds with waiting producers going on once outstanding
+    /// work is at or below `items` items and `bytes` bytes.
+    pub fn low_water(self, items: usize, bytes: usize) -> Limits {
+        Limits {
+            low_items: items,
+            low_bytes: bytes,
+            ..self
+        }
+    }
+
+    /// The same bounds, refusing a push only once the byte bound is
+    /// reached (the field of the same name tells how).
+    pub fn fill_to_bound(self) -> Limits {
+        Limits {
+            fill_to_bound: true,
+            ..self
+        }
+    }
+}
+
+/// What the one push did, with any item it did not keep (dropped by the
+/// caller once the lock is released).
+enum Outcome<T> {
+    /// Queued.
+    Queued,
+    /// Not queued (full or closed): the item comes back.
+    Refused(Pushed, T),
+    /// Queued in place of a queued item of the same key, which comes back.
+    Replaced(T),
+}
+
+/// Where a push's conflation key comes from.
+enum Key {
+    /// Unkeyed: never replaced, replaces nothing.
+    None,
+    /// This key (kept beside the item).
+    Given(Bytes),
+    /// The item's own, read with the queue's `key_of`.
+    OfItem,
 }
 
 /// Content and counts of a queue, under its lock.
@@ -122,16 +220,16 @@ pub struct Bounded<T> {
     /// Wakes blocked consumers likewise.
     ready_blocking: Condvar,
     /// Wakes producers waiting for room once outstanding work drained
-    /// below the low-water mark (or the queue closed).
+    /// to the low-water mark (or the queue closed, or a verdict kept
+    /// outside the queue changed, see [`Bounded::wake_room`]).
     room: Notify,
-    /// Most outstanding items.
-    max_items: usize,
-    /// Most outstanding bytes.
-    max_bytes: usize,
-    /// Items at or below which a waiting producer may push again.
-    low_items: usize,
-    /// Bytes at or below which a waiting producer may push again.
-    low_bytes: usize,
+    /// Wakes whoever waits for the queue to close ([`Bounded::closed`]).
+    closing: Notify,
+    /// The bounds and low-water marks, fixed at creation.
+    limits: Limits,
+    /// Whether keyed pushes conflate (the index is in `inner`); kept here
+    /// too so asking costs no lock.
+    conflating: bool,
     /// Origin of `progress_ms` (a monotonic clock).
     epoch: Instant,
     /// Milliseconds after `epoch` of the consumer's last progress, or of
@@ -151,7 +249,22 @@ impl<T: Weigh> Bounded<T> {
     /// outstanding (one item is always accepted when nothing is
     /// outstanding, whatever its weight).
     pub fn new(max_items: usize, max_bytes: usize) -> Bounded<T> {
-        let max_items = max_items.max(1);
+        Bounded::with_limits(Limits::new(max_items, max_bytes), false)
+    }
+
+    /// A conflating queue (see [`Bounded::push_keyed`]) with the same
+    /// bounds as [`Bounded::new`].
+    pub fn conflating(max_items: usize, max_bytes: usize) -> Bounded<T> {
+        Bounded::with_limits(Limits::new(max_items, max_bytes), true)
+    }
+
+    /// A queue with the given bounds and low-water marks, conflating keyed
+    /// pushes when `conflate`.
+    pub fn with_limits(limits: Limits, conflate: bool) -> Bounded<T> {
+        let limits = Limits {
+            max_items: limits.max_items.max(1),
+            ..limits
+        };
         Bounded {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
@@ -161,29 +274,19 @@ impl<T: Weigh> Bounded<T> {
                 room_waiters: 0,
                 blocked: 0,
                 closed: false,
-                keys: None,
+                keys: conflate.then(ConflationIndex::default),
             }),
             ready: Notify::new(),
             ready_blocking: Condvar::new(),
             room: Notify::new(),
-            max_items,
-            max_bytes,
-            low_items: max_items / 4 * 3,
-            low_bytes: max_bytes / 4 * 3,
+            closing: Notify::new(),
+            limits,
+            conflating: conflate,
             epoch: Instant::now(),
             progress_ms: AtomicU64::new(0),
             key_of: None,
-            key_hasher: None,
+            key_hasher: conflate.then(RandomState::new),
         }
-    }
-
-    /// A conflating queue (see [`Bounded::push_keyed`]) with the same
-    /// bounds as [`Bounded::new`].
-    pub fn conflating(max_items: usize, max_bytes: usize) -> Bounded<T> {
-        let mut q = Bounded::new(max_items, max_bytes);
-        q.lock().keys = Some(ConflationIndex::default());
-        q.key_hasher = Some(RandomState::new());
-        q
     }
 
     /// A conflating queue whose items carry their key: `key_of` reads it,
@@ -201,7 +304,18 @@ impl<T: Weigh> Bounded<T> {
 
     /// The bounds: most items and bytes outstanding.
     pub fn bounds(&self) -> (usize, usize) {
-        (self.max_items, self.max_bytes)
+        (self.limits.max_items, self.limits.max_bytes)
+    }
+
+    /// The bounds and low-water marks.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Whether keyed pushes conflate (made with [`Bounded::conflating`] or
+    /// [`Bounded::with_limits`]`(_, true)`).
+    pub fn is_conflating(&self) -> bool {
+        self.conflating
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<T>> {
@@ -216,23 +330,19 @@ impl<T: Weigh> Bounded<T> {
     /// Queues `item` unless full or closed. Never waits. Reads the clock
     /// only when work arrives at an idle queue.
     pub fn push(&self, item: T) -> Pushed {
-        self.push_with(item, false, Instant::now)
+        self.push_with(item, Key::None, false, false, Instant::now)
+            .0
     }
 
     /// [`Bounded::push`] at a known time `now` (reads no clock).
     pub fn push_at(&self, item: T, now: Instant) -> Pushed {
-        self.push_with(item, false, || now)
+        self.push_with(item, Key::None, false, false, || now).0
     }
 
     /// Queues `item` whatever the bounds (it still counts against them,
     /// so later bounded pushes see it); fails only when closed.
     pub fn push_forced(&self, item: T) -> Pushed {
-        self.push_with(item, true, Instant::now)
-    }
-
-    fn push_with(&self, item: T, forced: bool, now: impl FnOnce() -> Instant) -> Pushed {
-        self.push_keyed_with(item, Key::None, forced, now)
-            .unwrap_or(Pushed::Ok)
+        self.push_with(item, Key::None, true, false, Instant::now).0
     }
 
     /// Queues `item` under `key` in a conflating queue: if an item with
@@ -241,31 +351,54 @@ impl<T: Weigh> Bounded<T> {
     /// returned (for the caller to count and drop outside the lock).
     /// Otherwise as [`Bounded::push`]. A plain queue ignores the key.
     pub fn push_keyed(&self, item: T, key: Bytes) -> (Pushed, Option<T>) {
-        match self.push_keyed_with(item, Key::Given(key), false, Instant::now) {
-            Ok(pushed) => (pushed, None),
-            Err(old) => (Pushed::Ok, Some(old)),
-        }
+        self.push_with(item, Key::Given(key), false, false, Instant::now)
     }
 
     /// [`Bounded::push_keyed`] under the item's own key, in a queue made
     /// with [`Bounded::conflating_by`] (any other queue pushes it as
     /// [`Bounded::push`] does).
     pub fn push_by_key(&self, item: T) -> (Pushed, Option<T>) {
-        match self.push_keyed_with(item, Key::OfItem, false, Instant::now) {
-            Ok(pushed) => (pushed, None),
-            Err(old) => (Pushed::Ok, Some(old)),
-        }
+        self.push_with(item, Key::OfItem, false, false, Instant::now)
     }
 
-    /// The one push: Ok(outcome), or Err(the superseded item) when `item`
-    /// replaced a queued item of the same key.
-    fn push_keyed_with(
+    /// [`Bounded::push_keyed`] (a plain push when `key` is None) that is
+    /// also refused, unless nothing is outstanding, when `also_full`: a
+    /// bound the caller keeps outside the queue, such as a byte budget
+    /// several queues share. A replacement in place is never refused.
+    pub fn push_within(&self, item: T, key: Option<Bytes>, also_full: bool) -> (Pushed, Option<T>) {
+        let key = key.map_or(Key::None, Key::Given);
+        self.push_with(item, key, false, also_full, Instant::now)
+    }
+
+    /// The one push, with what it did not keep dropped here, after the
+    /// lock is released.
+    fn push_with(
         &self,
         item: T,
         key: Key,
         forced: bool,
+        also_full: bool,
         now: impl FnOnce() -> Instant,
-    ) -> Result<Pushed, T> {
+    ) -> (Pushed, Option<T>) {
+        match self.push_locked(item, key, forced, also_full, now) {
+            Outcome::Queued => (Pushed::Ok, None),
+            Outcome::Refused(why, item) => {
+                drop(item);
+                (why, None)
+            }
+            Outcome::Replaced(old) => (Pushed::Ok, Some(old)),
+        }
+    }
+
+    /// Pushes under the lock; gives back what it did not keep.
+    fn push_locked(
+        &self,
+        item: T,
+        key: Key,
+        forced: bool,
+        also_full: bool,
+        now: impl FnOnce() -> Instant,
+    ) -> Outcome<T> {
         let len = item.weigh();
         // The key's hash, made once (before the lock) for the lookup and
         // the record, and the key itself when it is not read from the item.
@@ -277,32 +410,36 @@ impl<T: Weigh> Bounded<T> {
         let (was_empty, blocked) = {
             let mut g = self.lock();
             if g.closed {
-                return Ok(Pushed::Closed);
+                drop(g);
+                return Outcome::Refused(Pushed::Closed, item);
             }
-            if let Some((h, k)) = &key {
-                let found = g.keys.as_ref().and_then(|ix| ix.candidate(*h));
-                if let Some((i, queued)) = found {
-                    // The queued item's key and ours: the same key, not
-                    // only the same hash.
-                    let same = match (queued, k) {
-                        (Some(q), Some(k)) => q == k,
-                        (Some(q), None) => q[..] == *self.item_key(&item),
-                        (None, Some(k)) => *self.item_key(&g.items[i]) == k[..],
-                        (None, None) => self.item_key(&g.items[i]) == self.item_key(&item),
-                    };
-                    if same {
-                        let old = std::mem::replace(&mut g.items[i], item);
-                        g.bytes = (g.bytes + len).saturating_sub(old.weigh());
-                        return Err(old);
-                    }
+            let found = key.as_ref().and_then(|(h, k)| {
+                let (i, queued) = g.keys.as_ref()?.candidate(*h)?;
+                // The queued item's key and ours: the same key, not only
+                // the same hash.
+                let same = match (queued, k) {
+                    (Some(q), Some(k)) => q == k,
+                    (Some(q), None) => q[..] == *self.item_key(&item),
+                    (None, Some(k)) => *self.item_key(&g.items[i]) == k[..],
+                    (None, None) => self.item_key(&g.items[i]) == self.item_key(&item),
+                };
+                same.then_some(i)
+            });
+            if let Some(i) = found {
+                let old = std::mem::replace(&mut g.items[i], item);
+                g.bytes = (g.bytes + len).saturating_sub(old.weigh());
+                // A smaller value may have given room back.
+                let wake = self.room_freed(&g);
+                drop(g);
+                if wake {
+                    self.room.notify_waiters();
                 }
+                return Outcome::Replaced(old);
             }
             let out = g.out_items();
-            if !forced
-                && out != 0
-                && (out >= self.max_items || g.out_bytes().saturating_add(len) > self.max_bytes)
-            {
-                return Ok(Pushed::Full);
+            if !forced && out != 0 && (also_full || self.at_bound(&g, len)) {
+                drop(g);
+                return Outcome::Refused(Pushed::Full, item);
             }
             if out == 0 {
                 // Work arrives at an idle consumer: its no-progress clock
@@ -323,12 +460,31 @@ impl<T: Weigh> Bounded<T> {
         if blocked {
             self.ready_blocking.notify_one();
         }
-        Ok(Pushed::Ok)
+        Outcome::Queued
     }
 
     /// An item's key as `key_of` reads it (empty without one).
     fn item_key<'a>(&self, item: &'a T) -> &'a [u8] {
         self.key_of.map_or(&[][..], |f| f(item))
+    }
+
+    /// Whether a bounded push of an item of `len` bytes is refused by the
+    /// bounds (the caller has checked that something is outstanding).
+    fn at_bound(&self, g: &Inner<T>, len: usize) -> bool {
+        let l = &self.limits;
+        let bytes = g.out_bytes();
+        g.out_items() >= l.max_items
+            || if l.fill_to_bound {
+                bytes >= l.max_bytes
+            } else {
+                bytes.saturating_add(len) > l.max_bytes
+            }
+    }
+
+    /// Whether producers waiting for room should be woken now: some wait
+    /// and outstanding work is at or below the low-water mark.
+    fn room_freed(&self, g: &Inner<T>) -> bool {
+        g.room_waiters > 0 && self.below_low(g)
     }
 
     /// Takes the first item, which stops counting at once (for consumers
@@ -344,6 +500,9 @@ impl<T: Weigh> Bounded<T> {
         let item = g.items.pop_front()?;
         g.front_gone(1);
         g.bytes = g.bytes.saturating_sub(item.weigh());
+        if self.room_freed(g) {
+            self.room.notify_waiters();
+        }
         if !g.items.is_empty() {
             self.ready.notify_one();
             if g.blocked > 0 {
@@ -362,6 +521,9 @@ impl<T: Weigh> Bounded<T> {
         std::mem::swap(&mut g.items, batch);
         let n = batch.len();
         g.front_gone(n);
+        if self.room_freed(&g) {
+            self.room.notify_waiters();
+        }
         n
     }
 
@@ -385,7 +547,15 @@ impl<T: Weigh> Bounded<T> {
             n += 1;
             bytes += len;
         }
-        batch.extend(g.items.drain(..n));
+        if n == g.items.len() && batch.is_empty() {
+            std::mem::swap(&mut g.items, batch);
+        } else {
+            batch.extend(g.items.drain(..n));
+            if g.items.is_empty() && g.items.capacity() > 1024 {
+                // A burst is over: an idle queue keeps no big allocation.
+                g.items = VecDeque::new();
+            }
+        }
         g.front_gone(n);
         g.bytes = g.bytes.saturating_sub(bytes);
         g.taken_items += n;
@@ -402,16 +572,85 @@ impl<T: Weigh> Bounded<T> {
             let mut g = self.lock();
             g.taken_items = g.taken_items.saturating_sub(items);
             g.taken_bytes = g.taken_bytes.saturating_sub(bytes);
-            g.room_waiters > 0 && self.below_low(&g)
+            self.room_freed(&g)
         };
         if wake {
             self.room.notify_waiters();
         }
     }
 
+    /// Takes out the queued items (not a writer's batch) for which `pick`
+    /// is true, keeping the others in order (and the conflation index
+    /// right); what is taken stops counting at once, and producers waiting
+    /// for room are woken if that made room. The items are returned so
+    /// the caller drops them (or moves them elsewhere) outside the lock.
+    pub fn take_where(&self, mut pick: impl FnMut(&T) -> bool) -> VecDeque<T> {
+        let mut taken = VecDeque::new();
+        let wake = {
+            let mut g = self.lock();
+            if !g.items.iter().any(&mut pick) {
+                return taken;
+            }
+            let picked: Vec<bool> = g.items.iter().map(&mut pick).collect();
+            if let Some(k) = &mut g.keys {
+                k.retain(|i| !picked[i]);
+            }
+            let mut keep = VecDeque::new();
+            let mut bytes = 0usize;
+            for (item, take) in g.items.drain(..).zip(&picked) {
+                if *take {
+                    bytes += item.weigh();
+                    taken.push_back(item);
+                } else {
+                    keep.push_back(item);
+                }
+            }
+            g.items = keep;
+            g.bytes = g.bytes.saturating_sub(bytes);
+            self.room_freed(&g)
+        };
+        if wake {
+            self.room.notify_waiters();
+        }
+        taken
+    }
+
+    /// Items and bytes outstanding: queued plus a writer's batch not yet
+    /// reported written.
+    pub fn outstanding(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.out_items(), g.out_bytes())
+    }
+
+    /// Whether nothing is outstanding (queued or in a writer's batch).
+    pub fn is_idle(&self) -> bool {
+        self.lock().out_items() == 0
+    }
+
+    /// Whether something is outstanding and a bound is reached (items at
+    /// the bound, or bytes at or past it): a bounded push must wait.
+    pub fn is_full(&self) -> bool {
+        let g = self.lock();
+        let out = g.out_items();
+        out != 0 && (out >= self.limits.max_items || g.out_bytes() >= self.limits.max_bytes)
+    }
+
+    /// Whether a producer waiting for room may go on: outstanding work is
+    /// at or below the low-water mark (or nothing is outstanding).
+    pub fn has_room(&self) -> bool {
+        self.below_low(&self.lock())
+    }
+
+    /// Wakes every producer waiting for room (for a verdict kept outside
+    /// the queue; each re-checks).
+    pub fn wake_room(&self) {
+        self.room.notify_waiters();
+    }
+
     /// Whether outstanding work is at or below the low-water mark.
     fn below_low(&self, g: &Inner<T>) -> bool {
-        g.out_items() <= self.low_items && g.out_bytes() <= self.low_bytes
+        let out = g.out_items();
+        out == 0 || (out <= self.limits.low_items && g.out_bytes() <= self.limits.low_bytes)
     }
 
     /// Records that the consumer made progress (its socket accepted bytes).
@@ -442,23 +681,36 @@ impl<T: Weigh> Bounded<T> {
     /// the caller pushes next (and waits again if another producer took
     /// the room first). Cancel-safe.
     pub async fn wait_room(&self, len: usize) {
-        let notified = self.room.notified();
-        tokio::pin!(notified);
         // Registered before the check, so a `written` between the check
         // and the await is not missed.
-        notified.as_mut().enable();
-        let _waiter = {
-            let mut g = self.lock();
+        let wait = self.room_wait();
+        {
+            let g = self.lock();
             let out = g.out_items();
             let fits = out == 0
-                || (out < self.max_items && g.out_bytes().saturating_add(len) <= self.max_bytes);
+                || (out < self.limits.max_items
+                    && g.out_bytes().saturating_add(len) <= self.limits.max_bytes);
             if g.closed || (fits && self.below_low(&g)) {
                 return;
             }
-            g.room_waiters += 1;
-            RoomWaiter(self)
-        };
-        notified.await;
+        }
+        wait.wait().await;
+    }
+
+    /// Registers a wait for room now: the returned [`RoomWait`] completes
+    /// at the next wake-up of producers (outstanding work at or below the
+    /// low-water mark after room was given back, the queue closed, or
+    /// [`Bounded::wake_room`]). Register first, then check what you wait
+    /// for, then await: a wake-up between the check and the await is not
+    /// missed.
+    pub fn room_wait(&self) -> RoomWait<'_, T> {
+        let mut notified = Box::pin(self.room.notified());
+        notified.as_mut().enable();
+        self.lock().room_waiters += 1;
+        RoomWait {
+            queue: self,
+            notified,
+        }
     }
 
     /// Waits for items; returns false once closed and empty. Cancel-safe.
@@ -555,21 +807,74 @@ impl<T: Weigh> Bounded<T> {
     /// items were still queued (when `discard`, dropped).
     pub fn close(&self, discard: bool) -> usize {
         let n;
-        {
+        let gone = {
             let mut g = self.lock();
             g.closed = true;
             n = g.items.len();
             if discard {
-                g.items.clear();
                 g.bytes = 0;
                 g.front_gone(n);
+                std::mem::take(&mut g.items)
+            } else {
+                VecDeque::new()
             }
+        };
+        drop(gone);
+        self.wake_closed();
+        n
+    }
+
+    /// Closes the queue after queueing `last` (counted, whatever the
+    /// bounds) behind what is there, in one step, so nothing can come
+    /// between them. Gives `last` back when the queue was already closed
+    /// (for the caller to drop).
+    pub fn close_with(&self, last: Option<T>) -> Option<T> {
+        {
+            let mut g = self.lock();
+            if g.closed {
+                drop(g);
+                return last;
+            }
+            if let Some(item) = last {
+                if g.out_items() == 0 {
+                    self.note_progress();
+                }
+                g.bytes += item.weigh();
+                g.items.push_back(item);
+                if let Some(k) = &mut g.keys {
+                    k.pushed(None);
+                }
+            }
+            g.closed = true;
         }
+        self.wake_closed();
+        None
+    }
+
+    /// Wakes everyone a close concerns: consumers (to drain and stop),
+    /// producers waiting for room, and [`Bounded::closed`].
+    fn wake_closed(&self) {
         self.ready.notify_waiters();
         self.ready.notify_one();
         self.ready_blocking.notify_all();
         self.room.notify_waiters();
-        n
+        self.closing.notify_waiters();
+    }
+
+    /// Whether the queue is closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Waits until the queue is closed. Cancel-safe.
+    pub async fn closed(&self) {
+        let notified = self.closing.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_closed() {
+            return;
+        }
+        notified.await;
     }
 
     /// Opens a closed queue again (a client started anew); what it holds
@@ -579,23 +884,33 @@ impl<T: Weigh> Bounded<T> {
     }
 }
 
-/// Where a push's conflation key comes from.
-enum Key {
-    /// Unkeyed: never replaced, replaces nothing.
-    None,
-    /// This key (kept beside the item).
-    Given(Bytes),
-    /// The item's own, read with the queue's `key_of`.
-    OfItem,
+/// A producer's registered wait for room ([`Bounded::room_wait`]). It
+/// counts as a waiter until dropped, however the wait ends (woken, timed
+/// out, cancelled), so wake-ups are sent only while someone listens.
+pub struct RoomWait<'a, T> {
+    /// The queue waited on (to uncount the waiter when dropped).
+    queue: &'a Bounded<T>,
+    /// The wake-up, enabled at registration so none is missed between it
+    /// and the await; boxed so the wait can be moved before it is awaited.
+    notified: Pin<Box<Notified<'a>>>,
 }
 
-/// Counts one producer in `wait_room` until it stops waiting, however it
-/// stops (woken, timed out, cancelled).
-struct RoomWaiter<'a, T>(&'a Bounded<T>);
+impl<T> RoomWait<'_, T> {
+    /// Waits for the wake-up (the caller re-checks what it waits for).
+    pub async fn wait(mut self) {
+        self.notified.as_mut().await;
+    }
+}
 
-impl<T> Drop for RoomWaiter<'_, T> {
+impl<T> std::fmt::Debug for RoomWait<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomWait").finish_non_exhaustive()
+    }
+}
+
+impl<T> Drop for RoomWait<'_, T> {
     fn drop(&mut self) {
-        let mut g = self.0.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.queue.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.room_waiters = g.room_waiters.saturating_sub(1);
     }
 }
@@ -670,10 +985,11 @@ mod tests {
         assert_eq!(q.push(b(1)), Pushed::Ok);
     }
 
-    #[tokio::test]
-    async fn wait_room_wakes_below_the_low_water_mark_and_on_close() {
-        let q = Arc::new(Bounded::new(8, 1 << 20));
-        for _ in 0..8 {
+    /// Fills `q` to its item bound (8) with one-byte items unless full
+    /// already, has a writer take them all (still outstanding), and starts
+    /// a producer waiting for room.
+    async fn fill_take_and_wait(q: &Arc<Bounded<Bytes>>) -> tokio::task::JoinHandle<()> {
+        while !q.is_full() {
             q.push(b(1));
         }
         let mut batch = VecDeque::new();
@@ -683,6 +999,13 @@ mod tests {
             tokio::spawn(async move { q.wait_room(1).await })
         };
         tokio::task::yield_now().await;
+        waiter
+    }
+
+    #[tokio::test]
+    async fn wait_room_wakes_below_the_low_water_mark_and_on_close() {
+        let q = Arc::new(Bounded::new(8, 1 << 20));
+        let waiter = fill_take_and_wait(&q).await;
         // 7 outstanding: above the mark (6), the waiter keeps waiting.
         q.written(1, 1);
         tokio::task::yield_now().await;
@@ -842,5 +1165,135 @@ mod tests {
         plain.push_keyed(b(1), key("a"));
         assert_eq!(plain.push_keyed(b(2), key("a")).1, None);
         assert_eq!(plain.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn settable_low_water_marks_and_the_fill_to_bound_rule() {
+        // Waiting producers go on at 7 items (not at 3/4 = 6); bytes
+        // refused only once the bound is reached.
+        let q = Arc::new(Bounded::with_limits(
+            Limits::new(8, 100).low_water(7, 99).fill_to_bound(),
+            false,
+        ));
+        assert_eq!(q.limits().low_items, 7);
+        for _ in 0..8 {
+            q.push(b(1));
+        }
+        assert!(q.is_full() && !q.has_room());
+        let waiter = fill_take_and_wait(&q).await;
+        q.written(1, 1);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken at 7")
+            .expect("join");
+        q.written(7, 7);
+        // 90 bytes outstanding: a 50-byte push passes the byte bound, the
+        // next one is refused (the bound is reached).
+        assert_eq!(q.push(b(90)), Pushed::Ok);
+        assert_eq!(q.push(b(50)), Pushed::Ok);
+        assert_eq!(q.push(b(1)), Pushed::Full);
+        assert!(q.is_full());
+        // The default rule refuses the item that would pass the bound.
+        let plain = Bounded::new(8, 100);
+        assert_eq!(plain.push(b(90)), Pushed::Ok);
+        assert_eq!(plain.push(b(50)), Pushed::Full);
+    }
+
+    #[tokio::test]
+    async fn close_with_queues_the_last_item_then_closes_in_one_step() {
+        let q = Arc::new(Bounded::new(1, 1 << 20));
+        q.push(b(1));
+        let closed = {
+            let q = q.clone();
+            tokio::spawn(async move { q.closed().await })
+        };
+        tokio::task::yield_now().await;
+        // Past the bounds, still counted.
+        assert!(q.close_with(Some(b(2))).is_none());
+        assert!(q.is_closed());
+        assert_eq!(q.outstanding(), (2, 3));
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("closed() woken")
+            .expect("join");
+        // Already closed: the last item comes back, nothing is queued.
+        assert_eq!(q.close_with(Some(b(9))).map(|x| x.len()), Some(9));
+        assert_eq!(q.push_forced(b(1)), Pushed::Closed);
+        let lens: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|x| x.len()).collect();
+        assert_eq!(lens, vec![1, 2]);
+        assert!(!q.wait().await, "closed and empty");
+    }
+
+    #[tokio::test]
+    async fn take_where_keeps_the_index_and_wakes_waiters() {
+        let q = Arc::new(Bounded::conflating(4, 1 << 20));
+        q.push_keyed(b(1), key("a"));
+        q.push(b(2));
+        q.push_keyed(b(3), key("b"));
+        q.push_keyed(b(4), key("c"));
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.wait_room(1).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        // Take out the unkeyed item and "b": 2 outstanding, at the mark (3).
+        let taken = q.take_where(|x| x.len() == 2 || x.len() == 3);
+        assert_eq!(taken.iter().map(|x| x.len()).collect::<Vec<_>>(), [2, 3]);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the take")
+            .expect("join");
+        assert_eq!(q.outstanding(), (2, 5));
+        // The index follows: "a" and "c" replaced in their new places,
+        // "b" is a new item at the back.
+        assert_eq!(q.push_keyed(b(11), key("a")).1.map(|x| x.len()), Some(1));
+        assert_eq!(q.push_keyed(b(14), key("c")).1.map(|x| x.len()), Some(4));
+        assert_eq!(q.push_keyed(b(13), key("b")).1, None);
+        let lens: Vec<usize> = std::iter::from_fn(|| q.pop()).map(|x| x.len()).collect();
+        assert_eq!(lens, vec![11, 14, 13]);
+        assert!(q.take_where(|_| true).is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_way_room_comes_back_wakes_a_registered_waiter() {
+        // Each case fills a queue of 4 (mark 3), registers a wait, then
+        // gives room back one way.
+        type Free = fn(&Bounded<Bytes>);
+        let cases: [(&str, Free); 5] = [
+            ("pop", |q| drop(q.pop())),
+            ("take_all", |q| {
+                q.take_all(&mut VecDeque::new());
+            }),
+            ("take_where", |q| drop(q.take_where(|x| x.len() == 1))),
+            ("written", |q| {
+                q.take_batch(&mut VecDeque::new(), 1, 1 << 20);
+                q.written(1, 1);
+            }),
+            ("wake_room", |q| q.wake_room()),
+        ];
+        for (name, free) in cases {
+            let q = Arc::new(Bounded::new(4, 1 << 20));
+            q.push(b(1));
+            for _ in 0..3 {
+                q.push(b(2));
+            }
+            let wait = q.room_wait();
+            assert!(!q.has_room());
+            free(&q);
+            tokio::time::timeout(Duration::from_secs(5), wait.wait())
+                .await
+                .unwrap_or_else(|_| panic!("{name} woke the waiter"));
+        }
+        // A replacement in place by a smaller value gives bytes back.
+        let q = Bounded::with_limits(Limits::new(10, 100).low_water(10, 60), true);
+        q.push_keyed(b(50), key("a"));
+        q.push(b(40));
+        let wait = q.room_wait();
+        assert!(!q.has_room());
+        q.push_keyed(b(5), key("a"));
+        tokio::time::timeout(Duration::from_secs(5), wait.wait())
+            .await
+            .expect("the replacement woke the waiter");
     }
 }

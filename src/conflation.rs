@@ -1,8 +1,9 @@
 //! The conflation index of a queue: which queued item holds each key's
 //! newest value, so a newer value of the same key replaces it in place
-//! (`--slow-policy conflate`). Used by [`crate::bounded::Bounded`] (the
-//! proxy's subscriber queues, the `Receiver`'s queue) and by the Unix
-//! sessions' [`crate::outbox`], each beside its own `VecDeque`.
+//! (`--slow-policy conflate`). Used by [`crate::bounded::Bounded`] beside
+//! its `VecDeque`, so by every queue built on it: the proxy's subscriber
+//! queues, the `Receiver`'s queue and the Unix sessions'
+//! [`crate::outbox`].
 //!
 //! Positions are absolute (counted from the queue's first push), so taking
 //! items from the front moves no entry. A key is hashed once per push
@@ -44,18 +45,20 @@ pub(crate) struct ConflationIndex {
 }
 
 impl ConflationIndex {
-    /// The hash of `key` (for [`ConflationIndex::find_hashed`] and
+    /// The hash of `key` (for the lookup, [`ConflationIndex::candidate`], and
     /// [`ConflationIndex::pushed_hashed`], so a push hashes once).
     pub(crate) fn hash(&self, key: &[u8]) -> KeyHash {
         self.keys.hash_one(key)
     }
 
     /// Where in the queue (from its front) the item holding `key` is.
+    #[cfg(test)]
     pub(crate) fn find(&self, key: &[u8]) -> Option<usize> {
         self.find_hashed(self.hash(key), key)
     }
 
     /// [`ConflationIndex::find`] with the key's hash already made.
+    #[cfg(test)]
     pub(crate) fn find_hashed(&self, h: KeyHash, key: &[u8]) -> Option<usize> {
         match self.candidate(h)? {
             (i, Some(k)) if k[..] == *key => Some(i),

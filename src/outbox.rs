@@ -1,6 +1,13 @@
 //! The bounded queue between the router and one session's writer, and the
 //! byte budget all queues share.
 //!
+//! A queue is the crate's one bounded queue, [`Bounded`], over
+//! deliveries (each weighs its [`Delivery::charge`]), plus what only
+//! sessions need on top: the shared [`Budget`], the stuck verdict, and
+//! replies kept when routed traffic is taken out. The queue, its item and
+//! byte counts, the progress clock, the writer's wake-up, the conflation
+//! index and closing all live in the [`Bounded`].
+//!
 //! A queue is bounded in bytes and in deliveries. What counts is every
 //! delivery pushed and not yet written to the socket: the ones waiting
 //! here and the small batch the writer has taken. The router pushes
@@ -19,14 +26,14 @@
 //! held back like any other sender.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::conflation::ConflationIndex;
+use crate::bounded::{Bounded, Limits, Pushed, Weigh};
 use crate::delivery::Delivery;
 
 /// The low-water mark of a bound: a sender blocked on a full queue goes on
@@ -54,13 +61,6 @@ pub enum PushError {
     /// The session is closing; nothing more is accepted.
     #[error("outbox closed")]
     Closed,
-}
-
-/// Milliseconds on a process-wide monotonic clock (the progress stamps).
-pub fn clock_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    // +1 so that 0 never means "now" for a stamp taken at start.
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// The byte budget shared by every outbox and held mailbox of a bus: a
@@ -123,6 +123,12 @@ impl Budget {
     pub fn take_peak(&self) -> (usize, usize) {
         let used = self.used();
         (self.peak.swap(used, Ordering::Relaxed), used)
+    }
+
+    /// Gives back `n` bytes charged for a push that was then refused: no
+    /// wake-up (nothing was queued, so no room was made).
+    fn refund(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Gives back `n` bytes, waking waiters once below the low-water mark.
@@ -191,114 +197,81 @@ impl Bounds {
     }
 }
 
-struct State {
-    /// Deliveries waiting for the writer, oldest first.
-    queue: VecDeque<Delivery>,
-    /// Set once the session is closing: the writer drains what is queued,
-    /// then ends the connection.
-    closed: bool,
-    /// For a conflating outbox: which queued topic delivery holds each
-    /// topic's newest value. None otherwise (it then costs nothing).
-    keys: Option<ConflationIndex>,
-}
-
-impl State {
-    /// Moves up to [`WRITER_BATCH`] deliveries into the writer's `batch`.
-    fn take(&mut self, batch: &mut VecDeque<Delivery>) -> usize {
-        let n = take(&mut self.queue, batch);
-        if let Some(k) = &mut self.keys {
-            k.front_gone(n);
-        }
-        n
+impl Weigh for Delivery {
+    fn weigh(&self) -> usize {
+        self.charge()
     }
 }
 
+/// What both ends of a session's queue share.
 struct Shared {
-    /// Queue and closed flag; held only to push or take, never across
-    /// I/O, and no delivery is dropped while it is held (dropping one may
-    /// send an ack into another, or this same, outbox).
-    state: Mutex<State>,
-    /// Wakes the writer when something was pushed or the outbox closed.
-    notify: Notify,
-    /// Wakes senders waiting for room (or for the stuck verdict).
-    room: Notify,
-    /// Wakes whoever waits for the queue to close (the writer, to bound
-    /// how long it may still take).
-    closing: Notify,
-    /// Senders waiting on `room` now (so the writer notifies only then).
-    waiters: AtomicUsize,
-    /// Deliveries pushed and not yet written or discarded.
-    items: AtomicUsize,
-    /// Their bytes (charge of each, see [`Delivery::charge`]).
-    bytes: AtomicUsize,
-    /// The bounds in force.
-    bounds: Bounds,
-    /// The budget every outbox of the bus shares.
+    /// The deliveries outstanding, their counts, the progress clock, the
+    /// writer's and waiting senders' wake-ups, the conflation index and
+    /// the closed flag.
+    queue: Bounded<Delivery>,
+    /// The budget every outbox of the bus shares: charged at push, given
+    /// back when a delivery is written, forgotten or taken out.
     budget: Arc<Budget>,
-    /// [`clock_ms`] of the last write to the socket, or of the moment the
-    /// queue last went from empty to non-empty (a receiver cannot be slow
-    /// before it has something to read).
-    progress_ms: AtomicU64,
     /// Declared by a sender that waited past the slow-consumer timeout;
     /// cleared by the next write.
     stuck: AtomicBool,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the queue invalid
-        // (every critical section is a push or a take), so poison is ignored.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn charge(&self, d: &Delivery) {
+    /// Charges the budget for `d` before it is pushed (so a write reported
+    /// right after the push never gives back bytes not yet charged), and
+    /// pushes it; a refusal gives the charge back.
+    fn push(
+        &self,
+        d: Delivery,
+        key: Option<Bytes>,
+        forced: bool,
+    ) -> Result<Option<Delivery>, PushError> {
         let n = d.charge();
-        if self.items.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.progress_ms.store(clock_ms(), Ordering::Relaxed);
-        }
-        self.bytes.fetch_add(n, Ordering::Relaxed);
+        // Read before this push is charged: the budget refuses once it is
+        // full, as each queue's own byte bound does.
+        let budget_full = !forced && self.budget.full();
         self.budget.charge(n);
+        let (pushed, old) = if forced {
+            (self.queue.push_forced(d), None)
+        } else {
+            self.queue.push_within(d, key, budget_full)
+        };
+        match pushed {
+            Pushed::Ok => {
+                if let Some(old) = &old {
+                    self.budget.release(old.charge());
+                }
+                Ok(old)
+            }
+            Pushed::Full => {
+                self.budget.refund(n);
+                Err(PushError::Full)
+            }
+            Pushed::Closed => {
+                self.budget.refund(n);
+                Err(PushError::Closed)
+            }
+        }
     }
 
-    fn release(&self, items: usize, bytes: usize) {
-        if items == 0 && bytes == 0 {
-            return;
-        }
-        self.items.fetch_sub(items, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.budget.release(bytes);
-        if self.waiters.load(Ordering::Relaxed) > 0 && self.below_low_water() {
-            self.room.notify_waiters();
-        }
-    }
-
+    /// Whether at or past a bound (the queue's own, or the budget while
+    /// something is outstanding).
     fn over_bound(&self) -> bool {
-        let items = self.items.load(Ordering::Relaxed);
-        items > 0
-            && (items >= self.bounds.items
-                || self.bytes.load(Ordering::Relaxed) >= self.bounds.bytes
-                || self.budget.full())
+        self.queue.is_full() || (self.budget.full() && !self.queue.is_idle())
     }
 
-    fn below_low_water(&self) -> bool {
-        self.items.load(Ordering::Relaxed) < low_water(self.bounds.items)
-            && self.bytes.load(Ordering::Relaxed) < low_water(self.bounds.bytes)
-    }
-
-    fn push_locked(&self, st: &mut State, d: Delivery, key: Option<Bytes>) -> bool {
-        self.charge(&d);
-        let was_empty = st.queue.is_empty();
-        st.queue.push_back(d);
-        if let Some(k) = &mut st.keys {
-            k.pushed(key);
-        }
-        was_empty
+    /// Gives back the budget of deliveries taken out of the queue.
+    fn release<'a>(&self, gone: impl IntoIterator<Item = &'a Delivery>) {
+        self.budget
+            .release(gone.into_iter().map(Delivery::charge).sum());
     }
 }
 
 /// The router's end of a session's queue (cheap to clone).
 #[derive(Clone)]
 pub struct Outbox {
+    /// The queue, shared with the writer's end.
     shared: Arc<Shared>,
 }
 
@@ -313,26 +286,24 @@ impl std::fmt::Debug for Outbox {
 
 /// The writer's end of a session's queue.
 pub struct OutboxReader {
+    /// The queue, shared with the router's end.
     shared: Arc<Shared>,
 }
 
 /// Makes a queue with the given bounds, charging `budget`.
 pub fn outbox(bounds: Bounds, budget: Arc<Budget>) -> (Outbox, OutboxReader) {
+    // Waiting senders go on below `low_water` of each bound (the queue's
+    // marks are inclusive, hence the -1); the byte bound refuses once
+    // reached, so a push may pass it by its own length.
+    let limits = Limits::new(bounds.items, bounds.bytes)
+        .low_water(
+            low_water(bounds.items).saturating_sub(1),
+            low_water(bounds.bytes).saturating_sub(1),
+        )
+        .fill_to_bound();
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            queue: VecDeque::new(),
-            closed: false,
-            keys: bounds.conflate.then(ConflationIndex::default),
-        }),
-        notify: Notify::new(),
-        room: Notify::new(),
-        closing: Notify::new(),
-        waiters: AtomicUsize::new(0),
-        items: AtomicUsize::new(0),
-        bytes: AtomicUsize::new(0),
-        bounds,
+        queue: Bounded::with_limits(limits, bounds.conflate),
         budget,
-        progress_ms: AtomicU64::new(clock_ms()),
         stuck: AtomicBool::new(false),
     });
     (
@@ -357,10 +328,13 @@ impl Outbox {
         if sh.stuck.load(Ordering::Relaxed) {
             return Err(PushError::Stuck);
         }
-        if sh.over_bound() {
-            return Err(PushError::Full);
+        match sh.push(d, None, false) {
+            Ok(_) => Ok(()),
+            // A closed queue at its bound says Full (its sender waits and
+            // then sees it gone), as it always has.
+            Err(PushError::Closed) if sh.over_bound() => Err(PushError::Full),
+            Err(e) => Err(e),
         }
-        self.push_forced(d)
     }
 
     /// [`Outbox::push`] of a topic delivery under its topic `key`: in a
@@ -369,74 +343,33 @@ impl Outbox {
     /// and returned for the caller to count (and drop outside the lock).
     pub fn push_keyed(&self, d: Delivery, key: Bytes) -> Result<Option<Delivery>, PushError> {
         let sh = &*self.shared;
-        if !sh.bounds.conflate {
+        if !sh.queue.is_conflating() {
             return self.push(d).map(|()| None);
         }
         if sh.stuck.load(Ordering::Relaxed) {
             return Err(PushError::Stuck);
         }
-        let mut st = sh.lock();
-        if st.closed {
-            drop(st);
-            return Err(PushError::Closed);
-        }
-        if let Some(i) = st.keys.as_ref().and_then(|k| k.find(&key)) {
-            let (new, old) = (d.charge(), st.queue[i].charge());
-            let old_d = std::mem::replace(&mut st.queue[i], d);
-            drop(st);
-            sh.bytes.fetch_add(new, Ordering::Relaxed);
-            sh.budget.charge(new);
-            sh.release(0, old);
-            return Ok(Some(old_d));
-        }
-        if sh.over_bound() {
-            drop(st);
-            return Err(PushError::Full);
-        }
-        let wake = sh.push_locked(&mut st, d, Some(key));
-        drop(st);
-        if wake {
-            sh.notify.notify_one();
-        }
-        Ok(None)
+        sh.push(d, Some(key), false)
     }
 
     /// Enqueues past the bounds, still counted: replies and acks (which
     /// are never dropped), held messages replayed at re-register, and a
     /// message its sender already waited for.
     pub fn push_forced(&self, d: Delivery) -> Result<(), PushError> {
-        let mut st = self.shared.lock();
-        if st.closed {
-            drop(st);
-            drop(d);
-            return Err(PushError::Closed);
-        }
-        let wake = self.shared.push_locked(&mut st, d, None);
-        drop(st);
-        // The writer drains the queue whenever it wakes, so only the push
-        // that makes the queue non-empty needs to wake it.
-        if wake {
-            self.shared.notify.notify_one();
-        }
-        Ok(())
+        self.shared.push(d, None, true).map(|_| ())
     }
 
     /// Closes the queue: `last` (a reason frame) is queued after what is
     /// already there, the writer drains it all and ends the connection.
     pub fn close(&self, last: Option<Delivery>) {
-        let mut st = self.shared.lock();
-        if st.closed {
-            drop(st);
-            return;
+        let sh = &*self.shared;
+        let n = last.as_ref().map_or(0, Delivery::charge);
+        sh.budget.charge(n);
+        if let Some(back) = sh.queue.close_with(last) {
+            // Already closed: `last` is not queued.
+            sh.budget.refund(n);
+            drop(back);
         }
-        if let Some(d) = last {
-            self.shared.push_locked(&mut st, d, None);
-        }
-        st.closed = true;
-        drop(st);
-        self.shared.notify.notify_one();
-        self.shared.room.notify_waiters();
-        self.shared.closing.notify_waiters();
     }
 
     /// Takes out the routed traffic queued that the writer has not taken
@@ -452,45 +385,17 @@ impl Outbox {
     /// slow consumer being disconnected gets only `last`). Returns what
     /// was taken out.
     pub fn abort(&self, last: Option<Delivery>) -> Vec<Delivery> {
-        let taken: Vec<Delivery> = {
-            let mut st = self.shared.lock();
-            let n = st.queue.len();
-            if let Some(k) = &mut st.keys {
-                k.front_gone(n);
-            }
-            st.queue.drain(..).collect()
-        };
-        let bytes = taken.iter().map(Delivery::charge).sum();
-        self.shared.release(taken.len(), bytes);
+        let taken = self.shared.queue.take_where(|_| true);
+        self.shared.release(&taken);
         self.close(last);
-        taken
+        taken.into()
     }
 
     /// Moves the routed traffic queued into `out` (the session is going
     /// away and its name is held); replies stay for the writer to send.
     pub fn take_routed(&self, out: &mut VecDeque<Delivery>) {
-        let mut moved = VecDeque::new();
-        {
-            let mut st = self.shared.lock();
-            if st.queue.iter().all(|d| d.is_reply()) {
-                return;
-            }
-            let State { queue, keys, .. } = &mut *st;
-            if let Some(k) = keys {
-                k.retain(|i| queue[i].is_reply());
-            }
-            let mut keep = VecDeque::new();
-            for d in st.queue.drain(..) {
-                if d.is_reply() {
-                    keep.push_back(d);
-                } else {
-                    moved.push_back(d);
-                }
-            }
-            st.queue = keep;
-        }
-        let bytes = moved.iter().map(Delivery::charge).sum();
-        self.shared.release(moved.len(), bytes);
+        let moved = self.shared.queue.take_where(|d| !d.is_reply());
+        self.shared.release(&moved);
         out.extend(moved);
     }
 
@@ -499,7 +404,7 @@ impl Outbox {
     /// waiting sender is woken to see it.
     pub fn mark_stuck(&self) {
         self.shared.stuck.store(true, Ordering::Relaxed);
-        self.shared.room.notify_waiters();
+        self.shared.queue.wake_room();
     }
 
     /// True while declared stuck.
@@ -508,10 +413,13 @@ impl Outbox {
     }
 
     /// True when a sender blocked on this queue may go on: below the
-    /// low-water mark of each bound (see `low_water`), or empty.
+    /// low-water mark of each bound (see `low_water`) with room in the
+    /// budget, or empty.
     pub fn has_room(&self) -> bool {
         let sh = &*self.shared;
-        sh.items.load(Ordering::Relaxed) == 0 || (sh.below_low_water() && sh.budget.has_room())
+        // The queue's room includes "nothing outstanding"; an idle queue
+        // has room whatever the budget.
+        sh.queue.has_room() && (sh.budget.has_room() || sh.queue.is_idle())
     }
 
     /// True when at or past a bound (its own session should stop reading
@@ -524,47 +432,46 @@ impl Outbox {
     /// declared stuck, or the budget freed up; the caller re-checks.
     pub async fn room(&self) {
         let sh = &*self.shared;
-        let notified = sh.room.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        sh.waiters.fetch_add(1, Ordering::Relaxed);
-        let _guard = Decrement(&sh.waiters);
+        // Registered before the checks, so a wake-up between them and the
+        // await is not missed.
+        let wait = sh.queue.room_wait();
         if self.has_room() || self.is_closed() || self.is_stuck() {
             return;
         }
         if !sh.budget.has_room() {
             tokio::select! {
-                _ = notified => {}
+                _ = wait.wait() => {}
                 _ = sh.budget.room() => {}
             }
         } else {
-            notified.await;
+            wait.wait().await;
         }
     }
 
-    /// [`clock_ms`] of the receiver's last progress.
-    pub fn progress_ms(&self) -> u64 {
-        self.shared.progress_ms.load(Ordering::Relaxed)
+    /// How long since the receiver last made progress (a write, or work
+    /// arriving while nothing was outstanding).
+    pub fn stalled_for(&self) -> Duration {
+        self.shared.queue.stalled_for()
     }
 
     /// Deliveries outstanding now (queued or being written).
     pub fn len(&self) -> usize {
-        self.shared.items.load(Ordering::Relaxed)
+        self.shared.queue.outstanding().0
     }
 
     /// Bytes outstanding now.
     pub fn bytes(&self) -> usize {
-        self.shared.bytes.load(Ordering::Relaxed)
+        self.shared.queue.outstanding().1
     }
 
     /// True when nothing is outstanding.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.shared.queue.is_idle()
     }
 
     /// True once closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed
+        self.shared.queue.is_closed()
     }
 
     /// True when both handles are the same queue.
@@ -584,52 +491,46 @@ impl OutboxReader {
     /// connection.
     pub async fn recv_batch(&mut self, batch: &mut VecDeque<Delivery>) -> bool {
         loop {
-            let notified = self.shared.notify.notified();
-            {
-                let mut st = self.shared.lock();
-                if !st.queue.is_empty() {
-                    st.take(batch);
-                    return true;
-                }
-                if st.closed {
-                    return false;
-                }
+            if !self.shared.queue.wait().await {
+                return false;
             }
-            notified.await;
+            // None when a take-out emptied the queue since the wake-up.
+            if self.try_recv_batch(batch) > 0 {
+                return true;
+            }
         }
     }
 
     /// Takes up to [`WRITER_BATCH`] deliveries now without waiting.
     pub fn try_recv_batch(&mut self, batch: &mut VecDeque<Delivery>) -> usize {
-        self.shared.lock().take(batch)
+        self.shared
+            .queue
+            .take_batch(batch, WRITER_BATCH, usize::MAX)
+            .0
     }
 
     /// Reports deliveries written to the socket (or given up by the
     /// writer): their bytes are given back, the receiver made progress.
     pub fn written(&self, items: usize, bytes: usize) {
         let sh = &*self.shared;
-        sh.progress_ms.store(clock_ms(), Ordering::Relaxed);
+        sh.queue.note_progress();
         if sh.stuck.load(Ordering::Relaxed) {
             sh.stuck.store(false, Ordering::Relaxed);
         }
-        sh.release(items, bytes);
+        self.forget(items, bytes);
     }
 
     /// Waits until the queue is closed.
     pub async fn closed(&self) {
-        let notified = self.shared.closing.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.shared.lock().closed {
-            return;
-        }
-        notified.await;
+        self.shared.queue.closed().await;
     }
 
     /// Gives back the bytes of deliveries the writer took and will not
     /// write (its connection ended); not progress.
     pub fn forget(&self, items: usize, bytes: usize) {
-        self.shared.release(items, bytes);
+        let sh = &*self.shared;
+        sh.budget.release(bytes);
+        sh.queue.written(items, bytes);
     }
 
     /// A handle for pushing into this same queue (e.g. the session's own
@@ -639,20 +540,6 @@ impl OutboxReader {
             shared: self.shared.clone(),
         }
     }
-}
-
-fn take(queue: &mut VecDeque<Delivery>, batch: &mut VecDeque<Delivery>) -> usize {
-    let n = queue.len().min(WRITER_BATCH);
-    if n == queue.len() && batch.is_empty() {
-        std::mem::swap(queue, batch);
-    } else {
-        batch.extend(queue.drain(..n));
-        if queue.is_empty() && queue.capacity() > 1024 {
-            // A burst is over: an idle queue keeps no big allocation.
-            *queue = VecDeque::new();
-        }
-    }
-    n
 }
 
 #[cfg(test)]
@@ -808,5 +695,92 @@ mod tests {
         assert_eq!(rx.try_recv_batch(&mut b), WRITER_BATCH);
         assert_eq!(tx.discard().len(), 10);
         assert_eq!(tx.len(), WRITER_BATCH, "the writer's batch still counts");
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_work_is_taken_out_forgotten_or_the_queue_closes() {
+        // A queue of 256 (low-water mark 254: room below it): fill it,
+        // wait, give room back one way; each way must wake the waiter.
+        type Free = fn(&Outbox, &mut OutboxReader);
+        let ways: [(&str, Free); 4] = [
+            ("take_routed", |tx, _| drop(tx.discard())),
+            ("forget", |_, rx| {
+                let mut b = VecDeque::new();
+                rx.try_recv_batch(&mut b);
+                let bytes = b.iter().take(3).map(Delivery::charge).sum();
+                rx.forget(3, bytes);
+            }),
+            ("close", |tx, _| tx.close(None)),
+            ("abort", |tx, _| drop(tx.abort(None))),
+        ];
+        for (name, free) in ways {
+            let (tx, mut rx) = standalone(256, 1 << 20);
+            for n in 0..256 {
+                tx.push(d(n as u8)).unwrap();
+            }
+            assert_eq!(tx.push(d(0)), Err(PushError::Full));
+            let waiter = {
+                let tx = tx.clone();
+                tokio::spawn(async move { tx.room().await })
+            };
+            tokio::task::yield_now().await;
+            free(&tx, &mut rx);
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("{name} woke the waiter"))
+                .unwrap();
+        }
+        // Two writes leave 254 outstanding, not below the mark: no
+        // wake-up; the third wakes the waiter.
+        let (tx, mut rx) = standalone(256, 1 << 20);
+        for n in 0..256 {
+            tx.push(d(n as u8)).unwrap();
+        }
+        let mut b = VecDeque::new();
+        rx.try_recv_batch(&mut b);
+        let one = b[0].charge();
+        rx.written(2, 2 * one);
+        assert!(!tx.has_room(), "254 outstanding, mark 254");
+        let waiter = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.room().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        rx.written(1, one);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken below the mark")
+            .unwrap();
+        assert!(tx.has_room());
+    }
+
+    #[test]
+    fn the_budget_is_charged_once_and_given_back_whatever_the_path() {
+        let budget = Budget::new(1 << 30);
+        let (tx, mut rx) = outbox(Bounds::new(2, 1 << 20).conflating(true), budget.clone());
+        tx.push_keyed(topic("a", 1), key("a")).unwrap();
+        tx.push(d(1)).unwrap();
+        // Refused: nothing charged.
+        assert_eq!(tx.push(d(2)), Err(PushError::Full));
+        assert_eq!(budget.used(), tx.bytes());
+        // Replaced in place: the difference.
+        tx.push_keyed(topic("a", 22), key("a")).unwrap();
+        assert_eq!(budget.used(), tx.bytes());
+        tx.push_forced(d(3)).unwrap();
+        let mut b = VecDeque::new();
+        rx.try_recv_batch(&mut b);
+        rx.written(1, b[0].charge());
+        assert_eq!(budget.used(), tx.bytes());
+        tx.close(Some(d(4)));
+        assert_eq!(budget.used(), tx.bytes());
+        // Closed: a push and a second close charge nothing.
+        assert_eq!(tx.push_forced(d(5)), Err(PushError::Closed));
+        tx.close(Some(d(6)));
+        assert_eq!(budget.used(), tx.bytes());
+        let rest: usize = b.iter().skip(1).map(Delivery::charge).sum();
+        rx.forget(b.len() - 1, rest);
+        drop(tx.abort(None));
+        assert_eq!((tx.len(), budget.used()), (0, 0));
     }
 }

@@ -18,7 +18,7 @@ use crate::error::ProtocolError;
 use crate::hooks::{HookEngine, HookEvent, HookEventKind};
 use crate::message::BusMessage;
 use crate::notice::Notice;
-use crate::outbox::{clock_ms, outbox, Bounds, Outbox, OutboxReader};
+use crate::outbox::{outbox, Bounds, Outbox, OutboxReader};
 use crate::router::interest::InterestChange;
 use crate::router::{Blocked, Full, Routed, Router, RouterConfig, SessionId, Verdict, WaitOn};
 use crate::stats::RouterStats;
@@ -593,7 +593,6 @@ async fn wait_session(
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Option<Verdict> {
-    let timeout_ms = timeout.as_millis() as u64;
     loop {
         if outbox.is_closed() {
             return Some(Verdict::Gone);
@@ -604,9 +603,8 @@ async fn wait_session(
         if outbox.has_room() {
             return Some(Verdict::Room);
         }
-        let now = clock_ms();
-        let deadline = outbox.progress_ms().saturating_add(timeout_ms);
-        if now >= deadline {
+        let stalled = outbox.stalled_for();
+        if stalled >= timeout {
             outbox.mark_stuck();
             return Some(Verdict::Stuck);
         }
@@ -624,7 +622,7 @@ async fn wait_session(
                 }
                 return Some(Verdict::Room);
             }
-            _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
+            _ = tokio::time::sleep(timeout - stalled) => {}
             _ = cancel.cancelled() => return None,
         }
     }
