@@ -24,7 +24,7 @@
 //!   traffic before taking the mark, so those values reach it live, and
 //!   replaying them later could put an older copy behind a newer one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -33,10 +33,10 @@ use bytes::Bytes;
 pub const DEFAULT_MAX_TOPICS: usize = 100_000;
 /// Default most bytes kept (keys, values and [`ENTRY_OVERHEAD`] each).
 pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
-/// What an entry costs beyond its key and value: its node in the key map,
-/// its node in the age map (which holds the key again, shared), the
-/// sequence number and the cost itself.
-pub const ENTRY_OVERHEAD: usize = 128;
+/// What an entry costs beyond its key and value: its slot in the key map,
+/// its node in the key order and in the age map (which hold the key
+/// again, shared), the sequence number and the cost itself.
+pub const ENTRY_OVERHEAD: usize = 192;
 
 /// The bounds of a [`LastValues`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +73,11 @@ struct Entry<V> {
 pub struct LastValues<V> {
     /// The bounds.
     limits: LastValueLimits,
-    /// Topic key → its newest value, in key order (prefix scans).
-    entries: BTreeMap<Bytes, Entry<V>>,
+    /// Topic key → its newest value (an update costs one hash lookup).
+    entries: HashMap<Bytes, Entry<V>>,
+    /// The same keys in key order (prefix scans); touched only when a
+    /// topic comes or goes.
+    order: BTreeSet<Bytes>,
     /// Sequence number → key, oldest update first (eviction order).
     by_age: BTreeMap<u64, Bytes>,
     /// The last sequence number given (0: none yet).
@@ -131,7 +134,8 @@ impl<V> LastValues<V> {
     pub fn new(limits: LastValueLimits) -> LastValues<V> {
         LastValues {
             limits,
-            entries: BTreeMap::new(),
+            entries: HashMap::new(),
+            order: BTreeSet::new(),
             by_age: BTreeMap::new(),
             seq: 0,
             bytes: 0,
@@ -200,6 +204,7 @@ impl<V> LastValues<V> {
             None => {
                 let k = Bytes::copy_from_slice(key);
                 self.by_age.insert(seq, k.clone());
+                self.order.insert(k.clone());
                 self.entries.insert(k, Entry { value, seq, cost });
                 self.bytes += cost;
             }
@@ -211,6 +216,7 @@ impl<V> LastValues<V> {
             if let Some(e) = self.entries.remove(&k) {
                 self.bytes -= e.cost;
             }
+            self.order.remove(&k);
             self.evictions += 1;
         }
     }
@@ -220,6 +226,7 @@ impl<V> LastValues<V> {
         if let Some(e) = self.entries.remove(key) {
             self.bytes -= e.cost;
             self.by_age.remove(&e.seq);
+            self.order.remove(key);
         }
     }
 
@@ -254,8 +261,9 @@ impl<V> LastValues<V> {
             None => Bound::Included(&scan.prefix[..]),
         };
         let range = self
-            .entries
-            .range::<[u8], (Bound<&[u8]>, Bound<&[u8]>)>((lower, Bound::Unbounded));
+            .order
+            .range::<[u8], (Bound<&[u8]>, Bound<&[u8]>)>((lower, Bound::Unbounded))
+            .filter_map(|k| Some((k, self.entries.get(k)?)));
         let mut last: Option<&Bytes> = None;
         // True unless the chunk stopped before the end of the prefix's keys.
         let mut ended = true;
@@ -444,6 +452,7 @@ mod tests {
         }
         assert!(c.evictions() > 19_000);
         assert_eq!(c.entries.len(), c.by_age.len());
+        assert_eq!(c.entries.len(), c.order.len());
         let sum: usize = c.entries.values().map(|e| e.cost).sum();
         assert_eq!(sum, c.bytes());
     }
