@@ -247,6 +247,11 @@ impl Bus {
         let mut waits: std::collections::VecDeque<WaitOn> = waits.into();
         let mut done = true;
         while let Some(w) = waits.pop_front() {
+            // A wait that ends at once, again and again, must still let
+            // the rest of the runtime run (the session whose end would
+            // settle it among them): one unit of the task's budget per
+            // round, a yield when it is spent.
+            tokio::task::consume_budget().await;
             let verdict = match &w {
                 WaitOn::Session { outbox, .. } => wait_session(outbox, timeout, cancel).await,
                 // A held mailbox drains only when its name comes back (or

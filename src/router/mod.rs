@@ -676,10 +676,17 @@ impl Router {
                     }
                     return None;
                 }
-                // The session went away: its name, if any, may be held
-                // now, or live again on a new connection.
+                // The session went away, or its queue closed (it is going
+                // away): its name, if any, may be held now, or live again
+                // on a new connection. A name still answered by this very
+                // session, whose queue is closed, takes nothing more: the
+                // copy is counted as lost at once (offering it to the name
+                // again would only find the same closed queue, and wait on
+                // it again without end).
+                let answer = name.as_deref().and_then(|n| self.names.answer(n));
+                let still_this = matches!(answer, Some(Answer::Live(id)) if id == *sid);
                 match name {
-                    Some(n) if self.names.answer(n).is_some() => {
+                    Some(n) if answer.is_some() && !still_this => {
                         match self.offer_name(n, d, Full::Wait, Full::Drop, now) {
                             Offered::Wait(w) => Some(w),
                             _ => None,
@@ -1493,6 +1500,33 @@ mod tests {
         let bytes = b.iter().map(Delivery::charge).sum();
         rx.written(b.len(), bytes);
         b.len()
+    }
+
+    #[test]
+    fn a_wait_on_a_queue_closed_under_its_live_name_ends_and_counts_the_loss() {
+        let (mut r, t0) = router();
+        let (a, _ra) = registered(&mut r, "a", t0);
+        let (_, _rb) = registered(&mut r, "b", t0);
+        let mut blocked = None;
+        let mut n = 0;
+        while blocked.is_none() {
+            blocked = r.route(a, &mut msg("b", n), t0).unwrap().blocked;
+            n += 1;
+        }
+        let blocked = blocked.unwrap();
+        // B's queue closes at its bound (declared slow, shut down) while
+        // its session still holds the name: the sender's wait ends "gone".
+        let WaitOn::Session { outbox, .. } = &blocked.waits[0] else {
+            panic!("a wait on b's queue: {:?}", blocked.waits);
+        };
+        outbox.close(None);
+        let dropped = r.totals().dropped_slow;
+        for w in &blocked.waits {
+            // Before: offered to the name again, the same closed queue said
+            // full, and the sender waited on it again, without end.
+            assert!(r.resume(w, &blocked.delivery, Verdict::Gone, t0).is_none());
+        }
+        assert_eq!(r.totals().dropped_slow, dropped + 1, "the loss is counted");
     }
 
     #[test]
