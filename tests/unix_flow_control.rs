@@ -34,6 +34,17 @@ async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 /// Bound of one step of a Python peer (the tests bound the whole).
 const PEER_LIMIT: Duration = Duration::from_secs(200);
 
+/// The default configuration, except that a session silent for less than
+/// an hour is not evicted: these tests' readers only read, and a loaded
+/// machine can stretch a run past the 90 s heartbeat timeout (an evicted
+/// reader would lose what is routed to it after).
+fn patient() -> RouterConfig {
+    RouterConfig {
+        heartbeat_timeout: Duration::from_secs(3600),
+        ..RouterConfig::default()
+    }
+}
+
 /// Ten reference clients blast one polling reference client.
 async fn python_fan_in(which: &str, senders: usize, per_sender: usize) {
     let Some(py) = common::python(which) else {
@@ -123,7 +134,7 @@ async fn ten_070_clients_held_back_by_a_slow_reader_lose_nothing() {
         };
         const SENDERS: usize = 10;
         const EACH: usize = 3_000;
-        let bus = TestBus::start().await;
+        let bus = TestBus::start_with(patient(), HookEngine::disabled()).await;
         let mut reader = Raw::register(&bus.socket, "sink").await;
         let sock = bus.socket.to_string_lossy().into_owned();
         let env = [("SOCK", sock.as_str())];
@@ -313,7 +324,7 @@ async fn ten_raw_blasters_to_one_reader_lose_nothing() {
     tokio::time::timeout(Duration::from_secs(300), async {
         const SENDERS: usize = 10;
         const EACH: u64 = 100_000;
-        let bus = TestBus::start().await;
+        let bus = TestBus::start_with(patient(), HookEngine::disabled()).await;
         let mut reader = Raw::register(&bus.socket, "reader").await;
         let mut tasks = Vec::new();
         for i in 0..SENDERS {
@@ -459,7 +470,7 @@ async fn acks_follow_deliveries_and_every_unknown_name_is_answered() {
     let _serial = one_at_a_time().await;
     tokio::time::timeout(Duration::from_secs(200), async {
         const N: u64 = 100_000;
-        let bus = TestBus::start().await;
+        let bus = TestBus::start_with(patient(), HookEngine::disabled()).await;
         let mut reader = Raw::register(&bus.socket, "reader").await;
         let sender = UnixStream::connect(&bus.socket).await.expect("connect");
         let (mut rd, mut wr) = sender.into_split();
