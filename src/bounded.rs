@@ -227,9 +227,6 @@ pub struct Bounded<T> {
     closing: Notify,
     /// The bounds and low-water marks, fixed at creation.
     limits: Limits,
-    /// Whether keyed pushes conflate (the index is in `inner`); kept here
-    /// too so asking costs no lock.
-    conflating: bool,
     /// Origin of `progress_ms` (a monotonic clock).
     epoch: Instant,
     /// Milliseconds after `epoch` of the consumer's last progress, or of
@@ -239,8 +236,9 @@ pub struct Bounded<T> {
     /// For a queue made with [`Bounded::conflating_by`]: an item's key,
     /// read from the item itself (so no copy of it is kept).
     key_of: Option<fn(&T) -> &[u8]>,
-    /// For a conflating queue: hashes keys (randomly keyed), outside the
-    /// lock, for its index.
+    /// For a conflating queue (and only for one: it is what makes keyed
+    /// pushes conflate): hashes keys (randomly keyed), outside the lock,
+    /// for its index.
     key_hasher: Option<RandomState>,
 }
 
@@ -281,7 +279,6 @@ impl<T: Weigh> Bounded<T> {
             room: Notify::new(),
             closing: Notify::new(),
             limits,
-            conflating: conflate,
             epoch: Instant::now(),
             progress_ms: AtomicU64::new(0),
             key_of: None,
@@ -315,7 +312,7 @@ impl<T: Weigh> Bounded<T> {
     /// Whether keyed pushes conflate (made with [`Bounded::conflating`] or
     /// [`Bounded::with_limits`]`(_, true)`).
     pub fn is_conflating(&self) -> bool {
-        self.conflating
+        self.key_hasher.is_some()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<T>> {
@@ -842,7 +839,7 @@ impl<T: Weigh> Bounded<T> {
                 g.bytes += item.weigh();
                 g.items.push_back(item);
                 if let Some(k) = &mut g.keys {
-                    k.pushed(None);
+                    k.pushed_hashed(None);
                 }
             }
             g.closed = true;

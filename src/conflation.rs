@@ -20,13 +20,13 @@
 //! keys are slices of, or as long as, the items' topics, which the queue's
 //! byte bound already counts).
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::Bytes;
 
-/// The hash of a key, as the index computes it ([`ConflationIndex::hash`]).
+/// The hash of a key, made by the queue that owns the index (with its
+/// randomly keyed hasher, before it takes its lock).
 pub(crate) type KeyHash = u64;
 
 /// Key → position of the one queued item holding that key's newest value.
@@ -40,32 +40,9 @@ pub(crate) struct ConflationIndex {
     of_item: VecDeque<Option<(KeyHash, Option<Bytes>)>>,
     /// Absolute position of the first queued item.
     head: u64,
-    /// Hashes keys (randomly keyed per index).
-    keys: RandomState,
 }
 
 impl ConflationIndex {
-    /// The hash of `key` (for the lookup, [`ConflationIndex::candidate`], and
-    /// [`ConflationIndex::pushed_hashed`], so a push hashes once).
-    pub(crate) fn hash(&self, key: &[u8]) -> KeyHash {
-        self.keys.hash_one(key)
-    }
-
-    /// Where in the queue (from its front) the item holding `key` is.
-    #[cfg(test)]
-    pub(crate) fn find(&self, key: &[u8]) -> Option<usize> {
-        self.find_hashed(self.hash(key), key)
-    }
-
-    /// [`ConflationIndex::find`] with the key's hash already made.
-    #[cfg(test)]
-    pub(crate) fn find_hashed(&self, h: KeyHash, key: &[u8]) -> Option<usize> {
-        match self.candidate(h)? {
-            (i, Some(k)) if k[..] == *key => Some(i),
-            _ => None,
-        }
-    }
-
     /// The queued item whose key has hash `h`, if any: its place, and its
     /// key when recorded (otherwise the caller compares the item's own
     /// key: another key may share the hash).
@@ -75,14 +52,9 @@ impl ConflationIndex {
         self.of_item.get(i)?.as_ref().map(|(_, k)| (i, k.as_ref()))
     }
 
-    /// Records an item pushed at the back, under `key` if any.
-    pub(crate) fn pushed(&mut self, key: Option<Bytes>) {
-        let key = key.map(|k| (self.hash(&k), Some(k)));
-        self.pushed_hashed(key);
-    }
-
-    /// [`ConflationIndex::pushed`] with the key's hash already made (and
-    /// the key itself, or None when the queue reads it from the item).
+    /// Records an item pushed at the back: its key's hash and the key
+    /// itself (None when the queue reads it from the item), or None for
+    /// an item pushed without a key.
     pub(crate) fn pushed_hashed(&mut self, key: Option<(KeyHash, Option<Bytes>)>) {
         if let Some((h, _)) = &key {
             let at = self.head + self.of_item.len() as u64;
@@ -149,6 +121,31 @@ impl Hasher for Prehashed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::BuildHasher;
+
+    /// What the owning queue does, with a fixed hasher.
+    impl ConflationIndex {
+        fn hash(&self, key: &[u8]) -> KeyHash {
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(key)
+        }
+
+        fn find(&self, key: &[u8]) -> Option<usize> {
+            self.find_hashed(self.hash(key), key)
+        }
+
+        fn find_hashed(&self, h: KeyHash, key: &[u8]) -> Option<usize> {
+            match self.candidate(h)? {
+                (i, Some(k)) if k[..] == *key => Some(i),
+                _ => None,
+            }
+        }
+
+        fn pushed(&mut self, key: Option<Bytes>) {
+            let key = key.map(|k| (self.hash(&k), Some(k)));
+            self.pushed_hashed(key);
+        }
+    }
 
     fn k(s: &str) -> Option<Bytes> {
         Some(Bytes::copy_from_slice(s.as_bytes()))

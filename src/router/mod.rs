@@ -1502,18 +1502,20 @@ mod tests {
         b.len()
     }
 
+    /// Routes numbered messages from `from` to `to` until one finds the
+    /// target full; returns that wait.
+    fn route_until_blocked(r: &mut Router, from: SessionId, to: &str, t0: Instant) -> Blocked {
+        (0..)
+            .find_map(|n| r.route(from, &mut msg(to, n), t0).unwrap().blocked)
+            .unwrap()
+    }
+
     #[test]
     fn a_wait_on_a_queue_closed_under_its_live_name_ends_and_counts_the_loss() {
         let (mut r, t0) = router();
         let (a, _ra) = registered(&mut r, "a", t0);
         let (_, _rb) = registered(&mut r, "b", t0);
-        let mut blocked = None;
-        let mut n = 0;
-        while blocked.is_none() {
-            blocked = r.route(a, &mut msg("b", n), t0).unwrap().blocked;
-            n += 1;
-        }
-        let blocked = blocked.unwrap();
+        let blocked = route_until_blocked(&mut r, a, "b", t0);
         // B's queue closes at its bound (declared slow, shut down) while
         // its session still holds the name: the sender's wait ends "gone".
         let WaitOn::Session { outbox, .. } = &blocked.waits[0] else {
@@ -1569,13 +1571,7 @@ mod tests {
         let (mut r, t0) = router();
         let (a, _ra) = registered(&mut r, "a", t0);
         let (_, _rb) = registered(&mut r, "b", t0);
-        let mut blocked = None;
-        let mut n = 0;
-        while blocked.is_none() {
-            blocked = r.route(a, &mut msg("b", n), t0).unwrap().blocked;
-            n += 1;
-        }
-        let blocked = blocked.unwrap();
+        let blocked = route_until_blocked(&mut r, a, "b", t0);
         for w in &blocked.waits {
             r.resume(w, &blocked.delivery, Verdict::Stuck, t0);
         }
