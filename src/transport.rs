@@ -346,17 +346,18 @@ impl Bus {
     pub fn message_hook_event(
         &self,
         transport: &'static str,
+        msg: &BusMessage,
         routed: &Routed,
     ) -> Option<HookEvent> {
+        // The target as routed (a bad one never got here).
+        let to = msg.str_field("to").ok().flatten().filter(|t| !t.is_empty());
         self.inner
             .hooks
-            .wants(
-                HookEventKind::Message,
-                transport,
-                routed.to.as_deref(),
-                None,
-            )
-            .then(|| HookEvent::message(transport, routed.to.clone(), routed.frame.slice(4..)))
+            .wants(HookEventKind::Message, transport, to.as_deref(), None)
+            .then(|| {
+                let to = to.map(|t| t.into_owned());
+                HookEvent::message(transport, to, routed.frame.slice(4..))
+            })
     }
 
     /// Publishes a topic message from a transport that cannot wait (the
@@ -412,7 +413,7 @@ impl Bus {
                 let b = match item {
                     Inbound::Message(msg) => match r.route_with(sid, msg, now, full) {
                         Ok(mut routed) => {
-                            events.extend(self.message_hook_event(transport, &routed));
+                            events.extend(self.message_hook_event(transport, msg, &routed));
                             routed.blocked.take()
                         }
                         Err(e) => {

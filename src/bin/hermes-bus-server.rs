@@ -6,6 +6,11 @@ use clap::Parser;
 use hermes_bus::cli::{PathArgs, ServeArgs};
 use hermes_bus::logging::LogArgs;
 
+/// mimalloc: see Cargo.toml (the bus's hot path allocates per message,
+/// and frees on another thread).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run the hermes-bus server in the foreground.
 #[derive(Parser)]
 #[command(name = "hermes-bus-server", version)]

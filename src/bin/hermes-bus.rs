@@ -19,6 +19,11 @@ use hermes_bus::transports::unix::client::{
 };
 use serde_json::Value;
 
+/// mimalloc: see Cargo.toml (the bus's hot path allocates per message,
+/// and frees on another thread).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "tools/bench.rs"]
 mod bench;
 #[path = "tools/monitor.rs"]

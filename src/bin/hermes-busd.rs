@@ -5,6 +5,11 @@
 use clap::Parser;
 use hermes_bus::cli::{DaemonCmd, PathArgs};
 
+/// mimalloc: see Cargo.toml (the bus's hot path allocates per message,
+/// and frees on another thread).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Manage the hermes-bus daemon.
 ///
 /// Exit codes: 0 ok, 1 failure, 2 usage, 3 not running.

@@ -203,8 +203,6 @@ pub enum Verdict {
 pub struct Routed {
     /// The message as delivered (one Unix frame, header included).
     pub frame: Bytes,
-    /// The target endpoint, or None for a broadcast.
-    pub to: Option<String>,
     /// Sessions it was queued to.
     pub delivered: usize,
     /// Held names it was queued for.
@@ -506,30 +504,35 @@ impl Router {
         if let Some(name) = sender.and_then(|s| s.name.as_deref()) {
             msg.set_str("from", name);
         }
-        let to = msg
-            .str_field("to")?
-            .map(|c| c.into_owned())
-            .filter(|t| !t.is_empty());
+        // The target's type is checked before anything is stamped; the
+        // target itself is read again below, borrowed (no copy per
+        // message), once the message is no longer changed.
+        msg.str_field("to")?;
         if !msg.contains("id") {
             msg.set_str("id", &(self.stamps.id)());
         }
         if !msg.contains("ts") {
             msg.set("ts", &(self.stamps.unix_now)());
         }
+        let wants_ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
+        let msg = &*msg;
+        let to = msg.str_field("to")?.filter(|t| !t.is_empty());
         // One lookup of the target: found (live, or held within its
         // grace), or an error before anything is encoded.
-        if let Some(target) = &to {
-            if !self.names.is_open(target, now) {
-                self.totals.dropped_held += self.names.expire(target, now);
-                return Err(ProtocolError::new(
-                    ErrorCode::EndpointNotFound,
-                    format!("Endpoint '{target}' is not connected"),
-                ));
-            }
-        }
-        let wants_ack = msg.contains("ack") && msg.remove("ack").is_some_and(|v| v.get() == "true");
-        let frame = msg.to_frame();
-        let mut d = Delivery::frame(frame.clone());
+        let answer = match &to {
+            Some(target) => match self.names.open_answer(target, now) {
+                Some(answer) => Some(answer),
+                None => {
+                    self.totals.dropped_held += self.names.expire(target, now);
+                    return Err(ProtocolError::new(
+                        ErrorCode::EndpointNotFound,
+                        format!("Endpoint '{target}' is not connected"),
+                    ));
+                }
+            },
+            None => None,
+        };
+        let mut d = Delivery::frame(msg.to_frame());
         if wants_ack {
             if let Some(s) = self.sessions.get(&sid) {
                 let id = msg.raw("id").map(|r| r.to_raw_value());
@@ -539,17 +542,17 @@ impl Router {
         self.totals.routed += 1;
         let (mut delivered, mut held) = (0, 0);
         let mut waits = Vec::new();
-        match &to {
-            Some(target) => {
-                let live = matches!(self.names.answer(target), Some(Answer::Live(_)));
-                match self.offer_name(target, &d, full, Full::Wait, now) {
+        match (&to, answer) {
+            (Some(target), Some(answer)) => {
+                let live = matches!(answer, Answer::Live(_));
+                match self.offer_to(answer, target, &d, full, Full::Wait, now) {
                     Offered::Queued if live => delivered += 1,
                     Offered::Queued => held += 1,
                     Offered::Wait(w) => waits.push(w),
                     Offered::Dropped => {}
                 }
             }
-            None => {
+            _ => {
                 // Every live member gets it (waiting for the full ones);
                 // a held mailbox gets it if it has room: a broadcast waits
                 // for members that are reading, not for one that left.
@@ -577,6 +580,7 @@ impl Router {
         }
         let transport = self.sessions.get(&sid).map_or("unknown", |s| s.transport);
         let copies = delivered + held + waits.len();
+        let frame = d.unix_frame().clone();
         self.traffic.message(transport, frame.len() - 4, copies);
         if !self.monitors.is_empty() {
             self.monitor_message(transport, msg, &frame, to.as_deref(), copies);
@@ -584,7 +588,6 @@ impl Router {
         let blocked = self.blocked(d, waits);
         Ok(Routed {
             frame,
-            to,
             delivered,
             held,
             blocked,
@@ -613,12 +616,27 @@ impl Router {
         now: Instant,
     ) -> Offered {
         match self.names.answer(name) {
-            Some(Answer::Live(id)) => match self.sessions.get_mut(&id) {
+            Some(answer) => self.offer_to(answer, name, d, live, held, now),
+            None => Offered::Dropped,
+        }
+    }
+
+    /// [`Router::offer_name`] for a name already looked up.
+    fn offer_to(
+        &mut self,
+        answer: Answer,
+        name: &str,
+        d: &Delivery,
+        live: Full,
+        held: Full,
+        now: Instant,
+    ) -> Offered {
+        match answer {
+            Answer::Live(id) => match self.sessions.get_mut(&id) {
                 Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live, None),
                 None => Offered::Dropped,
             },
-            Some(Answer::Held) => self.hold(name, d, held, now),
-            None => Offered::Dropped,
+            Answer::Held => self.hold(name, d, held, now),
         }
     }
 

@@ -136,10 +136,18 @@ impl Names {
     /// True when a message for `name` is taken now: a live session, or a
     /// name held within its grace.
     pub fn is_open(&self, name: &str, now: Instant) -> bool {
-        match self.slots.get(name) {
-            Some(Slot::Live(_)) => true,
-            Some(Slot::Held { since, .. }) => now.duration_since(*since) < self.limits.grace,
-            None => false,
+        self.open_answer(name, now).is_some()
+    }
+
+    /// Who takes a message for `name` now: [`Names::answer`], but None
+    /// for a name held past its grace too (one lookup where routing
+    /// asked [`Names::is_open`] and then [`Names::answer`]).
+    pub fn open_answer(&self, name: &str, now: Instant) -> Option<Answer> {
+        match self.slots.get(name)? {
+            Slot::Live(id) => Some(Answer::Live(*id)),
+            Slot::Held { since, .. } => {
+                (now.duration_since(*since) < self.limits.grace).then_some(Answer::Held)
+            }
         }
     }
 
