@@ -136,11 +136,7 @@ fn push(out: &mut Out<'_>, text: &[u8], key: Text, value: Text, index: &mut Opti
     let name = key_bytes(text, &key);
     // A 64-bit filter of the keys seen: a key whose bit is not set
     // cannot be a repeat, so the usual message compares no keys.
-    let (f, l) = (
-        u64::from(name.first().copied().unwrap_or(0)),
-        u64::from(name.last().copied().unwrap_or(0)),
-    );
-    let bit = 1u64 << ((name.len() as u64 * 7 + f * 3 + l) & 63);
+    let bit = key_bit(name);
     let seen = out.seen & bit != 0;
     out.seen |= bit;
     if !seen {
@@ -159,6 +155,20 @@ fn push(out: &mut Out<'_>, text: &[u8], key: Text, value: Text, index: &mut Opti
         }
         None => out.fields.push((key, value)),
     }
+}
+
+/// A key's bit in the filter of keys seen: the first and last bytes and
+/// the length, mixed by a multiplicative hash (its top 6 bits), so the
+/// keys of the usual message (`type`, `to`, `from`, `id`, `ts`, `body`)
+/// each get their own bit and never compare.
+#[inline]
+fn key_bit(name: &[u8]) -> u64 {
+    let (f, l) = (
+        u64::from(name.first().copied().unwrap_or(0)),
+        u64::from(name.last().copied().unwrap_or(0)),
+    );
+    let h = f | l << 8 | (name.len() as u64) << 16;
+    1u64 << (h.wrapping_mul(0xc4ce_b9fe_1a85_ec53) >> 58)
 }
 
 fn key_bytes<'a>(text: &'a [u8], k: &'a Text) -> &'a [u8] {
@@ -583,6 +593,13 @@ fn run_swar(s: &[u8]) -> (usize, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_usual_keys_each_have_their_own_filter_bit() {
+        let keys: [&[u8]; 6] = [b"type", b"to", b"from", b"id", b"ts", b"body"];
+        let all = keys.iter().fold(0u64, |acc, k| acc | key_bit(k));
+        assert_eq!(all.count_ones(), 6);
+    }
 
     /// Valid for the scanner exactly when serde_json reads it as an
     /// object.
