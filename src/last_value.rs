@@ -24,7 +24,7 @@
 //!   traffic before taking the mark, so those values reach it live, and
 //!   replaying them later could put an older copy behind a newer one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -34,9 +34,10 @@ pub const DEFAULT_MAX_TOPICS: usize = 100_000;
 /// Default most bytes kept (keys, values and [`ENTRY_OVERHEAD`] each).
 pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 /// What an entry costs beyond its key and value: its slot in the key map,
-/// its node in the key order and in the age map (which hold the key
-/// again, shared), the sequence number and the cost itself.
-pub const ENTRY_OVERHEAD: usize = 192;
+/// its node in the key order and its places in the age log (which hold
+/// the key again, shared: at most two per entry, see
+/// [`LastValues`]'s `by_age`), the sequence number and the cost itself.
+pub const ENTRY_OVERHEAD: usize = 256;
 
 /// The bounds of a [`LastValues`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,9 @@ impl Default for LastValueLimits {
 struct Entry<V> {
     /// The value.
     value: V,
+    /// The topic key again (shared with the map's): what an update
+    /// appends to the age log without a second lookup.
+    key: Bytes,
     /// Its sequence number (its place in the age map, and what a scan
     /// compares with its mark).
     seq: u64,
@@ -78,8 +82,14 @@ pub struct LastValues<V> {
     /// The same keys in key order (prefix scans); touched only when a
     /// topic comes or goes.
     order: BTreeSet<Bytes>,
-    /// Sequence number → key, oldest update first (eviction order).
-    by_age: BTreeMap<u64, Bytes>,
+    /// Every update as (sequence number, key), oldest first: the eviction
+    /// order. An update only appends (the topic's earlier place goes
+    /// stale: its number is no longer the entry's), so updating a known
+    /// topic costs one hash lookup and one append; eviction skips stale
+    /// places, and the log is compacted whenever it holds more than twice
+    /// the entries (amortized O(1) per update, at most two places per
+    /// entry).
+    by_age: VecDeque<(u64, Bytes)>,
     /// The last sequence number given (0: none yet).
     seq: u64,
     /// Bytes charged, all entries together.
@@ -136,7 +146,7 @@ impl<V> LastValues<V> {
             limits,
             entries: HashMap::new(),
             order: BTreeSet::new(),
-            by_age: BTreeMap::new(),
+            by_age: VecDeque::new(),
             seq: 0,
             bytes: 0,
             evictions: 0,
@@ -193,31 +203,44 @@ impl<V> LastValues<V> {
         match self.entries.get_mut(key) {
             Some(e) => {
                 self.bytes = self.bytes - e.cost + cost;
-                let old = e.seq;
                 e.value = value;
                 e.seq = seq;
                 e.cost = cost;
-                if let Some(k) = self.by_age.remove(&old) {
-                    self.by_age.insert(seq, k);
-                }
+                self.by_age.push_back((seq, e.key.clone()));
             }
             None => {
                 let k = Bytes::copy_from_slice(key);
-                self.by_age.insert(seq, k.clone());
+                self.by_age.push_back((seq, k.clone()));
                 self.order.insert(k.clone());
-                self.entries.insert(k, Entry { value, seq, cost });
+                self.entries.insert(
+                    k.clone(),
+                    Entry {
+                        value,
+                        key: k,
+                        seq,
+                        cost,
+                    },
+                );
                 self.bytes += cost;
             }
         }
         while self.entries.len() > self.limits.max_topics || self.bytes > self.limits.max_bytes {
-            let Some((_, k)) = self.by_age.pop_first() else {
+            let Some((at, k)) = self.by_age.pop_front() else {
                 break;
             };
+            if !matches!(self.entries.get(&k), Some(e) if e.seq == at) {
+                continue; // stale: the topic was updated since, or removed
+            }
             if let Some(e) = self.entries.remove(&k) {
                 self.bytes -= e.cost;
             }
             self.order.remove(&k);
             self.evictions += 1;
+        }
+        if self.by_age.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.by_age
+                .retain(|(at, k)| entries.get(k).is_some_and(|e| e.seq == *at));
         }
     }
 
@@ -225,7 +248,7 @@ impl<V> LastValues<V> {
     pub fn remove(&mut self, key: &[u8]) {
         if let Some(e) = self.entries.remove(key) {
             self.bytes -= e.cost;
-            self.by_age.remove(&e.seq);
+            // Its place in the age log goes stale (skipped, compacted).
             self.order.remove(key);
         }
     }
@@ -439,6 +462,31 @@ mod tests {
     }
 
     #[test]
+    fn a_hot_topic_keeps_the_age_log_small_and_the_order_right() {
+        let mut c = cache(3, 1 << 20);
+        c.put(b"a", 0, 1);
+        c.put(b"b", 0, 1);
+        // Ten thousand updates of one topic: the log is compacted as it
+        // goes, never holding more than twice the entries (plus slack).
+        for i in 0..10_000u32 {
+            c.put(b"hot", i, 1);
+            assert!(c.by_age.len() <= 2 * c.entries.len() + 64);
+        }
+        // A topic removed and stored again is as new as its last store.
+        c.remove(b"a");
+        c.put(b"a", 1, 1);
+        // Oldest now: b, then hot, then a.
+        c.put(b"c", 0, 1);
+        c.put(b"d", 0, 1);
+        let keys: Vec<String> = replay(&c, "", c.mark(), 10)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["a", "c", "d"]);
+        assert_eq!(c.evictions(), 2);
+    }
+
+    #[test]
     fn many_topics_stay_within_the_byte_bound() {
         let max = 64 * 1024;
         let mut c = cache(usize::MAX, max);
@@ -451,7 +499,7 @@ mod tests {
             assert!(c.bytes() <= max);
         }
         assert!(c.evictions() > 19_000);
-        assert_eq!(c.entries.len(), c.by_age.len());
+        assert!(c.by_age.len() <= 2 * c.entries.len() + 64);
         assert_eq!(c.entries.len(), c.order.len());
         let sum: usize = c.entries.values().map(|e| e.cost).sum();
         assert_eq!(sum, c.bytes());
