@@ -545,7 +545,7 @@ impl Router {
         match (&to, answer) {
             (Some(target), Some(answer)) => {
                 let live = matches!(answer, Answer::Live(_));
-                match self.offer_to(answer, target, &d, full, Full::Wait, now) {
+                match self.offer_name(target, Some(answer), &d, full, Full::Wait, now) {
                     Offered::Queued if live => delivered += 1,
                     Offered::Queued => held += 1,
                     Offered::Wait(w) => waits.push(w),
@@ -603,40 +603,27 @@ impl Router {
         Some(Blocked { delivery, waits })
     }
 
-    /// Offers a delivery to whoever answers to `name` now (live session or
-    /// held mailbox).
+    /// Offers a delivery to whoever answers to `name` (live session or
+    /// held mailbox), as `answer` says (the caller looked the name up:
+    /// routing once for its check and the offer together).
     /// `live` says what a full live outbox means, `held` what a full
     /// mailbox means.
     fn offer_name(
         &mut self,
         name: &str,
-        d: &Delivery,
-        live: Full,
-        held: Full,
-        now: Instant,
-    ) -> Offered {
-        match self.names.answer(name) {
-            Some(answer) => self.offer_to(answer, name, d, live, held, now),
-            None => Offered::Dropped,
-        }
-    }
-
-    /// [`Router::offer_name`] for a name already looked up.
-    fn offer_to(
-        &mut self,
-        answer: Answer,
-        name: &str,
+        answer: Option<Answer>,
         d: &Delivery,
         live: Full,
         held: Full,
         now: Instant,
     ) -> Offered {
         match answer {
-            Answer::Live(id) => match self.sessions.get_mut(&id) {
+            None => Offered::Dropped,
+            Some(Answer::Live(id)) => match self.sessions.get_mut(&id) {
                 Some(s) => offer(&self.cfg, &mut self.totals, id, s, d, live, None),
                 None => Offered::Dropped,
             },
-            Answer::Held => self.hold(name, d, held, now),
+            Some(Answer::Held) => self.hold(name, d, held, now),
         }
     }
 
@@ -705,7 +692,7 @@ impl Router {
                 let still_this = matches!(answer, Some(Answer::Live(id)) if id == *sid);
                 match name {
                     Some(n) if answer.is_some() && !still_this => {
-                        match self.offer_name(n, d, Full::Wait, Full::Drop, now) {
+                        match self.offer_name(n, answer, d, Full::Wait, Full::Drop, now) {
                             Offered::Wait(w) => Some(w),
                             _ => None,
                         }
@@ -720,16 +707,19 @@ impl Router {
             WaitOn::Held { name } => match self.names.answer(name) {
                 // Back: after what was held for it, whatever its bound (the
                 // sender has waited already).
-                Some(Answer::Live(_)) => {
-                    match self.offer_name(name, d, Full::Force, Full::Wait, now) {
+                Some(live @ Answer::Live(_)) => {
+                    match self.offer_name(name, Some(live), d, Full::Force, Full::Wait, now) {
                         Offered::Queued | Offered::Dropped => None,
                         Offered::Wait(w) => Some(w),
                     }
                 }
-                Some(Answer::Held) => match self.offer_name(name, d, Full::Wait, Full::Wait, now) {
-                    Offered::Wait(w) => Some(w),
-                    _ => None,
-                },
+                Some(Answer::Held) => {
+                    match self.offer_name(name, Some(Answer::Held), d, Full::Wait, Full::Wait, now)
+                    {
+                        Offered::Wait(w) => Some(w),
+                        _ => None,
+                    }
+                }
                 None => {
                     self.totals.dropped_held += 1;
                     d.fail(gone_error);
