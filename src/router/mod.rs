@@ -519,9 +519,9 @@ impl Router {
         let to = msg.str_field("to")?.filter(|t| !t.is_empty());
         // One lookup of the target: found (live, or held within its
         // grace), or an error before anything is encoded.
-        let answer = match &to {
+        let target = match to.as_deref() {
             Some(target) => match self.names.open_answer(target, now) {
-                Some(answer) => Some(answer),
+                Some(answer) => Some((target, answer)),
                 None => {
                     self.totals.dropped_held += self.names.expire(target, now);
                     return Err(ProtocolError::new(
@@ -542,8 +542,8 @@ impl Router {
         self.totals.routed += 1;
         let (mut delivered, mut held) = (0, 0);
         let mut waits = Vec::new();
-        match (&to, answer) {
-            (Some(target), Some(answer)) => {
+        match target {
+            Some((target, answer)) => {
                 let live = matches!(answer, Answer::Live(_));
                 match self.offer_name(target, Some(answer), &d, full, Full::Wait, now) {
                     Offered::Queued if live => delivered += 1,
@@ -552,7 +552,7 @@ impl Router {
                     Offered::Dropped => {}
                 }
             }
-            _ => {
+            None => {
                 // Every live member gets it (waiting for the full ones);
                 // a held mailbox gets it if it has room: a broadcast waits
                 // for members that are reading, not for one that left.
