@@ -11,14 +11,20 @@
 //! [`crate::bounded::Bounded`] hashes with its own, before taking its lock);
 //! the table maps that hash to a position, and each queued item keeps its
 //! hash (and its key, unless the queue reads keys from its items) beside
-//! it, so a lookup compares the key with the one item the hash points at,
-//! and an item leaving the queue removes its entry without hashing or
-//! comparing its key again. Two live keys with the same
-//! 64-bit hash only lose conflation for the older one (it is delivered,
-//! never replaced by the other key's value). The index holds one entry
-//! per queued keyed item, so it is bounded by the queue's own bound (its
-//! keys are slices of, or as long as, the items' topics, which the queue's
-//! byte bound already counts).
+//! it, so a lookup compares the key with the one item the hash points at.
+//! Two live keys with the same 64-bit hash only lose conflation for the
+//! older one (it is delivered, never replaced by the other key's value).
+//!
+//! Items leaving from the front do not touch the table: an entry whose
+//! position is before the queue's head is stale, and a lookup that finds
+//! one treats the key as not queued. With many distinct keys queued (a
+//! lagging subscriber of a wide market) the table outgrows the caches,
+//! and the removal was a cache miss per delivered item; now stale entries
+//! are swept in one sequential pass once they outnumber the queued items
+//! (plus [`SWEEP_SLACK`]), so the sweep costs O(1) per item, amortized.
+//! The table thus holds at most twice the queued items plus that slack,
+//! bounded by the queue's own bound (the keys are slices of, or as long
+//! as, the items' topics, which the queue's byte bound already counts).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -29,17 +35,32 @@ use bytes::Bytes;
 /// randomly keyed hasher, before it takes its lock).
 pub(crate) type KeyHash = u64;
 
+/// Stale entries the table may hold beyond the queued items before a
+/// sweep (so a short queue sweeps rarely: a sweep walks the whole table).
+const SWEEP_SLACK: usize = 1024;
+
 /// Key → position of the one queued item holding that key's newest value.
 #[derive(Debug, Default)]
 pub(crate) struct ConflationIndex {
-    /// Key hash → absolute position of its queued item.
+    /// Key hash → absolute position of its queued item (or of an item
+    /// that has left: stale when before `head`).
     slot: HashMap<KeyHash, u64, BuildHasherDefault<Prehashed>>,
-    /// The key's hash of each queued item and the key itself (None when
-    /// the queue reads it from the item), in queue order (None: pushed
-    /// without a key, never replaced).
-    of_item: VecDeque<Option<(KeyHash, Option<Bytes>)>>,
+    /// The key's hash of each queued item in queue order, 0 for an item
+    /// pushed without a key (a key hashing to 0 is recorded as 1, see
+    /// [`record`]). 8 bytes an item, so
+    /// a long queue's bookkeeping stays small and sequential.
+    of_item: VecDeque<KeyHash>,
+    /// The keys themselves, beside `of_item`, for a queue that is given
+    /// its keys (None until the first such key: a queue that reads keys
+    /// from its items never keeps one).
+    given: Option<VecDeque<Option<Bytes>>>,
     /// Absolute position of the first queued item.
     head: u64,
+}
+
+/// The hash recorded for a key: never 0, which marks an unkeyed item.
+fn record(h: KeyHash) -> KeyHash {
+    h.max(1)
 }
 
 impl ConflationIndex {
@@ -49,51 +70,76 @@ impl ConflationIndex {
     pub(crate) fn candidate(&self, h: KeyHash) -> Option<(usize, Option<&Bytes>)> {
         let at = *self.slot.get(&h)?;
         let i = usize::try_from(at.checked_sub(self.head)?).ok()?;
-        self.of_item.get(i)?.as_ref().map(|(_, k)| (i, k.as_ref()))
+        if *self.of_item.get(i)? != record(h) {
+            return None;
+        }
+        let key = self.given.as_ref().and_then(|g| g.get(i)?.as_ref());
+        Some((i, key))
     }
 
     /// Records an item pushed at the back: its key's hash and the key
     /// itself (None when the queue reads it from the item), or None for
     /// an item pushed without a key.
     pub(crate) fn pushed_hashed(&mut self, key: Option<(KeyHash, Option<Bytes>)>) {
-        if let Some((h, _)) = &key {
-            let at = self.head + self.of_item.len() as u64;
-            self.slot.insert(*h, at);
+        let (h, k) = match key {
+            Some((h, k)) => {
+                let at = self.head + self.of_item.len() as u64;
+                self.slot.insert(h, at);
+                (record(h), k)
+            }
+            None => (0, None),
+        };
+        if k.is_some() && self.given.is_none() {
+            self.given = Some(std::iter::repeat(None).take(self.of_item.len()).collect());
         }
-        self.of_item.push_back(key);
+        if let Some(g) = &mut self.given {
+            g.push_back(k);
+        }
+        self.of_item.push_back(h);
     }
 
-    /// Forgets the first `n` queued items (they left the queue).
+    /// Forgets the first `n` queued items (they left the queue). Their
+    /// entries go stale; they are swept once they outnumber the queued
+    /// items by [`SWEEP_SLACK`].
     pub(crate) fn front_gone(&mut self, n: usize) {
         let n = n.min(self.of_item.len());
-        if self.slot.is_empty() {
-            // Nothing keyed is queued: no entry to look at.
-            self.of_item.drain(..n);
-        } else {
-            for (i, key) in self.of_item.drain(..n).enumerate() {
-                if let Some((h, _)) = key {
-                    let at = self.head + i as u64;
-                    if let std::collections::hash_map::Entry::Occupied(e) = self.slot.entry(h) {
-                        if *e.get() == at {
-                            e.remove();
-                        }
-                    }
-                }
-            }
+        self.of_item.drain(..n);
+        if let Some(g) = &mut self.given {
+            g.drain(..n);
         }
         self.head += n as u64;
+        if self.slot.len() > 2 * self.of_item.len() + SWEEP_SLACK {
+            let head = self.head;
+            self.slot.retain(|_, at| *at >= head);
+            // A table left mostly empty by a drained burst gives its
+            // memory back (keeping room for as many again).
+            if self.slot.capacity() > 4 * (self.slot.len() + SWEEP_SLACK) {
+                self.slot.shrink_to(2 * (self.slot.len() + SWEEP_SLACK));
+            }
+        }
     }
 
     /// Rebuilds the index after items were taken from anywhere in the
     /// queue; `kept` tells, per former item in order, whether it stayed.
     pub(crate) fn retain(&mut self, mut kept: impl FnMut(usize) -> bool) {
         let old = std::mem::take(&mut self.of_item);
+        let mut old_keys = self.given.take();
         self.slot.clear();
-        for (i, key) in old.into_iter().enumerate() {
+        for (i, h) in old.into_iter().enumerate() {
+            let k = old_keys.as_mut().and_then(|g| g.get_mut(i)?.take());
             if kept(i) {
-                self.pushed_hashed(key);
+                // The recorded hash stands in for the key's own (they
+                // differ only for a key hashing to 0, which then just is
+                // not found again: its item is delivered, not replaced).
+                self.pushed_hashed((h != 0).then_some((h, k)));
             }
         }
+    }
+
+    /// Entries in the table (live and stale), for tests.
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.slot.len()
     }
 }
 
@@ -182,5 +228,59 @@ mod tests {
         assert_eq!(ix.find_hashed(h, b"b"), Some(0));
         ix.front_gone(1);
         assert_eq!(ix.find_hashed(h, b"b"), None);
+    }
+
+    #[test]
+    fn items_leaving_leave_stale_entries_that_are_swept_in_bounds() {
+        let mut ix = ConflationIndex::default();
+        // A lagging subscriber of a wide market: distinct keys, each
+        // delivered a while after it was queued.
+        for i in 0..20_000u32 {
+            ix.pushed(k(&format!("t{i}")));
+            if i >= 100 {
+                ix.front_gone(1);
+            }
+            assert!(ix.entries() <= 2 * ix.of_item.len() + SWEEP_SLACK + 1);
+        }
+        assert_eq!(ix.of_item.len(), 100);
+        // A stale entry is never a candidate, a live one is.
+        assert_eq!(ix.find(b"t0"), None);
+        assert_eq!(ix.find(b"t19999"), Some(99));
+        assert_eq!(ix.find(b"t19900"), Some(0));
+        assert_eq!(ix.find(b"t19899"), None);
+        // A key pushed again after its item left is found at its new place.
+        ix.pushed(k("t5"));
+        assert_eq!(ix.find(b"t5"), Some(100));
+        // Everything delivered: the table is swept down to nothing.
+        ix.front_gone(usize::MAX);
+        assert_eq!(ix.find(b"t5"), None);
+        for i in 0..2 * SWEEP_SLACK {
+            ix.pushed(k(&format!("u{i}")));
+            ix.front_gone(1);
+        }
+        assert!(ix.entries() <= SWEEP_SLACK + 1, "{}", ix.entries());
+    }
+
+    #[test]
+    fn keys_given_after_unkeyed_and_read_keys_stay_aligned() {
+        let mut ix = ConflationIndex::default();
+        // Items whose key the queue reads itself, and one without a key.
+        ix.pushed_hashed(Some((ix.hash(b"x"), None)));
+        ix.pushed_hashed(None);
+        assert!(
+            ix.given.is_none(),
+            "no copy of a key is kept until one is given"
+        );
+        ix.pushed(k("a"));
+        assert_eq!(
+            ix.candidate(ix.hash(b"x")).map(|(i, k)| (i, k.is_none())),
+            Some((0, true))
+        );
+        assert_eq!(ix.find(b"a"), Some(2));
+        ix.front_gone(1);
+        assert_eq!(ix.find(b"a"), Some(1));
+        ix.retain(|i| i != 0);
+        assert_eq!(ix.find(b"a"), Some(0));
+        assert_eq!(ix.given.as_ref().map(|g| g.len()), Some(1));
     }
 }

@@ -88,11 +88,13 @@ impl SubPeer {
         }
     }
 
-    /// The same peer with a queue that conflates by topic frame.
+    /// The same peer with a queue that conflates by topic frame (read
+    /// from each queued message's wire bytes: nothing is kept per item
+    /// for the key but its hash).
     pub(super) fn conflating(self) -> SubPeer {
         let (items, bytes) = self.queue.bounds();
         SubPeer {
-            queue: WireQueue::conflating(items, bytes),
+            queue: WireQueue::conflating_by(items, bytes, |w| zmtp::first_frame_of(w)),
             conflate: true,
             ..self
         }
@@ -525,16 +527,12 @@ impl Hub {
         self.remember(msg, numbered);
         let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut forms = Forms::new(msg, numbered);
-        let mut topic_key: Option<Bytes> = None;
         idx.for_each_match(msg.first_frame(), |peer| {
             let Some(wire) = forms.for_peer(peer, &self.stats) else {
                 return;
             };
             let pushed = if peer.conflate {
-                let key = topic_key
-                    .get_or_insert_with(|| msg.wire.slice_ref(msg.first_frame()))
-                    .clone();
-                let (pushed, old) = peer.queue.push_keyed(wire.clone(), key);
+                let (pushed, old) = peer.queue.push_by_key(wire.clone());
                 if old.is_some() {
                     self.stats.conflated.fetch_add(1, Ordering::Relaxed);
                 }

@@ -106,7 +106,7 @@ impl Hub {
             // A conflating peer's queue keys by topic, as dispatch does: a
             // newer live value then takes this one's place.
             let pushed = if peer.conflate {
-                let (pushed, old) = peer.queue.push_keyed(form, Bytes::copy_from_slice(topic));
+                let (pushed, old) = peer.queue.push_by_key(form);
                 if old.is_some() {
                     conflated += 1;
                 }

@@ -359,6 +359,13 @@ pub fn put_subscription(out: &mut BytesMut, subscribe: bool, prefix: &[u8]) {
     out.put_slice(prefix);
 }
 
+/// The first frame's body of a message's wire bytes (frame headers
+/// included), or nothing when they hold no complete frame: a queued
+/// envelope's topic, read where it lies (a conflating queue's key).
+pub fn first_frame_of(wire: &[u8]) -> &[u8] {
+    FrameIter { rest: wire }.next().unwrap_or(&[])
+}
+
 /// A complete multipart message as received: its wire bytes (frame headers
 /// included, ready to forward) and its frame count.
 #[derive(Debug, Clone)]
