@@ -415,7 +415,15 @@ async fn netns_helper() {
 
 /// The cut-link test's receiver: says FLOWING once envelopes arrive and
 /// its PINGs are answered, NOTICED once it counted a heartbeat timeout, RESUMED once envelopes
-/// arrive on a new connection. Ends by itself within 120 s.
+/// arrive on a new connection. Stays connected and subscribed after that,
+/// until killed or 120 s have passed: its subscription is what lets the
+/// publisher (which filters at the source) send, and the publisher counts
+/// its own resume only after it. Leaving at RESUMED could cancel that
+/// subscription before the publisher got there (the receiver may count an
+/// envelope the publisher queued before the cut, sent on its new
+/// connection, so it can finish one accepted envelope ahead); the
+/// publisher would then drop everything, as a PUB with no subscriber
+/// does, and never say RESUMED.
 async fn beat_sub(addr: &str) {
     let mut cfg = ReceiverConfig::new(addr, "ns-beat-sub");
     cfg.topics = vec!["NS/".into()];
@@ -425,7 +433,7 @@ async fn beat_sub(addr: &str) {
     r.start().expect("start");
     let end = tokio::time::Instant::now() + Duration::from_secs(120);
     let (mut phase, mut since) = (0, 0u64);
-    while tokio::time::Instant::now() < end && phase < 3 {
+    while tokio::time::Instant::now() < end {
         let got = r.recv_timeout(Duration::from_millis(50)).await.is_some();
         let s = r.stats();
         let stats = serde_json::to_string(&s).unwrap_or_default();
@@ -450,6 +458,7 @@ async fn beat_sub(addr: &str) {
                     phase = 3;
                 }
             }
+            // Resumed: keep receiving (and subscribed) until killed.
             _ => {}
         }
     }

@@ -251,6 +251,7 @@ async fn run<L: Link>(target: Arc<Target>, link: Arc<L>, ctl: Control) {
         match dialed {
             Ok(conn) => {
                 backoff.reset();
+                tracing::debug!(client = L::KIND, %endpoint, reconnect = !first, "connected");
                 link.on_connect(&conn.info, !first);
                 first = false;
                 ctl.status.set_connected(true);

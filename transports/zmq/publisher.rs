@@ -398,6 +398,7 @@ async fn serve(shared: &Shared, conn: Dialed, ctl: &Control) -> Disconnect {
         loop {
             while let Some(item) = reader.next_item()? {
                 if let Some(change) = SubChange::from_inbound(&item) {
+                    tracing::trace!(?change, "publisher: subscription from the proxy");
                     match change {
                         SubChange::Subscribe(p) => shared.subs_mut().subscribe(p),
                         SubChange::Cancel(p) => shared.subs_mut().cancel(&p),
