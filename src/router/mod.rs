@@ -569,12 +569,12 @@ impl Router {
                 }
                 targets.clear();
                 self.targets = targets;
-                for name in self.names.held() {
-                    match self.hold(&name, &d, Full::Drop, now) {
-                        Offered::Queued => held += 1,
-                        Offered::Wait(w) => waits.push(w),
-                        Offered::Dropped => {}
-                    }
+                let (queued, refused) = self.names.hold_all(&d, now);
+                held += queued as usize;
+                self.totals.held += queued;
+                if refused > 0 {
+                    self.totals.dropped_held += refused;
+                    d.fail(gone_error);
                 }
             }
         }

@@ -153,7 +153,8 @@ impl Names {
         }
     }
 
-    /// The held names (a broadcast offers them a copy).
+    /// The held names.
+    #[cfg(test)]
     pub fn held(&self) -> Vec<String> {
         self.slots
             .iter()
@@ -248,6 +249,42 @@ impl Names {
         *bytes += charge;
         self.budget.charge(charge);
         Hold::Queued
+    }
+
+    /// Offers a copy to every held mailbox (a broadcast): each takes it
+    /// if it is within its grace and has room, as [`Names::hold`] without
+    /// `force`. Returns how many took it and how many did not. One pass
+    /// over the names, no lookup or copy of a name per mailbox.
+    pub fn hold_all(&mut self, d: &Delivery, now: Instant) -> (u64, u64) {
+        let (mut queued, mut refused) = (0, 0);
+        let mut charge = None;
+        for slot in self.slots.values_mut() {
+            let Slot::Held {
+                since,
+                queue,
+                bytes,
+            } = slot
+            else {
+                continue;
+            };
+            if now.duration_since(*since) >= self.limits.grace {
+                refused += 1;
+                continue;
+            }
+            let charge = *charge.get_or_insert_with(|| d.charge());
+            let full = queue.len() >= self.limits.count
+                || (*bytes + charge > self.limits.bytes && !queue.is_empty())
+                || (self.budget.full() && !queue.is_empty());
+            if full {
+                refused += 1;
+                continue;
+            }
+            queue.push_back(d.without_ack().held(now));
+            *bytes += charge;
+            self.budget.charge(charge);
+            queued += 1;
+        }
+        (queued, refused)
     }
 
     /// Gives back copies a gone session's writer could not write: they go
@@ -485,5 +522,27 @@ mod tests {
         let live: Vec<_> = n.live().collect();
         assert_eq!(live, vec![("a", 1)]);
         assert_eq!(n.held(), vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn a_broadcast_copy_goes_to_each_held_mailbox_with_room_within_its_grace() {
+        let mut n = names(2, 1 << 20, 1 << 20);
+        let t = Instant::now();
+        let t3 = t + Duration::from_secs(3);
+        n.claim("live", 9, t);
+        came_and_went(&mut n, "a", 1, t);
+        came_and_went(&mut n, "b", 2, t3);
+        assert_eq!(n.hold_all(&copy(0), t3), (2, 0));
+        assert_eq!(n.hold("a", &copy(1), false, t3), Hold::Queued);
+        // a is full (2 copies): only b takes the next one.
+        assert_eq!(n.hold_all(&copy(2), t3), (1, 1));
+        // Past a's grace (not b's): a refuses, and b is full now too.
+        assert_eq!(n.hold_all(&copy(3), t + GRACE), (0, 2));
+        let t6 = t + Duration::from_secs(6);
+        let c = n.claim("b", 3, t6);
+        assert_eq!(first_bytes(&c.replay), vec![0, 2]);
+        // The charges went to the budget and back with the mailboxes.
+        assert_eq!(n.expire("a", t6), 2);
+        assert_eq!(n.budget.used(), 0);
     }
 }
