@@ -469,7 +469,8 @@ pub fn cost_throughput(
             ));
         }
         let secs = last.saturating_duration_since(t0).as_secs_f64().max(1e-9);
-        Ok((vec![got as f64 / secs], Some(note.into())))
+        let cpu_per = cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
+        Ok((vec![got as f64 / secs, cpu_per], Some(note.into())))
     })();
     stop.cancel();
     let _ = proxy_rt.block_on(task);
