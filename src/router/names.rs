@@ -227,28 +227,10 @@ impl Names {
     /// own bounds do not refuse it (its sender has waited already). The
     /// copy keeps no receipt: held counts as delivered for its sender.
     pub fn hold(&mut self, name: &str, d: &Delivery, force: bool, now: Instant) -> Hold {
-        let Some(Slot::Held {
-            since,
-            queue,
-            bytes,
-        }) = self.slots.get_mut(name)
-        else {
-            return Hold::Closed;
-        };
-        if now.duration_since(*since) >= self.limits.grace {
-            return Hold::Closed;
+        match self.slots.get_mut(name) {
+            Some(slot) => offer_held(slot, &self.limits, &self.budget, d, d.charge(), force, now),
+            None => Hold::Closed,
         }
-        let charge = d.charge();
-        let full = queue.len() >= self.limits.count
-            || (*bytes + charge > self.limits.bytes && !queue.is_empty())
-            || (self.budget.full() && !queue.is_empty());
-        if full && !force {
-            return Hold::Full;
-        }
-        queue.push_back(d.without_ack().held(now));
-        *bytes += charge;
-        self.budget.charge(charge);
-        Hold::Queued
     }
 
     /// Offers a copy to every held mailbox (a broadcast): each takes it
@@ -259,30 +241,14 @@ impl Names {
         let (mut queued, mut refused) = (0, 0);
         let mut charge = None;
         for slot in self.slots.values_mut() {
-            let Slot::Held {
-                since,
-                queue,
-                bytes,
-            } = slot
-            else {
-                continue;
-            };
-            if now.duration_since(*since) >= self.limits.grace {
-                refused += 1;
+            if !matches!(slot, Slot::Held { .. }) {
                 continue;
             }
             let charge = *charge.get_or_insert_with(|| d.charge());
-            let full = queue.len() >= self.limits.count
-                || (*bytes + charge > self.limits.bytes && !queue.is_empty())
-                || (self.budget.full() && !queue.is_empty());
-            if full {
-                refused += 1;
-                continue;
+            match offer_held(slot, &self.limits, &self.budget, d, charge, false, now) {
+                Hold::Queued => queued += 1,
+                Hold::Full | Hold::Closed => refused += 1,
             }
-            queue.push_back(d.without_ack().held(now));
-            *bytes += charge;
-            self.budget.charge(charge);
-            queued += 1;
         }
         (queued, refused)
     }
@@ -385,6 +351,41 @@ impl Names {
         held.sort_by(|a, b| a.name.cmp(&b.name));
         held
     }
+}
+
+/// Offers a copy, charged `charge` bytes, to a held mailbox: refused
+/// past the grace (or when `slot` is live), and when full unless `force`
+/// (see [`Names::hold`]); queued without its receipt otherwise.
+fn offer_held(
+    slot: &mut Slot,
+    limits: &HoldLimits,
+    budget: &Budget,
+    d: &Delivery,
+    charge: usize,
+    force: bool,
+    now: Instant,
+) -> Hold {
+    let Slot::Held {
+        since,
+        queue,
+        bytes,
+    } = slot
+    else {
+        return Hold::Closed;
+    };
+    if now.duration_since(*since) >= limits.grace {
+        return Hold::Closed;
+    }
+    let full = queue.len() >= limits.count
+        || (bytes.saturating_add(charge) > limits.bytes && !queue.is_empty())
+        || (budget.full() && !queue.is_empty());
+    if full && !force {
+        return Hold::Full;
+    }
+    queue.push_back(d.without_ack().held(now));
+    *bytes = bytes.saturating_add(charge);
+    budget.charge(charge);
+    Hold::Queued
 }
 
 #[cfg(test)]

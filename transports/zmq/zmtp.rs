@@ -396,7 +396,7 @@ impl RawMessage {
 
     /// The first frame's body (the topic of an envelope).
     pub fn first_frame(&self) -> &[u8] {
-        self.frames().next().unwrap_or(&[])
+        first_frame_of(&self.wire)
     }
 
     /// Total body bytes (without frame headers).
