@@ -39,7 +39,10 @@
 //!
 //! Keyed pushes ([`Bounded::push_keyed`], a queue made with
 //! [`Bounded::conflating`]) conflate: the newest value of a key replaces
-//! the queued one in its place (the index is `conflation.rs`).
+//! the queued one in its place (the index is `conflation.rs`). The
+//! index's memory counts against the byte bound beside the items
+//! ([`Bounded::index_bytes`] shows it), including what the next push would
+//! make it grow by, so every check of room agrees with the push's.
 //!
 //! The Unix sessions' outbox (`outbox.rs`) is this queue over deliveries
 //! plus what only it needs on top: a byte budget several queues share
@@ -207,6 +210,23 @@ impl<T> Inner<T> {
     fn out_bytes(&self) -> usize {
         self.bytes + self.taken_bytes
     }
+
+    /// Heap bytes of the conflation index (0 for a plain queue).
+    fn index_bytes(&self) -> usize {
+        self.keys.as_ref().map_or(0, ConflationIndex::heap_bytes)
+    }
+
+    /// What counts against the byte bound: the bytes not yet written and
+    /// the conflation index that keeps track of them, with what its next
+    /// push would add (so every check of room agrees with the push's: a
+    /// producer woken for room finds it).
+    fn charged(&self) -> usize {
+        self.out_bytes()
+            + self
+                .keys
+                .as_ref()
+                .map_or(0, |k| k.heap_bytes() + k.push_growth())
+    }
 }
 
 /// A queue bounded in items and bytes, with non-waiting pushes and async
@@ -272,7 +292,7 @@ impl<T: Weigh> Bounded<T> {
                 room_waiters: 0,
                 blocked: 0,
                 closed: false,
-                keys: conflate.then(ConflationIndex::default),
+                keys: conflate.then(ConflationIndex::keeping_keys),
             }),
             ready: Notify::new(),
             ready_blocking: Condvar::new(),
@@ -296,6 +316,9 @@ impl<T: Weigh> Bounded<T> {
     ) -> Bounded<T> {
         let mut q = Bounded::conflating(max_items, max_bytes);
         q.key_of = Some(key_of);
+        if let Ok(g) = q.inner.get_mut() {
+            g.keys = Some(ConflationIndex::default());
+        }
         q
     }
 
@@ -465,11 +488,11 @@ impl<T: Weigh> Bounded<T> {
         self.key_of.map_or(&[][..], |f| f(item))
     }
 
-    /// Whether a bounded push of an item of `len` bytes is refused by the
+    /// Whether a bounded push adding `len` bytes is refused by the
     /// bounds (the caller has checked that something is outstanding).
     fn at_bound(&self, g: &Inner<T>, len: usize) -> bool {
         let l = &self.limits;
-        let bytes = g.out_bytes();
+        let bytes = g.charged();
         g.out_items() >= l.max_items
             || if l.fill_to_bound {
                 bytes >= l.max_bytes
@@ -619,6 +642,12 @@ impl<T: Weigh> Bounded<T> {
         (g.out_items(), g.out_bytes())
     }
 
+    /// Heap bytes of a conflating queue's index (0 for a plain queue),
+    /// counted against the byte bound beside [`Bounded::outstanding`].
+    pub fn index_bytes(&self) -> usize {
+        self.lock().index_bytes()
+    }
+
     /// Whether nothing is outstanding (queued or in a writer's batch).
     pub fn is_idle(&self) -> bool {
         self.lock().out_items() == 0
@@ -629,7 +658,7 @@ impl<T: Weigh> Bounded<T> {
     pub fn is_full(&self) -> bool {
         let g = self.lock();
         let out = g.out_items();
-        out != 0 && (out >= self.limits.max_items || g.out_bytes() >= self.limits.max_bytes)
+        out != 0 && (out >= self.limits.max_items || g.charged() >= self.limits.max_bytes)
     }
 
     /// Whether a producer waiting for room may go on: outstanding work is
@@ -647,7 +676,7 @@ impl<T: Weigh> Bounded<T> {
     /// Whether outstanding work is at or below the low-water mark.
     fn below_low(&self, g: &Inner<T>) -> bool {
         let out = g.out_items();
-        out == 0 || (out <= self.limits.low_items && g.out_bytes() <= self.limits.low_bytes)
+        out == 0 || (out <= self.limits.low_items && g.charged() <= self.limits.low_bytes)
     }
 
     /// Records that the consumer made progress (its socket accepted bytes).
@@ -686,7 +715,7 @@ impl<T: Weigh> Bounded<T> {
             let out = g.out_items();
             let fits = out == 0
                 || (out < self.limits.max_items
-                    && g.out_bytes().saturating_add(len) <= self.limits.max_bytes);
+                    && g.charged().saturating_add(len) <= self.limits.max_bytes);
             if g.closed || (fits && self.below_low(&g)) {
                 return;
             }
@@ -1138,6 +1167,45 @@ mod tests {
     }
 
     #[test]
+    fn a_conflating_queue_counts_its_index_against_the_byte_bound() {
+        const BOUND: usize = 1 << 20;
+        let plain: Bounded<Bytes> = Bounded::new(1 << 20, BOUND);
+        let q: Bounded<Bytes> = Bounded::conflating(1 << 20, BOUND);
+        let fill = |q: &Bounded<Bytes>| {
+            let mut n = 0usize;
+            while q.push_keyed(b(100), key(&format!("topic-{n}"))).0 == Pushed::Ok {
+                let (_, bytes) = q.outstanding();
+                assert!(bytes + q.index_bytes() <= BOUND, "item {n}: past the bound");
+                n += 1;
+            }
+            n
+        };
+        let (plain_n, n) = (fill(&plain), fill(&q));
+        assert_eq!(plain.index_bytes(), 0, "a plain queue keeps no index");
+        assert_eq!(plain_n, BOUND / 100, "the items alone fill a plain queue");
+        let index = q.index_bytes();
+        assert!(
+            index > n * 8,
+            "the index is counted: {index} bytes for {n} items"
+        );
+        assert!(
+            n < plain_n,
+            "its bookkeeping takes room: {n} items of 100 B"
+        );
+        assert!(!q.has_room(), "refusing: no room for waiting producers");
+        // Delivered: the bookkeeping is given back and the queue takes a
+        // full load again.
+        while q.pop().is_some() {}
+        assert!(
+            q.index_bytes() < index / 8,
+            "{} of {index} kept",
+            q.index_bytes()
+        );
+        assert!(q.has_room());
+        assert_eq!(fill(&q), n);
+    }
+
+    #[test]
     fn a_queue_reading_keys_from_its_items_conflates_the_same() {
         // Items are (key, payload) byte strings: the key is the first byte.
         let q: Bounded<Bytes> = Bounded::conflating_by(3, 1 << 20, |b: &Bytes| &b[..1]);
@@ -1283,9 +1351,10 @@ mod tests {
                 .unwrap_or_else(|_| panic!("{name} woke the waiter"));
         }
         // A replacement in place by a smaller value gives bytes back.
-        let q = Bounded::with_limits(Limits::new(10, 100).low_water(10, 60), true);
-        q.push_keyed(b(50), key("a"));
-        q.push(b(40));
+        // (Bounds leaving room for the index's few hundred bytes.)
+        let q = Bounded::with_limits(Limits::new(10, 2000).low_water(10, 1000), true);
+        q.push_keyed(b(900), key("a"));
+        q.push(b(100));
         let wait = q.room_wait();
         assert!(!q.has_room());
         q.push_keyed(b(5), key("a"));

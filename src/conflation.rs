@@ -22,9 +22,17 @@
 //! and the removal was a cache miss per delivered item; now stale entries
 //! are swept in one sequential pass once they outnumber the queued items
 //! (plus [`SWEEP_SLACK`]), so the sweep costs O(1) per item, amortized.
-//! The table thus holds at most twice the queued items plus that slack,
-//! bounded by the queue's own bound (the keys are slices of, or as long
-//! as, the items' topics, which the queue's byte bound already counts).
+//! The table thus holds at most twice the queued items plus that slack.
+//!
+//! What the index holds in memory counts against its queue's byte bound
+//! ([`ConflationIndex::heap_bytes`], an estimate from the capacities of
+//! its table and deques, and [`ConflationIndex::push_growth`], what the
+//! next push would add), so a conflating queue of small items is bounded
+//! in bytes by what it really holds, not only by its item count. A
+//! drained burst gives that memory back: the table is shrunk when it
+//! sweeps, the deques when they are mostly empty. The keys themselves are
+//! slices of, or as long as, the items' topics, which the items' own
+//! weight already counts.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -37,7 +45,27 @@ pub(crate) type KeyHash = u64;
 
 /// Stale entries the table may hold beyond the queued items before a
 /// sweep (so a short queue sweeps rarely: a sweep walks the whole table).
-const SWEEP_SLACK: usize = 1024;
+const SWEEP_SLACK: usize = 256;
+
+/// Deque slots kept beyond four times the queued items before a deque
+/// is shrunk (so a short queue does not shrink and regrow all the time).
+const DEQUE_SLACK: usize = 64;
+
+/// Buckets of a table with room for `cap` entries (a power of two; 1/8
+/// kept empty from 8 buckets on, one below that).
+fn buckets(cap: usize) -> usize {
+    match cap {
+        0 => 0,
+        1..=7 => cap + 1,
+        _ => cap / 7 * 8,
+    }
+}
+
+/// Heap bytes of `n` buckets: a `(hash, position)` pair and a control
+/// byte each.
+fn bucket_bytes(n: usize) -> usize {
+    n * (std::mem::size_of::<(KeyHash, u64)>() + 1)
+}
 
 /// Key → position of the one queued item holding that key's newest value.
 #[derive(Debug, Default)]
@@ -51,8 +79,9 @@ pub(crate) struct ConflationIndex {
     /// a long queue's bookkeeping stays small and sequential.
     of_item: VecDeque<KeyHash>,
     /// The keys themselves, beside `of_item`, for a queue that is given
-    /// its keys (None until the first such key: a queue that reads keys
-    /// from its items never keeps one).
+    /// its keys (see [`ConflationIndex::keeping_keys`]; made at the first
+    /// given key otherwise: a queue that reads keys from its items never
+    /// keeps one).
     given: Option<VecDeque<Option<Bytes>>>,
     /// Absolute position of the first queued item.
     head: u64,
@@ -64,6 +93,16 @@ fn record(h: KeyHash) -> KeyHash {
 }
 
 impl ConflationIndex {
+    /// The index of a queue that is given its keys (it keeps them, beside
+    /// each item's hash). [`ConflationIndex::default`] is that of a queue
+    /// that reads each item's key from the item.
+    pub(crate) fn keeping_keys() -> ConflationIndex {
+        ConflationIndex {
+            given: Some(VecDeque::new()),
+            ..ConflationIndex::default()
+        }
+    }
+
     /// The queued item whose key has hash `h`, if any: its place, and its
     /// key when recorded (otherwise the caller compares the item's own
     /// key: another key may share the hash).
@@ -108,7 +147,8 @@ impl ConflationIndex {
             g.drain(..n);
         }
         self.head += n as u64;
-        if self.slot.len() > 2 * self.of_item.len() + SWEEP_SLACK {
+        let len = self.of_item.len();
+        if self.slot.len() > 2 * len + SWEEP_SLACK {
             let head = self.head;
             self.slot.retain(|_, at| *at >= head);
             // A table left mostly empty by a drained burst gives its
@@ -117,6 +157,48 @@ impl ConflationIndex {
                 self.slot.shrink_to(2 * (self.slot.len() + SWEEP_SLACK));
             }
         }
+        // So do the deques (each shrink halves one at least, after at
+        // least as many items left: O(1) per item, amortized).
+        if self.of_item.capacity() > 4 * len + DEQUE_SLACK {
+            self.of_item.shrink_to(2 * len + DEQUE_SLACK);
+            if let Some(g) = &mut self.given {
+                g.shrink_to(2 * len + DEQUE_SLACK);
+            }
+        }
+    }
+
+    /// The index's heap bytes, estimated from the capacities of its table
+    /// and deques: what it costs against its queue's byte bound.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        bucket_bytes(buckets(self.slot.capacity()))
+            + self.of_item.capacity() * std::mem::size_of::<KeyHash>()
+            + self
+                .given
+                .as_ref()
+                .map_or(0, |g| g.capacity() * std::mem::size_of::<Option<Bytes>>())
+    }
+
+    /// What pushing one more keyed item would add to
+    /// [`ConflationIndex::heap_bytes`]: the growth of whatever is full (a
+    /// table or deque at its capacity doubles), else 0. Lets a queue
+    /// refuse a push whose bookkeeping would take it past its bound.
+    pub(crate) fn push_growth(&self) -> usize {
+        let mut grow = 0;
+        let cap = self.slot.capacity();
+        if self.slot.len() >= cap {
+            // A full table doubles its buckets (4 at first).
+            grow += bucket_bytes(match buckets(cap) {
+                0 => 4,
+                b => b,
+            });
+        }
+        if self.of_item.len() >= self.of_item.capacity() {
+            grow += self.of_item.capacity().max(4) * std::mem::size_of::<KeyHash>();
+        }
+        if let Some(g) = self.given.as_ref().filter(|g| g.len() >= g.capacity()) {
+            grow += g.capacity().max(4) * std::mem::size_of::<Option<Bytes>>();
+        }
+        grow
     }
 
     /// Rebuilds the index after items were taken from anywhere in the
@@ -259,6 +341,33 @@ mod tests {
             ix.front_gone(1);
         }
         assert!(ix.entries() <= SWEEP_SLACK + 1, "{}", ix.entries());
+    }
+
+    #[test]
+    fn heap_bytes_grow_only_as_foretold_and_come_back_after_a_burst() {
+        let mut ix = ConflationIndex::keeping_keys();
+        assert_eq!(ix.heap_bytes(), 0);
+        for i in 0..50_000u32 {
+            let (before, grow) = (ix.heap_bytes(), ix.push_growth());
+            ix.pushed(k(&format!("t{i}")));
+            assert!(
+                ix.heap_bytes() <= before + grow,
+                "push {i}: {} > {before} + {grow}",
+                ix.heap_bytes()
+            );
+        }
+        // The table, the hashes and the kept keys are all counted.
+        let full = ix.heap_bytes();
+        assert!(full >= 50_000 * (17 + 8 + 32), "{full}");
+        for i in 0..50_000 {
+            ix.front_gone(1);
+            assert!(ix.heap_bytes() <= full, "item {i}");
+        }
+        assert!(
+            ix.heap_bytes() < full / 50,
+            "{} of {full} kept",
+            ix.heap_bytes()
+        );
     }
 
     #[test]

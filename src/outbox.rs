@@ -464,6 +464,12 @@ impl Outbox {
         self.shared.queue.outstanding().1
     }
 
+    /// Bytes of the conflation index (a conflating outbox; 0 otherwise),
+    /// counted against the outbox's byte bound beside [`Self::bytes`].
+    pub fn index_bytes(&self) -> usize {
+        self.shared.queue.index_bytes()
+    }
+
     /// True when nothing is outstanding.
     pub fn is_empty(&self) -> bool {
         self.shared.queue.is_idle()

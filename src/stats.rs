@@ -84,6 +84,10 @@ pub struct EndpointStats {
     /// Their bytes.
     #[serde(default)]
     pub queued_bytes: usize,
+    /// Bytes of its outbox's conflation index (`--slow-policy conflate`;
+    /// 0 otherwise), counted against the outbox's byte bound too.
+    #[serde(default)]
+    pub index_bytes: usize,
     /// True while declared stuck by the slow-consumer timeout.
     #[serde(default)]
     pub stuck: bool,

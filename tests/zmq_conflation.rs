@@ -165,6 +165,9 @@ async fn a_conflating_receiver_catches_up_with_the_newest_of_every_topic() {
         // The application reads nothing until the receiver has read all.
         let all = eventually(Duration::from_secs(40), || r.stats().received >= N).await;
         assert!(all, "receiver read the burst: {:?}", r.stats());
+        // The queue's bookkeeping is counted and shown (against its bound).
+        let held = r.stats();
+        assert!(held.index_bytes > 0, "{held:?}");
         publish_live(&p);
         let mut last = HashMap::new();
         let (mut got, mut live) = (0u64, 0u64);
@@ -227,6 +230,15 @@ async fn a_paused_unix_subscriber_gets_the_newest_of_every_topic_then_live() {
         // Routed: the registrations, subscriptions... and the burst.
         let routed = eventually(Duration::from_secs(40), || bus.totals().routed >= N).await;
         assert!(routed, "burst routed: {:?}", bus.totals());
+        // The outbox's bookkeeping shows per endpoint (the subscriber has
+        // not read: its outbox holds a conflated burst).
+        let st = Raw::stats(&bus.socket).await;
+        let sub_st = st["stats"]["router"]["endpoints"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["name"] == "sub"))
+            .cloned()
+            .unwrap_or_default();
+        assert!(sub_st["index_bytes"].as_u64() > Some(0), "{sub_st}");
         for n in 0..LIVE {
             publ.send(&json!({"type": "publish", "topic": format!("L/{n}"), "data": n}))
                 .await;

@@ -1096,6 +1096,7 @@ impl Router {
                     transport: s.transport.to_owned(),
                     queued: s.outbox.len(),
                     queued_bytes: s.outbox.bytes(),
+                    index_bytes: s.outbox.index_bytes(),
                     stuck: s.outbox.is_stuck(),
                     counters: s.counters,
                 })

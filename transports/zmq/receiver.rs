@@ -225,6 +225,9 @@ crate::counters::counters! {
         /// Bytes of the envelopes waiting for `recv` now (bounded by
         /// `queue_bytes`).
         queued_bytes: u64,
+        /// Bytes of the conflation index of the queue (`conflate`; 0
+        /// otherwise): counted against `queue_bytes` with `queued_bytes`.
+        index_bytes: u64,
     }
 }
 
@@ -435,6 +438,7 @@ impl Receiver {
         st.seq_forgotten = t.forgotten;
         st.seq_bytes = t.bytes;
         st.queued_bytes = sh.queue.bytes() as u64;
+        st.index_bytes = sh.queue.index_bytes() as u64;
         st
     }
 
