@@ -305,6 +305,21 @@ fn bounds(size: usize, quick: bool) -> Bounds {
     Bounds { max_msgs, max_time }
 }
 
+/// Bounds of a plain-blast run: four times the usual count and time (a
+/// run of the usual length, well under a second at 100 B, measured the
+/// start more than the flow: buffers growing, threads waking; each
+/// subject's spread from run to run was about 2x).
+fn blast_bounds(size: usize, quick: bool) -> Bounds {
+    let b = bounds(size, quick);
+    if quick {
+        return b;
+    }
+    Bounds {
+        max_msgs: b.max_msgs * 4,
+        max_time: b.max_time * 4,
+    }
+}
+
 fn size_name(size: usize) -> String {
     if size >= 1024 {
         format!("{} KB", size / 1024)
@@ -648,7 +663,7 @@ fn main() {
             continue;
         }
         eprintln!("{case}");
-        let b = bounds(size, args.quick);
+        let b = blast_bounds(size, args.quick);
         let rd = rds.as_ref().map_err(|e| e.clone());
         let out = interleave(
             runs,
@@ -687,7 +702,7 @@ fn main() {
     let case = "unix 10→1 100 B plain-blast".to_string();
     if want(&case) {
         eprintln!("{case}");
-        let b = bounds(100, args.quick);
+        let b = blast_bounds(100, args.quick);
         let out = interleave(
             runs,
             1,
@@ -710,7 +725,7 @@ fn main() {
     let case = "unix 10→1 100 B plain-blast, senders close after writing".to_string();
     if want(&case) {
         eprintln!("{case}");
-        let b = bounds(100, args.quick);
+        let b = blast_bounds(100, args.quick);
         let closing = |sock: &Result<PathBuf, String>| -> Result<RunFn<'static>, String> {
             let sock = sock.clone()?;
             Ok(Box::new(move || {
@@ -740,7 +755,7 @@ fn main() {
     let case = "unix 1→10 broadcast 100 B plain-blast".to_string();
     if want(&case) {
         eprintln!("{case}");
-        let b = bounds(100, args.quick);
+        let b = blast_bounds(100, args.quick);
         let b = Bounds {
             max_msgs: b.max_msgs / 10,
             ..b
