@@ -381,6 +381,19 @@ impl<T: Weigh> Bounded<T> {
         self.push_with(item, Key::OfItem, false, false, Instant::now)
     }
 
+    /// [`Bounded::push`] (or [`Bounded::push_by_key`] when `by_key`) that
+    /// gives a refused item back, for a producer that waits for room
+    /// ([`Bounded::wait_room`]) and offers it again: Ok with the item it
+    /// replaced (conflation), if any, or Err with why and the item.
+    pub fn offer(&self, item: T, by_key: bool) -> Result<Option<T>, (Pushed, T)> {
+        let key = if by_key { Key::OfItem } else { Key::None };
+        match self.push_locked(item, key, false, false, Instant::now) {
+            Outcome::Queued => Ok(None),
+            Outcome::Replaced(old) => Ok(Some(old)),
+            Outcome::Refused(why, item) => Err((why, item)),
+        }
+    }
+
     /// [`Bounded::push_keyed`] (a plain push when `key` is None) that is
     /// also refused, unless nothing is outstanding, when `also_full`: a
     /// bound the caller keeps outside the queue, such as a byte budget

@@ -241,14 +241,67 @@ async fn blocking_recv_like_the_reference() {
 }
 
 #[tokio::test]
-async fn a_receiver_that_does_not_read_holds_at_most_its_queue_bytes() {
+async fn a_receiver_that_does_not_read_stops_reading_at_its_queue_bytes_and_loses_nothing() {
     // A peer sends 200 envelopes of about 16 KiB to a receiver whose
-    // application does not call recv: the queue stops at its byte bound
-    // (64 KiB), the rest is dropped and counted, and what it holds shows.
+    // application does not call recv yet: the queue stops at its byte
+    // bound (64 KiB) and the receiver stops reading (the rest waits in the
+    // sockets: pushback on the peer, as from a libzmq SUB); once the
+    // application reads, all 200 come, in order, none dropped.
     tokio::time::timeout(TEST_LIMIT, async {
         const BOUND: usize = 64 * 1024;
         let xpub = FakeXpub::bind().await;
         let r = common::zmq::receiver(&xpub.addr, |c| c.queue_bytes = BOUND);
+        let mut peer = xpub.accept().await;
+        let ts = format!("{}", hermes_bus::envelope::unix_now());
+        let sender = tokio::spawn(async move {
+            for i in 0..200u32 {
+                let data =
+                    serde_json::to_vec(&format!("{i:04}{}", "x".repeat(16 * 1024))).expect("json");
+                peer.send(&[TOPIC, ORIGIN, &data, ts.as_bytes()]).await;
+            }
+            peer
+        });
+        assert!(
+            eventually(Duration::from_secs(20), || r.stats().paused > 0).await,
+            "{:?}",
+            r.stats()
+        );
+        let s = r.stats();
+        assert!(s.queued_bytes as usize <= BOUND, "{s:?}");
+        assert!(s.delivered > 0 && s.delivered < 200, "{s:?}");
+        assert_eq!(s.dropped, 0, "{s:?}");
+        assert_eq!(r.pending() as u64, s.delivered, "{s:?}");
+        // The application reads: everything comes, in order.
+        for i in 0..200u32 {
+            let e = r
+                .recv_timeout(Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("envelope {i} in time: {:?}", r.stats()));
+            let text: String = serde_json::from_value(serde_json::to_value(&e.data).expect("json"))
+                .expect("a string");
+            assert_eq!(&text[..4], format!("{i:04}"), "in order");
+        }
+        let _peer = sender.await.expect("sender");
+        let s = r.stats();
+        assert_eq!((s.delivered, s.dropped), (200, 0), "{s:?}");
+        assert_eq!(s.reconnects, 0, "{s:?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_receiver_that_drops_when_full_holds_at_most_its_queue_bytes() {
+    // The same burst to a receiver told to drop when full
+    // (`drop_when_full`): the queue stops at its byte bound (64 KiB), the
+    // rest is dropped and counted, and what it holds shows.
+    tokio::time::timeout(TEST_LIMIT, async {
+        const BOUND: usize = 64 * 1024;
+        let xpub = FakeXpub::bind().await;
+        let r = common::zmq::receiver(&xpub.addr, |c| {
+            c.queue_bytes = BOUND;
+            c.drop_when_full = true;
+        });
         let mut peer = xpub.accept().await;
         let data = serde_json::to_vec(&"x".repeat(16 * 1024)).expect("json");
         let ts = format!("{}", hermes_bus::envelope::unix_now());

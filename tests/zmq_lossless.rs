@@ -5,7 +5,11 @@
 //!   and the proxy's counters account for every missing message;
 //! - lossless with a subscriber that never reads: after the slow-consumer
 //!   timeout it is dropped for (counted), and a healthy slow subscriber
-//!   still gets the whole burst.
+//!   still gets the whole burst;
+//! - lossless end to end with our clients: a `Receiver` with a small
+//!   queue whose application stalls, then reads, gets the whole burst in
+//!   order (its full queue paused its reading, which pushed back on the
+//!   proxy and so on the publisher).
 //!
 //! Counts, never durations: every wait is bounded, nothing asserts on time.
 #![cfg(feature = "zmq")]
@@ -19,7 +23,7 @@ use common::zmq::{raw_peer, start_proxy};
 use common::{eventually, lines_of, next_line, PyPeer, TEST_LIMIT};
 use hermes_bus::envelope::Data;
 use hermes_bus::transports::zmq::zmtp::SocketType;
-use hermes_bus::transports::zmq::{Publisher, PublisherConfig};
+use hermes_bus::transports::zmq::{HeartbeatConfig, Publisher, PublisherConfig, SlowPolicy};
 
 /// Messages in the burst.
 const N: u64 = 200_000;
@@ -143,6 +147,69 @@ async fn lossless_slow_subscriber_gets_the_whole_burst_in_order() {
         assert!(
             ps.publisher_blocks > 0,
             "the full queue pushed back on the publisher: {ps:?}"
+        );
+        proxy.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_with_a_full_queue_pushes_back_through_a_lossless_proxy() {
+    let _serial = one_at_a_time().await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        let proxy = start_proxy(|c| {
+            c.lossless = true;
+            c.sub_queue = SUB_QUEUE;
+        })
+        .await;
+        let r = common::zmq::receiver(&proxy.back(), |c| {
+            c.topics = vec!["B/".into()];
+            c.queue = 1_000;
+            // Ages are not the point here (the stall makes them grow).
+            c.slow_policy = SlowPolicy::Warn;
+            // Heartbeats far shorter than the stall: the proxy's silence
+            // while the receiver does not read is not held against it.
+            c.heartbeat = HeartbeatConfig {
+                interval: Duration::from_millis(100),
+                timeout: Some(Duration::from_millis(300)),
+                ttl: Duration::ZERO,
+            };
+        });
+        let p = burst_publisher(&proxy.front()).await;
+        let reader = tokio::spawn(async move {
+            let mut next = 0u64;
+            while next < N {
+                let Some(e) = r.recv_timeout(Duration::from_secs(20)).await else {
+                    break;
+                };
+                let (seq, _): (u64, String) =
+                    serde_json::from_value(serde_json::to_value(&e.data).expect("json"))
+                        .expect("[seq, padding]");
+                assert_eq!(seq, next, "in order, none missing");
+                next += 1;
+                if next == 1 {
+                    // The application stalls: the receiver's queue fills
+                    // and it stops reading; the proxy's fills and pauses
+                    // the publisher.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+            }
+            (next, r)
+        });
+        publish_burst(&p).await;
+        let (got, r) = reader.await.expect("reader");
+        let rs = r.stats();
+        let ps = proxy.stats.snapshot();
+        assert_eq!(got, N, "every envelope arrived: {rs:?} {ps:?}");
+        assert_eq!((rs.delivered, rs.dropped), (N, 0), "{rs:?}");
+        assert!(rs.paused > 0, "the full queue paused the receiver: {rs:?}");
+        assert!(rs.pings_sent > 0, "{rs:?}");
+        assert_eq!((rs.heartbeat_timeouts, rs.reconnects), (0, 0), "{rs:?}");
+        assert_eq!(ps.subscribers.drops, 0, "{ps:?}");
+        assert!(
+            ps.publisher_blocks > 0,
+            "the pushback reached the publisher: {ps:?}"
         );
         proxy.shutdown().await;
     })

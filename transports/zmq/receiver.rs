@@ -3,7 +3,10 @@
 //! drops), subscribes to topic prefixes (quoted, so they match the JSON
 //! topic frame), filters by origin ("exchanges"), detects slow consumption
 //! (the reference's "suicidal snail", with a configurable action), and
-//! queues decoded envelopes for `recv`.
+//! queues decoded envelopes for `recv`. A full queue stops it reading
+//! from the proxy until `recv` makes room, as a libzmq SUB does (see
+//! [`ReceiverConfig::drop_when_full`]): what the application cannot take
+//! yet waits in the sockets and the proxy, never dropped here.
 //!
 //! Sequence numbers (opt-in, [`ReceiverConfig::seq`]): the receiver says in
 //! READY that it wants numbered envelopes (see `sequence.rs`), gets each
@@ -99,9 +102,19 @@ pub struct ReceiverConfig {
     /// Queue limit (envelopes) between the socket and `recv`.
     pub queue: usize,
     /// Queue limit in bytes (each envelope weighs the bytes it arrived
-    /// as): past it, as past `queue`, an arriving envelope is dropped and
-    /// counted in `dropped`. 64 MiB by default.
+    /// as), beside `queue`. 64 MiB by default.
     pub queue_bytes: usize,
+    /// What a full queue (past `queue` or `queue_bytes`) does with an
+    /// arriving envelope. false (the default): the receiver stops reading
+    /// from the proxy until `recv` makes room (below 3/4 of each bound),
+    /// as a libzmq SUB does, so the envelope waits and nothing is lost
+    /// here: the pushback reaches the proxy, which drops for this
+    /// subscriber at its own bound (counted there, and a gap with `seq`)
+    /// or, with `--lossless`, pauses the publishers (and applies its
+    /// slow-consumer timeout to an application that stopped reading).
+    /// Counted in `paused`. true: the envelope is dropped and counted in
+    /// `dropped`, and the receiver reads on.
+    pub drop_when_full: bool,
     /// Conflate the queue: while the application lags, at most one
     /// envelope per topic waits; a newer one takes the place of the queued
     /// one (counted as `conflated`), so `recv` catches up with the latest
@@ -153,6 +166,7 @@ impl ReceiverConfig {
             lag_threshold: Duration::from_secs(1),
             queue: 100_000,
             queue_bytes: 64 << 20,
+            drop_when_full: false,
             conflate: false,
             codec: Codec::Json,
             registry: Registry::shared(),
@@ -186,8 +200,12 @@ crate::counters::counters! {
         filtered,
         /// Envelopes past the lag threshold (whatever the policy did).
         lagging,
-        /// Envelopes dropped: queue full, or lagging under `Drop`.
+        /// Envelopes dropped: queue full (`drop_when_full`), or lagging
+        /// under `Drop`.
         dropped,
+        /// Times the receiver stopped reading from the proxy because its
+        /// queue was full (until `recv` made room; not `drop_when_full`).
+        paused,
         /// Envelopes replaced in the queue by a newer one of the same
         /// topic (`conflate`).
         conflated,
@@ -473,6 +491,8 @@ async fn write_control(mut w: WriteHalf, control: &WireQueue) -> std::io::Result
 enum Verdict {
     /// Keep reading.
     Continue,
+    /// The queue is full: wait for room, queue this, then read on.
+    Full(Queued),
     /// The `Stop` policy fired: end the receiver.
     Stop,
 }
@@ -539,8 +559,10 @@ impl Shared {
                 match item {
                     Inbound::Message(m) => {
                         self.counters.received.fetch_add(1, Ordering::Relaxed);
-                        if let Verdict::Stop = self.handle(&m) {
-                            return Ok(());
+                        match self.handle(&m) {
+                            Verdict::Continue => {}
+                            Verdict::Full(q) => self.wait_to_queue(q, beat).await,
+                            Verdict::Stop => return Ok(()),
                         }
                     }
                     Inbound::Ping(p) => beat.on_ping(&p, beat_counters_of!(&self.counters)),
@@ -556,6 +578,32 @@ impl Shared {
             }
             beat.received();
         }
+    }
+
+    /// Queues `q` once `recv` has made room (the queue was full): nothing
+    /// more is read from the proxy meanwhile, and the proxy's silence does
+    /// not count against it (we are the ones not reading; our own PINGs
+    /// still tell it we live). Ends without queueing when the receiver is
+    /// stopped (the queue closed).
+    async fn wait_to_queue(&self, mut q: Queued, beat: &Beat) {
+        let c = &self.counters;
+        c.paused.fetch_add(1, Ordering::Relaxed);
+        beat.hold();
+        loop {
+            self.queue.wait_room(q.wire).await;
+            match self.queue.offer(q, self.cfg.conflate) {
+                Ok(old) => {
+                    if old.is_some() {
+                        c.conflated.fetch_add(1, Ordering::Relaxed);
+                    }
+                    c.delivered.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err((Pushed::Full, back)) => q = back,
+                Err(_) => break,
+            }
+        }
+        beat.release();
     }
 
     /// Decodes, filters and queues one message.
@@ -631,20 +679,19 @@ impl Shared {
         // (Numbered envelopes were checked above.)
         let wire = frames.iter().map(|f| f.len()).sum();
         let queued = Queued { env, wire };
-        let pushed = if self.cfg.conflate {
-            // Keyed by its topic, read from the envelope (nothing copied).
-            let (pushed, old) = self.queue.push_by_key(queued);
-            if old.is_some() {
-                c.conflated.fetch_add(1, Ordering::Relaxed);
+        // A conflating queue keys by topic, read from the envelope
+        // (nothing copied).
+        match self.queue.offer(queued, self.cfg.conflate) {
+            Ok(old) => {
+                if old.is_some() {
+                    c.conflated.fetch_add(1, Ordering::Relaxed);
+                }
+                c.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            pushed
-        } else {
-            self.queue.push(queued)
-        };
-        if pushed == Pushed::Ok {
-            c.delivered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.dropped.fetch_add(1, Ordering::Relaxed);
+            Err((Pushed::Full, back)) if !self.cfg.drop_when_full => return Verdict::Full(back),
+            Err(_) => {
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Verdict::Continue
     }
