@@ -156,3 +156,65 @@ fn blocking_wrapper_sends_and_receives() {
     assert!(err.to_string().contains("not connected"), "{err}");
     stop.cancel();
 }
+
+/// `send` waits while the bus pushes back (a receiver whose outbox is
+/// full), holding at most `out_bytes` of unsent frames on its side:
+/// nothing is queued without bound and nothing is dropped; once the
+/// receiver reads, every message arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_waits_while_the_bus_pushes_back_and_holds_at_most_its_byte_budget() {
+    const N: u64 = 5_000;
+    const OUT_BYTES: usize = 64 * 1024;
+    tokio::time::timeout(common::TEST_LIMIT, async {
+        let cfg = RouterConfig {
+            outbox_bytes: 256 * 1024,
+            // The reader is slow, not stuck: no policy applies to it.
+            slow_consumer_timeout: Duration::from_secs(600),
+            ..RouterConfig::default()
+        };
+        let bus = common::bus::TestBus::start_with(cfg, HookEngine::disabled()).await;
+        let mut sink = common::bus::Raw::register(&bus.socket, "sink").await;
+        let mut ccfg = ClientConfig::new(&bus.socket);
+        ccfg.autostart = false;
+        ccfg.out_bytes = OUT_BYTES;
+        let client =
+            std::sync::Arc::new(BusClient::connect_with("src", ccfg).await.expect("client"));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c2, s2) = (client.clone(), sent.clone());
+        let sender = tokio::spawn(async move {
+            let pad = "x".repeat(1000);
+            for n in 0..N {
+                c2.send("sink", json!({"n": n, "pad": pad}))
+                    .await
+                    .expect("send");
+                s2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        // The sink reads nothing yet: the bus holds the client back ...
+        let held = common::eventually(Duration::from_secs(30), || bus.totals().blocked > 0).await;
+        assert!(held, "the bus held the client back: {:?}", bus.totals());
+        // ... so `send` waits, with at most its budget unsent.
+        assert!(
+            client.unsent_bytes() <= OUT_BYTES,
+            "{}",
+            client.unsent_bytes()
+        );
+        let so_far = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(so_far < N, "send waits: {so_far} of {N} returned");
+        // The sink reads: everything arrives, in order.
+        for n in 0..N {
+            let m = sink
+                .recv_within(Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|| panic!("message {n} in time: {:?}", bus.totals()));
+            assert_eq!(m["body"]["n"], n, "in order: {m}");
+        }
+        sender.await.expect("sender");
+        assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), N);
+        let t = bus.totals();
+        assert_eq!(t.dropped_slow, 0, "{t:?}");
+        bus.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::ProtocolError;
-use crate::transports::client::{Backoff, Disconnect};
+use crate::transports::client::{Backoff, ByteBudget, Charged, Disconnect};
 
 use super::dial::{as_error, dial, frame_of, read_frame, register};
 pub use super::dial::{may_autostart, start_daemon, start_daemon_auto};
@@ -58,6 +58,13 @@ pub struct ClientConfig {
     /// Messages buffered for `recv` before the client stops reading (the
     /// bus then holds back whoever sends to it).
     pub inbox_capacity: usize,
+    /// Bytes (of their frames) of the messages buffered for `recv`: past
+    /// it, too, the client stops reading. 32 MiB by default.
+    pub inbox_bytes: usize,
+    /// Bytes of the frames `send` has queued and the connection has not
+    /// written yet: past it `send` waits (the bus pushing back on this
+    /// client fills it). 8 MiB by default.
+    pub out_bytes: usize,
 }
 
 impl ClientConfig {
@@ -83,6 +90,8 @@ impl ClientConfig {
             codec: crate::codec::Codec::Json,
             busd: crate::daemon::sibling_exe("hermes-busd"),
             inbox_capacity: 65536,
+            inbox_bytes: 32 << 20,
+            out_bytes: 8 << 20,
         }
     }
 }
@@ -155,9 +164,12 @@ pub struct BusClient {
     /// The registered name.
     endpoint: String,
     /// Frames to send; the connection task writes them.
-    out: mpsc::Sender<Bytes>,
-    /// Messages received (pong is not passed up).
-    inbox: mpsc::Receiver<Value>,
+    out: mpsc::Sender<Charged<Bytes>>,
+    /// The byte bound of `out` (`ClientConfig::out_bytes`).
+    out_budget: ByteBudget,
+    /// Messages received (pong is not passed up), each holding its
+    /// frame's bytes of `ClientConfig::inbox_bytes`.
+    inbox: mpsc::Receiver<Charged<Value>>,
     /// Connection events.
     events: broadcast::Sender<ClientEvent>,
     /// The current session id, None while disconnected.
@@ -243,6 +255,7 @@ impl BusClient {
         let (stream, sid, buf) = register(&cfg, endpoint).await?;
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (in_tx, in_rx) = mpsc::channel(cfg.inbox_capacity.max(1));
+        let out_budget = ByteBudget::new(cfg.out_bytes);
         let (ev_tx, _) = broadcast::channel(64);
         let (sess_tx, sess_rx) = watch::channel(Some(sid.clone()));
         let _ = ev_tx.send(ClientEvent::Connected { session_id: sid });
@@ -259,6 +272,7 @@ impl BusClient {
         Ok(BusClient {
             endpoint: endpoint.to_owned(),
             out: out_tx,
+            out_budget,
             inbox: in_rx,
             events: ev_tx,
             session: sess_rx,
@@ -303,27 +317,45 @@ impl BusClient {
     pub async fn send(&self, to: &str, body: Value) -> Result<(), ClientError> {
         let id = self.ids.next();
         let frame = message_frame(to, &self.endpoint, &id, crate::clock::unix_now(), &body);
-        self.out.send(frame).await.map_err(|_| ClientError::Closed)
+        self.queue(frame).await
     }
 
     /// Sends any protocol object as is (e.g. `subscribe`, `publish`).
     pub async fn send_raw(&self, msg: &Value) -> Result<(), ClientError> {
+        self.queue(frame_of(msg)).await
+    }
+
+    /// Queues a frame for the connection to write, waiting for its bytes
+    /// of the budget first.
+    async fn queue(&self, frame: Bytes) -> Result<(), ClientError> {
+        let len = frame.len();
+        let charged = self
+            .out_budget
+            .charge(frame, len)
+            .await
+            .ok_or(ClientError::Closed)?;
         self.out
-            .send(frame_of(msg))
+            .send(charged)
             .await
             .map_err(|_| ClientError::Closed)
     }
 
+    /// Bytes of frames queued by `send` and not yet written (bounded by
+    /// `ClientConfig::out_bytes`).
+    pub fn unsent_bytes(&self) -> usize {
+        self.out_budget.used()
+    }
+
     /// Waits for the next received message (None once closed).
     pub async fn recv(&mut self) -> Option<Value> {
-        self.inbox.recv().await
+        self.inbox.recv().await.map(|c| c.item)
     }
 
     /// Drains what has arrived, without waiting.
     pub fn poll(&mut self) -> Vec<Value> {
         let mut v = Vec::new();
         while let Ok(m) = self.inbox.try_recv() {
-            v.push(m);
+            v.push(m.item);
         }
         v
     }
@@ -349,16 +381,19 @@ async fn connection_task(
     endpoint: String,
     stream: UnixStream,
     buf: BytesMut,
-    mut out: mpsc::Receiver<Bytes>,
-    inbox: mpsc::Sender<Value>,
+    mut out: mpsc::Receiver<Charged<Bytes>>,
+    inbox: mpsc::Sender<Charged<Value>>,
     events: broadcast::Sender<ClientEvent>,
     session: watch::Sender<Option<String>>,
 ) {
+    // One budget for the inbox across connections (what a lost one left
+    // there still counts).
+    let inbox_budget = ByteBudget::new(cfg.inbox_bytes);
     let mut conn = Some((stream, buf));
     let mut backoff = cfg.backoff();
     loop {
         if let Some((stream, buf)) = conn.take() {
-            let reason = serve_connection(&cfg, stream, buf, &mut out, &inbox).await;
+            let reason = serve_connection(&cfg, stream, buf, &mut out, &inbox, &inbox_budget).await;
             let _ = session.send(None);
             let last = reason.is_final();
             let _ = events.send(ClientEvent::Disconnected { reason });
@@ -389,11 +424,12 @@ async fn serve_connection(
     cfg: &ClientConfig,
     stream: UnixStream,
     buf: BytesMut,
-    out: &mut mpsc::Receiver<Bytes>,
-    inbox: &mpsc::Sender<Value>,
+    out: &mut mpsc::Receiver<Charged<Bytes>>,
+    inbox: &mpsc::Sender<Charged<Value>>,
+    inbox_budget: &ByteBudget,
 ) -> Disconnect {
     let (rd, mut wr) = stream.into_split();
-    let mut reader = tokio::spawn(read_loop(rd, buf, inbox.clone()));
+    let mut reader = tokio::spawn(read_loop(rd, buf, inbox.clone(), inbox_budget.clone()));
     let reason = write_loop(cfg, &mut wr, out, &mut reader).await;
     reader.abort();
     reason
@@ -404,13 +440,13 @@ async fn serve_connection(
 async fn write_loop(
     cfg: &ClientConfig,
     wr: &mut tokio::net::unix::OwnedWriteHalf,
-    out: &mut mpsc::Receiver<Bytes>,
+    out: &mut mpsc::Receiver<Charged<Bytes>>,
     reader: &mut JoinHandle<Disconnect>,
 ) -> Disconnect {
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let ping_frame = frame_of(&serde_json::json!({"type": "ping"}));
-    let mut batch: Vec<Bytes> = Vec::with_capacity(256);
+    let mut batch: Vec<Charged<Bytes>> = Vec::with_capacity(256);
     let mut wbuf: Vec<u8> = Vec::new();
     loop {
         tokio::select! {
@@ -424,8 +460,9 @@ async fn write_loop(
                 // Everything queued goes out in as few writes as possible:
                 // small frames are gathered into one buffer, a large one
                 // is written as it is. A write that waits (the bus pushes
-                // back) makes `send` wait once the channel is full.
-                for f in batch.drain(..) {
+                // back) makes `send` wait once the budget is spent: each
+                // frame holds its bytes of it until written.
+                for f in batch.iter().map(|c| &c.item) {
                     if f.len() >= 16 * 1024 {
                         if !wbuf.is_empty() {
                             if let Err(e) = wr.write_all(&wbuf).await {
@@ -433,11 +470,11 @@ async fn write_loop(
                             }
                             wbuf.clear();
                         }
-                        if let Err(e) = wr.write_all(&f).await {
+                        if let Err(e) = wr.write_all(f).await {
                             return e.into();
                         }
                     } else {
-                        wbuf.extend_from_slice(&f);
+                        wbuf.extend_from_slice(f);
                     }
                 }
                 if !wbuf.is_empty() {
@@ -446,6 +483,8 @@ async fn write_loop(
                     }
                     wbuf.clear();
                 }
+                // Written: their bytes of the budget go back.
+                batch.clear();
                 if wbuf.capacity() > 256 * 1024 {
                     wbuf = Vec::new();
                 }
@@ -464,7 +503,8 @@ async fn write_loop(
 async fn read_loop(
     mut rd: tokio::net::unix::OwnedReadHalf,
     mut buf: BytesMut,
-    inbox: mpsc::Sender<Value>,
+    inbox: mpsc::Sender<Charged<Value>>,
+    budget: ByteBudget,
 ) -> Disconnect {
     loop {
         // Deliver whatever complete frames are buffered.
@@ -485,8 +525,12 @@ async fn read_loop(
                     if v.get("type").and_then(Value::as_str) == Some("pong") {
                         continue;
                     }
-                    // A full inbox (the application does not call `recv`)
-                    // stops reading: the bus then holds back the senders.
+                    // A full inbox (the application does not call `recv`),
+                    // in messages or in bytes, stops reading: the bus then
+                    // holds back the senders.
+                    let Some(v) = budget.charge(v, p.len()).await else {
+                        return Disconnect::Closed;
+                    };
                     if inbox.send(v).await.is_err() {
                         return Disconnect::Closed;
                     }
