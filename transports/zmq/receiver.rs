@@ -600,7 +600,12 @@ impl Shared {
                     break;
                 }
                 Err((Pushed::Full, back)) => q = back,
-                Err(_) => break,
+                Err(_) => {
+                    // Stopped meanwhile: not queued, so counted as any
+                    // envelope arriving at a stopped receiver.
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
             }
         }
         beat.release();
