@@ -208,7 +208,7 @@ impl<T> Inner<T> {
 
     /// Bytes not yet written.
     fn out_bytes(&self) -> usize {
-        self.bytes + self.taken_bytes
+        self.bytes.saturating_add(self.taken_bytes)
     }
 
     /// Heap bytes of the conflation index (0 for a plain queue).
@@ -221,11 +221,11 @@ impl<T> Inner<T> {
     /// push would add (so every check of room agrees with the push's: a
     /// producer woken for room finds it).
     fn charged(&self) -> usize {
-        self.out_bytes()
-            + self
-                .keys
-                .as_ref()
-                .map_or(0, |k| k.heap_bytes() + k.push_growth())
+        let index = self
+            .keys
+            .as_ref()
+            .map_or(0, |k| k.heap_bytes().saturating_add(k.push_growth()));
+        self.out_bytes().saturating_add(index)
     }
 }
 
@@ -279,6 +279,17 @@ impl<T: Weigh> Bounded<T> {
     /// A queue with the given bounds and low-water marks, conflating keyed
     /// pushes when `conflate`.
     pub fn with_limits(limits: Limits, conflate: bool) -> Bounded<T> {
+        Bounded::build(limits, conflate.then(ConflationIndex::keeping_keys), None)
+    }
+
+    /// The one constructor: `keys` makes the queue conflating (keeping the
+    /// keys it is given, or reading them with `key_of`).
+    fn build(
+        limits: Limits,
+        keys: Option<ConflationIndex>,
+        key_of: Option<fn(&T) -> &[u8]>,
+    ) -> Bounded<T> {
+        let conflate = keys.is_some();
         let limits = Limits {
             max_items: limits.max_items.max(1),
             ..limits
@@ -292,7 +303,7 @@ impl<T: Weigh> Bounded<T> {
                 room_waiters: 0,
                 blocked: 0,
                 closed: false,
-                keys: conflate.then(ConflationIndex::keeping_keys),
+                keys,
             }),
             ready: Notify::new(),
             ready_blocking: Condvar::new(),
@@ -301,7 +312,7 @@ impl<T: Weigh> Bounded<T> {
             limits,
             epoch: Instant::now(),
             progress_ms: AtomicU64::new(0),
-            key_of: None,
+            key_of,
             key_hasher: conflate.then(RandomState::new),
         }
     }
@@ -314,12 +325,11 @@ impl<T: Weigh> Bounded<T> {
         max_bytes: usize,
         key_of: fn(&T) -> &[u8],
     ) -> Bounded<T> {
-        let mut q = Bounded::conflating(max_items, max_bytes);
-        q.key_of = Some(key_of);
-        if let Ok(g) = q.inner.get_mut() {
-            g.keys = Some(ConflationIndex::default());
-        }
-        q
+        Bounded::build(
+            Limits::new(max_items, max_bytes),
+            Some(ConflationIndex::default()),
+            Some(key_of),
+        )
     }
 
     /// The bounds: most items and bytes outstanding.

@@ -69,6 +69,15 @@ async fn slow_sub(py: &std::path::Path, back: &str, idle_ms: u64, hold_ms: u64) 
     .await
 }
 
+/// A proxy in lossless mode with small subscriber queues.
+async fn lossless_proxy() -> common::zmq::TestProxy {
+    start_proxy(|c| {
+        c.lossless = true;
+        c.sub_queue = SUB_QUEUE;
+    })
+    .await
+}
+
 /// A publisher whose own queue holds the whole burst, so every message
 /// reaches the proxy (its socket, not its queue, meets the pushback).
 async fn burst_publisher(front: &str) -> Publisher {
@@ -118,11 +127,7 @@ async fn lossless_slow_subscriber_gets_the_whole_burst_in_order() {
     };
     let _serial = one_at_a_time().await;
     tokio::time::timeout(TEST_LIMIT, async {
-        let proxy = start_proxy(|c| {
-            c.lossless = true;
-            c.sub_queue = SUB_QUEUE;
-        })
-        .await;
+        let proxy = lossless_proxy().await;
         // It also stalls for 3 s after its first message (well under the
         // proxy's no-progress timeout): whatever the machine's load, its
         // queue fills and pushes back on the publisher.
@@ -158,11 +163,7 @@ async fn lossless_slow_subscriber_gets_the_whole_burst_in_order() {
 async fn a_receiver_with_a_full_queue_pushes_back_through_a_lossless_proxy() {
     let _serial = one_at_a_time().await;
     tokio::time::timeout(TEST_LIMIT, async {
-        let proxy = start_proxy(|c| {
-            c.lossless = true;
-            c.sub_queue = SUB_QUEUE;
-        })
-        .await;
+        let proxy = lossless_proxy().await;
         let r = common::zmq::receiver(&proxy.back(), |c| {
             c.topics = vec!["B/".into()];
             c.queue = 1_000;

@@ -389,11 +389,22 @@ async fn connection_task(
     // One budget for the inbox across connections (what a lost one left
     // there still counts).
     let inbox_budget = ByteBudget::new(cfg.inbox_bytes);
+    // Frames taken from `out` that no socket took whole yet: a lost
+    // connection leaves them here, and the next one sends them first.
+    let mut unsent: Vec<Charged<Bytes>> = Vec::with_capacity(256);
     let mut conn = Some((stream, buf));
     let mut backoff = cfg.backoff();
     loop {
         if let Some((stream, buf)) = conn.take() {
-            let reason = serve_connection(&cfg, stream, buf, &mut out, &inbox, &inbox_budget).await;
+            let reason = serve_connection(
+                &cfg,
+                stream,
+                buf,
+                (&mut out, &mut unsent),
+                &inbox,
+                &inbox_budget,
+            )
+            .await;
             let _ = session.send(None);
             let last = reason.is_final();
             let _ = events.send(ClientEvent::Disconnected { reason });
@@ -424,67 +435,50 @@ async fn serve_connection(
     cfg: &ClientConfig,
     stream: UnixStream,
     buf: BytesMut,
-    out: &mut mpsc::Receiver<Charged<Bytes>>,
+    (out, unsent): (
+        &mut mpsc::Receiver<Charged<Bytes>>,
+        &mut Vec<Charged<Bytes>>,
+    ),
     inbox: &mpsc::Sender<Charged<Value>>,
     inbox_budget: &ByteBudget,
 ) -> Disconnect {
     let (rd, mut wr) = stream.into_split();
     let mut reader = tokio::spawn(read_loop(rd, buf, inbox.clone(), inbox_budget.clone()));
-    let reason = write_loop(cfg, &mut wr, out, &mut reader).await;
+    let reason = write_loop(cfg, &mut wr, out, unsent, &mut reader).await;
     reader.abort();
     reason
 }
 
 /// Writes queued frames and pings until the connection or the client
-/// ends (or the reader ends, with its reason).
+/// ends (or the reader ends, with its reason). Frames a lost connection
+/// did not take stay in `unsent` (sent first by the next one).
 async fn write_loop(
     cfg: &ClientConfig,
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     out: &mut mpsc::Receiver<Charged<Bytes>>,
+    unsent: &mut Vec<Charged<Bytes>>,
     reader: &mut JoinHandle<Disconnect>,
 ) -> Disconnect {
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let ping_frame = frame_of(&serde_json::json!({"type": "ping"}));
-    let mut batch: Vec<Charged<Bytes>> = Vec::with_capacity(256);
     let mut wbuf: Vec<u8> = Vec::new();
+    // What the last connection left.
+    if let Err(e) = write_batch(wr, unsent, &mut wbuf).await {
+        return e.into();
+    }
     loop {
         tokio::select! {
             r = &mut *reader => {
                 return r.unwrap_or_else(|e| Disconnect::TaskFailed(e.to_string()));
             }
-            n = out.recv_many(&mut batch, 256) => {
+            n = out.recv_many(unsent, 256) => {
                 if n == 0 {
                     return Disconnect::Closed;
                 }
-                // Everything queued goes out in as few writes as possible:
-                // small frames are gathered into one buffer, a large one
-                // is written as it is. A write that waits (the bus pushes
-                // back) makes `send` wait once the budget is spent: each
-                // frame holds its bytes of it until written.
-                for f in batch.iter().map(|c| &c.item) {
-                    if f.len() >= 16 * 1024 {
-                        if !wbuf.is_empty() {
-                            if let Err(e) = wr.write_all(&wbuf).await {
-                                return e.into();
-                            }
-                            wbuf.clear();
-                        }
-                        if let Err(e) = wr.write_all(f).await {
-                            return e.into();
-                        }
-                    } else {
-                        wbuf.extend_from_slice(f);
-                    }
+                if let Err(e) = write_batch(wr, unsent, &mut wbuf).await {
+                    return e.into();
                 }
-                if !wbuf.is_empty() {
-                    if let Err(e) = wr.write_all(&wbuf).await {
-                        return e.into();
-                    }
-                    wbuf.clear();
-                }
-                // Written: their bytes of the budget go back.
-                batch.clear();
                 if wbuf.capacity() > 256 * 1024 {
                     wbuf = Vec::new();
                 }
@@ -496,6 +490,67 @@ async fn write_loop(
             }
         }
     }
+}
+
+/// Writes `batch` in as few writes as possible: small frames gathered in
+/// `wbuf`, a large one as it is. A write that waits (the bus pushes back)
+/// makes `send` wait once the byte budget is spent: each frame holds its
+/// bytes of it until written. Written, the batch is emptied; on a failed
+/// write it keeps the frames the socket did not take whole (a frame cut
+/// by a lost connection is one the bus never routed), so the next
+/// connection sends them: `send` said ok, so nothing is dropped here.
+async fn write_batch(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    batch: &mut Vec<Charged<Bytes>>,
+    wbuf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    const LARGE: usize = 16 * 1024;
+    let mut next = 0;
+    while next < batch.len() {
+        // One large frame alone, or a run of small ones.
+        let first = next;
+        wbuf.clear();
+        if batch[next].item.len() >= LARGE {
+            next += 1;
+        } else {
+            while next < batch.len() && batch[next].item.len() < LARGE {
+                wbuf.extend_from_slice(&batch[next].item);
+                next += 1;
+            }
+        }
+        let data: &[u8] = if wbuf.is_empty() {
+            &batch[first].item
+        } else {
+            wbuf
+        };
+        let mut off = 0;
+        while off < data.len() {
+            let failed = match wr.write(&data[off..]).await {
+                Ok(0) => std::io::Error::from(std::io::ErrorKind::WriteZero),
+                Ok(n) => {
+                    off += n;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            // The frames of this run the socket took whole are gone;
+            // the rest stay.
+            let mut taken = 0;
+            let mut end = 0;
+            for f in &batch[first..next] {
+                end += f.item.len();
+                if end > off {
+                    break;
+                }
+                taken += 1;
+            }
+            batch.drain(..first + taken);
+            return Err(failed);
+        }
+    }
+    // Written: their bytes of the budget go back.
+    batch.clear();
+    Ok(())
 }
 
 /// Reads frames and passes messages up (pong is not) until the
@@ -617,5 +672,56 @@ pub async fn request(socket: &Path, msg: &Value) -> Result<Value, ClientError> {
         Ok(Ok(None)) => Err(ClientError::Protocol("bus closed the connection".into())),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ClientError::Timeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three frames (two small, one large) each holding its bytes of `b`.
+    async fn frames(b: &ByteBudget) -> Vec<Charged<Bytes>> {
+        let mut v = Vec::new();
+        for f in [
+            frame_of(&serde_json::json!({"n": 1})),
+            frame_of(&serde_json::json!({"n": "x".repeat(20_000)})),
+            frame_of(&serde_json::json!({"n": 3})),
+        ] {
+            let len = f.len();
+            v.push(b.charge(f, len).await.expect("open"));
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn a_written_batch_gives_its_bytes_back_and_a_failed_one_keeps_its_frames() {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            let b = ByteBudget::new(1 << 20);
+            let mut wbuf = Vec::new();
+            // A live peer takes everything, in order.
+            let (a, mut peer) = UnixStream::pair().expect("pair");
+            let (_rd, mut wr) = a.into_split();
+            let mut batch = frames(&b).await;
+            let want: Vec<u8> = batch.iter().flat_map(|c| c.item.to_vec()).collect();
+            write_batch(&mut wr, &mut batch, &mut wbuf)
+                .await
+                .expect("written");
+            assert!(batch.is_empty());
+            assert_eq!(b.used(), 0, "written frames give their bytes back");
+            let mut got = vec![0; want.len()];
+            peer.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, want);
+            // A peer gone before the write: nothing was taken, so every
+            // frame stays for the next connection (still charged).
+            let (a, peer) = UnixStream::pair().expect("pair");
+            drop(peer);
+            let (_rd, mut wr) = a.into_split();
+            let mut batch = frames(&b).await;
+            assert!(write_batch(&mut wr, &mut batch, &mut wbuf).await.is_err());
+            assert_eq!(batch.len(), 3, "nothing the socket did not take is dropped");
+            assert_eq!(b.used(), batch.iter().map(|c| c.item.len()).sum::<usize>());
+        })
+        .await
+        .expect("test timed out");
     }
 }

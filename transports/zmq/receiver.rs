@@ -586,26 +586,15 @@ impl Shared {
     /// still tell it we live). Ends without queueing when the receiver is
     /// stopped (the queue closed).
     async fn wait_to_queue(&self, mut q: Queued, beat: &Beat) {
-        let c = &self.counters;
-        c.paused.fetch_add(1, Ordering::Relaxed);
+        self.counters.paused.fetch_add(1, Ordering::Relaxed);
         beat.hold();
         loop {
             self.queue.wait_room(q.wire).await;
-            match self.queue.offer(q, self.cfg.conflate) {
-                Ok(old) => {
-                    if old.is_some() {
-                        c.conflated.fetch_add(1, Ordering::Relaxed);
-                    }
-                    c.delivered.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Err((Pushed::Full, back)) => q = back,
-                Err(_) => {
-                    // Stopped meanwhile: not queued, so counted as any
-                    // envelope arriving at a stopped receiver.
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
+            // Queued, or refused as closed (stopped meanwhile: counted as
+            // any envelope arriving at a stopped receiver), or full again.
+            match self.offer(q, false) {
+                Some(back) => q = back,
+                None => break,
             }
         }
         beat.release();
@@ -683,22 +672,32 @@ impl Shared {
         // The push wakes a waiting `recv` (async or blocking).
         // (Numbered envelopes were checked above.)
         let wire = frames.iter().map(|f| f.len()).sum();
-        let queued = Queued { env, wire };
-        // A conflating queue keys by topic, read from the envelope
-        // (nothing copied).
-        match self.queue.offer(queued, self.cfg.conflate) {
+        match self.offer(Queued { env, wire }, self.cfg.drop_when_full) {
+            Some(back) => Verdict::Full(back),
+            None => Verdict::Continue,
+        }
+    }
+
+    /// Queues `q` and counts what became of it (delivered, and conflated
+    /// when it replaced a queued one; dropped when refused). A queue full
+    /// and `drop_full` false: gives it back, to wait for room. A
+    /// conflating queue keys by topic, read from the envelope (nothing
+    /// copied).
+    fn offer(&self, q: Queued, drop_full: bool) -> Option<Queued> {
+        let c = &self.counters;
+        match self.queue.offer(q, self.cfg.conflate) {
             Ok(old) => {
                 if old.is_some() {
                     c.conflated.fetch_add(1, Ordering::Relaxed);
                 }
                 c.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            Err((Pushed::Full, back)) if !self.cfg.drop_when_full => return Verdict::Full(back),
+            Err((Pushed::Full, back)) if !drop_full => return Some(back),
             Err(_) => {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Verdict::Continue
+        None
     }
 }
 
